@@ -1,0 +1,470 @@
+"""Tests for weights.py and convert_weights.py. They do not need torch.
+
+The torch fixtures in tests/fixtures/ were written by real torch.save from the official CycleMLP
+code (see tests/fixtures/make_official_fixture.py); Paddle files are written here by real
+paddle.save; hostile files are built here at run time and never committed.
+"""
+import os
+import pickle
+import re
+import struct
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import paddle
+import pytest
+
+import weights
+from weights import WeightsError, read_checkpoint, read_weights, torch_to_paddle, write_weights
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / 'fixtures'
+OFFICIAL = FIXTURES / 'official_tiny.pth'
+OFFICIAL_LEGACY_ROOT = FIXTURES / 'official_tiny_legacy_root.pth'
+OFFICIAL_IO = FIXTURES / 'official_tiny_io.npz'
+TINY = dict(layers=[1, 1, 2, 1], embed_dims=[8, 16, 24, 32], mlp_ratios=[2, 2, 2, 2], num_classes=10)
+
+
+def expected_official_shapes() -> dict:
+    """The official state-dict layout (shared/REFERENCE.md) written out for the tiny model."""
+    shapes = {'patch_embed.proj.weight': (8, 3, 7, 7), 'patch_embed.proj.bias': (8,)}
+    dims, ratio = TINY['embed_dims'], 2
+    for stage, (depth, dim) in enumerate(zip(TINY['layers'], dims)):
+        for block in range(depth):
+            prefix = f'network.{2 * stage}.{block}.'
+            for name, shape in [
+                    ('norm1.weight', (dim,)), ('norm1.bias', (dim,)),
+                    ('attn.mlp_c.weight', (dim, dim)),
+                    ('attn.sfc_h.weight', (dim, dim, 1, 1)), ('attn.sfc_h.bias', (dim,)),
+                    ('attn.sfc_h.offset', (1, 2 * dim, 1, 1)),
+                    ('attn.sfc_w.weight', (dim, dim, 1, 1)), ('attn.sfc_w.bias', (dim,)),
+                    ('attn.sfc_w.offset', (1, 2 * dim, 1, 1)),
+                    ('attn.reweight.fc1.weight', (dim // 4, dim)),
+                    ('attn.reweight.fc1.bias', (dim // 4,)),
+                    ('attn.reweight.fc2.weight', (3 * dim, dim // 4)),
+                    ('attn.reweight.fc2.bias', (3 * dim,)),
+                    ('attn.proj.weight', (dim, dim)), ('attn.proj.bias', (dim,)),
+                    ('norm2.weight', (dim,)), ('norm2.bias', (dim,)),
+                    ('mlp.fc1.weight', (ratio * dim, dim)), ('mlp.fc1.bias', (ratio * dim,)),
+                    ('mlp.fc2.weight', (dim, ratio * dim)), ('mlp.fc2.bias', (dim,))]:
+                shapes[prefix + name] = shape
+        if stage < 3:
+            shapes[f'network.{2 * stage + 1}.proj.weight'] = (dims[stage + 1], dim, 3, 3)
+            shapes[f'network.{2 * stage + 1}.proj.bias'] = (dims[stage + 1],)
+    shapes.update({'norm.weight': (32,), 'norm.bias': (32,),
+                   'head.weight': (10, 32), 'head.bias': (10,)})
+    return shapes
+
+
+def cycle_offsets(channels: int, axis: int) -> np.ndarray:
+    """(dy, dx) pairs per channel with shift(c) = (c + 1) % 3 - 1 on the given axis (0: dy, 1: dx)."""
+    pairs = np.zeros((channels, 2), np.float32)
+    pairs[:, axis] = (np.arange(channels) + 1) % 3 - 1
+    return pairs.reshape(1, 2 * channels, 1, 1)
+
+
+# --- reading the official PyTorch files --------------------------------------------------------
+
+def test_official_checkpoint_has_the_reference_layout():
+    state, meta, layout = read_weights(OFFICIAL)
+    assert layout == 'torch' and meta == {}
+    assert {key: value.shape for key, value in state.items()} == expected_official_shapes()
+    assert all(value.dtype == np.float32 for value in state.values())
+    for key, value in state.items():
+        if key.endswith('sfc_h.offset'):  # kernel (1, 3): shifts along W
+            np.testing.assert_array_equal(value, cycle_offsets(value.shape[1] // 2, axis=1))
+        elif key.endswith('sfc_w.offset'):  # kernel (3, 1): shifts along H
+            np.testing.assert_array_equal(value, cycle_offsets(value.shape[1] // 2, axis=0))
+
+
+def test_official_checkpoint_reads_the_same_under_either_zip_root():
+    assert zipfile.ZipFile(OFFICIAL).namelist()[0] == 'archive/data.pkl'
+    assert zipfile.ZipFile(OFFICIAL_LEGACY_ROOT).namelist()[0] == 'official_tiny_legacy_root/data.pkl'
+    state, _, _ = read_weights(OFFICIAL)
+    legacy_state, _, legacy_layout = read_weights(OFFICIAL_LEGACY_ROOT)
+    assert legacy_layout == 'torch' and list(legacy_state) == list(state)
+    for key in state:
+        np.testing.assert_array_equal(legacy_state[key], state[key])
+    with pytest.raises(WeightsError, match="official_tiny_legacy_root.pth: no 'model_ema'"):
+        read_weights(OFFICIAL_LEGACY_ROOT, ema=True)
+
+
+def test_ema_picks_the_other_weights():
+    state, _, _ = read_weights(OFFICIAL)
+    ema_state, _, _ = read_weights(OFFICIAL, ema=True)
+    assert list(ema_state) == list(state)
+    differing = {key for key in state if not np.array_equal(state[key], ema_state[key])}
+    assert differing == {key for key in state if not key.endswith('.offset')}
+
+
+def test_torch_storage_dtypes_and_strided_views():
+    state, _, _ = read_weights(FIXTURES / 'torch_dtypes.pth')
+    expected = np.load(FIXTURES / 'torch_dtypes.npz')
+    assert set(state) == set(expected.files)
+    for key in expected.files:
+        want = expected[key]
+        if key == 'bfloat16':
+            assert state[key].dtype == np.float32  # widened; exact since bf16 is a truncated f32
+            want = want.astype(np.float32)
+        assert state[key].dtype == want.dtype, key
+        np.testing.assert_array_equal(state[key], want, err_msg=key)
+    np.testing.assert_array_equal(state['transposed'], state['float32'].T)
+    np.testing.assert_array_equal(state['offset_view'], state['float32'][1:, 1::2])
+
+
+# --- hand-built torch archives: big-endian data, lying geometry, hostile globals ------------------
+
+def _pickle_str(text: str) -> bytes:
+    data = text.encode()
+    return b'X' + struct.pack('<I', len(data)) + data
+
+
+def _pickle_global(module: str, name: str) -> bytes:
+    return f'c{module}\n{name}\n'.encode()
+
+
+def _pickle_int_tuple(values) -> bytes:
+    return b'(' + b''.join(b'J' + struct.pack('<i', v) for v in values) + b't'
+
+
+def torch_tensor_pickle(offset: int, size, stride, numel: int) -> bytes:
+    """Protocol-2 opcodes as torch.save writes them for {'w': tensor} on one FloatStorage."""
+    storage = (b'(' + _pickle_str('storage') + _pickle_global('torch', 'FloatStorage')
+               + _pickle_str('0') + _pickle_str('cpu') + b'J' + struct.pack('<i', numel) + b'tQ')
+    hooks = _pickle_global('collections', 'OrderedDict') + b')R'
+    args = (b'(' + storage + b'J' + struct.pack('<i', offset) + _pickle_int_tuple(size)
+            + _pickle_int_tuple(stride) + b'\x89' + hooks + b't')
+    tensor = _pickle_global('torch._utils', '_rebuild_tensor_v2') + args + b'R'
+    return b'\x80\x02}(' + _pickle_str('w') + tensor + b'u.'
+
+
+def write_torch_zip(path: Path, data_pkl: bytes, storage: bytes = b'', byteorder: bytes = b'little'):
+    with zipfile.ZipFile(path, 'w') as archive:
+        archive.writestr('archive/data.pkl', data_pkl)
+        archive.writestr('archive/byteorder', byteorder)
+        archive.writestr('archive/data/0', storage)
+
+
+def test_big_endian_archive(tmp_path):
+    values = np.arange(6, dtype=np.float32) - 2.5
+    path = tmp_path / 'big.pth'
+    write_torch_zip(path, torch_tensor_pickle(1, (2, 2), (1, 2), 6), values.astype('>f4').tobytes(),
+                    byteorder=b'big')
+    state, _, _ = read_weights(path)
+    np.testing.assert_array_equal(state['w'], values[1:].reshape(-1)[[0, 2, 1, 3]].reshape(2, 2))
+    assert state['w'].dtype == np.float32 and state['w'].dtype.isnative
+
+
+def test_tensor_reaching_past_its_storage_is_refused(tmp_path):
+    path = tmp_path / 'overrun.pth'
+    write_torch_zip(path, torch_tensor_pickle(2, (3, 3), (3, 1), 4), np.zeros(4, np.float32).tobytes())
+    with pytest.raises(WeightsError, match=r'overrun.pth: .*reaches element'):
+        read_weights(path)
+
+
+class _RunsCommand:
+    """Pickles as a call of `function(*args)`: what a hostile weight file would contain."""
+
+    def __init__(self, function, *args):
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args
+
+
+def hostile_payloads(marker: Path) -> dict:
+    import subprocess as subprocess_module  # the global the payload names, not one we call
+    touch = f'touch {marker}'
+    return {
+        'os.system': _RunsCommand(os.system, touch),
+        'builtins.eval': _RunsCommand(eval, f'open({str(marker)!r}, "w")'),
+        'subprocess.Popen': _RunsCommand(subprocess_module.Popen, ['touch', str(marker)]),
+        'builtins.exec': _RunsCommand(exec, f'open({str(marker)!r}, "w")'),
+    }
+
+
+@pytest.mark.parametrize('payload', ['os.system', 'builtins.eval', 'subprocess.Popen', 'builtins.exec'])
+@pytest.mark.parametrize('protocol', [2, 4])
+def test_hostile_pickles_are_refused_before_running(tmp_path, payload, protocol):
+    marker = tmp_path / 'marker'
+    hostile = hostile_payloads(marker)[payload]
+    # In a paddle pickle, alone and hidden beside real weights in a checkpoint; in a torch zip.
+    pdparams = tmp_path / 'hostile.pdparams'
+    pdparams.write_bytes(pickle.dumps(hostile, protocol=protocol))
+    pdckpt = tmp_path / 'hostile.pdckpt'
+    pdckpt.write_bytes(pickle.dumps({'model': {'w': np.ones(2, np.float32)}, 'optimizer': hostile},
+                                    protocol=protocol))
+    torch_zip = tmp_path / 'hostile.pth'
+    write_torch_zip(torch_zip, pickle.dumps({'model': hostile}, protocol=protocol))
+    for path in (pdparams, pdckpt, torch_zip):
+        with pytest.raises(WeightsError) as error:
+            read_weights(path)
+        message = str(error.value)
+        assert message.startswith(str(path)) and 'refusing to load global' in message
+        # Protocol 2 spells builtins and subprocess by their Python 2 names, __builtin__ and commands.
+        assert re.search(r"'(posix|os|nt|builtins|__builtin__|subprocess|commands)\."
+                         r"(system|eval|exec|Popen)'", message)
+    with pytest.raises(WeightsError, match='refusing to load global'):
+        read_checkpoint(pdckpt)
+    assert not marker.exists()
+
+
+def test_object_arrays_are_refused(tmp_path):
+    path = tmp_path / 'objects.pdparams'
+    path.write_bytes(pickle.dumps({'w': np.array([1, 'a'], dtype=object)}, protocol=4))
+    with pytest.raises(WeightsError, match="objects.pdparams: numpy dtype 'O8?' is not numeric"):
+        read_weights(path)
+
+
+# --- Paddle files ------------------------------------------------------------------------------
+
+def test_real_paddle_save_state_dict(tmp_path):
+    """A PaddleClas-style .pdparams: paddle.save(layer.state_dict()) of paddle tensors."""
+    paddle.seed(0)
+    layer = paddle.nn.Sequential(paddle.nn.Linear(4, 3), paddle.nn.LayerNorm(3),
+                                 paddle.nn.Conv2D(3, 2, 3))
+    path = tmp_path / 'paddleclas.pdparams'
+    paddle.save(layer.state_dict(), str(path))
+    state, meta, layout = read_weights(path)
+    assert layout == 'paddle' and meta == {}
+    expected = {key: value.numpy() for key, value in layer.state_dict().items()}
+    assert set(state) == set(expected)  # paddle's StructuredToParameterName@@ table is dropped
+    for key in expected:
+        np.testing.assert_array_equal(state[key], expected[key])
+        assert state[key].dtype == expected[key].dtype
+
+
+@pytest.mark.parametrize('protocol', [2, 4])
+def test_real_paddle_save_checkpoint_with_nested_tensors(tmp_path, protocol):
+    """paddle.save of {'model': tensors, 'optimizer': ...}: tensors nested in containers pickle as
+    (name, ndarray) tuples, and protocol 2 spells bytes with _codecs.encode."""
+    paddle.seed(0)
+    layer = paddle.nn.Linear(3, 2)
+    optimizer = paddle.optimizer.AdamW(parameters=layer.parameters())
+    layer(paddle.ones([1, 3])).sum().backward()
+    optimizer.step()
+    path = tmp_path / 'checkpoint.pdckpt'
+    paddle.save({'model': layer.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': 3,
+                 'best': np.float32(0.5), 'model_name': 'tiny'}, str(path), protocol=protocol)
+    state, meta, _ = read_weights(path)
+    assert meta == {'model_name': 'tiny'}
+    np.testing.assert_array_equal(state['weight'], layer.weight.numpy())
+    np.testing.assert_array_equal(state['bias'], layer.bias.numpy())
+    checkpoint = read_checkpoint(path)
+    assert checkpoint['epoch'] == 3 and checkpoint['best'] == np.float32(0.5)
+
+
+def test_numpy_1_module_names_are_understood(tmp_path):
+    """Paddle 2.6 with numpy 1.x names numpy.core.multiarray where numpy 2 names numpy._core."""
+    arrays = {'w': np.arange(6, dtype=np.float32).reshape(2, 3), 'n': np.int64(7)}
+    data = pickle.dumps(arrays, protocol=2)
+    assert b'numpy._core.multiarray' in data
+    path = tmp_path / 'numpy1.pdparams'
+    path.write_bytes(data.replace(b'numpy._core.multiarray', b'numpy.core.multiarray'))
+    checkpoint = read_checkpoint(path)
+    np.testing.assert_array_equal(checkpoint['w'], arrays['w'])
+    assert checkpoint['n'] == 7 and checkpoint['n'].dtype == np.int64
+
+
+META = {'model_name': 'CycleMLP_B1', 'model_args': {'num_classes': 10, 'drop_path_rate': 0.1},
+        'class_names': ['cat', 'dog']}
+
+
+@pytest.mark.parametrize('suffix', ['.pdparams', '.safetensors'])
+def test_write_read_round_trip(tmp_path, suffix):
+    state = {'a.weight': np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32),
+             'a.offset': np.zeros((1, 6, 1, 1), np.float32), 'steps': np.arange(3)}
+    path = tmp_path / f'weights{suffix}'
+    write_weights(path, state, META)
+    read_state, meta, layout = read_weights(path)
+    assert layout == 'paddle' and meta == META and set(read_state) == set(state)
+    for key in state:
+        np.testing.assert_array_equal(read_state[key], state[key])
+        assert read_state[key].dtype == state[key].dtype
+    assert os.listdir(tmp_path) == [path.name]
+
+
+def test_our_pdparams_is_readable_by_paddle_load(tmp_path):
+    state = {'head.weight': np.arange(6, dtype=np.float32).reshape(3, 2)}
+    path = tmp_path / 'ours.pdparams'
+    write_weights(path, state, META)
+    loaded = paddle.load(str(path))
+    np.testing.assert_array_equal(np.asarray(loaded['model']['head.weight']), state['head.weight'])
+    assert loaded['class_names'] == META['class_names']
+
+
+def test_foreign_safetensors_layout(tmp_path):
+    import safetensors.numpy
+    state = {'w': np.ones((2, 3), np.float32)}
+    safetensors.numpy.save_file(state, str(tmp_path / 'pt.safetensors'), metadata={'format': 'pt'})
+    safetensors.numpy.save_file(state, str(tmp_path / 'plain.safetensors'))
+    assert read_weights(tmp_path / 'pt.safetensors')[2] == 'torch'
+    assert read_weights(tmp_path / 'plain.safetensors')[1:] == ({}, 'paddle')
+
+
+def test_container_selection_and_ddp_prefix(tmp_path):
+    weight = np.ones(2, np.float32)
+    path = tmp_path / 'ddp.pdckpt'
+    path.write_bytes(pickle.dumps({'state_dict': {'module.w': weight}, 'epoch': 1}))
+    assert list(read_weights(path)[0]) == ['w']
+    path.write_bytes(pickle.dumps({'model': {'w': weight, 'count': 3}}))
+    with pytest.raises(WeightsError, match="ddp.pdckpt: state dict entry 'count' is a int"):
+        read_weights(path)
+    path.write_bytes(pickle.dumps({'model': {'w': weight}, 'class_names': 'cat'}))
+    with pytest.raises(WeightsError, match='ddp.pdckpt: class_names is .*expected a list of str'):
+        read_weights(path)
+
+
+def test_torch_to_paddle_transposes_2d_weights_only():
+    state, _, _ = read_weights(OFFICIAL)
+    converted = torch_to_paddle(state)
+    assert list(converted) == list(state)
+    transposed = set()
+    for key, value in state.items():
+        if not np.array_equal(converted[key], value) or converted[key].shape != value.shape:
+            np.testing.assert_array_equal(converted[key], value.T)
+            transposed.add(key)
+    assert transposed == {key for key, value in state.items() if value.ndim == 2}
+    assert all(key.endswith(('mlp_c.weight', 'proj.weight', 'fc1.weight', 'fc2.weight', 'head.weight'))
+               for key in transposed)
+    assert converted['head.weight'].shape == (32, 10)
+    assert converted['patch_embed.proj.weight'].shape == (8, 3, 7, 7)
+
+
+# --- broken files and atomic writes ----------------------------------------------------------------
+
+def test_broken_files_name_the_path(tmp_path):
+    cases = {'missing.pth': None, 'empty.pth': b'', 'garbage.pdparams': b'this is not a weight file',
+             'truncated.pth': OFFICIAL.read_bytes()[:OFFICIAL.stat().st_size // 2],
+             'truncated.pdparams': pickle.dumps({'w': np.ones(100, np.float32)})[:-50],
+             'legacy.pth': weights.LEGACY_TORCH_MAGIC + b'\x00' * 32,
+             'broken.safetensors': struct.pack('<Q', 1000) + b'{"w": 1'}
+    patterns = {'missing.pth': 'no such file', 'empty.pth': 'empty',
+                'garbage.pdparams': 'not a weights file',
+                'truncated.pth': 'zip', 'truncated.pdparams': 'cannot unpickle',
+                'legacy.pth': 're-save it with torch>=1.6', 'broken.safetensors': 'safetensors'}
+    for name, content in cases.items():
+        path = tmp_path / name
+        if content is not None:
+            path.write_bytes(content)
+        with pytest.raises(WeightsError) as error:
+            read_weights(path)
+        assert str(error.value).startswith(str(path)), str(error.value)
+        assert patterns[name] in str(error.value), str(error.value)
+
+
+def test_write_refuses_unknown_suffix(tmp_path):
+    with pytest.raises(WeightsError, match=r'weights.pth: cannot write .pth'):
+        write_weights(tmp_path / 'weights.pth', {'w': np.ones(1)})
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize('suffix, writer',
+                         [('.pdparams', 'paddle'), ('.safetensors', 'safetensors.numpy')])
+def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch, suffix, writer):
+    path = tmp_path / f'weights{suffix}'
+    old_state = {'w': np.ones(3, np.float32)}
+    write_weights(path, old_state, {'model_name': 'old'})
+    old_bytes = path.read_bytes()
+
+    def write_half_then_fail(obj, target, *args, **kwargs):
+        Path(target).write_bytes(b'partial')
+        raise KeyboardInterrupt  # as if the job were killed mid-write
+
+    module = paddle if writer == 'paddle' else weights.safetensors.numpy
+    monkeypatch.setattr(module, 'save' if writer == 'paddle' else 'save_file', write_half_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        write_weights(path, {'w': np.zeros(3, np.float32)}, {'model_name': 'new'})
+    assert path.read_bytes() == old_bytes
+    assert os.listdir(tmp_path) == [path.name]
+
+
+def test_atomic_save_and_read_checkpoint(tmp_path):
+    checkpoint = {'model': {'w': np.ones(2, np.float32)}, 'epoch': 4, 'lr': [0.1, 0.2],
+                  'rng': {'numpy': np.random.default_rng(0).bit_generator.state['state']['state']}}
+    path = tmp_path / 'checkpoint.pdckpt'
+    weights.atomic_save(checkpoint, path)
+    loaded = read_checkpoint(path)
+    assert loaded['epoch'] == 4 and loaded['lr'] == [0.1, 0.2] and loaded['rng'] == checkpoint['rng']
+    np.testing.assert_array_equal(loaded['model']['w'], checkpoint['model']['w'])
+    with pytest.raises(WeightsError, match='official_tiny.pth: expected a paddle.save pickle'):
+        read_checkpoint(OFFICIAL)
+
+
+# --- convert_weights.py ------------------------------------------------------------------------
+
+def run_convert(*args):
+    return subprocess.run([sys.executable, str(REPO / 'convert_weights.py'), *map(str, args)],
+                          capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, 'OMP_NUM_THREADS': '1'}, timeout=300)
+
+
+def test_convert_official_checkpoint(tmp_path):
+    state, _, _ = read_weights(OFFICIAL)
+    expected = torch_to_paddle(state)
+    parameters = sum(v.size for k, v in state.items() if not k.endswith('.offset'))
+    outputs = {}
+    for suffix in ('.pdparams', '.safetensors'):
+        destination = tmp_path / f'tiny{suffix}'
+        result = run_convert(OFFICIAL, destination)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == (f'converted 117 tensors ({parameters:,} parameters) from {OFFICIAL} '
+                                 f'(torch layout) to {destination}\n')
+        outputs[suffix], meta, layout = read_weights(destination)
+        assert layout == 'paddle' and meta == {}
+    for key in expected:
+        np.testing.assert_array_equal(outputs['.pdparams'][key], expected[key])
+        np.testing.assert_array_equal(outputs['.safetensors'][key], expected[key])
+
+
+def test_convert_ema_keeps_meta_and_paddle_layout(tmp_path):
+    source = tmp_path / 'ours.pdckpt'
+    ema_state = {'head.weight': np.arange(6, dtype=np.float32).reshape(3, 2)}
+    weights.atomic_save({'model': {'head.weight': np.zeros((3, 2), np.float32)},
+                         'model_ema': ema_state, **META}, source)
+    destination = tmp_path / 'ema.safetensors'
+    result = run_convert(source, destination, '--ema')
+    assert result.returncode == 0, result.stderr
+    assert '(paddle layout)' in result.stdout and '(6 parameters)' in result.stdout
+    state, meta, _ = read_weights(destination)
+    assert meta == META
+    np.testing.assert_array_equal(state['head.weight'], ema_state['head.weight'])  # not transposed
+
+
+def test_convert_error_is_one_line(tmp_path):
+    missing = tmp_path / 'missing.pth'
+    result = run_convert(missing, tmp_path / 'out.pdparams')
+    assert result.returncode == 2 and result.stdout == ''
+    assert result.stderr == f'error: {missing}: no such file\n'
+    assert not (tmp_path / 'out.pdparams').exists()
+
+
+# --- end to end against the official model -------------------------------------------------------
+
+def test_official_logits_from_paddle_model():
+    import cyclemlp
+    io_arrays = np.load(OFFICIAL_IO)
+    images = paddle.to_tensor(io_arrays['input'].astype(np.float32))
+    for ema, logits_key in ((False, 'logits'), (True, 'logits_ema')):
+        state, _, layout = read_weights(OFFICIAL, ema=ema)
+        assert layout == 'torch'
+        model = cyclemlp.CycleNet(**TINY)
+        model.set_state_dict({k: paddle.to_tensor(v) for k, v in torch_to_paddle(state).items()})
+        model.eval()
+        with paddle.no_grad():
+            stages = model.forward_stages(images)
+            logits = model(images).numpy()
+        np.testing.assert_allclose(logits, io_arrays[logits_key], atol=1e-4, rtol=0)
+        if not ema:
+            for index, stage in enumerate(stages):
+                # The residual stream reaches hundreds here: compare relative to its scale.
+                desired = io_arrays[f'stage{index}']
+                np.testing.assert_allclose(stage.numpy(), desired, rtol=0,
+                                           atol=1e-5 * np.abs(desired).max())
+        created = cyclemlp.create_model(None, weights=str(OFFICIAL), ema=ema)
+        created.eval()
+        with paddle.no_grad():
+            np.testing.assert_allclose(created(images).numpy(), io_arrays[logits_key], atol=1e-4, rtol=0)

@@ -1,0 +1,493 @@
+"""Reading and writing CycleMLP weight files safely, without PyTorch.
+
+Formats read (recognised by content, not by suffix):
+  * PyTorch `torch.save` zip archives (the official release files and training checkpoints);
+  * pickles written by `paddle.save` (.pdparams / .pdckpt: PaddleClas-layout state dicts and this
+    repo's own files);
+  * .safetensors files.
+
+Both pickle formats are read with restricted unpicklers. A pickle names the functions it calls
+while loading; `torch.load` (before weights_only) and `paddle.load` import and call whatever the
+file names, so opening a downloaded checkpoint with them runs arbitrary code. Here every name
+a pickle asks for is looked up in an allow-list that maps it to a stand-in defined in this file
+(or an inert class such as OrderedDict); any other name stops the load with a WeightsError
+before anything from the file has run, and no module is ever imported on a file's behalf.
+
+Formats written: .pdparams (a `paddle.save` pickle of numpy arrays, so `paddle.load` reads it as
+well) and .safetensors. Writes go to a temporary file that replaces the target only once
+complete, so an interrupted write never leaves a broken file behind.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+META_KEYS = ('model_name', 'model_args', 'class_names')
+LAYOUTS = ('torch', 'paddle')
+WRITE_SUFFIXES = ('.pdparams', '.safetensors')
+# torch.save files from before PyTorch 1.6 start with a pickled magic number, not a zip header.
+LEGACY_TORCH_MAGIC = b'\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19'
+ZIP_MAGIC = b'PK\x03\x04'
+# paddle.save of a dict of tensors adds this bookkeeping entry (structured name -> tensor name).
+PADDLE_NAME_TABLE_KEY = 'StructuredToParameterName@@'
+# Numeric kinds only: object ('O') and void/structured ('V') dtypes could smuggle in pickled objects.
+NUMERIC_KINDS = 'biufc'
+
+
+class WeightsError(ValueError):
+    """A weight file is missing, damaged, hostile or not what was expected."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Stand-ins for the globals that torch.save pickles name
+
+class _TorchDtype:
+    """What a torch storage class or dtype global stands for: how to read its bytes with numpy."""
+
+    def __init__(self, name: str, numpy_dtype: str):
+        self.name = name
+        self.numpy_dtype = np.dtype(numpy_dtype)  # bfloat16 is read as uint16, then widened
+
+    def __repr__(self) -> str:
+        return f'torch.{self.name}'
+
+
+_TORCH_DTYPES = {name: _TorchDtype(name, 'uint16' if name == 'bfloat16' else name) for name in
+                 ('float32', 'float16', 'bfloat16', 'float64', 'int64', 'int32', 'int16', 'int8',
+                  'uint8', 'bool')}
+_BFLOAT16 = _TORCH_DTYPES['bfloat16']
+_TORCH_STORAGE_CLASSES = {
+    'FloatStorage': 'float32', 'HalfStorage': 'float16', 'BFloat16Storage': 'bfloat16',
+    'DoubleStorage': 'float64', 'LongStorage': 'int64', 'IntStorage': 'int32',
+    'ShortStorage': 'int16', 'CharStorage': 'int8', 'ByteStorage': 'uint8', 'BoolStorage': 'bool',
+}
+
+
+class _Storage:
+    """The raw bytes of one torch storage (`<root>/data/<key>` in the zip) and their dtype."""
+
+    def __init__(self, raw: bytes, dtype: _TorchDtype, big_endian: bool):
+        self.raw = raw
+        self.dtype = dtype
+        self.big_endian = big_endian
+
+    def elements(self, dtype: _TorchDtype) -> np.ndarray:
+        numpy_dtype = dtype.numpy_dtype.newbyteorder('>' if self.big_endian else '<')
+        usable = len(self.raw) - len(self.raw) % numpy_dtype.itemsize
+        return np.frombuffer(self.raw[:usable], dtype=numpy_dtype)
+
+
+def _strided_copy(storage: _Storage, dtype: _TorchDtype, offset, size, stride) -> np.ndarray:
+    """Rebuild a tensor as a view of its storage (offset, size, stride in elements), then copy.
+
+    The bounds are checked first: as_strided trusts its arguments and would otherwise read
+    outside the buffer if a file lied about them.
+    """
+    if not isinstance(storage, _Storage):
+        raise WeightsError(f'a tensor is built from {type(storage).__name__}, expected a storage')
+    elements = storage.elements(dtype)
+    size, stride = tuple(size), tuple(stride)
+    if not (isinstance(offset, int) and len(size) == len(stride)
+            and all(isinstance(v, int) and v >= 0 for v in (offset, *size, *stride))):
+        raise WeightsError(f'bad tensor geometry: offset {offset}, size {size}, stride {stride}')
+    if 0 not in size:
+        last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+        if last >= elements.size:
+            raise WeightsError(f'tensor of size {size}, stride {stride}, offset {offset} reaches '
+                               f'element {last} of a storage holding {elements.size}')
+    itemsize = elements.itemsize
+    view = np.lib.stride_tricks.as_strided(
+        elements[offset:] if 0 not in size else elements[:0], shape=size,
+        strides=[s * itemsize for s in stride], writeable=False)
+    array = np.array(view, dtype=view.dtype.newbyteorder('='))
+    if dtype is _BFLOAT16:  # bfloat16 is the upper half of a float32
+        array = (array.astype(np.uint32) << 16).view(np.float32)
+    return array
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, backward_hooks,
+                       metadata=None):
+    return _strided_copy(storage, storage.dtype, storage_offset, size, stride)
+
+
+def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks,
+                       dtype, metadata=None):
+    # Written for untyped storages: the dtype comes with the tensor, not with the storage.
+    if not isinstance(dtype, _TorchDtype):
+        raise WeightsError(f'tensor dtype {dtype!r} is not one this reader supports')
+    return _strided_copy(storage, dtype, storage_offset, size, stride)
+
+
+def _rebuild_parameter(data, requires_grad, backward_hooks):
+    return data
+
+
+def _rebuild_parameter_with_state(data, requires_grad, backward_hooks, state):
+    return data  # the state holds Python attributes set on the Parameter, irrelevant to weights
+
+
+def _torch_globals() -> dict:
+    allowed = {
+        'collections.OrderedDict': collections.OrderedDict,
+        'argparse.Namespace': argparse.Namespace,  # 'args' in official checkpoints; a plain bag
+        'torch._utils._rebuild_tensor_v2': _rebuild_tensor_v2,
+        'torch._utils._rebuild_tensor_v3': _rebuild_tensor_v3,
+        'torch._utils._rebuild_parameter': _rebuild_parameter,
+        'torch._utils._rebuild_parameter_with_state': _rebuild_parameter_with_state,
+        'torch.storage.UntypedStorage': _TORCH_DTYPES['uint8'],
+        '_codecs.encode': _latin1_encode,
+    }
+    for storage_class, dtype_name in _TORCH_STORAGE_CLASSES.items():
+        allowed[f'torch.{storage_class}'] = _TORCH_DTYPES[dtype_name]
+    for dtype_name, dtype in _TORCH_DTYPES.items():
+        allowed[f'torch.{dtype_name}'] = dtype
+    return allowed
+
+
+# ---------------------------------------------------------------------------------------------
+# Stand-ins for the globals that pickled numpy arrays name (paddle.save, any numpy version)
+
+def _numpy_dtype(spec, align=False, copy=False) -> np.dtype:
+    dtype = np.dtype(spec) if isinstance(spec, str) else None
+    if dtype is None or dtype.kind not in NUMERIC_KINDS:
+        raise WeightsError(f'numpy dtype {spec!r} is not numeric')
+    return dtype
+
+
+class _NumpyArrayType:
+    """Stands for numpy.ndarray, which pickles name only as _reconstruct's first argument.
+
+    The real class is not handed out: called directly it would build arrays from arguments of
+    the file's choosing, outside the checks below.
+    """
+
+
+def _numpy_reconstruct(subtype, shape, typecode) -> np.ndarray:
+    if subtype is not _NumpyArrayType:
+        raise WeightsError(f'array subtype {subtype!r} is not numpy.ndarray')
+    # An empty array whatever shape is asked for: BUILD then sets shape, dtype and data together.
+    return np.ndarray.__new__(np.ndarray, (0,), np.uint8)
+
+
+def _numpy_scalar(dtype, data=None):
+    if not isinstance(dtype, np.dtype) or not isinstance(data, bytes):
+        raise WeightsError(f'numpy scalar of dtype {dtype!r} holds no raw bytes')
+    return np.frombuffer(data, dtype=dtype, count=1)[0]
+
+
+def _latin1_encode(text, encoding='latin1'):
+    # Protocol-2 pickles spell bytes as _codecs.encode(str, 'latin1'); no other codec is needed.
+    if not isinstance(text, str) or encoding not in ('latin1', 'latin-1'):
+        raise WeightsError(f'_codecs.encode with encoding {encoding!r} is not allowed')
+    return text.encode('latin1')
+
+
+def _numpy_globals() -> dict:
+    allowed = {
+        'collections.OrderedDict': collections.OrderedDict,
+        'numpy.ndarray': _NumpyArrayType,
+        'numpy.dtype': _numpy_dtype,
+        '_codecs.encode': _latin1_encode,
+        # paddle.save pickles a tensor nested in a container as the tuple (name, ndarray).
+        'builtins.tuple': tuple,
+        '__builtin__.tuple': tuple,
+    }
+    for module in ('numpy.core.multiarray', 'numpy._core.multiarray'):  # numpy 1.x, 2.x
+        allowed[f'{module}._reconstruct'] = _numpy_reconstruct
+        allowed[f'{module}.scalar'] = _numpy_scalar
+    return allowed
+
+
+TORCH_ALLOWED_GLOBALS = _torch_globals()
+PADDLE_ALLOWED_GLOBALS = _numpy_globals()
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that resolves globals only through an allow-list and imports nothing."""
+
+    def __init__(self, file, path: str, allowed: dict, persistent_load=None):
+        super().__init__(file)
+        self.path = path
+        self.allowed = allowed
+        self.load_persistent = persistent_load
+
+    def find_class(self, module: str, name: str):
+        key = f'{module}.{name}'
+        if key not in self.allowed:
+            raise WeightsError(f"{self.path}: refusing to load global '{key}': weight files may "
+                               f'only name tensor and container types')
+        return self.allowed[key]
+
+    def persistent_load(self, pid):
+        if self.load_persistent is None:
+            raise WeightsError(f'{self.path}: unexpected persistent id {pid!r} in a paddle pickle')
+        return self.load_persistent(pid)
+
+
+def _unpickle(file, path: str, allowed: dict, persistent_load=None):
+    try:
+        return _RestrictedUnpickler(file, path, allowed, persistent_load).load()
+    except WeightsError as error:
+        message = str(error)
+        raise WeightsError(message if message.startswith(path) else f'{path}: {message}') from None
+    except Exception as error:  # damaged pickles raise anything from EOFError to TypeError
+        raise WeightsError(f'{path}: cannot unpickle ({type(error).__name__}: {error})') from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The three formats
+
+def _load_torch_zip(path: str) -> dict:
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as error:
+        raise WeightsError(f'{path}: damaged zip archive ({error})') from None
+    with archive:
+        pickles = [n for n in archive.namelist() if n.endswith('/data.pkl') and n.count('/') == 1]
+        if len(pickles) != 1:
+            raise WeightsError(f'{path}: a torch.save archive holds exactly one <root>/data.pkl, '
+                               f'found {pickles or "none"}')
+        # The root folder is 'archive' in files torch writes to a stream, the file's stem otherwise.
+        root = pickles[0][:-len('data.pkl')]
+        names = set(archive.namelist())
+        big_endian = (f'{root}byteorder' in names
+                      and archive.read(f'{root}byteorder').strip() == b'big')
+        storages = {}
+
+        def load_storage(pid):
+            if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == 'storage'
+                    and isinstance(pid[1], _TorchDtype)):
+                raise WeightsError(f'unexpected persistent id {pid!r}')
+            _, dtype, key, _location, numel = pid
+            if key not in storages:
+                entry = f'{root}data/{key}'
+                if entry not in names:
+                    raise WeightsError(f'missing storage {entry}')
+                raw = archive.read(entry)
+                if len(raw) < numel * dtype.numpy_dtype.itemsize:
+                    raise WeightsError(f'storage {entry} holds {len(raw)} bytes, '
+                                       f'expected {numel} x {dtype.name}')
+                storages[key] = _Storage(raw, dtype, big_endian)
+            return storages[key]
+
+        try:
+            with archive.open(pickles[0]) as file:
+                return _unpickle(file, path, TORCH_ALLOWED_GLOBALS, load_storage)
+        except (zipfile.BadZipFile, OSError) as error:
+            raise WeightsError(f'{path}: damaged zip archive ({error})') from None
+
+
+def _load_paddle_pickle(path: str):
+    with open(path, 'rb') as file:
+        return _unpickle(file, path, PADDLE_ALLOWED_GLOBALS)
+
+
+def _load_safetensors(path: str) -> tuple:
+    try:
+        state = safetensors.numpy.load_file(path)
+        with safetensors.safe_open(path, framework='np') as file:
+            header = file.metadata() or {}
+    except Exception as error:  # SafetensorError, and ValueError/TypeError for odd dtypes
+        raise WeightsError(f'{path}: damaged safetensors file ({error})') from None
+    meta = {}
+    for key in META_KEYS:
+        if key in header:
+            try:
+                meta[key] = json.loads(header[key])
+            except ValueError:
+                raise WeightsError(f'{path}: metadata {key!r} is not JSON: {header[key]!r}') from None
+    # Files that safetensors.torch wrote say so with format 'pt'; our own files record the layout.
+    layout = header.get('layout', 'torch' if header.get('format') == 'pt' else 'paddle')
+    return state, meta, layout
+
+
+def _sniff(path: str) -> str:
+    """'torch', 'legacy-torch', 'pickle' or 'safetensors', judged from the first bytes."""
+    if not os.path.isfile(path):
+        raise WeightsError(f'{path}: no such file')
+    try:
+        with open(path, 'rb') as file:
+            head = file.read(16)
+    except OSError as error:
+        raise WeightsError(f'{path}: cannot read ({error.strerror})') from None
+    if not head:
+        raise WeightsError(f'{path}: file is empty')
+    if head.startswith(ZIP_MAGIC):
+        return 'torch'
+    if head.startswith(LEGACY_TORCH_MAGIC):
+        return 'legacy-torch'
+    if head[:1] == b'\x80' and 2 <= head[1] <= 5:  # PROTO opcode: pickle protocol 2..5
+        return 'pickle'
+    if len(head) > 8 and head[8:9] == b'{':  # u64 header length, then a JSON header
+        return 'safetensors'
+    raise WeightsError(f'{path}: not a weights file: expected a torch.save zip archive, a '
+                       f'paddle.save pickle (.pdparams/.pdckpt) or a .safetensors file')
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+
+def read_checkpoint(path: str) -> dict:
+    """The whole dict of a .pdckpt/.pdparams pickle (model, optimizer, epoch, ...), for resuming."""
+    path = os.fspath(path)
+    kind = _sniff(path)
+    if kind != 'pickle':
+        raise WeightsError(f'{path}: expected a paddle.save pickle (.pdckpt), found a {kind} file')
+    checkpoint = _load_paddle_pickle(path)
+    if not isinstance(checkpoint, dict):
+        raise WeightsError(f'{path}: expected a dict, found {type(checkpoint).__name__}')
+    return checkpoint
+
+
+def _select_state(path: str, container: dict, ema: bool) -> dict:
+    if ema:
+        if 'model_ema' not in container:
+            raise WeightsError(f"{path}: no 'model_ema' entry (has {sorted(map(str, container))})")
+        state = container['model_ema']
+    elif 'model' in container:
+        state = container['model']
+    elif 'state_dict' in container:
+        state = container['state_dict']
+    else:
+        state = container  # a bare state dict
+    if not isinstance(state, dict):
+        raise WeightsError(f'{path}: the state dict is a {type(state).__name__}, expected a dict')
+    arrays = {}
+    for key, value in state.items():
+        if key == PADDLE_NAME_TABLE_KEY:
+            continue
+        if (isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str)
+                and isinstance(value[1], np.ndarray)):
+            value = value[1]  # (tensor name, array): a paddle tensor pickled inside a container
+        if not isinstance(key, str) or not isinstance(value, np.ndarray):
+            raise WeightsError(f'{path}: state dict entry {key!r} is a {type(value).__name__}, '
+                               f'expected an array')
+        if value.dtype.kind not in NUMERIC_KINDS or value.dtype.fields is not None:
+            raise WeightsError(f'{path}: state dict entry {key!r} has non-numeric dtype {value.dtype}')
+        # DistributedDataParallel saves its wrapped module's keys under 'module.'.
+        arrays[key[len('module.'):] if key.startswith('module.') else key] = value
+    if not arrays:
+        raise WeightsError(f'{path}: the state dict is empty')
+    return arrays
+
+
+def _check_meta(path: str, meta: dict) -> dict:
+    expected = {'model_name': str, 'model_args': dict, 'class_names': list}
+    for key, value in meta.items():
+        if not isinstance(value, expected[key]) or (
+                key == 'class_names' and not all(isinstance(name, str) for name in value)):
+            raise WeightsError(f'{path}: {key} is {value!r}, expected a {expected[key].__name__}'
+                               + (' of str' if key == 'class_names' else ''))
+    return meta
+
+
+def read_weights(path: str, ema: bool = False) -> tuple[dict[str, np.ndarray], dict, str]:
+    """Read a weight file into (state dict of numpy arrays, meta, layout).
+
+    layout is 'torch' (Linear weights [out, in]) or 'paddle' ([in, out]); see torch_to_paddle.
+    meta holds whichever of model_name, model_args, class_names the file records ({} for files
+    from elsewhere). From a checkpoint dict the state is 'model', else 'state_dict', else the dict
+    itself; ema=True takes 'model_ema' (timm's ModelEma) instead. Everything else in a training
+    checkpoint (optimizer, lr_scheduler, epoch, scaler, args) is read safely and ignored.
+    """
+    path = os.fspath(path)
+    kind = _sniff(path)
+    if kind == 'legacy-torch':
+        raise WeightsError(f'{path}: legacy (pre-1.6, non-zip) torch.save format is not supported; '
+                           f're-save it with torch>=1.6: torch.save(torch.load(old), new)')
+    if kind == 'safetensors':
+        if ema:
+            raise WeightsError(f"{path}: a .safetensors file holds one state dict, no 'model_ema'")
+        state, meta, layout = _load_safetensors(path)
+        container = state
+    else:
+        container = _load_torch_zip(path) if kind == 'torch' else _load_paddle_pickle(path)
+        if not isinstance(container, dict):
+            raise WeightsError(f'{path}: expected a dict, found {type(container).__name__}')
+        meta = {key: container[key] for key in META_KEYS if key in container}
+        layout = 'torch' if kind == 'torch' else 'paddle'
+    if layout not in LAYOUTS:
+        raise WeightsError(f'{path}: layout {layout!r}, expected one of {LAYOUTS}')
+    return _select_state(path, container, ema), _check_meta(path, meta), layout
+
+
+def torch_to_paddle(state: dict) -> dict:
+    """Convert a state dict from PyTorch layout to Paddle layout.
+
+    torch.nn.Linear stores its weight as [out, in] and computes x @ W.T; paddle.nn.Linear stores
+    [in, out] and computes x @ W. In CycleMLP every 2-D '.weight' is a Linear (mlp_c, proj,
+    reweight and mlp fc1/fc2, head), so those are transposed. Convolution and CycleFC weights are
+    4-D [out, in, kh, kw] in both frameworks, and 1-D LayerNorm weights and biases need nothing.
+    """
+    return {key: np.ascontiguousarray(value.T) if value.ndim == 2 and key.endswith('.weight')
+            else value for key, value in state.items()}
+
+
+def _temporary_path(path: str) -> str:
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.',
+                                         suffix='.tmp')
+    os.close(handle)
+    return temporary
+
+
+def _write_atomically(path: str, write) -> None:
+    """Call write(temporary path), then move the result onto path; on any failure remove it."""
+    try:
+        temporary = _temporary_path(path)
+    except OSError as error:
+        raise WeightsError(f'{path}: cannot write ({error.strerror})') from None
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException as error:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        if isinstance(error, OSError):
+            raise WeightsError(f'{path}: cannot write ({error})') from None
+        raise
+
+
+def atomic_save(obj, path: str) -> None:
+    """paddle.save obj (numpy arrays and plain Python values) to path, all or nothing."""
+    # Imported here so that reading and converting weights never loads the Paddle framework.
+    import paddle
+    _write_atomically(os.fspath(path), lambda temporary: paddle.save(obj, temporary))
+
+
+def write_weights(path: str, state: dict[str, np.ndarray], meta: dict | None = None) -> None:
+    """Write a Paddle-layout state dict and its meta to a .pdparams or .safetensors file.
+
+    .pdparams holds {'model': state, **meta} as numpy arrays, readable by read_weights and by
+    paddle.load alike; .safetensors holds the arrays with meta JSON-encoded in its header.
+    """
+    path = os.fspath(path)
+    meta = _check_meta(path, dict(meta or {}))
+    unknown = set(meta) - set(META_KEYS)
+    if unknown:
+        raise WeightsError(f'{path}: unknown meta keys {sorted(unknown)}, expected {META_KEYS}')
+    for key, value in state.items():
+        if not isinstance(value, np.ndarray):
+            raise WeightsError(f'{path}: state entry {key!r} is a {type(value).__name__}, '
+                               f'expected a numpy array')
+    suffix = os.path.splitext(path)[1]
+    if suffix == '.pdparams':
+        atomic_save({'model': dict(state), **meta}, path)
+    elif suffix == '.safetensors':
+        header = {key: json.dumps(value) for key, value in meta.items()}
+        header['layout'] = 'paddle'
+        arrays = {key: np.ascontiguousarray(value) for key, value in state.items()}
+        _write_atomically(path, lambda temporary: safetensors.numpy.save_file(
+            arrays, temporary, metadata=header))
+    else:
+        raise WeightsError(f'{path}: cannot write {suffix or "a file without suffix"}, '
+                           f'expected one of {WRITE_SUFFIXES}')
