@@ -113,10 +113,13 @@ def test_shift_moves_channels_with_zero_padding():
 
 def test_index_is_built_once_per_size():
     layer = CycleFC(4, 4, (3, 1))
-    first = layer.shift_index(5, 6)
-    assert layer.shift_index(5, 6) is first
-    assert layer.shift_index(6, 5) is not first
-    assert first.shape == [5 * 6 * 4]
+    layer(paddle.randn([2, 5, 6, 4]))
+    (first,) = layer.index_cache.values()
+    layer(paddle.randn([3, 5, 6, 4]))
+    assert len(layer.index_cache) == 1
+    assert list(layer.index_cache.values())[0] is first
+    layer(paddle.randn([1, 6, 5, 4]))
+    assert len(layer.index_cache) == 2 and first.shape == [5 * 6 * 4]
 
 
 @pytest.mark.parametrize('kwargs,message', [

@@ -1,0 +1,367 @@
+"""CycleMLP-B1..B5 in Paddle, state-dict compatible with the official PyTorch release.
+
+CycleMLP: A MLP-like Architecture for Dense Prediction. Shoufa Chen, Enze Xie, Chongjian Ge,
+Runjian Chen, Ding Liang, Ping Luo. ICLR 2022, arXiv:2107.10224.
+Official code: https://github.com/ShoufaChen/CycleMLP (`cycle_mlp.py`).
+
+Everything between the stem and the head is channel-last (B, H, W, C): the channel FCs are
+matmuls over the last axis, CycleFC shifts without transposes, and the convolutions that change
+resolution run with data_format='NHWC'. Parameter names match the official state dict key for
+key (`network.{stage}.{block}.attn.sfc_h.weight`, ...), so official checkpoints load one to one
+after transposing the Linear weights (PyTorch stores them [out, in], Paddle [in, out]).
+"""
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+
+from cycle_fc import CycleFC, cached_index, padded_positions
+from weights import WeightsError, read_weights, torch_to_paddle
+
+# timm's trunc_normal_(std=.02) cuts at +-2 in absolute value, i.e. at 100 standard deviations:
+# in float32 that is a plain normal, which is what we draw.
+TRUNC_NORMAL = nn.initializer.Normal(mean=0.0, std=0.02)
+ZEROS = nn.initializer.Constant(0.0)
+ONES = nn.initializer.Constant(1.0)
+
+
+def drop_path(x: paddle.Tensor, rate: float, training: bool) -> paddle.Tensor:
+    """Stochastic depth: drop whole residual branches per sample, rescale the kept ones."""
+    if rate == 0.0 or not training:
+        return x
+    keep = 1.0 - rate
+    mask = (paddle.rand([x.shape[0]] + [1] * (x.ndim - 1)) < keep).astype(x.dtype)
+    return x * mask / keep
+
+
+class Mlp(nn.Layer):
+    """Linear -> GELU (exact, erf) -> Linear, on the last axis."""
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: Optional[int] = None):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc2 = nn.Linear(hidden_features, out_features or in_features)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class CycleMLP(nn.Layer):
+    """The token mixer: two CycleFC branches and a channel FC, re-weighted per channel.
+
+    The official forward, on channel-last x (B, H, W, C):
+
+        h, w, c = sfc_h(x), sfc_w(x), mlp_c(x)
+        a = softmax over the 3 branches of reweight(mean over H, W of (h + w + c))   # (B, C, 3)
+        out = proj(h * a[..., 0] + w * a[..., 1] + c * a[..., 2])
+
+    `sfc_h` has kernel (1, 3) and so shifts along W, `sfc_w` has kernel (3, 1) and shifts along
+    H: the names are the other way round from what the layers do, but they are the official
+    state-dict names, so they stay.
+
+    The three branches read the same input through three channel FCs, so forward computes them
+    together: one gather builds [shift_w(x) | shift_h(x) | x] (B, H*W, 3C) from one zero-padded
+    copy of x, and since every branch is linear and `a` only scales output channels per image,
+    the weighted sum h*a0 + w*a1 + c*a2 is one batched matmul with the stacked weights (3C, C)
+    scaled by `a` per image. The mean that feeds `reweight` is likewise taken over the gathered
+    input before the FC (mean and FC commute). This replaces two gathers, three matmuls and
+    the re-weighting passes over (B, H, W, C) with one gather and one matmul of the same
+    FLOPs; the result equals the official forward up to float rounding (tested).
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.mlp_c = nn.Linear(dim, dim, bias_attr=False)
+        self.sfc_h = CycleFC(dim, dim, (1, 3))
+        self.sfc_w = CycleFC(dim, dim, (3, 1))
+        self.reweight = Mlp(dim, dim // 4, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+        self.index_cache = {}
+
+    def branch_index(self, height, width) -> paddle.Tensor:
+        """Gather index for [sfc_h input | sfc_w input | x] from x padded by one pixel all round."""
+        channels = self.sfc_h.in_channels
+        return paddle.concat([self.sfc_h.source_index(height, width, 1, 1),
+                              self.sfc_w.source_index(height, width, 1, 1),
+                              padded_positions(height, width, channels, 1, 1)], axis=-1).flatten()
+
+    def forward(self, x):
+        batch, height, width, dim = x.shape
+        index = cached_index(self, (height, width), lambda: self.branch_index(height, width))
+        padded = F.pad(x, [1, 1, 1, 1], data_format='NHWC')                  # (B, H+2, W+2, C)
+        branches = paddle.gather(padded.flatten(start_axis=1), index, axis=1)
+        branches = branches.reshape([0, height * width, 3 * dim])            # (B, H*W, 3C)
+        # Stacked FC weights as (in, out): CycleFC stores (out, in, 1, 1), Paddle Linear (in, out).
+        weight = paddle.concat([self.sfc_h.weight.reshape([dim, dim]).t(),
+                                self.sfc_w.weight.reshape([dim, dim]).t(), self.mlp_c.weight])
+        bias = paddle.stack([self.sfc_h.bias, self.sfc_w.bias])               # (2, C)
+        mean = paddle.matmul(branches.mean(axis=1), weight) + bias.sum(axis=0)  # mean of h + w + c
+        # The official code reshapes the 3C re-weighting logits to (B, C, 3): branch k of
+        # channel c is output 3c + k. Softmax over the three branches.
+        a = F.softmax(self.reweight(mean).reshape([batch, dim, 3]), axis=2)
+        a = a.transpose([0, 2, 1])                                             # (B, 3, C)
+        mixed_weight = (weight.reshape([1, 3, dim, dim]) * a.unsqueeze(2)).reshape([batch, 3 * dim, dim])
+        mixed_bias = (bias * a[:, :2]).sum(axis=1, keepdim=True)               # (B, 1, C)
+        out = paddle.bmm(branches, mixed_weight) + mixed_bias                  # (B, H*W, C)
+        return self.proj(out.reshape([0, height, width, dim]))
+
+
+class CycleBlock(nn.Layer):
+    def __init__(self, dim: int, mlp_ratio: float, drop_path_rate: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, epsilon=1e-5)
+        self.attn = CycleMLP(dim)
+        self.norm2 = nn.LayerNorm(dim, epsilon=1e-5)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path_rate = drop_path_rate
+
+    def forward(self, x):
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path_rate, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
+
+
+class PatchEmbed(nn.Layer):
+    """The stem: a 7x7 stride-4 convolution, writing channel-last maps."""
+
+    def __init__(self, embed_dim: int):
+        super().__init__()
+        self.proj = nn.Conv2D(3, embed_dim, 7, stride=4, padding=2, data_format='NHWC')
+
+    def forward(self, images):
+        return self.proj(images.transpose([0, 2, 3, 1]))                   # (B, 3, H, W) -> (B, H, W, 3)
+
+
+class Downsample(nn.Layer):
+    """Between stages: a 3x3 stride-2 convolution, channel-last in and out."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.proj = nn.Conv2D(in_dim, out_dim, 3, stride=2, padding=1, data_format='NHWC')
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+class CycleNet(nn.Layer):
+    """CycleMLP backbone and classifier.
+
+    `network` alternates stages and downsampling layers (indices 0, 2, 4, 6 are stages), as in
+    the official model, so that parameter names match its checkpoints.
+    """
+
+    def __init__(self, layers: Sequence[int], embed_dims: Sequence[int], mlp_ratios: Sequence[float],
+                 num_classes: int = 1000, drop_path_rate: float = 0.0):
+        super().__init__()
+        if not (len(layers) == len(embed_dims) == len(mlp_ratios)):
+            raise ValueError(f'layers {layers}, embed_dims {embed_dims} and mlp_ratios {mlp_ratios} '
+                             f'must have the same length')
+        self.config = dict(layers=list(layers), embed_dims=list(embed_dims),
+                           mlp_ratios=list(mlp_ratios), num_classes=num_classes)
+        self.num_classes = num_classes
+        self.patch_embed = PatchEmbed(embed_dims[0])
+        total_blocks, block_index = sum(layers), 0
+        network = []
+        for stage, (depth, dim, ratio) in enumerate(zip(layers, embed_dims, mlp_ratios)):
+            blocks = []
+            for _ in range(depth):
+                # Stochastic depth grows linearly from 0 at the first block to the full rate.
+                rate = drop_path_rate * block_index / max(total_blocks - 1, 1)
+                blocks.append(CycleBlock(dim, ratio, rate))
+                block_index += 1
+            network.append(nn.Sequential(*blocks))
+            if stage < len(layers) - 1:
+                network.append(Downsample(dim, embed_dims[stage + 1]))
+        self.network = nn.LayerList(network)
+        self.norm = nn.LayerNorm(embed_dims[-1], epsilon=1e-5)
+        self.head = nn.Linear(embed_dims[-1], num_classes)
+        self.apply(init_weights)
+
+    def forward_stages(self, images: paddle.Tensor) -> List[paddle.Tensor]:
+        """Channel-last output (B, H_i, W_i, C_i) of each stage, before any norm."""
+        x = self.patch_embed(images)
+        stages = []
+        for index, layer in enumerate(self.network):
+            x = layer(x)
+            if index % 2 == 0:
+                stages.append(x)
+        return stages
+
+    def forward_features(self, images: paddle.Tensor) -> List[paddle.Tensor]:
+        """The four stage maps (B, C_i, H_i, W_i) at strides 4, 8, 16 and 32, for dense prediction."""
+        return [x.transpose([0, 3, 1, 2]) for x in self.forward_stages(images)]  # (B,H,W,C) -> (B,C,H,W)
+
+    def forward_head(self, x: paddle.Tensor) -> paddle.Tensor:
+        """Logits from the last channel-last stage map (B, H, W, C)."""
+        return self.head(self.norm(x).mean(axis=[1, 2]))
+
+    def forward(self, images: paddle.Tensor) -> paddle.Tensor:
+        return self.forward_head(self.forward_stages(images)[-1])
+
+
+def init_weights(layer: nn.Layer) -> None:
+    """The official init: Linear and CycleFC weights N(0, .02), biases 0, LayerNorm 1 and 0."""
+    if isinstance(layer, (nn.Linear, CycleFC)):
+        TRUNC_NORMAL(layer.weight)
+        if layer.bias is not None:
+            ZEROS(layer.bias)
+    elif isinstance(layer, nn.LayerNorm):
+        ONES(layer.weight)
+        ZEROS(layer.bias)
+
+
+def CycleMLP_B1(**kwargs) -> CycleNet:
+    return CycleNet(layers=[2, 2, 4, 2], embed_dims=[64, 128, 320, 512], mlp_ratios=[4, 4, 4, 4], **kwargs)
+
+
+def CycleMLP_B2(**kwargs) -> CycleNet:
+    return CycleNet(layers=[2, 3, 10, 3], embed_dims=[64, 128, 320, 512], mlp_ratios=[4, 4, 4, 4], **kwargs)
+
+
+def CycleMLP_B3(**kwargs) -> CycleNet:
+    return CycleNet(layers=[3, 4, 18, 3], embed_dims=[64, 128, 320, 512], mlp_ratios=[8, 8, 4, 4], **kwargs)
+
+
+def CycleMLP_B4(**kwargs) -> CycleNet:
+    return CycleNet(layers=[3, 8, 27, 3], embed_dims=[64, 128, 320, 512], mlp_ratios=[8, 8, 4, 4], **kwargs)
+
+
+def CycleMLP_B5(**kwargs) -> CycleNet:
+    return CycleNet(layers=[3, 4, 24, 3], embed_dims=[96, 192, 384, 768], mlp_ratios=[4, 4, 4, 4], **kwargs)
+
+
+MODELS = {factory.__name__: factory for factory in
+          (CycleMLP_B1, CycleMLP_B2, CycleMLP_B3, CycleMLP_B4, CycleMLP_B5)}
+
+
+def config_from_state(state: Dict[str, np.ndarray]) -> dict:
+    """Read layers, embed_dims, mlp_ratios and num_classes off a CycleNet state dict."""
+    try:
+        layers, embed_dims, mlp_ratios = [], [], []
+        for stage in range(0, 7, 2):
+            depth = 1 + max(int(key.split('.')[2]) for key in state
+                            if key.startswith(f'network.{stage}.'))
+            dim = state[f'network.{stage}.0.norm1.weight'].shape[0]
+            hidden = state[f'network.{stage}.0.mlp.fc1.bias'].shape[0]
+            layers.append(depth)
+            embed_dims.append(dim)
+            mlp_ratios.append(hidden // dim if hidden % dim == 0 else hidden / dim)
+        num_classes = state['head.bias'].shape[0]
+    except (KeyError, ValueError) as error:
+        raise WeightsError(f'not a CycleMLP state dict (could not read its shape: {error})') from None
+    return dict(layers=layers, embed_dims=embed_dims, mlp_ratios=mlp_ratios, num_classes=num_classes)
+
+
+def load_state(model: CycleNet, state: Dict[str, np.ndarray], source: str = 'weights',
+               drop_head: bool = False) -> None:
+    """Load a Paddle-layout state dict into model, or raise WeightsError listing every mismatch.
+
+    With drop_head, a classifier of another class count is left at its fresh initialisation
+    (fine-tuning on a new label set); otherwise a different class count is an error.
+    """
+    expected = model.state_dict()
+    file_classes = state['head.bias'].shape[0] if 'head.bias' in state else None
+    if file_classes is not None and file_classes != model.num_classes:
+        if not drop_head:
+            raise WeightsError(f'{source}: the file has a {file_classes}-class head but the model '
+                               f'has {model.num_classes} classes; build the model with '
+                               f'num_classes={file_classes}, or drop the head to fine-tune')
+        state = {k: v for k, v in state.items() if not k.startswith('head.')}
+        expected = {k: v for k, v in expected.items() if not k.startswith('head.')}
+    problems = []
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        problems.append(f'missing keys ({len(missing)}): {", ".join(missing[:10])}'
+                        + (' ...' if len(missing) > 10 else ''))
+    if unexpected:
+        problems.append(f'unexpected keys ({len(unexpected)}): {", ".join(unexpected[:10])}'
+                        + (' ...' if len(unexpected) > 10 else ''))
+    for key in sorted(set(expected) & set(state)):
+        want, got = list(expected[key].shape), list(state[key].shape)
+        if want != got:
+            problems.append(f'{key}: shape {got} in the file, {want} in the model')
+        elif key.endswith('.offset') and not np.array_equal(state[key], expected[key].numpy()):
+            problems.append(f'{key}: offsets differ from the CycleFC pattern this layer computes')
+    if problems:
+        raise WeightsError(f'{source} does not fit {type(model).__name__}'
+                           f'{model.config["layers"]} {model.config["embed_dims"]}:\n  '
+                           + '\n  '.join(problems))
+    for key, value in state.items():
+        expected[key].set_value(paddle.to_tensor(value, dtype=expected[key].dtype))
+
+
+def create_model(name: Optional[str] = None, weights: Optional[str] = None, ema: bool = False,
+                 drop_head: bool = False, **kwargs) -> CycleNet:
+    """Build a model by name and optionally load weights from any supported file.
+
+    weights may be an official PyTorch release or training checkpoint (.pth), a .pdparams
+    (this repo's or the earlier PaddleClas-layout reproduction's), a .safetensors file or this
+    repo's training checkpoint (.pdckpt); ema picks the EMA weights of a training checkpoint.
+    When name is None the architecture is the one the file records or, for foreign files, the
+    one its tensor shapes describe. num_classes defaults to the file's class count. The class
+    names a file stores (this repo's checkpoints) are set as `model.class_names`, else None.
+    """
+    if name is not None and name not in MODELS:
+        raise ValueError(f'unknown model {name!r}; choose one of {", ".join(MODELS)}')
+    if weights is None:
+        if name is None:
+            raise ValueError('create_model needs a model name or a weights file')
+        model = MODELS[name](**kwargs)
+        model.class_names = None
+        return model
+    state, meta, layout = read_weights(weights, ema=ema)
+    if layout == 'torch':
+        state = torch_to_paddle(state)
+    config = config_from_state(state)
+    name = name or meta.get('model_name')
+    kwargs.setdefault('num_classes', config['num_classes'])
+    if name in MODELS:
+        model = MODELS[name](**kwargs)
+    else:
+        model = CycleNet(**{**config, **kwargs})
+    load_state(model, state, source=weights, drop_head=drop_head)
+    class_names = meta.get('class_names')
+    model.class_names = class_names if class_names and len(class_names) == model.num_classes else None
+    return model
+
+
+def count_parameters(model: nn.Layer) -> int:
+    """Number of trainable values (the offset buffers are not parameters)."""
+    return sum(int(np.prod(p.shape)) for p in model.parameters())
+
+
+def count_flops(model: CycleNet, input_size: Sequence[int] = (224, 224)) -> int:
+    """The paper's FLOPs of one image: fvcore's count, as the official main.py runs it.
+
+    That is multiply-accumulates of convolutions, Linear layers and CycleFC (counted as the 1x1
+    convolution it is, via the official fvcore handle for deform_conv2d), plus fvcore's default
+    5 per element for each affine LayerNorm. Activations, the softmax and the shift itself are
+    not counted. (Without the LayerNorm term B3..B5 come out 0.1 G below the paper's table.)
+    Counted from the layer shapes, since the fused mixer does not call its layers one by one.
+    """
+    def size(param):
+        return int(np.prod(param.shape))
+
+    def conv(layer, height, width):
+        stride, pad, kernel = layer._stride[0], layer._padding, layer.weight.shape[2]
+        pad = pad[0] if isinstance(pad, (list, tuple)) else pad
+        height, width = [(n + 2 * pad - kernel) // stride + 1 for n in (height, width)]
+        return height, width, height * width * size(layer.weight)
+
+    height, width, flops = conv(model.patch_embed.proj, *input_size)
+    for index, layer in enumerate(model.network):
+        if index % 2:
+            height, width, macs = conv(layer.proj, height, width)
+            flops += macs
+            continue
+        pixels = height * width
+        for block in layer:
+            dim = block.norm1.weight.shape[0]
+            mixer = block.attn
+            per_pixel = sum(size(fc.weight) for fc in
+                            (mixer.mlp_c, mixer.sfc_h, mixer.sfc_w, mixer.proj, block.mlp.fc1, block.mlp.fc2))
+            flops += pixels * (per_pixel + 2 * 5 * dim)                  # + norm1 and norm2
+            flops += size(mixer.reweight.fc1.weight) + size(mixer.reweight.fc2.weight)
+    return flops + 5 * height * width * model.norm.weight.shape[0] + size(model.head.weight)
