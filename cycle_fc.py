@@ -23,7 +23,6 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 import numpy as np
 import paddle
 import paddle.nn as nn
-import paddle.nn.functional as F
 
 # Index tensors are cached per input size; inference on many sizes should not grow without bound.
 MAX_CACHED_SIZES = 16
@@ -50,24 +49,26 @@ def cached_index(owner: nn.Layer, key: Tuple, build: Callable[[], paddle.Tensor]
     return owner.index_cache[key]
 
 
-def padded_positions(height, width, channels: int, pad_h: int, pad_w: int,
-                     row_shifts: Optional[np.ndarray] = None,
-                     col_shifts: Optional[np.ndarray] = None) -> paddle.Tensor:
-    """Flat positions, in a zero-padded channel-last map, of pixel (h + dy(c), w + dx(c)), channel c.
+def shifted_positions(height, width, channels: int, row_shifts: Optional[np.ndarray] = None,
+                      col_shifts: Optional[np.ndarray] = None, outside=None) -> paddle.Tensor:
+    """Flat position in a channel-last (H, W, C) map of pixel (h + dy(c), w + dx(c)), channel c.
 
-    The padded map is (H + 2 pad_h, W + 2 pad_w, C) flattened to one axis; the pads must cover
-    the largest shift along each axis, so that every shifted read lands inside it and reads a
-    zero when it leaves the original map (zero padding, no wrap-around). Returns an int64
-    tensor (H, W, C). Built from Paddle ops, so height and width may be symbolic when the model
-    is exported with dynamic input sizes.
+    Reads that leave the map point at `outside` (default H*W*C, the slot just past the data,
+    where the caller appends a zero: zero padding, no wrap-around). Returns an int64 tensor
+    (H, W, C). Built from Paddle ops, so height and width may be symbolic when the model is
+    exported with dynamic input sizes.
     """
-    rows = paddle.arange(height, dtype='int64').reshape([-1, 1, 1]) + pad_h         # (H, 1, 1)
-    cols = paddle.arange(width, dtype='int64').reshape([1, -1, 1]) + pad_w          # (1, W, 1)
+    rows = paddle.arange(height, dtype='int64').reshape([-1, 1, 1])                 # (H, 1, 1)
+    cols = paddle.arange(width, dtype='int64').reshape([1, -1, 1])                  # (1, W, 1)
     if row_shifts is not None:
         rows = rows + paddle.to_tensor(row_shifts.astype(np.int64)).reshape([1, 1, -1])
     if col_shifts is not None:
         cols = cols + paddle.to_tensor(col_shifts.astype(np.int64)).reshape([1, 1, -1])
-    return (rows * (width + 2 * pad_w) + cols) * channels + paddle.arange(channels, dtype='int64')
+    position = (rows * width + cols) * channels + paddle.arange(channels, dtype='int64')
+    inside = paddle.logical_and(paddle.logical_and(rows >= 0, rows < height),
+                                paddle.logical_and(cols >= 0, cols < width))
+    outside = height * width * channels if outside is None else outside
+    return paddle.where(paddle.expand_as(inside, position), position, paddle.full_like(position, outside))
 
 
 class CycleFC(nn.Layer):
@@ -127,29 +128,21 @@ class CycleFC(nn.Layer):
         offset[:, 1 if self.along_width else 0] = self.shifts
         return offset.reshape(1, 2 * self.in_channels, 1, 1)
 
-    def padding(self) -> Tuple[int, int]:
-        """Zero rows and columns (top = bottom, left = right) that cover every shift."""
-        pad = max(self.kernel_size) // 2
-        return (0, pad) if self.along_width else (pad, 0)
-
-    def source_index(self, height, width, pad_h: int, pad_w: int) -> paddle.Tensor:
-        """Where output (h, w, c) reads from in the padded input; see `padded_positions`."""
-        if self.along_width:
-            return padded_positions(height, width, self.in_channels, pad_h, pad_w, col_shifts=self.shifts)
-        return padded_positions(height, width, self.in_channels, pad_h, pad_w, row_shifts=self.shifts)
+    def source_index(self, height, width, outside=None) -> paddle.Tensor:
+        """Where output (h, w, c) reads from in the flattened input; see `shifted_positions`."""
+        shifts = {'col_shifts' if self.along_width else 'row_shifts': self.shifts}
+        return shifted_positions(height, width, self.in_channels, outside=outside, **shifts)
 
     def shift(self, x: paddle.Tensor) -> paddle.Tensor:
         """Shift each channel of channel-last x by its offset: (B, H, W, C) -> (B, H, W, C)."""
         _, height, width, channels = x.shape
-        pad_h, pad_w = self.padding()
-        index = cached_index(self, (height, width, pad_h, pad_w),
-                             lambda: self.source_index(height, width, pad_h, pad_w).flatten())
-        # Speed: F.pad and a gather along one flat axis are the two fastest copies Paddle has on
-        # CPU here (index_select and take_along_axis were 3-5x slower, measured in benchmark.py's
-        # micro-benchmark of this layer).
-        padded = F.pad(x, [pad_w, pad_w, pad_h, pad_h], data_format='NHWC')
-        shifted = paddle.gather(padded.flatten(start_axis=1), index, axis=1)   # (B, H*W*C)
-        return shifted.reshape([0, height, width, channels])
+        index = cached_index(self, (height, width), lambda: self.source_index(height, width).flatten())
+        # Speed: a gather along one flat axis is the fastest copy Paddle has on CPU here
+        # (index_select and take_along_axis were 3-5x slower). The zero appended to each image
+        # is what reads outside the map get.
+        flat = x.flatten(start_axis=1)                                          # (B, H*W*C)
+        flat = paddle.concat([flat, paddle.zeros_like(flat[:, :1])], axis=1)
+        return paddle.gather(flat, index, axis=1).reshape([0, height, width, channels])
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         shifted = self.shift(x)

@@ -17,7 +17,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from cycle_fc import CycleFC, cached_index, padded_positions
+from cycle_fc import CycleFC, cached_index, shifted_positions
 from weights import WeightsError, read_weights, torch_to_paddle
 
 # timm's trunc_normal_(std=.02) cuts at +-2 in absolute value, i.e. at 100 standard deviations:
@@ -51,24 +51,25 @@ class Mlp(nn.Layer):
 class CycleMLP(nn.Layer):
     """The token mixer: two CycleFC branches and a channel FC, re-weighted per channel.
 
-    The official forward, on channel-last x (B, H, W, C):
-
-        h, w, c = sfc_h(x), sfc_w(x), mlp_c(x)
-        a = softmax over the 3 branches of reweight(mean over H, W of (h + w + c))   # (B, C, 3)
-        out = proj(h * a[..., 0] + w * a[..., 1] + c * a[..., 2])
-
     `sfc_h` has kernel (1, 3) and so shifts along W, `sfc_w` has kernel (3, 1) and shifts along
     H: the names are the other way round from what the layers do, but they are the official
     state-dict names, so they stay.
 
-    The three branches read the same input through three channel FCs, so forward computes them
-    together: one gather builds [shift_w(x) | shift_h(x) | x] (B, H*W, 3C) from one zero-padded
-    copy of x, and since every branch is linear and `a` only scales output channels per image,
-    the weighted sum h*a0 + w*a1 + c*a2 is one batched matmul with the stacked weights (3C, C)
-    scaled by `a` per image. The mean that feeds `reweight` is likewise taken over the gathered
-    input before the FC (mean and FC commute). This replaces two gathers, three matmuls and
-    the re-weighting passes over (B, H, W, C) with one gather and one matmul of the same
-    FLOPs; the result equals the official forward up to float rounding (tested).
+    `forward_branches` is the official forward. On large maps (H*W >= 3C: the first two stages)
+    `forward_fused` computes the same thing faster. Every branch is linear and the re-weighting
+    `a` only scales output channels per image, so the whole mixer, `proj` included, is one
+    gather and one batched matmul with weights built per image:
+
+        X = [shift_W(x) | shift_H(x) | x | 1]                   (B, H*W, 3C + 1), one gather
+        mean(h + w + c) = mean(X) @ [Wh; Ww; Wc; bh + bw]        (mean and FC commute)
+        proj(h*a0 + w*a1 + c*a2) = X @ ([Wh*a0; Ww*a1; Wc*a2; bh*a0 + bw*a1] @ Wp) + bp
+
+    That replaces two gathers, four matmuls (C x C per pixel each) and the re-weighting passes
+    over (B, H, W, C) with one gather and one matmul of 3C x C per pixel; building the per-image
+    weights costs 3C x C x C per image, less than the saved C x C per pixel while H*W >= 3C.
+    The column of ones carries the biases into the matmul, because a broadcast add over a
+    whole map costs more than the extra column on Paddle's CPU kernels. Both paths agree to
+    float rounding (tested, forward and gradients).
     """
 
     def __init__(self, dim: int):
@@ -78,34 +79,58 @@ class CycleMLP(nn.Layer):
         self.sfc_w = CycleFC(dim, dim, (3, 1))
         self.reweight = Mlp(dim, dim // 4, dim * 3)
         self.proj = nn.Linear(dim, dim)
+        self.fuse = True
         self.index_cache = {}
 
-    def branch_index(self, height, width) -> paddle.Tensor:
-        """Gather index for [sfc_h input | sfc_w input | x] from x padded by one pixel all round."""
-        channels = self.sfc_h.in_channels
-        return paddle.concat([self.sfc_h.source_index(height, width, 1, 1),
-                              self.sfc_w.source_index(height, width, 1, 1),
-                              padded_positions(height, width, channels, 1, 1)], axis=-1).flatten()
-
     def forward(self, x):
-        batch, height, width, dim = x.shape
-        index = cached_index(self, (height, width), lambda: self.branch_index(height, width))
-        padded = F.pad(x, [1, 1, 1, 1], data_format='NHWC')                  # (B, H+2, W+2, C)
-        branches = paddle.gather(padded.flatten(start_axis=1), index, axis=1)
-        branches = branches.reshape([0, height * width, 3 * dim])            # (B, H*W, 3C)
-        # Stacked FC weights as (in, out): CycleFC stores (out, in, 1, 1), Paddle Linear (in, out).
-        weight = paddle.concat([self.sfc_h.weight.reshape([dim, dim]).t(),
-                                self.sfc_w.weight.reshape([dim, dim]).t(), self.mlp_c.weight])
-        bias = paddle.stack([self.sfc_h.bias, self.sfc_w.bias])               # (2, C)
-        mean = paddle.matmul(branches.mean(axis=1), weight) + bias.sum(axis=0)  # mean of h + w + c
+        _, height, width, dim = x.shape
+        if self.fuse and height * width >= 3 * dim:
+            return self.forward_fused(x)
+        return self.forward_branches(x)
+
+    def reweighting(self, mean: paddle.Tensor) -> paddle.Tensor:
+        """Branch weights (B, 3, C) from the pixel mean (B, C) of h + w + c."""
+        batch, dim = mean.shape
         # The official code reshapes the 3C re-weighting logits to (B, C, 3): branch k of
         # channel c is output 3c + k. Softmax over the three branches.
-        a = F.softmax(self.reweight(mean).reshape([batch, dim, 3]), axis=2)
-        a = a.transpose([0, 2, 1])                                             # (B, 3, C)
-        mixed_weight = (weight.reshape([1, 3, dim, dim]) * a.unsqueeze(2)).reshape([batch, 3 * dim, dim])
-        mixed_bias = (bias * a[:, :2]).sum(axis=1, keepdim=True)               # (B, 1, C)
-        out = paddle.bmm(branches, mixed_weight) + mixed_bias                  # (B, H*W, C)
-        return self.proj(out.reshape([0, height, width, dim]))
+        return F.softmax(self.reweight(mean).reshape([batch, dim, 3]), axis=2).transpose([0, 2, 1])
+
+    def forward_branches(self, x):
+        """The official forward, on channel-last x (B, H, W, C)."""
+        h, w, c = self.sfc_h(x), self.sfc_w(x), self.mlp_c(x)
+        a = self.reweighting((h + w + c).mean(axis=[1, 2])).unsqueeze([2, 3])   # (B, 3, 1, 1, C)
+        return self.proj(h * a[:, 0] + w * a[:, 1] + c * a[:, 2])
+
+    def branch_index(self, height, width) -> paddle.Tensor:
+        """Gather index for X = [sfc_h input | sfc_w input | x | 1] from x + [0, 1] appended."""
+        zero = height * width * self.sfc_h.in_channels
+        shifted = [self.sfc_h.source_index(height, width, zero), self.sfc_w.source_index(height, width, zero),
+                   shifted_positions(height, width, self.sfc_h.in_channels)]
+        one = paddle.full_like(shifted[0][:, :, :1], 1) + zero
+        return paddle.concat(shifted + [one], axis=-1).flatten()               # (H*W*(3C + 1),)
+
+    def forward_fused(self, x):
+        """The official forward as one gather and one matmul per image (see the class doc)."""
+        batch, height, width, dim = x.shape
+        index = cached_index(self, (height, width), lambda: self.branch_index(height, width))
+        flat = x.flatten(start_axis=1)                                          # (B, H*W*C)
+        zero_one = paddle.to_tensor([[0.0, 1.0]], dtype=x.dtype).expand([batch, 2])
+        branches = paddle.gather(paddle.concat([flat, zero_one], axis=1), index, axis=1)
+        branches = branches.reshape([0, height * width, 3 * dim + 1])          # X: (B, H*W, 3C + 1)
+        # Stacked FC weights as (in, out): CycleFC stores (out, in, 1, 1), Paddle Linear (in, out).
+        weights = paddle.stack([self.sfc_h.weight.reshape([dim, dim]).t(),
+                                self.sfc_w.weight.reshape([dim, dim]).t(), self.mlp_c.weight])
+        biases = paddle.stack([self.sfc_h.bias, self.sfc_w.bias, paddle.zeros_like(self.sfc_h.bias)])
+        # The mean over pixels as a matmul with a row of 1/(H*W): several times faster than
+        # Paddle's CPU mean over a middle axis, and the same number.
+        pixel_mean = paddle.full([1, height * width], 1.0 / (height * width), dtype=x.dtype)
+        mean = paddle.matmul(pixel_mean, branches).squeeze(1)                  # (B, 3C + 1)
+        a = self.reweighting(paddle.matmul(mean, paddle.concat(
+            [weights.reshape([3 * dim, dim]), biases.sum(axis=0, keepdim=True)])))     # (B, 3, C)
+        scaled = (weights.unsqueeze(0) * a.unsqueeze(2)).reshape([batch, 3 * dim, dim])
+        bias_row = paddle.matmul((biases * a).sum(axis=1, keepdim=True), self.proj.weight) + self.proj.bias
+        mixed = paddle.concat([paddle.matmul(scaled, self.proj.weight), bias_row], axis=1)  # (B, 3C + 1, C)
+        return paddle.bmm(branches, mixed).reshape([0, height, width, dim])
 
 
 class CycleBlock(nn.Layer):

@@ -155,8 +155,8 @@ def test_changed_offsets_are_refused(tiny_file, tmp_path):
 
 
 def official_mixer(mixer: cyclemlp.CycleMLP, x: paddle.Tensor) -> paddle.Tensor:
-    """The official CycleMLP.forward written out branch by branch, with CycleFC.forward
-    (itself checked against deform_conv2d in test_cycle_fc.py)."""
+    """The official CycleMLP.forward as written there (NCHW means, a (3, B, 1, 1, C) softmax),
+    with CycleFC.forward, itself checked against deform_conv2d in test_cycle_fc.py."""
     batch, _, _, dim = x.shape
     h, w, c = mixer.sfc_h(x), mixer.sfc_w(x), mixer.mlp_c(x)
     a = (h + w + c).transpose([0, 3, 1, 2]).flatten(2).mean(2)
@@ -165,8 +165,9 @@ def official_mixer(mixer: cyclemlp.CycleMLP, x: paddle.Tensor) -> paddle.Tensor:
     return mixer.proj(h * a[0] + w * a[1] + c * a[2])
 
 
+@pytest.mark.parametrize('path', ['forward_fused', 'forward_branches'])
 @pytest.mark.parametrize('shape', [(2, 7, 5, 12), (1, 1, 1, 8), (3, 2, 9, 20)], ids=str)
-def test_fused_mixer_equals_the_official_forward_and_gradients(shape):
+def test_mixer_paths_equal_the_official_forward_and_gradients(shape, path):
     paddle.seed(sum(shape))
     mixer = cyclemlp.CycleMLP(shape[-1])
     for param in mixer.parameters():   # values of meaningful scale, not the tiny init
@@ -174,11 +175,23 @@ def test_fused_mixer_equals_the_official_forward_and_gradients(shape):
     x_np = np.random.default_rng(0).normal(size=shape).astype('float32')
     upstream = paddle.randn(list(shape))
     results = []
-    for forward in (mixer, lambda t: official_mixer(mixer, t)):
+    for forward in (getattr(mixer, path), lambda t: official_mixer(mixer, t)):
         x = paddle.to_tensor(x_np, stop_gradient=False)
         out = forward(x)
         (out * upstream).sum().backward()
         results.append([out.numpy(), x.grad.numpy()] + [p.grad.numpy() for p in mixer.parameters()])
         mixer.clear_gradients()
     for got, want in zip(*results):
-        np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+        np.testing.assert_allclose(got, want, atol=5e-5, rtol=1e-4)
+
+
+def test_mixer_picks_the_fused_path_on_large_maps(monkeypatch):
+    mixer = cyclemlp.CycleMLP(8)
+    calls = []
+    monkeypatch.setattr(mixer, 'forward_fused', lambda x: calls.append('fused'))
+    monkeypatch.setattr(mixer, 'forward_branches', lambda x: calls.append('branches'))
+    mixer(paddle.zeros([1, 5, 5, 8]))      # 25 pixels >= 3 * 8
+    mixer(paddle.zeros([1, 4, 5, 8]))      # 20 pixels < 24
+    mixer.fuse = False
+    mixer(paddle.zeros([1, 5, 5, 8]))
+    assert calls == ['fused', 'branches', 'branches']
