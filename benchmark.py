@@ -1,0 +1,239 @@
+"""Speed and memory of CycleMLP with three CycleFC implementations, measured side by side.
+
+    python benchmark.py --model CycleMLP_B1 --batch-size 16 --input-size 224 --threads 2
+
+Implementations (the same network and weights each time):
+  index          this repo's model: channel-last, the fused mixer on large maps
+  index-unfused  this repo's CycleFC layers called branch by branch (the official block)
+  deform         CycleFC by paddle.vision.ops.deform_conv2d, as every earlier Paddle port does
+  none           the shifts removed (CycleFC becomes a plain channel FC): the ceiling
+
+Runs are interleaved (one step of each implementation in turn, repeated), so that drift in a
+shared machine's speed hits all alike; the median of the repetitions is reported. Peak memory
+of a training step is measured in a fresh process per implementation (CPU: growth of peak RSS;
+GPU: paddle's peak allocated memory).
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+
+import cyclemlp
+from cycle_fc import CycleFC
+
+IMPLS = ['index', 'index-unfused', 'deform', 'none']
+LAYER_SIZES = {'stage1': (56, 64), 'stage3': (14, 320)}   # (H = W, C) of B1's stages at 224
+
+
+class DeformCycleFC(CycleFC):
+    """CycleFC as earlier ports compute it: deform_conv2d on NCHW maps with tiled offsets."""
+
+    def forward(self, x):
+        batch, height, width, channels = x.shape
+        offset = self.offset.expand([batch, 2 * channels, height, width])
+        out = paddle.vision.ops.deform_conv2d(x.transpose([0, 3, 1, 2]), offset, self.weight, self.bias,
+                                              deformable_groups=channels)
+        return out.transpose([0, 2, 3, 1])                               # (B, C, H, W) -> (B, H, W, C)
+
+
+class PlainFC(CycleFC):
+    """The ceiling: CycleFC without its shift, a channel FC."""
+
+    def forward(self, x):
+        return paddle.matmul(x, self.weight.reshape([self.out_channels, -1]), transpose_y=True) + self.bias
+
+
+def apply_impl(model: paddle.nn.Layer, impl: str) -> paddle.nn.Layer:
+    """Switch a model to an implementation in place; parameters and weights stay the same."""
+    if impl == 'index':
+        return model
+    layer_class = {'index-unfused': CycleFC, 'deform': DeformCycleFC, 'none': PlainFC}[impl]
+    for layer in model.sublayers():
+        if isinstance(layer, cyclemlp.CycleMLP):
+            layer.fuse = False                  # the official branch-by-branch forward
+        elif isinstance(layer, CycleFC):
+            layer.__class__ = layer_class
+    return model
+
+
+def synchronize() -> None:
+    if paddle.device.is_compiled_with_cuda() and 'gpu' in paddle.get_device():
+        paddle.device.cuda.synchronize()
+
+
+def make_steps(args, impl: str) -> Dict[str, Callable[[], None]]:
+    """One inference call and one training step (forward, backward, AdamW) of a fresh model."""
+    paddle.seed(0)
+    model = apply_impl(cyclemlp.create_model(args.model), impl)
+    images = paddle.randn([args.batch_size, 3, args.input_size, args.input_size])
+    labels = paddle.randint(0, model.num_classes, [args.batch_size])
+    optimizer = paddle.optimizer.AdamW(learning_rate=1e-4, parameters=model.parameters())
+
+    def infer():
+        model.eval()
+        with paddle.no_grad():
+            model(images)
+
+    def train():
+        model.train()
+        loss = F.cross_entropy(model(images), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.clear_grad()
+
+    return {'infer': infer, 'train': train}
+
+
+def make_layer_steps(args, impl: str, size: int, channels: int) -> Dict[str, Callable[[], None]]:
+    """Forward, and forward + backward, of one CycleFC (1, 3) at a stage's size."""
+    paddle.seed(0)
+    layer = CycleFC(channels, channels, (1, 3))
+    layer.__class__ = {'index': CycleFC, 'index-unfused': CycleFC, 'deform': DeformCycleFC, 'none': PlainFC}[impl]
+    x = paddle.randn([args.batch_size, size, size, channels])
+    x.stop_gradient = False
+
+    def infer():
+        with paddle.no_grad():
+            layer(x)
+
+    def train():
+        layer(x).sum().backward()
+        layer.clear_gradients()
+
+    return {'infer': infer, 'train': train}
+
+
+def time_interleaved(steps: Dict[str, Dict[str, Callable]], warmup: int, repeats: int) -> Dict[str, Dict[str, float]]:
+    """Median seconds per call of every (impl, mode), alternating implementations each round."""
+    times = {impl: {mode: [] for mode in fns} for impl, fns in steps.items()}
+    for round_index in range(warmup + repeats):
+        for impl, fns in steps.items():
+            for mode, fn in fns.items():
+                synchronize()
+                start = time.perf_counter()
+                fn()
+                synchronize()
+                if round_index >= warmup:
+                    times[impl][mode].append(time.perf_counter() - start)
+    return {impl: {mode: float(np.median(t)) for mode, t in modes.items()} for impl, modes in times.items()}
+
+
+def peak_memory_mb(args, impl: str) -> float:
+    """Peak extra memory of training steps, in a fresh process so that peaks don't mix."""
+    command = [sys.executable, os.path.abspath(__file__), '--memory-probe', impl, '--model', args.model,
+               '--batch-size', str(args.batch_size), '--input-size', str(args.input_size),
+               '--threads', str(args.threads)]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def memory_probe(args) -> None:
+    """Child process of peak_memory_mb: print the peak memory growth of two training steps in MB."""
+    train = make_steps(args, args.memory_probe)['train']
+    if 'gpu' in paddle.get_device():
+        train()
+        print(paddle.device.cuda.max_memory_allocated() / 2**20)
+        return
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss        # KiB on Linux
+    train()
+    train()
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser('CycleMLP benchmark', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--model', default='CycleMLP_B1', choices=list(cyclemlp.MODELS),
+                        help='model to measure (default: CycleMLP_B1)')
+    parser.add_argument('--batch-size', default=16, type=int, help='images per step (default: 16)')
+    parser.add_argument('--input-size', default=224, type=int, help='image height and width (default: 224)')
+    parser.add_argument('--threads', default=2, type=int,
+                        help="CPU threads; Paddle's own default is one (default: 2)")
+    parser.add_argument('--impls', default=','.join(IMPLS),
+                        help=f'comma-separated implementations (default: {",".join(IMPLS)})')
+    parser.add_argument('--warmup', default=1, type=int, help='untimed rounds first (default: 1)')
+    parser.add_argument('--repeats', default=3, type=int, help='timed rounds (default: 3)')
+    parser.add_argument('--skip-layer', action='store_true',
+                        help='skip the single-layer measurements (default: False)')
+    parser.add_argument('--skip-memory', action='store_true',
+                        help='skip the peak-memory processes (default: False)')
+    parser.add_argument('--json', action='store_true', help='print one JSON object (default: False)')
+    parser.add_argument('--memory-probe', default=None, choices=IMPLS, help=argparse.SUPPRESS)
+    return parser
+
+
+def ratio(results: List[dict], key: str, a: str, b: str) -> float:
+    values = {r['impl']: r[key] for r in results}
+    return values[a] / values[b] if a in values and b in values else float('nan')
+
+
+def main(argv=None) -> dict:
+    args = get_args_parser().parse_args(argv)
+    # Paddle's CPU kernels use one thread unless told; every implementation gets the same count.
+    os.environ['OMP_NUM_THREADS'] = str(args.threads)
+    paddle.set_num_threads(args.threads) if hasattr(paddle, 'set_num_threads') else None
+    if args.memory_probe:
+        memory_probe(args)
+        return {}
+    impls = [impl for impl in args.impls.split(',') if impl]
+    unknown = set(impls) - set(IMPLS)
+    if unknown:
+        raise SystemExit(f'error: unknown implementation(s) {sorted(unknown)}; choose from {IMPLS}')
+
+    timings = time_interleaved({impl: make_steps(args, impl) for impl in impls}, args.warmup, args.repeats)
+    results = []
+    for impl in impls:
+        results.append({
+            'impl': impl,
+            'infer_img_s': args.batch_size / timings[impl]['infer'],
+            'train_img_s': args.batch_size / timings[impl]['train'],
+            'peak_mem_mb': None if args.skip_memory else peak_memory_mb(args, impl),
+        })
+    layers = []
+    if not args.skip_layer:
+        for stage, (size, channels) in LAYER_SIZES.items():
+            layer_times = time_interleaved({impl: make_layer_steps(args, impl, size, channels)
+                                            for impl in impls if impl != 'index-unfused'},
+                                           args.warmup + 1, args.repeats * 2)
+            for impl, modes in layer_times.items():
+                layers.append({'layer': stage, 'shape': [args.batch_size, size, size, channels], 'impl': impl,
+                               'forward_ms': modes['infer'] * 1e3, 'forward_backward_ms': modes['train'] * 1e3})
+    report = {
+        'device': paddle.get_device(), 'paddle': paddle.__version__, 'threads': args.threads,
+        'model': args.model, 'batch_size': args.batch_size, 'input_size': args.input_size,
+        'results': results, 'layers': layers,
+        'ratios': {f'{key}_{a}/{b}': ratio(results, key, a, b)
+                   for key in ('train_img_s', 'infer_img_s') for a, b in
+                   (('index', 'deform'), ('index', 'none'), ('index-unfused', 'none'))},
+    }
+    if args.json:
+        print(json.dumps(report))
+        return report
+    print(f'{args.model}, batch {args.batch_size}, {args.input_size}x{args.input_size}, '
+          f'device {report["device"]}, Paddle {report["paddle"]}, {args.threads} threads, '
+          f'median of {args.repeats} interleaved rounds')
+    print(f'{"impl":<14} {"infer img/s":>12} {"train img/s":>12} {"peak MB":>9}')
+    for r in results:
+        memory = '-' if r['peak_mem_mb'] is None else f'{r["peak_mem_mb"]:.0f}'
+        print(f'{r["impl"]:<14} {r["infer_img_s"]:>12.2f} {r["train_img_s"]:>12.2f} {memory:>9}')
+    for name, value in report['ratios'].items():
+        if not np.isnan(value):
+            print(f'{name}: {value:.2f}x')
+    if layers:
+        print(f'\none CycleFC (1, 3) alone\n{"layer":<8} {"impl":<8} {"shape":<20} {"fwd ms":>8} {"fwd+bwd ms":>11}')
+        for row in layers:
+            print(f'{row["layer"]:<8} {row["impl"]:<8} {str(row["shape"]):<20} '
+                  f'{row["forward_ms"]:>8.1f} {row["forward_backward_ms"]:>11.1f}')
+    return report
+
+
+if __name__ == '__main__':
+    main()
