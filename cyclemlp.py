@@ -114,7 +114,7 @@ class CycleMLP(nn.Layer):
         batch, height, width, dim = x.shape
         index = cached_index(self, (height, width), lambda: self.branch_index(height, width))
         flat = x.flatten(start_axis=1)                                          # (B, H*W*C)
-        zero_one = paddle.to_tensor([[0.0, 1.0]], dtype=x.dtype).expand([batch, 2])
+        zero_one = paddle.concat([paddle.zeros([batch, 1], x.dtype), paddle.ones([batch, 1], x.dtype)], axis=1)
         branches = paddle.gather(paddle.concat([flat, zero_one], axis=1), index, axis=1)
         branches = branches.reshape([0, height * width, 3 * dim + 1])          # X: (B, H*W, 3C + 1)
         # Stacked FC weights as (in, out): CycleFC stores (out, in, 1, 1), Paddle Linear (in, out).
@@ -278,6 +278,16 @@ def config_from_state(state: Dict[str, np.ndarray]) -> dict:
     return dict(layers=layers, embed_dims=embed_dims, mlp_ratios=mlp_ratios, num_classes=num_classes)
 
 
+def variant_name(config: dict) -> Optional[str]:
+    """The CycleMLP_Bx whose architecture config describes (any class count), or None."""
+    architecture = {key: config[key] for key in ('layers', 'embed_dims', 'mlp_ratios')}
+    with paddle.LazyGuard():                   # shapes only: no time spent initialising weights
+        for name, factory in MODELS.items():
+            if {key: factory().config[key] for key in architecture} == architecture:
+                return name
+    return None
+
+
 def load_state(model: CycleNet, state: Dict[str, np.ndarray], source: str = 'weights',
                drop_head: bool = False) -> None:
     """Load a Paddle-layout state dict into model, or raise WeightsError listing every mismatch.
@@ -340,7 +350,7 @@ def create_model(name: Optional[str] = None, weights: Optional[str] = None, ema:
     if layout == 'torch':
         state = torch_to_paddle(state)
     config = config_from_state(state)
-    name = name or meta.get('model_name')
+    name = name or meta.get('model_name') or variant_name(config)
     kwargs.setdefault('num_classes', config['num_classes'])
     if name in MODELS:
         model = MODELS[name](**kwargs)

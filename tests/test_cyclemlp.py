@@ -195,3 +195,11 @@ def test_mixer_picks_the_fused_path_on_large_maps(monkeypatch):
     mixer.fuse = False
     mixer(paddle.zeros([1, 5, 5, 8]))
     assert calls == ['fused', 'branches', 'branches']
+
+
+def test_variant_name_from_architecture():
+    assert cyclemlp.variant_name(dict(layers=[3, 4, 18, 3], embed_dims=[64, 128, 320, 512],
+                                      mlp_ratios=[8, 8, 4, 4], num_classes=7)) == 'CycleMLP_B3'
+    assert cyclemlp.variant_name(dict(layers=[3, 4, 24, 3], embed_dims=[96, 192, 384, 768],
+                                      mlp_ratios=[4, 4, 4, 4])) == 'CycleMLP_B5'
+    assert cyclemlp.variant_name(dict(TINY)) is None

@@ -411,27 +411,43 @@ def test_convert_official_checkpoint(tmp_path):
         destination = tmp_path / f'tiny{suffix}'
         result = run_convert(OFFICIAL, destination)
         assert result.returncode == 0, result.stderr
-        assert result.stdout == (f'converted 117 tensors ({parameters:,} parameters) from {OFFICIAL} '
-                                 f'(torch layout) to {destination}\n')
+        assert result.stdout == (f'converted a custom CycleNet: 117 tensors ({parameters:,} parameters) '
+                                 f'from {OFFICIAL} (torch layout) to {destination}\n')
         outputs[suffix], meta, layout = read_weights(destination)
-        assert layout == 'paddle' and meta == {}
+        assert layout == 'paddle' and meta == {'model_args': TINY}
     for key in expected:
         np.testing.assert_array_equal(outputs['.pdparams'][key], expected[key])
         np.testing.assert_array_equal(outputs['.safetensors'][key], expected[key])
 
 
+def test_convert_names_the_variant_and_refuses_what_does_not_fit(tmp_path):
+    import cyclemlp
+    state = {k: v.numpy() for k, v in cyclemlp.CycleMLP_B2(num_classes=4).state_dict().items()}
+    source = tmp_path / 'paddleclas_b2.pdparams'
+    paddle.save(state, str(source))                 # PaddleClas layout: a bare Paddle state dict
+    result = run_convert(source, tmp_path / 'b2.pdparams')
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith('converted CycleMLP_B2: 390 tensors (26,291,556 parameters)')  # 26,802,504 - 996 * 513
+    assert read_weights(tmp_path / 'b2.pdparams')[1]['model_name'] == 'CycleMLP_B2'
+    result = run_convert(source, tmp_path / 'b1.pdparams', '--model', 'CycleMLP_B1')
+    assert result.returncode == 2 and 'unexpected keys' in result.stderr and str(source) in result.stderr
+    assert not (tmp_path / 'b1.pdparams').exists()
+
+
 def test_convert_ema_keeps_meta_and_paddle_layout(tmp_path):
+    model_state = torch_to_paddle(read_weights(OFFICIAL)[0])
+    ema_state = torch_to_paddle(read_weights(OFFICIAL, ema=True)[0])
+    meta = {'model_args': TINY, 'class_names': list('abcdefghij')}
     source = tmp_path / 'ours.pdckpt'
-    ema_state = {'head.weight': np.arange(6, dtype=np.float32).reshape(3, 2)}
-    weights.atomic_save({'model': {'head.weight': np.zeros((3, 2), np.float32)},
-                         'model_ema': ema_state, **META}, source)
+    weights.atomic_save({'model': model_state, 'model_ema': ema_state, 'optimizer': {}, **meta}, source)
     destination = tmp_path / 'ema.safetensors'
     result = run_convert(source, destination, '--ema')
     assert result.returncode == 0, result.stderr
-    assert '(paddle layout)' in result.stdout and '(6 parameters)' in result.stdout
-    state, meta, _ = read_weights(destination)
-    assert meta == META
-    np.testing.assert_array_equal(state['head.weight'], ema_state['head.weight'])  # not transposed
+    assert '(paddle layout)' in result.stdout and '(37,012 parameters)' in result.stdout
+    state, written_meta, _ = read_weights(destination)
+    assert written_meta == meta
+    for key, value in ema_state.items():            # EMA weights, not transposed again
+        np.testing.assert_array_equal(state[key], value)
 
 
 def test_convert_error_is_one_line(tmp_path):
