@@ -34,6 +34,22 @@ def channel_shifts(channels: int, kernel: int) -> np.ndarray:
     return (c + kernel // 2) % kernel - kernel // 2
 
 
+def _gather_fn() -> Callable:
+    # Paddle 2.x computes the gradient of paddle.gather along axis 1 wrongly (checked with 2.6.2
+    # on CPU: every row receives the first row's gradient), so there the slower but correct
+    # index_select is used; Paddle 3.x's gather is right and 3-5x faster on CPU.
+    major = int(paddle.__version__.split('.')[0])
+    return paddle.index_select if major == 2 else paddle.gather
+
+
+GATHER = _gather_fn()
+
+
+def gather_columns(x: paddle.Tensor, index: paddle.Tensor) -> paddle.Tensor:
+    """x[:, index] for a 2-D x, with a correct gradient on every supported Paddle."""
+    return GATHER(x, index, axis=1)
+
+
 def cached_index(owner: nn.Layer, key: Tuple, build: Callable[[], paddle.Tensor]) -> paddle.Tensor:
     """Build a gather index once per input size and device and reuse it (eager mode only).
 
@@ -68,7 +84,9 @@ def shifted_positions(height, width, channels: int, row_shifts: Optional[np.ndar
     inside = paddle.logical_and(paddle.logical_and(rows >= 0, rows < height),
                                 paddle.logical_and(cols >= 0, cols < width))
     outside = height * width * channels if outside is None else outside
-    return paddle.where(paddle.expand_as(inside, position), position, paddle.full_like(position, outside))
+    # where broadcasts inside (H, W, 1 or C); an explicit expand_as would not export to ONNX with
+    # dynamic sizes (paddle2onnx bakes the -1 of the symbolic shape into the Expand).
+    return paddle.where(inside, position, paddle.full_like(position, outside))
 
 
 class CycleFC(nn.Layer):
@@ -142,7 +160,7 @@ class CycleFC(nn.Layer):
         # is what reads outside the map get.
         flat = x.flatten(start_axis=1)                                          # (B, H*W*C)
         flat = paddle.concat([flat, paddle.zeros_like(flat[:, :1])], axis=1)
-        return paddle.gather(flat, index, axis=1).reshape([0, height, width, channels])
+        return gather_columns(flat, index).reshape([0, height, width, channels])
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         shifted = self.shift(x)

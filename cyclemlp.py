@@ -17,7 +17,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from cycle_fc import CycleFC, cached_index, shifted_positions
+from cycle_fc import CycleFC, cached_index, gather_columns, shifted_positions
 from weights import WeightsError, read_weights, torch_to_paddle
 
 # timm's trunc_normal_(std=.02) cuts at +-2 in absolute value, i.e. at 100 standard deviations:
@@ -115,7 +115,7 @@ class CycleMLP(nn.Layer):
         index = cached_index(self, (height, width), lambda: self.branch_index(height, width))
         flat = x.flatten(start_axis=1)                                          # (B, H*W*C)
         zero_one = paddle.concat([paddle.zeros([batch, 1], x.dtype), paddle.ones([batch, 1], x.dtype)], axis=1)
-        branches = paddle.gather(paddle.concat([flat, zero_one], axis=1), index, axis=1)
+        branches = gather_columns(paddle.concat([flat, zero_one], axis=1), index)
         branches = branches.reshape([0, height * width, 3 * dim + 1])          # X: (B, H*W, 3C + 1)
         # Stacked FC weights as (in, out): CycleFC stores (out, in, 1, 1), Paddle Linear (in, out).
         weights = paddle.stack([self.sfc_h.weight.reshape([dim, dim]).t(),

@@ -135,3 +135,13 @@ def test_index_is_built_once_per_size():
 def test_unsupported_arguments_raise_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         CycleFC(6, 6, **kwargs)
+
+
+def test_gather_columns_gradient_reaches_every_row():
+    # Paddle 2.6's paddle.gather(axis=1) gave every row the first row's gradient; guard the fix.
+    from cycle_fc import gather_columns
+    x = paddle.to_tensor(np.arange(12, dtype='float32').reshape(3, 4), stop_gradient=False)
+    out = gather_columns(x, paddle.to_tensor(np.array([3, 0, 0], dtype='int64')))
+    (out * paddle.arange(9, dtype='float32').reshape([3, 3])).sum().backward()
+    np.testing.assert_array_equal(out.numpy(), [[3, 0, 0], [7, 4, 4], [11, 8, 8]])
+    np.testing.assert_array_equal(x.grad.numpy(), [[3, 0, 0, 0], [9, 0, 0, 3], [15, 0, 0, 6]])
