@@ -721,6 +721,8 @@ class TrainTransform:
         erase_prob: float = 0.25,
         erase_mode: str = "pixel",
         erase_count: int = 1,
+        crop_scale: tuple[float, float] = RRC_SCALE,
+        hflip: float = HFLIP_PROB,
     ) -> None:
         _check_interpolation(interpolation, allow_random=True)
         if erase_mode not in ("pixel", "rand", "const"):
@@ -734,12 +736,15 @@ class TrainTransform:
         self.erase_prob = erase_prob
         self.erase_mode = erase_mode
         self.erase_count = erase_count
+        self.crop_scale = tuple(crop_scale)
+        self.hflip = hflip
 
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> np.ndarray:
-        top, left, height, width = random_resized_crop_box(img.width, img.height, rng)
+        top, left, height, width = random_resized_crop_box(img.width, img.height, rng,
+                                                           self.crop_scale)
         img = img.crop((left, top, left + width, top + height)).resize(
             (self.input_size, self.input_size), _resample(self.interpolation, rng))
-        if rng.random() < HFLIP_PROB:
+        if rng.random() < self.hflip:
             img = ImageOps.mirror(img)
         if self.rand_augment is not None:
             img = self.rand_augment(img, rng)
@@ -795,11 +800,14 @@ def eval_transform(
 
 def build_transform(is_train: bool, args) -> Callable:
     """TrainTransform from `args.input_size`, `aa`, `color_jitter`, `train_interpolation`,
-    `reprob`, `remode`, `recount`; or the evaluation transform (see build_dataset)."""
+    `reprob`, `remode`, `recount` and, when present, `scale` (the crop's area range) and
+    `hflip` (the flip probability), as timm's flags; or the evaluation transform (see
+    build_dataset)."""
     if is_train:
         return TrainTransform(
             args.input_size, args.aa, args.color_jitter, args.train_interpolation,
-            args.reprob, args.remode, args.recount,
+            args.reprob, args.remode, args.recount, getattr(args, "scale", RRC_SCALE),
+            getattr(args, "hflip", HFLIP_PROB),
         )
     return eval_transform(
         args.input_size,

@@ -40,22 +40,29 @@ def write_image(
     return str(path)
 
 
+def write_image_folder(root, classes=("cat", "dog"), train_per_class=4, val_per_class=2,
+                       size=(40, 30)) -> str:
+    """root/train/<class>/*.JPEG and root/val/<class>/*.png; returns root as a string."""
+    root = Path(root)
+    seed = 0
+    for class_index, name in enumerate(classes):
+        colour = CLASS_COLOURS[class_index % len(CLASS_COLOURS)]
+        for split, count, extension in (("train", train_per_class, "JPEG"),
+                                        ("val", val_per_class, "png")):
+            for image_index in range(count):
+                seed += 1
+                write_image(root / split / name / f"{name}_{image_index}.{extension}",
+                            size[0], size[1], seed, colour)
+    return str(root)
+
+
 @pytest.fixture
 def make_image_folder(tmp_path):
     """Factory: make_image_folder(classes=('cat', 'dog'), train_per_class=4, val_per_class=2,
     size=(40, 30)) -> root with root/train/<class>/*.JPEG and root/val/<class>/*.png."""
     def make(classes=("cat", "dog"), train_per_class=4, val_per_class=2, size=(40, 30), root=None):
-        root = Path(root) if root is not None else tmp_path / "data"
-        seed = 0
-        for class_index, name in enumerate(classes):
-            colour = CLASS_COLOURS[class_index % len(CLASS_COLOURS)]
-            for split, count, extension in (("train", train_per_class, "JPEG"),
-                                            ("val", val_per_class, "png")):
-                for image_index in range(count):
-                    seed += 1
-                    write_image(root / split / name / f"{name}_{image_index}.{extension}",
-                                size[0], size[1], seed, colour)
-        return str(root)
+        return write_image_folder(root if root is not None else tmp_path / "data", classes,
+                                  train_per_class, val_per_class, size)
     return make
 
 
@@ -63,3 +70,31 @@ def make_image_folder(tmp_path):
 def image_folder(make_image_folder):
     """A ready folder: classes cat and dog, 4 train JPEGs and 2 val PNGs each, 40x30."""
     return make_image_folder()
+
+
+# A CycleNet small enough to run in milliseconds: 3 classes, stage widths 8..32.
+TINY_CONFIG = dict(layers=[1, 1, 1, 1], embed_dims=[8, 16, 24, 32], mlp_ratios=[2, 2, 2, 2])
+
+
+def tiny_state(seed: int, num_classes: int = 3) -> dict:
+    """The state dict (numpy) of a freshly initialised tiny CycleNet, seeded."""
+    import paddle
+    from cyclemlp import CycleNet
+    paddle.seed(seed)
+    model = CycleNet(num_classes=num_classes, **TINY_CONFIG)
+    return {key: value.numpy() for key, value in model.state_dict().items()}
+
+
+@pytest.fixture
+def make_tiny_weights(tmp_path):
+    """Factory: make_tiny_weights(name='tiny.pdparams', seed=0, class_names=('cat', 'dog', 'fox'))
+    -> path of a .pdparams written by weights.write_weights with model_args and class_names."""
+    from weights import write_weights
+
+    def make(name="tiny.pdparams", seed=0, class_names=("cat", "dog", "fox")):
+        path = str(tmp_path / name)
+        meta = {"model_args": dict(TINY_CONFIG, num_classes=len(class_names)),
+                "class_names": list(class_names)}
+        write_weights(path, tiny_state(seed, len(class_names)), meta)
+        return path
+    return make

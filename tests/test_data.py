@@ -473,6 +473,22 @@ def test_random_resized_crop_box_bounds():
     assert data.random_resized_crop_box(10, 1000, rng) == ((1000 - 13) // 2, 0, 13, 10)
 
 
+def test_crop_scale_and_flip_probability_are_honoured():
+    rng = np.random.default_rng(0)
+    areas = [h * w / (200 * 150) for _, _, h, w in
+             (data.random_resized_crop_box(200, 150, rng, (0.5, 1.0)) for _ in range(300))]
+    assert 0.5 * 0.97 <= min(areas) < 0.6 and max(areas) <= 1.0
+    half = np.zeros((32, 32, 3), np.uint8)
+    half[:, 16:] = 255                      # dark left half, bright right half
+    img = Image.fromarray(half)
+    left_is_dark = {}
+    for hflip in (0.0, 1.0):
+        transform = data.TrainTransform(32, None, 0.0, erase_prob=0.0, crop_scale=(1.0, 1.0), hflip=hflip)
+        outputs = [transform(img, np.random.default_rng(seed)) for seed in range(20)]
+        left_is_dark[hflip] = {bool(out[:, :, :8].mean() < out[:, :, -8:].mean()) for out in outputs}
+    assert left_is_dark == {0.0: {True}, 1.0: {False}}
+
+
 def test_color_jitter_scales_brightness_within_strength():
     grey = Image.new("RGB", (8, 8), (100, 100, 100))  # contrast and saturation change nothing
     values = [pixels(data.color_jitter(grey, 0.4, np.random.default_rng(seed)))[0, 0, 0]
