@@ -1,0 +1,577 @@
+"""Train CycleMLP with the official recipe, on one CPU, one GPU, or many through the launcher.
+
+    python train.py --demo --output-dir out/demo                       # digits, a few minutes on CPU
+    python train.py --data-path /data/imagenet --output-dir out/b1      # one device
+    python -m paddle.distributed.launch --gpus 0,1,2,3,4,5,6,7 train.py \\
+        --model CycleMLP_B1 --data-path /data/imagenet --output-dir out/b1
+
+The defaults are those of the official main.py (DeiT's recipe, see ../shared/REFERENCE.md):
+AdamW, lr 5e-4 x global batch / 512, 5 warmup epochs, cosine to 1e-5 over 300 epochs, label
+smoothing 0.1, RandAugment, random erasing, Mixup/CutMix, repeated augmentation, EMA 0.99996,
+drop path 0.1, mixed precision on GPU. The official underscore spellings (--output_dir, ...)
+are accepted as well.
+
+Every epoch writes OUTPUT/checkpoint.pdckpt (all that resuming needs; `--resume auto` picks it
+up) and appends one JSON line to OUTPUT/log.txt; OUTPUT/best.pdparams holds the weights of the
+best evaluated epoch. Both record the model name, its shape and the class names, so evaluate.py
+and predict.py need only the file. Epochs are counted from 1 in logs and checkpoints.
+
+Resuming is exact: data order, augmentation, Mixup and drop path are reseeded at every epoch
+from (seed, epoch, rank), so a run killed at an epoch boundary and resumed ends with the same
+parameters, bit for bit, as one that was never stopped.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import paddle
+import paddle.distributed as dist
+
+from cyclemlp import CycleNet, count_parameters, create_model, load_state
+from data import (DatasetError, Mixup, build_dataset, build_loader, label_smoothing_cross_entropy,
+                  set_loader_epoch, soft_target_cross_entropy)
+from evaluate import (LOADER_FAILED, USAGE_ERROR, common_args_parser, evaluate, format_eta,
+                      report_loader_error, setup_distributed)
+from weights import WeightsError, atomic_save, read_checkpoint, read_weights, torch_to_paddle, write_weights
+
+DEFAULT_MODEL = 'CycleMLP_B1'
+LR_REFERENCE_BATCH = 512  # the base lr is the lr of a global batch of this many images
+INIT_LOSS_SCALE = 2.0 ** 16  # timm's NativeScaler (torch.cuda.amp.GradScaler) starts here
+# Per-epoch seed = seed + rank * RANK_SEED_STRIDE + epoch * EPOCH_SEED_STRIDE: distinct for up
+# to 1000 ranks and keeps clear of data.py's per-worker augmentation seeds.
+RANK_SEED_STRIDE = 1000
+EPOCH_SEED_STRIDE = 1_000_000
+CUSTOM_MODEL_NAME = 'CycleNet'  # recorded for --layers models; create_model then rebuilds from shapes
+CHECKPOINT_FILE = 'checkpoint.pdckpt'
+BEST_FILE = 'best.pdparams'
+LOG_FILE = 'log.txt'
+TRAINING_FAILED = 1  # exit code for a run stopped by a non-finite loss
+DEMO_DATA = Path(__file__).resolve().parent / 'demo_data'
+# `--demo`: the bundled 8x8 digits upscaled to 32x32, a four-block CycleNet and the full
+# pipeline (RandAugment, erasing, Mixup, smoothing, EMA, drop path), milder than on ImageNet:
+# the digits fill their frame, so 8%-area crops and 40% translations leave no digit to learn,
+# and a mirrored digit is another digit or none, so there is no flip.
+# lr 3.2e-2 is the base for a batch of 512: 2e-3 at the demo's batch of 32. The EMA decay suits
+# a few hundred steps; repeated augmentation is off because on 1,442 images it only repeats.
+DEMO_PRESET = dict(
+    data_path=str(DEMO_DATA), input_size=32, crop_pct=1.0, scale=[0.5, 1.0], hflip=0.0,
+    layers=[1, 1, 1, 1], embed_dims=[32, 64, 96, 128], mlp_ratios=[4, 4, 4, 4],
+    epochs=20, warmup_epochs=0, batch_size=32, lr=3.2e-2, min_lr=1e-5, num_workers=2,
+    aa='rand-m3-mstd0.5-inc1', mixup=0.2, cutmix=0.0, model_ema_decay=0.99,
+    repeated_aug=False, drop_path=0.05, print_freq=50,
+)
+
+
+class UsageError(ValueError):
+    """Flags that cannot work together; the message says which."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; the message names the epoch and iteration."""
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        'CycleMLP training', parents=[common_args_parser()],
+        description='Train CycleMLP with the official recipe (DeiT / timm semantics).')
+    parser.set_defaults(model=DEFAULT_MODEL)
+    for action in parser._actions:  # the parent's help names the weights file's model as default
+        if action.dest == 'model':
+            action.help = f'architecture to train (default: {DEFAULT_MODEL})'
+
+    # Model: drop path, custom shapes and the starting weights.
+    group = parser.add_argument_group('model')
+    group.add_argument('--drop-path', type=float, default=0.1, metavar='RATE',
+                       help='stochastic depth rate of the last block (default: 0.1)')
+    group.add_argument('--layers', type=int, nargs=4, default=None, metavar='N',
+                       help='train a CycleNet with these four stage depths instead of --model; '
+                            'needs --embed-dims and --mlp-ratios (default: None)')
+    group.add_argument('--embed-dims', type=int, nargs=4, default=None, metavar='C',
+                       help='stage widths of a --layers model (default: None)')
+    group.add_argument('--mlp-ratios', type=float, nargs=4, default=None, metavar='R',
+                       help='MLP expansion ratios of a --layers model (default: None)')
+    group.add_argument('--finetune', default=None, metavar='PATH',
+                       help='start from these weights (any file create_model reads); a head of '
+                            'another class count is replaced (default: None)')
+
+    # Optimizer: AdamW without weight decay on biases and 1-D parameters.
+    group = parser.add_argument_group('optimizer')
+    group.add_argument('--opt-eps', type=float, default=1e-8, metavar='EPS',
+                       help='AdamW epsilon (default: 1e-8)')
+    group.add_argument('--opt-betas', type=float, nargs=2, default=[0.9, 0.999], metavar='BETA',
+                       help='AdamW betas (default: 0.9 0.999)')
+    group.add_argument('--weight-decay', type=float, default=0.05,
+                       help='decoupled weight decay (default: 0.05)')
+    group.add_argument('--clip-grad', type=float, default=None, metavar='NORM',
+                       help='clip the global gradient norm to this (default: None, no clipping)')
+
+    # Schedule: linear warmup, then timm's cosine, one value per epoch.
+    group = parser.add_argument_group('schedule')
+    group.add_argument('--epochs', type=int, default=300, help='training epochs (default: 300)')
+    group.add_argument('--lr', type=float, default=5e-4,
+                       help=f'learning rate of a global batch of {LR_REFERENCE_BATCH}, scaled '
+                            f'linearly with the real global batch (default: 5e-4)')
+    group.add_argument('--warmup-lr', type=float, default=1e-6,
+                       help='learning rate the warmup starts from (default: 1e-6)')
+    group.add_argument('--warmup-epochs', type=int, default=5,
+                       help='epochs of linear warmup (default: 5)')
+    group.add_argument('--min-lr', type=float, default=1e-5,
+                       help='learning rate the cosine ends at (default: 1e-5)')
+    group.add_argument('--eval-interval', type=int, default=1, metavar='N',
+                       help='evaluate every N epochs and after the last (default: 1)')
+
+    # Augmentation: the training transform (data.py) and the loss.
+    group = parser.add_argument_group('augmentation')
+    group.add_argument('--aa', default='rand-m9-mstd0.5-inc1', metavar='POLICY',
+                       help='RandAugment policy string, "none" to disable '
+                            '(default: rand-m9-mstd0.5-inc1)')
+    group.add_argument('--color-jitter', type=float, default=0.4, metavar='STRENGTH',
+                       help='colour jitter, used only without RandAugment (default: 0.4)')
+    group.add_argument('--scale', type=float, nargs=2, default=[0.08, 1.0], metavar='FRACTION',
+                       help='area range of the random resized crop, as timm\'s train.py '
+                            '(default: 0.08 1.0)')
+    group.add_argument('--hflip', type=float, default=0.5, metavar='PROB',
+                       help='probability of a horizontal flip, as timm\'s train.py (default: 0.5)')
+    group.add_argument('--train-interpolation', default='bicubic',
+                       choices=['random', 'bilinear', 'bicubic'],
+                       help='resampling of the random resized crop (default: bicubic)')
+    group.add_argument('--reprob', type=float, default=0.25,
+                       help='random erasing probability (default: 0.25)')
+    group.add_argument('--remode', default='pixel', choices=['const', 'rand', 'pixel'],
+                       help='random erasing fill (default: pixel)')
+    group.add_argument('--recount', type=int, default=1,
+                       help='random erasing boxes per image (default: 1)')
+    group.add_argument('--smoothing', type=float, default=0.1,
+                       help='label smoothing (default: 0.1)')
+    group.add_argument('--repeated-aug', action='store_true', default=True,
+                       help='repeated augmentation x3 across ranks (default: on)')
+    group.add_argument('--no-repeated-aug', action='store_false', dest='repeated_aug',
+                       help='plain shuffled shards instead (default: off)')
+
+    # Mixup / CutMix on the batch (mode 'batch').
+    group = parser.add_argument_group('mixup')
+    group.add_argument('--mixup', type=float, default=0.8,
+                       help='Mixup alpha, 0 disables (default: 0.8)')
+    group.add_argument('--cutmix', type=float, default=1.0,
+                       help='CutMix alpha, 0 disables (default: 1.0)')
+    group.add_argument('--mixup-prob', type=float, default=1.0,
+                       help='probability of mixing a batch (default: 1.0)')
+    group.add_argument('--mixup-switch-prob', type=float, default=0.5,
+                       help='probability of CutMix rather than Mixup when both are on (default: 0.5)')
+
+    # EMA of the weights (timm ModelEma), evaluated alongside the model.
+    group = parser.add_argument_group('EMA')
+    group.add_argument('--model-ema', action='store_true', default=True,
+                       help='keep an exponential moving average of the weights (default: on)')
+    group.add_argument('--no-model-ema', action='store_false', dest='model_ema',
+                       help='do not (default: off)')
+    group.add_argument('--model-ema-decay', type=float, default=0.99996,
+                       help='EMA decay per step (default: 0.99996)')
+
+    # Output and checkpoints.
+    group = parser.add_argument_group('output and checkpoints')
+    group.add_argument('--output-dir', '--output_dir', default='', metavar='DIR',
+                       help=f'where {CHECKPOINT_FILE}, {BEST_FILE} and {LOG_FILE} go; empty '
+                            f'writes nothing (default: "")')
+    group.add_argument('--resume', default=None, metavar='PATH',
+                       help=f'continue from a {CHECKPOINT_FILE}; "auto" takes OUTPUT/{CHECKPOINT_FILE} '
+                            f'when it exists (default: None)')
+    group.add_argument('--eval', action='store_true',
+                       help='only evaluate the --resume or --finetune weights (default: off)')
+    group.add_argument('--visualdl', action='store_true',
+                       help='also log scalars for VisualDL to OUTPUT/visualdl (default: off)')
+    group.add_argument('--demo', action='store_true',
+                       help='preset for the bundled digits in demo_data/: ' + ', '.join(
+                           f'{key}={value}' for key, value in DEMO_PRESET.items() if key != 'data_path')
+                       + '; explicit flags still win (default: off)')
+
+    # Distributed and mixed precision.
+    group = parser.add_argument_group('distributed and mixed precision')
+    group.add_argument('--amp-dtype', default='float16', choices=['float16', 'bfloat16'],
+                       help='autocast dtype on GPU; float16 uses loss scaling (default: float16)')
+    group.add_argument('--no-amp', '--no_amp', action='store_true',
+                       help='train in float32 on GPU too (mixed precision is always off on CPU) '
+                            '(default: off)')
+    return parser
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Parse argv; with --demo, the preset replaces the defaults and explicit flags still win."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.demo:
+        parser.set_defaults(**DEMO_PRESET)
+        args = parser.parse_args(argv)
+    return args
+
+
+def scheduled_lr(epoch: int, base_lr: float, epochs: int, warmup_epochs: int, warmup_lr: float,
+                 min_lr: float) -> float:
+    """The learning rate epoch `epoch` (0-based) trains with in the official run.
+
+    timm's CosineLRScheduler (t_in_epochs, warmup_prefix False, one cycle of `epochs`) at t:
+        t < warmup_epochs:  warmup_lr + t * (base_lr - warmup_lr) / warmup_epochs
+        otherwise:          min_lr + 0.5 * (base_lr - min_lr) * (1 + cos(pi * t / epochs))
+    Without warmup_prefix the cosine counts t from 0, not from the end of warmup. The official
+    main.py calls lr_scheduler.step(epoch) after training epoch `epoch`, so epoch e trains at
+    the value for t = e - 1; epoch 0 at t = 0, the value the scheduler is created with.
+    """
+    t = max(epoch - 1, 0)
+    if t < warmup_epochs:
+        return warmup_lr + t * (base_lr - warmup_lr) / warmup_epochs
+    return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * t / epochs))
+
+
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    return seed + rank * RANK_SEED_STRIDE + epoch * EPOCH_SEED_STRIDE
+
+
+class ModelEma:
+    """timm's ModelEma: after every step ema = decay * ema + (1 - decay) * param.
+
+    The average lives on the training device and is updated with device ops, so it costs no
+    host synchronisation. Only parameters are averaged; the buffers are CycleFC's constant
+    offsets, which must stay exact integers.
+    """
+
+    def __init__(self, model: CycleNet, decay: float) -> None:
+        self.decay = decay
+        self.module = CycleNet(**model.config)
+        self.module.set_state_dict(model.state_dict())
+        self.module.eval()
+        self.pairs = list(zip(self.module.parameters(), model.parameters()))
+
+    @paddle.no_grad()
+    def update(self) -> None:
+        for average, param in self.pairs:
+            paddle.assign(average * self.decay + param * (1.0 - self.decay), output=average)
+
+
+def build_model(args: argparse.Namespace, num_classes: int, log: Callable[[str], None]) -> CycleNet:
+    """The named variant or the --layers shape, optionally started from --finetune weights."""
+    if args.layers:
+        model = CycleNet(args.layers, args.embed_dims, args.mlp_ratios, num_classes, args.drop_path)
+    else:
+        model = create_model(args.model, num_classes=num_classes, drop_path_rate=args.drop_path)
+    if args.finetune:
+        state, _, layout = read_weights(args.finetune)
+        if layout == 'torch':
+            state = torch_to_paddle(state)
+        load_state(model, state, source=args.finetune, drop_head=True)
+        file_classes = state['head.bias'].shape[0] if 'head.bias' in state else num_classes
+        if file_classes != num_classes:
+            log(f'{args.finetune}: dropped its {file_classes}-class head (head.weight, head.bias); '
+                f'the {num_classes}-class head starts from its initialisation')
+        log(f'fine-tuning from {args.finetune}')
+    return model
+
+
+def build_optimizer(model: CycleNet, args: argparse.Namespace, lr: float) -> paddle.optimizer.AdamW:
+    """AdamW with weight decay on every parameter except biases and 1-D ones (LayerNorm)."""
+    # apply_decay_param_fun receives Paddle's generated tensor names, not the attribute paths.
+    no_decay = {param.name for name, param in model.named_parameters()
+                if len(param.shape) == 1 or name.endswith('.bias')}
+    return paddle.optimizer.AdamW(
+        learning_rate=lr, beta1=args.opt_betas[0], beta2=args.opt_betas[1], epsilon=args.opt_eps,
+        parameters=model.parameters(), weight_decay=args.weight_decay,
+        apply_decay_param_fun=lambda tensor_name: tensor_name not in no_decay,
+        grad_clip=paddle.nn.ClipGradByGlobalNorm(args.clip_grad) if args.clip_grad else None)
+
+
+def to_numpy(value):
+    """Tensors in nested dicts/lists -> numpy arrays, so read_checkpoint's unpickler can read them."""
+    if isinstance(value, paddle.Tensor):
+        return value.numpy()
+    if isinstance(value, dict):
+        return {key: to_numpy(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_numpy(item) for item in value]
+    return value
+
+
+def optimizer_state(optimizer: paddle.optimizer.Optimizer, model: CycleNet) -> dict:
+    """The optimizer's state as numpy, keyed 'head.weight/moment1_0' rather than Paddle's
+    'linear_61.w_0_moment1_0': generated tensor names depend on how many layers the process
+    built before, so they differ between runs and would not find their parameters on resume."""
+    paths = {param.name: name for name, param in model.named_parameters()}
+    tensor_names = sorted(paths, key=len, reverse=True)  # longest first: linear_10 before linear_1
+    state = {}
+    for key, value in optimizer.state_dict().items():
+        owner = next((name for name in tensor_names if key.startswith(name + '_')), None)
+        state[key if owner is None else f'{paths[owner]}/{key[len(owner) + 1:]}'] = to_numpy(value)
+    return state
+
+
+def load_optimizer_state(optimizer: paddle.optimizer.Optimizer, model: CycleNet, state: dict) -> None:
+    tensor_names = {name: param.name for name, param in model.named_parameters()}
+    renamed = {}
+    for key, value in state.items():
+        path, _, accumulator = key.partition('/')
+        renamed[f'{tensor_names[path]}_{accumulator}' if accumulator else key] = value
+    optimizer.set_state_dict(renamed)
+
+
+def numpy_state(model: paddle.nn.Layer) -> Dict[str, np.ndarray]:
+    return {key: value.numpy() for key, value in model.state_dict().items()}
+
+
+def model_meta(model: CycleNet, args: argparse.Namespace, class_names: List[str]) -> dict:
+    return dict(model_name=CUSTOM_MODEL_NAME if args.layers else args.model,
+                model_args=dict(model.config), class_names=list(class_names))
+
+
+def train_one_epoch(model: paddle.nn.Layer, ema: Optional[ModelEma], loader, optimizer,
+                    scaler: Optional[paddle.amp.GradScaler], mixup: Optional[Mixup], epoch: int,
+                    args: argparse.Namespace, amp_dtype: Optional[str],
+                    log: Callable[[str], None]) -> Dict[str, float]:
+    """One pass over this rank's shard; returns the mean loss over all ranks and the lr.
+
+    Losses are summed on the device; the host reads them (and checks they are finite) only at
+    log lines and at the end, so the GPU never waits for the CPU in between.
+    """
+    model.train()
+    world_size = dist.get_world_size()
+    total_steps = len(loader)
+    loss_sum = paddle.zeros([], dtype='float32')
+    start = time.time()
+    for step, (images, labels) in enumerate(loader):
+        if mixup is not None:
+            images, targets = mixup(images, labels)
+        with paddle.amp.auto_cast(enable=amp_dtype is not None, dtype=amp_dtype or 'float16'):
+            logits = model(images)
+        # Both losses compute in float32; with Mixup the label smoothing is in the targets.
+        if mixup is not None:
+            loss = soft_target_cross_entropy(logits, targets)
+        else:
+            loss = label_smoothing_cross_entropy(logits, labels, args.smoothing)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        optimizer.clear_grad()
+        if ema is not None:
+            ema.update()
+        loss_sum = loss_sum + loss.detach()
+        if step % args.print_freq == 0 or step == total_steps - 1:
+            current = paddle.stack([loss.detach(), loss_sum])
+            if world_size > 1:  # every rank sees the same values, so all stop together
+                dist.all_reduce(current)
+            loss_value, running_sum = (current.numpy() / world_size).tolist()
+            if not (math.isfinite(loss_value) and math.isfinite(running_sum)):
+                raise NonFiniteLoss(f'loss is {loss_value} at epoch {epoch + 1}, iteration '
+                                    f'{step + 1}/{total_steps}; stopping')
+            elapsed = time.time() - start
+            eta = elapsed / (step + 1) * (total_steps - step - 1)
+            images_per_second = (step + 1) * images.shape[0] * world_size / max(elapsed, 1e-9)
+            log(f'Epoch [{epoch + 1}/{args.epochs}] [{step + 1:>{len(str(total_steps))}}/{total_steps}] '
+                f'eta {format_eta(eta)} lr {optimizer.get_lr():.6f} loss {loss_value:.4f} '
+                f'({running_sum / (step + 1):.4f}) {images_per_second:.0f} img/s')
+    # The last step always logs, so running_sum is the all-rank total and is finite.
+    return dict(loss=running_sum / total_steps, lr=optimizer.get_lr())
+
+
+def save_checkpoint(path: str, model: CycleNet, ema: Optional[ModelEma], optimizer,
+                    scaler: Optional[paddle.amp.GradScaler], epoch: int, best_acc1: float,
+                    args: argparse.Namespace, class_names: List[str]) -> None:
+    """Everything resuming needs. The lr schedule is a function of `epoch`; the random state
+    is reseeded from (seed, epoch, rank) every epoch, so neither needs saving."""
+    atomic_save({
+        'model': numpy_state(model),
+        'model_ema': numpy_state(ema.module) if ema is not None else None,
+        'optimizer': optimizer_state(optimizer, model),
+        'scaler': to_numpy(scaler.state_dict()) if scaler is not None else None,
+        'epoch': epoch,
+        'best_acc1': best_acc1,
+        'args': vars(args),
+        **model_meta(model, args, class_names),
+    }, path)
+
+
+def load_checkpoint(path: str, model: CycleNet, ema: Optional[ModelEma], optimizer,
+                    scaler: Optional[paddle.amp.GradScaler]) -> dict:
+    """Restore a checkpoint into the objects; returns it (for epoch and best_acc1)."""
+    checkpoint = read_checkpoint(path)
+    missing = [key for key in ('model', 'optimizer', 'epoch', 'best_acc1') if key not in checkpoint]
+    if missing:
+        raise WeightsError(f'{path}: not a training checkpoint of train.py (no {", ".join(missing)})')
+    load_state(model, checkpoint['model'], source=path)
+    if ema is not None:
+        # A checkpoint of a run without EMA starts the average from the restored weights.
+        load_state(ema.module, checkpoint['model_ema'] or checkpoint['model'], source=path)
+    try:
+        load_optimizer_state(optimizer, model, checkpoint['optimizer'])
+    except KeyError as error:
+        raise WeightsError(f'{path}: optimizer state names parameter {error} the model lacks') from None
+    if scaler is not None and checkpoint.get('scaler'):
+        scaler.load_state_dict(checkpoint['scaler'])
+    return checkpoint
+
+
+def check_same_parameters(model: CycleNet) -> List[float]:
+    """Per-rank sums of every parameter, gathered; raise if any rank differs from rank 0.
+    One collective at the end of training: a cheap guard that DataParallel kept ranks in step."""
+    sums = paddle.stack([param.astype('float64').sum() for param in model.parameters()])
+    gathered = []
+    dist.all_gather(gathered, sums)
+    rows = [row.numpy() for row in gathered]
+    if any(not np.array_equal(rows[0], row) for row in rows):
+        raise RuntimeError('parameters differ between ranks after training')
+    return [float(row.sum()) for row in rows]
+
+
+def resolve_resume(args: argparse.Namespace) -> Optional[str]:
+    if args.resume != 'auto':
+        return args.resume
+    if not args.output_dir:
+        raise UsageError('--resume auto looks in --output-dir, which is not set')
+    path = os.path.join(args.output_dir, CHECKPOINT_FILE)
+    return path if os.path.isfile(path) else None
+
+
+def open_visualdl(args: argparse.Namespace):
+    try:
+        from visualdl import LogWriter
+    except ImportError:
+        raise UsageError('--visualdl needs the visualdl package (pip install visualdl)') from None
+    return LogWriter(logdir=os.path.join(args.output_dir, 'visualdl'))
+
+
+def main(args: argparse.Namespace) -> Dict[str, float]:
+    """Train (or with --eval only evaluate); returns the last epoch's log entry."""
+    if args.data_path is None:
+        raise UsageError('--data-path is required: the folder holding train/<class>/ and '
+                           'val/<class>/ (or the root of --train-list / --val-list)')
+    if args.layers and not (args.embed_dims and args.mlp_ratios):
+        raise UsageError('--layers needs --embed-dims and --mlp-ratios')
+    if args.eval and not (args.resume or args.finetune):
+        raise UsageError('--eval needs weights: --resume PATH or --finetune PATH')
+    rank, world_size = setup_distributed()
+    is_main = rank == 0
+    log = print if is_main else (lambda line: None)
+    writes_files = is_main and bool(args.output_dir)
+    if writes_files:
+        os.makedirs(args.output_dir, exist_ok=True)
+    visualdl = open_visualdl(args) if writes_files and args.visualdl else None
+    resume = resolve_resume(args) if args.resume else None
+
+    on_gpu = paddle.get_device().startswith('gpu')
+    amp_dtype = args.amp_dtype if on_gpu and not args.no_amp else None
+    paddle.seed(args.seed)  # the same initial weights on every rank
+
+    train_set = build_dataset(is_train=True, args=args)
+    val_set = build_dataset(is_train=False, args=args)
+    num_classes = len(train_set.classes)
+    try:
+        train_loader = build_loader(train_set, is_train=True, batch_size=args.batch_size,
+                                    num_workers=args.num_workers, num_replicas=world_size,
+                                    rank=rank, seed=args.seed, repeated_aug=args.repeated_aug)
+    except ValueError as error:  # fewer images than one batch per rank
+        raise DatasetError(f'{args.data_path}: {error}') from None
+    val_loader = build_loader(val_set, is_train=False, batch_size=args.batch_size,
+                              num_workers=args.num_workers, num_replicas=world_size, rank=rank,
+                              seed=args.seed)
+
+    model = build_model(args, num_classes, log)
+    ema = ModelEma(model, args.model_ema_decay) if args.model_ema else None
+    # Linear scaling rule: lr = base_lr * global batch / 512 (global batch = per-device batch x ranks).
+    base_lr = args.lr * args.batch_size * world_size / LR_REFERENCE_BATCH
+    optimizer = build_optimizer(model, args, base_lr)
+    scaler = paddle.amp.GradScaler(init_loss_scaling=INIT_LOSS_SCALE) if amp_dtype == 'float16' else None
+    n_parameters = count_parameters(model)
+    log(f'{args.model if not args.layers else CUSTOM_MODEL_NAME} {model.config}: {n_parameters:,} '
+        f'parameters; {len(train_set)} training images, {len(val_set)} validation images, '
+        f'{num_classes} classes; {world_size} process{"es" if world_size > 1 else ""}, '
+        f'global batch {args.batch_size * world_size}, lr {base_lr:.3g}, '
+        f'{"AMP " + amp_dtype if amp_dtype else "float32"}')
+
+    start_epoch, best_acc1 = 0, 0.0
+    if resume:
+        checkpoint = load_checkpoint(resume, model, ema, optimizer, scaler)
+        start_epoch, best_acc1 = checkpoint['epoch'], checkpoint['best_acc1']
+        log(f'resumed from {resume} after epoch {start_epoch}')
+    elif args.resume:
+        log(f'no {CHECKPOINT_FILE} in {args.output_dir} yet: starting from scratch')
+
+    parallel_model = paddle.DataParallel(model) if world_size > 1 else model
+    if args.eval:
+        stats = {f'test_{k}': v for k, v in evaluate(model, val_loader, args.print_freq, amp_dtype, log).items()}
+        if ema is not None and resume:
+            stats.update({f'test_{k}_ema': v for k, v in evaluate(
+                ema.module, val_loader, args.print_freq, amp_dtype, log, header='Test (EMA):').items()})
+        return stats
+
+    mixup_active = args.mixup > 0 or args.cutmix > 0
+    entry: Dict[str, float] = {}
+    for epoch in range(start_epoch, args.epochs):
+        epoch_start = time.time()
+        # Everything random in this epoch depends on (seed, epoch, rank) only: exact resumes.
+        seed = epoch_seed(args.seed, rank, epoch)
+        paddle.seed(seed)  # drop path
+        set_loader_epoch(train_loader, epoch)
+        mixup = Mixup(num_classes, args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob,
+                      args.smoothing, seed=seed) if mixup_active else None
+        optimizer.set_lr(scheduled_lr(epoch, base_lr, args.epochs, args.warmup_epochs,
+                                      args.warmup_lr, args.min_lr))
+        train_stats = train_one_epoch(parallel_model, ema, train_loader, optimizer, scaler, mixup,
+                                      epoch, args, amp_dtype, log)
+        entry = dict(epoch=epoch + 1, lr=train_stats['lr'], train_loss=train_stats['loss'])
+        if train_set.skipped:
+            entry['skipped_images'] = train_set.skipped
+            log(f'{train_set.skipped} unreadable training image(s) skipped so far')
+        last = epoch == args.epochs - 1
+        if (epoch + 1) % args.eval_interval == 0 or last:
+            test_stats = evaluate(model, val_loader, args.print_freq, amp_dtype, log)
+            entry.update(test_acc1=test_stats['acc1'], test_acc5=test_stats['acc5'],
+                         test_loss=test_stats['loss'])
+            if ema is not None:
+                ema_stats = evaluate(ema.module, val_loader, args.print_freq, amp_dtype, log,
+                                     header='Test (EMA):')
+                entry.update(test_acc1_ema=ema_stats['acc1'], test_acc5_ema=ema_stats['acc5'],
+                             test_loss_ema=ema_stats['loss'])
+            if test_stats['acc1'] >= best_acc1:  # ties: the later epoch
+                best_acc1 = test_stats['acc1']
+                if writes_files:
+                    write_weights(os.path.join(args.output_dir, BEST_FILE), numpy_state(model),
+                                  model_meta(model, args, train_set.classes))
+            log(f'best acc1 {best_acc1:.2f}%')
+        entry.update(n_parameters=n_parameters, epoch_time=time.time() - epoch_start)
+        if writes_files:
+            save_checkpoint(os.path.join(args.output_dir, CHECKPOINT_FILE), model, ema, optimizer,
+                            scaler, epoch + 1, best_acc1, args, train_set.classes)
+            with open(os.path.join(args.output_dir, LOG_FILE), 'a') as log_file:
+                log_file.write(json.dumps(entry) + '\n')
+            if visualdl is not None:
+                for key, value in entry.items():
+                    visualdl.add_scalar(tag=key, value=value, step=epoch + 1)
+    if world_size > 1:
+        sums = check_same_parameters(model)
+        log(f'parameters identical on all {world_size} ranks; sum per rank: '
+            + ' '.join(repr(value) for value in sums))
+    return entry
+
+
+if __name__ == '__main__':
+    arguments = parse_args()
+    threading.excepthook = report_loader_error
+    try:
+        main(arguments)
+    except (UsageError, WeightsError, DatasetError) as error:
+        print(f'error: {error}', file=sys.stderr)
+        sys.exit(USAGE_ERROR)
+    except NonFiniteLoss as error:
+        print(f'error: {error} (nothing was saved for this epoch)', file=sys.stderr)
+        sys.exit(TRAINING_FAILED)
+    except SystemError as error:
+        if LOADER_FAILED not in str(error):
+            raise
+        sys.exit(USAGE_ERROR)  # report_loader_error has printed the reason
