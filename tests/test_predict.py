@@ -1,0 +1,157 @@
+"""predict.py on real files Pillow writes in every odd mode, and on broken ones: probabilities
+recomputed directly, one-line errors, exit codes, large images and decompression bombs."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import paddle
+import pytest
+from PIL import Image
+
+import predict
+from conftest import REPO_ROOT, photo_like_array
+from cyclemlp import create_model
+from data import eval_transform, load_image
+
+INPUT_SIZE = 32
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+EXIF_ORIENTATION = 0x0112
+ROTATE_90 = 6  # EXIF orientation 6: the stored pixels must be turned 90 degrees clockwise
+
+
+def write_odd_images(folder) -> dict:
+    """name -> path for one readable file per format / mode, each with different content."""
+    os.makedirs(folder, exist_ok=True)
+    rgb = [Image.fromarray(photo_like_array(48, 36, seed)) for seed in range(10)]
+    paths = {}
+
+    def save(name, img, **options):
+        paths[name] = os.path.join(folder, name)
+        img.save(paths[name], **options)
+
+    save("photo.jpg", rgb[0])
+    save("photo.png", rgb[1])
+    save("photo.webp", rgb[2])
+    save("photo.bmp", rgb[3])
+    save("grey.png", rgb[4].convert("L"))
+    save("palette.png", rgb[5].convert("P"))
+    rgba = rgb[6].copy()
+    rgba.putalpha(128)
+    save("alpha.png", rgba)
+    save("cmyk.jpg", rgb[7].convert("CMYK"))
+    grey16 = (np.asarray(rgb[8].convert("L"), dtype=np.uint16) * 257).astype(np.uint16)
+    grey16 = Image.fromarray(grey16)
+    assert grey16.mode == "I;16"
+    save("grey16.png", grey16)
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = ROTATE_90
+    save("rotated.jpg", rgb[9], exif=exif)
+    return paths
+
+
+def write_broken_files(folder) -> dict:
+    """name -> path of inputs that must fail, each with the words its error should contain."""
+    jpeg = os.path.join(folder, "whole.jpg")
+    Image.fromarray(photo_like_array(64, 48, 99)).save(jpeg)
+    data = open(jpeg, "rb").read()
+    os.remove(jpeg)
+    broken = {"truncated.jpg": "truncated", "text.jpg": "cannot identify",
+              "empty.png": "file is empty", "missing.jpg": "no such file"}
+    with open(os.path.join(folder, "truncated.jpg"), "wb") as file:
+        file.write(data[:len(data) // 2])
+    with open(os.path.join(folder, "text.jpg"), "w") as file:
+        file.write("this is not an image\n")
+    open(os.path.join(folder, "empty.png"), "wb").close()
+    return {os.path.join(folder, name): words for name, words in broken.items()}
+
+
+def direct_probabilities(model, path):
+    """The official pipeline written out: decode, eval transform, forward, softmax."""
+    batch = paddle.to_tensor(eval_transform(INPUT_SIZE)(load_image(path))[None])
+    with paddle.no_grad():
+        return paddle.nn.functional.softmax(model(batch), axis=-1).numpy()[0]
+
+
+def run_predict(*args):
+    return subprocess.run([sys.executable, str(REPO_ROOT / "predict.py"), *args],
+                          capture_output=True, text=True, env=ENV, timeout=300)
+
+
+def test_every_mode_predicted_and_broken_files_reported(tmp_path, make_tiny_weights):
+    weights = make_tiny_weights()
+    good = write_odd_images(tmp_path / "images")
+    broken = write_broken_files(tmp_path / "images")
+    # The folder holds good and broken files; the missing file is named explicitly.
+    missing = [path for path in broken if path.endswith("missing.jpg")]
+    result = run_predict(str(tmp_path / "images"), *missing, "--weights", weights,
+                         "--input-size", str(INPUT_SIZE), "--topk", "2", "--batch-size", "4", "--json")
+    assert result.returncode == 1, result.stderr
+    records = {record["image"]: record for record in map(json.loads, result.stdout.splitlines())}
+    assert set(records) == set(good.values()) | set(broken)
+    for path, words in broken.items():
+        assert words in records[path]["error"].lower(), records[path]
+        assert "\n" not in records[path]["error"]
+    model = create_model(weights=weights)
+    model.eval()
+    for path in good.values():
+        predictions = records[path]["predictions"]
+        assert len(predictions) == 2
+        expected = direct_probabilities(model, path)
+        top = np.argsort(-expected)[:2]
+        assert [p["class_id"] for p in predictions] == top.tolist()
+        assert [p["label"] for p in predictions] == [["cat", "dog", "fox"][i] for i in top]
+        np.testing.assert_allclose([p["probability"] for p in predictions], expected[top], atol=1e-5)
+    # The EXIF rotation was applied: the prediction is that of the turned image.
+    turned = load_image(good["rotated.jpg"])
+    assert turned.size == (36, 48)
+
+
+def test_text_output_and_error_lines(tmp_path, make_tiny_weights):
+    image = os.path.join(tmp_path, "cat.png")
+    Image.fromarray(photo_like_array(40, 30, 1)).save(image)
+    missing = str(tmp_path / "gone.jpg")
+    result = run_predict(image, missing, "--weights", make_tiny_weights(),
+                         "--input-size", str(INPUT_SIZE), "--topk", "3")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == f"error: {missing}: no such file"
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == image and len(lines) == 4
+    probabilities = [float(line.split()[0]) for line in lines[1:]]
+    assert probabilities == sorted(probabilities, reverse=True)
+    assert sum(probabilities) == pytest.approx(1.0, abs=1e-3)
+    assert {line.split()[2] for line in lines[1:]} == {"cat", "dog", "fox"}
+
+
+def test_bad_weights_exit_2(tmp_path):
+    result = run_predict(str(tmp_path), "--weights", str(tmp_path / "none.pdparams"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'none.pdparams'}: no such file"
+
+
+def test_large_images_are_shrunk_before_the_resize(tmp_path):
+    resize = 36
+    ordinary = str(tmp_path / "ordinary.jpg")
+    Image.fromarray(photo_like_array(120, 100, 3)).save(ordinary)   # under 4x the target
+    assert np.array_equal(np.asarray(predict.load_image_bounded(ordinary, resize)),
+                          np.asarray(load_image(ordinary)))
+    for name in ("large.jpg", "large.png"):
+        path = str(tmp_path / name)
+        Image.fromarray(photo_like_array(1200, 900, 4)).save(path)
+        shrunk = predict.load_image_bounded(path, resize)
+        assert 2 * resize <= min(shrunk.size) < 4 * resize and shrunk.mode == "RGB"
+        assert shrunk.size[0] / shrunk.size[1] == pytest.approx(1200 / 900, rel=0.02)
+        full = eval_transform(INPUT_SIZE)(load_image(path))
+        # Close to the official transform of the full image, not equal (see predict's docstring).
+        assert np.abs(eval_transform(INPUT_SIZE)(shrunk) - full).mean() < 0.05
+
+
+def test_decompression_bombs_are_refused_per_image(tmp_path, monkeypatch):
+    image = str(tmp_path / "bomb.png")
+    Image.fromarray(photo_like_array(100, 100, 5)).save(image)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)   # 100 x 100 is over twice this
+    predictor = predict.Predictor(lambda batch: np.zeros((len(batch), 3)), None, INPUT_SIZE,
+                                  0.875, "bicubic")
+    [result] = predict.predict(predictor, [image])
+    assert "decompression-bomb" in result["error"]
