@@ -5,8 +5,8 @@ Runjian Chen, Ding Liang, Ping Luo. ICLR 2022, arXiv:2107.10224.
 Official code: https://github.com/ShoufaChen/CycleMLP (`cycle_mlp.py`).
 
 Everything between the stem and the head is channel-last (B, H, W, C): the channel FCs are
-matmuls over the last axis, CycleFC shifts without transposes, and the convolutions that change
-resolution run with data_format='NHWC'. Parameter names match the official state dict key for
+matmuls over the last axis and CycleFC shifts without transposes; only the four convolutions
+that change resolution transpose around themselves. Parameter names match the official state dict key for
 key (`network.{stage}.{block}.attn.sfc_h.weight`, ...), so official checkpoints load one to one
 after transposing the Linear weights (PyTorch stores them [out, in], Paddle [in, out]).
 """
@@ -152,21 +152,27 @@ class PatchEmbed(nn.Layer):
 
     def __init__(self, embed_dim: int):
         super().__init__()
-        self.proj = nn.Conv2D(3, embed_dim, 7, stride=4, padding=2, data_format='NHWC')
+        self.proj = nn.Conv2D(3, embed_dim, 7, stride=4, padding=2)
 
     def forward(self, images):
-        return self.proj(images.transpose([0, 2, 3, 1]))                   # (B, 3, H, W) -> (B, H, W, 3)
+        return self.proj(images).transpose([0, 2, 3, 1])                   # (B, C, H, W) -> (B, H, W, C)
 
 
 class Downsample(nn.Layer):
-    """Between stages: a 3x3 stride-2 convolution, channel-last in and out."""
+    """Between stages: a 3x3 stride-2 convolution, channel-last in and out.
+
+    The convolution itself runs channel-first: on CPU Paddle's NCHW kernels with the two
+    transposes were 15% faster than its NHWC kernels (forward and backward, B1's sizes), and
+    paddle2onnx converts only NCHW convolutions.
+    """
 
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
-        self.proj = nn.Conv2D(in_dim, out_dim, 3, stride=2, padding=1, data_format='NHWC')
+        self.proj = nn.Conv2D(in_dim, out_dim, 3, stride=2, padding=1)
 
     def forward(self, x):
-        return self.proj(x)
+        x = self.proj(x.transpose([0, 3, 1, 2]))                              # (B, H, W, C) -> (B, C, H, W)
+        return x.transpose([0, 2, 3, 1])                                     # (B, C, H, W) -> (B, H, W, C)
 
 
 class CycleNet(nn.Layer):
@@ -185,6 +191,9 @@ class CycleNet(nn.Layer):
         self.config = dict(layers=list(layers), embed_dims=list(embed_dims),
                            mlp_ratios=list(mlp_ratios), num_classes=num_classes)
         self.num_classes = num_classes
+        self.name = variant_name(self.config)          # 'CycleMLP_B1' .. 'CycleMLP_B5', or None
+        self.class_names: Optional[List[str]] = None   # set by create_model from a weights file
+        self.data_config: Optional[dict] = None        # likewise: input_size, crop_pct, interpolation
         self.patch_embed = PatchEmbed(embed_dims[0])
         total_blocks, block_index = sum(layers), 0
         network = []
@@ -236,24 +245,34 @@ def init_weights(layer: nn.Layer) -> None:
         ZEROS(layer.bias)
 
 
+# The five variants of the paper's Table 1 (the official factories' arguments).
+ARCHITECTURES = {
+    'CycleMLP_B1': dict(layers=[2, 2, 4, 2], embed_dims=[64, 128, 320, 512], mlp_ratios=[4, 4, 4, 4]),
+    'CycleMLP_B2': dict(layers=[2, 3, 10, 3], embed_dims=[64, 128, 320, 512], mlp_ratios=[4, 4, 4, 4]),
+    'CycleMLP_B3': dict(layers=[3, 4, 18, 3], embed_dims=[64, 128, 320, 512], mlp_ratios=[8, 8, 4, 4]),
+    'CycleMLP_B4': dict(layers=[3, 8, 27, 3], embed_dims=[64, 128, 320, 512], mlp_ratios=[8, 8, 4, 4]),
+    'CycleMLP_B5': dict(layers=[3, 4, 24, 3], embed_dims=[96, 192, 384, 768], mlp_ratios=[4, 4, 4, 4]),
+}
+
+
 def CycleMLP_B1(**kwargs) -> CycleNet:
-    return CycleNet(layers=[2, 2, 4, 2], embed_dims=[64, 128, 320, 512], mlp_ratios=[4, 4, 4, 4], **kwargs)
+    return CycleNet(**ARCHITECTURES['CycleMLP_B1'], **kwargs)
 
 
 def CycleMLP_B2(**kwargs) -> CycleNet:
-    return CycleNet(layers=[2, 3, 10, 3], embed_dims=[64, 128, 320, 512], mlp_ratios=[4, 4, 4, 4], **kwargs)
+    return CycleNet(**ARCHITECTURES['CycleMLP_B2'], **kwargs)
 
 
 def CycleMLP_B3(**kwargs) -> CycleNet:
-    return CycleNet(layers=[3, 4, 18, 3], embed_dims=[64, 128, 320, 512], mlp_ratios=[8, 8, 4, 4], **kwargs)
+    return CycleNet(**ARCHITECTURES['CycleMLP_B3'], **kwargs)
 
 
 def CycleMLP_B4(**kwargs) -> CycleNet:
-    return CycleNet(layers=[3, 8, 27, 3], embed_dims=[64, 128, 320, 512], mlp_ratios=[8, 8, 4, 4], **kwargs)
+    return CycleNet(**ARCHITECTURES['CycleMLP_B4'], **kwargs)
 
 
 def CycleMLP_B5(**kwargs) -> CycleNet:
-    return CycleNet(layers=[3, 4, 24, 3], embed_dims=[96, 192, 384, 768], mlp_ratios=[4, 4, 4, 4], **kwargs)
+    return CycleNet(**ARCHITECTURES['CycleMLP_B5'], **kwargs)
 
 
 MODELS = {factory.__name__: factory for factory in
@@ -280,12 +299,8 @@ def config_from_state(state: Dict[str, np.ndarray]) -> dict:
 
 def variant_name(config: dict) -> Optional[str]:
     """The CycleMLP_Bx whose architecture config describes (any class count), or None."""
-    architecture = {key: config[key] for key in ('layers', 'embed_dims', 'mlp_ratios')}
-    with paddle.LazyGuard():                   # shapes only: no time spent initialising weights
-        for name, factory in MODELS.items():
-            if {key: factory().config[key] for key in architecture} == architecture:
-                return name
-    return None
+    architecture = {key: list(config[key]) for key in ('layers', 'embed_dims', 'mlp_ratios')}
+    return next((name for name, known in ARCHITECTURES.items() if known == architecture), None)
 
 
 def load_state(model: CycleNet, state: Dict[str, np.ndarray], source: str = 'weights',
@@ -336,16 +351,15 @@ def create_model(name: Optional[str] = None, weights: Optional[str] = None, ema:
     repo's training checkpoint (.pdckpt); ema picks the EMA weights of a training checkpoint.
     When name is None the architecture is the one the file records or, for foreign files, the
     one its tensor shapes describe. num_classes defaults to the file's class count. The class
-    names a file stores (this repo's checkpoints) are set as `model.class_names`, else None.
+    names and evaluation transform a file stores (this repo's checkpoints) are set as
+    `model.class_names` and `model.data_config`.
     """
     if name is not None and name not in MODELS:
         raise ValueError(f'unknown model {name!r}; choose one of {", ".join(MODELS)}')
     if weights is None:
         if name is None:
             raise ValueError('create_model needs a model name or a weights file')
-        model = MODELS[name](**kwargs)
-        model.class_names = None
-        return model
+        return MODELS[name](**kwargs)
     state, meta, layout = read_weights(weights, ema=ema)
     if layout == 'torch':
         state = torch_to_paddle(state)
@@ -359,6 +373,7 @@ def create_model(name: Optional[str] = None, weights: Optional[str] = None, ema:
     load_state(model, state, source=weights, drop_head=drop_head)
     class_names = meta.get('class_names')
     model.class_names = class_names if class_names and len(class_names) == model.num_classes else None
+    model.data_config = meta.get('data_config')
     return model
 
 

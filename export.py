@@ -12,24 +12,19 @@ with --dynamic-size H and W are free too (the CycleFC gather indices are built i
 from the input size). The output is the logits (N, classes).
 
 This exports cleanly because CycleFC is plain gather and matmul ops; ports that compute it with
-deformable convolution have no ONNX equivalent for it. paddle2onnx does not convert
-channel-last (NHWC) convolutions, so the exported copy runs the stem and downsampling
-convolutions channel-first between two transposes: same weights, same numbers.
+deformable convolution have no ONNX equivalent for it.
 """
 import argparse
-import copy
 import json
 import os
 import sys
 from typing import Optional
 
 import paddle
-import paddle.nn as nn
-import paddle.nn.functional as F
 
 from cyclemlp import CycleNet, create_model
 from data import IMAGENET_MEAN, IMAGENET_STD
-from evaluate import USAGE_ERROR, model_args_parser
+from evaluate import USAGE_ERROR, model_args_parser, resolve_data_config
 from predict import CLASS_NAMES_FILE, META_FILE, default_class_names, exported_model_file
 from weights import WeightsError
 
@@ -61,30 +56,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-class ChannelsFirstConv(nn.Layer):
-    """A channel-last Conv2D computed channel-first, with the same parameters (for paddle2onnx)."""
-
-    def __init__(self, conv: nn.Conv2D):
-        super().__init__()
-        self.weight, self.bias = conv.weight, conv.bias
-        self.stride, self.padding = conv._stride, conv._padding
-
-    def forward(self, x):
-        x = F.conv2d(x.transpose([0, 3, 1, 2]), self.weight, self.bias,       # (B,H,W,C) -> (B,C,H,W)
-                     stride=self.stride, padding=self.padding)
-        return x.transpose([0, 2, 3, 1])                                      # (B,C,H,W) -> (B,H,W,C)
-
-
-def exportable_copy(model: CycleNet) -> CycleNet:
-    """A copy of model in eval mode whose convolutions are channel-first (see module docstring)."""
-    model = copy.deepcopy(model)
-    model.eval()
-    model.patch_embed.proj = ChannelsFirstConv(model.patch_embed.proj)
-    for index in range(1, len(model.network), 2):  # the downsampling layers
-        model.network[index].proj = ChannelsFirstConv(model.network[index].proj)
-    return model
-
-
 def export_paddle(model: CycleNet, output: str, input_size: Optional[int]) -> str:
     """paddle.jit.save an inference model to output/model.*; input_size None = dynamic H, W.
 
@@ -92,7 +63,8 @@ def export_paddle(model: CycleNet, output: str, input_size: Optional[int]) -> st
     """
     os.makedirs(output, exist_ok=True)
     spec = paddle.static.InputSpec([None, 3, input_size, input_size], 'float32', INPUT_NAME)
-    paddle.jit.save(exportable_copy(model), os.path.join(output, 'model'), input_spec=[spec])
+    model.eval()
+    paddle.jit.save(model, os.path.join(output, 'model'), input_spec=[spec])
     return exported_model_file(output)
 
 
@@ -120,10 +92,11 @@ def main(args: argparse.Namespace) -> None:
             raise ExportError('--onnx needs paddle2onnx, an optional dependency: '
                               'pip install paddle2onnx onnxruntime') from None
     model = create_model(args.model, weights=args.weights, ema=args.ema)
+    resolve_data_config(args, model.data_config)
     input_size = None if args.dynamic_size else args.input_size
     model_file = export_paddle(model, args.output, input_size)
     class_names = default_class_names(model.class_names, model.num_classes)
-    meta = dict(model_name=args.model, model_args=model.config, num_classes=model.num_classes,
+    meta = dict(model_name=model.name, model_args=model.config, num_classes=model.num_classes,
                 input_size=args.input_size, dynamic_size=args.dynamic_size,
                 crop_pct=args.crop_pct, interpolation=args.eval_interpolation,
                 mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), input_name=INPUT_NAME,
