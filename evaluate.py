@@ -29,7 +29,9 @@ from cyclemlp import MODELS, create_model
 from data import DEFAULT_CROP_PCT, INTERPOLATIONS, DatasetError, build_dataset, build_loader
 from weights import WeightsError
 
+DEFAULT_TRAIN_MODEL = 'CycleMLP_B1'
 DEFAULT_INPUT_SIZE = 224
+DATA_DEFAULTS = dict(input_size=DEFAULT_INPUT_SIZE, crop_pct=DEFAULT_CROP_PCT, interpolation='bicubic')
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_NUM_WORKERS = 10  # the official main.py's default
 DEFAULT_PRINT_FREQ = 10
@@ -39,28 +41,45 @@ USAGE_ERROR = 2  # exit code for a bad file, folder or flag, as argparse uses
 LOADER_FAILED = 'Blocking queue is killed'
 
 
-def model_args_parser() -> argparse.ArgumentParser:
-    """The model and its evaluation transform; shared by train, evaluate, predict and export."""
+def model_args_parser(training: bool = False) -> argparse.ArgumentParser:
+    """The model and its evaluation transform; shared by train, evaluate, predict and export.
+
+    For evaluation, prediction and export every default is None, meaning "what the weights file
+    records" (resolve_data_config); for training they are the model to train and DATA_DEFAULTS.
+    """
     parser = argparse.ArgumentParser(add_help=False)
     group = parser.add_argument_group('model and evaluation transform')
-    group.add_argument('--model', default=None, choices=list(MODELS), metavar='NAME',
-                       help=f'architecture, one of {", ".join(MODELS)} '
-                            '(default: the one the weights file records)')
-    group.add_argument('--input-size', '--input_size', type=int, default=DEFAULT_INPUT_SIZE,
-                       help=f'side of the square image the model sees (default: {DEFAULT_INPUT_SIZE})')
-    group.add_argument('--crop-pct', '--crop_pct', type=float, default=DEFAULT_CROP_PCT,
+    recorded = '' if training else 'as recorded in the weights, else '
+    group.add_argument('--model', default=DEFAULT_TRAIN_MODEL if training else None,
+                       choices=list(MODELS), metavar='NAME',
+                       help=f'architecture, one of {", ".join(MODELS)} (default: '
+                            + (f'{DEFAULT_TRAIN_MODEL})' if training else 'the one the weights file records)'))
+    group.add_argument('--input-size', '--input_size', type=int,
+                       default=DEFAULT_INPUT_SIZE if training else None,
+                       help=f'side of the square image the model sees (default: {recorded}{DEFAULT_INPUT_SIZE})')
+    group.add_argument('--crop-pct', '--crop_pct', type=float, default=DEFAULT_CROP_PCT if training else None,
                        help='evaluation resizes the shorter side to input_size / crop_pct, then '
-                            f'center-crops input_size (default: {DEFAULT_CROP_PCT})')
+                            f'center-crops input_size (default: {recorded}{DEFAULT_CROP_PCT})')
     # dest is the name data.build_dataset reads; train.py has its own --train-interpolation.
     group.add_argument('--interpolation', '--eval-interpolation', dest='eval_interpolation',
-                       default='bicubic', choices=list(INTERPOLATIONS),
-                       help='resampling of the evaluation resize (default: bicubic)')
+                       default='bicubic' if training else None, choices=list(INTERPOLATIONS),
+                       help=f'resampling of the evaluation resize (default: {recorded}bicubic)')
     return parser
 
 
-def common_args_parser() -> argparse.ArgumentParser:
+def resolve_data_config(args: argparse.Namespace, recorded: Optional[dict]) -> None:
+    """Fill the evaluation-transform flags left unset with what a weights file recorded (its
+    data_config, from train.py), else the ImageNet defaults; explicit flags always win."""
+    recorded = recorded or {}
+    for dest, key in (('input_size', 'input_size'), ('crop_pct', 'crop_pct'),
+                      ('eval_interpolation', 'interpolation')):
+        if getattr(args, dest) is None:
+            setattr(args, dest, recorded.get(key, DATA_DEFAULTS[key]))
+
+
+def common_args_parser(training: bool = False) -> argparse.ArgumentParser:
     """The flags train.py and evaluate.py share: model, transform, data and loader."""
-    parser = argparse.ArgumentParser(add_help=False, parents=[model_args_parser()])
+    parser = argparse.ArgumentParser(add_help=False, parents=[model_args_parser(training)])
     group = parser.add_argument_group('data')
     group.add_argument('--data-path', '--data_path', default=None,
                        help='dataset root holding train/<class>/ and val/<class>/, or the root '
@@ -194,6 +213,7 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
                            '(or the root of --val-list)')
     rank, world_size = setup_distributed()
     model = create_model(args.model, weights=args.weights, ema=args.ema)
+    resolve_data_config(args, model.data_config)
     dataset = build_dataset(is_train=False, args=args)
     warning = check_classes(model, dataset, args)
     if warning and rank == 0:

@@ -34,9 +34,8 @@ import paddle.nn.functional as F
 from PIL import Image, ImageOps
 
 from cyclemlp import create_model
-from data import (DEFAULT_CROP_PCT, IMAGE_EXTENSIONS, UNREADABLE_IMAGE_ERRORS, eval_transform,
-                  load_image)
-from evaluate import DEFAULT_INPUT_SIZE, USAGE_ERROR, model_args_parser
+from data import IMAGE_EXTENSIONS, UNREADABLE_IMAGE_ERRORS, eval_transform, load_image
+from evaluate import USAGE_ERROR, model_args_parser, resolve_data_config
 from weights import WeightsError
 
 IMAGENET_CLASSES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'imagenet_classes.txt')
@@ -54,8 +53,8 @@ META_KEYS = ('num_classes', 'input_size', 'dynamic_size', 'crop_pct', 'interpola
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         'CycleMLP prediction', add_help=add_help, parents=[model_args_parser()],
-        description='Top-k classes of each image. Input size, crop_pct and interpolation of an '
-                    '--inference-model default to the values export.py recorded.')
+        description='Top-k classes of each image. Input size, crop_pct and interpolation default '
+                    'to the values the weights file or export.py recorded.')
     parser.add_argument('images', nargs='+', help='image files or folders (searched recursively)')
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument('--weights', help='.pth, .pdparams, .safetensors or training checkpoint '
@@ -70,8 +69,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help=f'images per forward pass (default: {DEFAULT_BATCH_SIZE})')
     parser.add_argument('--json', action='store_true',
                         help='one JSON object per image and line (default: off)')
-    # None means: what export.py recorded for an --inference-model, else the usual default.
-    parser.set_defaults(input_size=None, crop_pct=None, eval_interpolation=None)
     return parser
 
 
@@ -160,16 +157,14 @@ class Predictor:
 def eager_predictor(args) -> Predictor:
     model = create_model(args.model, weights=args.weights, ema=args.ema)
     model.eval()
-    input_size = args.input_size or DEFAULT_INPUT_SIZE
-    crop_pct = args.crop_pct or DEFAULT_CROP_PCT
-    interpolation = args.eval_interpolation or 'bicubic'
+    resolve_data_config(args, model.data_config)
 
     @paddle.no_grad()
     def forward(batch: np.ndarray) -> np.ndarray:
         return model(paddle.to_tensor(batch)).numpy()
 
     return Predictor(forward, default_class_names(model.class_names, model.num_classes),
-                     input_size, crop_pct, interpolation)
+                     args.input_size, args.crop_pct, args.eval_interpolation)
 
 
 def exported_model_file(directory: str) -> str:

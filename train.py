@@ -41,7 +41,6 @@ from evaluate import (LOADER_FAILED, USAGE_ERROR, common_args_parser, evaluate, 
                       report_loader_error, setup_distributed)
 from weights import WeightsError, atomic_save, read_checkpoint, read_weights, torch_to_paddle, write_weights
 
-DEFAULT_MODEL = 'CycleMLP_B1'
 LR_REFERENCE_BATCH = 512  # the base lr is the lr of a global batch of this many images
 INIT_LOSS_SCALE = 2.0 ** 16  # timm's NativeScaler (torch.cuda.amp.GradScaler) starts here
 # Per-epoch seed = seed + rank * RANK_SEED_STRIDE + epoch * EPOCH_SEED_STRIDE: distinct for up
@@ -79,12 +78,8 @@ class NonFiniteLoss(RuntimeError):
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        'CycleMLP training', parents=[common_args_parser()],
+        'CycleMLP training', parents=[common_args_parser(training=True)],
         description='Train CycleMLP with the official recipe (DeiT / timm semantics).')
-    parser.set_defaults(model=DEFAULT_MODEL)
-    for action in parser._actions:  # the parent's help names the weights file's model as default
-        if action.dest == 'model':
-            action.help = f'architecture to train (default: {DEFAULT_MODEL})'
 
     # Model: drop path, custom shapes and the starting weights.
     group = parser.add_argument_group('model')
@@ -323,8 +318,11 @@ def numpy_state(model: paddle.nn.Layer) -> Dict[str, np.ndarray]:
 
 
 def model_meta(model: CycleNet, args: argparse.Namespace, class_names: List[str]) -> dict:
+    """What evaluate.py, predict.py and export.py need besides the weights."""
     return dict(model_name=CUSTOM_MODEL_NAME if args.layers else args.model,
-                model_args=dict(model.config), class_names=list(class_names))
+                model_args=dict(model.config), class_names=list(class_names),
+                data_config=dict(input_size=args.input_size, crop_pct=args.crop_pct,
+                                 interpolation=args.eval_interpolation))
 
 
 def train_one_epoch(model: paddle.nn.Layer, ema: Optional[ModelEma], loader, optimizer,

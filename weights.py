@@ -31,7 +31,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-META_KEYS = ('model_name', 'model_args', 'class_names')
+META_KEYS = ('model_name', 'model_args', 'class_names', 'data_config')
 LAYOUTS = ('torch', 'paddle')
 WRITE_SUFFIXES = ('.pdparams', '.safetensors')
 # torch.save files from before PyTorch 1.6 start with a pickled magic number, not a zip header.
@@ -381,7 +381,7 @@ def _select_state(path: str, container: dict, ema: bool) -> dict:
 
 
 def _check_meta(path: str, meta: dict) -> dict:
-    expected = {'model_name': str, 'model_args': dict, 'class_names': list}
+    expected = {'model_name': str, 'model_args': dict, 'class_names': list, 'data_config': dict}
     for key, value in meta.items():
         if not isinstance(value, expected[key]) or (
                 key == 'class_names' and not all(isinstance(name, str) for name in value)):

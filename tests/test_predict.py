@@ -108,6 +108,24 @@ def test_every_mode_predicted_and_broken_files_reported(tmp_path, make_tiny_weig
     assert turned.size == (36, 48)
 
 
+def test_evaluation_transform_recorded_in_the_weights_is_used(tmp_path, make_tiny_weights):
+    recorded = {"input_size": 40, "crop_pct": 1.0, "interpolation": "bilinear"}
+    weights = make_tiny_weights(data_config=recorded)
+    image = os.path.join(tmp_path, "wide.png")
+    Image.fromarray(photo_like_array(70, 45, 3)).save(image)
+    model = create_model(weights=weights)
+    model.eval()
+    for flags, transform in (([], eval_transform(40, 1.0, "bilinear")),
+                             (["--input-size", "48"], eval_transform(48, 1.0, "bilinear"))):
+        result = run_predict(image, "--weights", weights, "--topk", "3", "--json", *flags)
+        assert result.returncode == 0, result.stderr
+        got = {p["class_id"]: p["probability"] for p in json.loads(result.stdout)["predictions"]}
+        with paddle.no_grad():
+            want = paddle.nn.functional.softmax(
+                model(paddle.to_tensor(transform(load_image(image))[None])), axis=-1).numpy()[0]
+        np.testing.assert_allclose([got[i] for i in range(3)], want, atol=1e-5)
+
+
 def test_text_output_and_error_lines(tmp_path, make_tiny_weights):
     image = os.path.join(tmp_path, "cat.png")
     Image.fromarray(photo_like_array(40, 30, 1)).save(image)

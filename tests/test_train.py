@@ -62,7 +62,7 @@ def test_help_documents_every_flag_with_its_default():
     for flag in ('--output-dir', '--output_dir', '--num_workers', '--model-ema-decay', '--no-amp',
                  '--amp-dtype', '--resume', '--finetune', '--eval-interval', '--demo'):
         assert flag in result.stdout
-    assert '(default: CycleMLP_B1)' in result.stdout
+    assert '(default: CycleMLP_B1)' in ' '.join(result.stdout.split())  # argparse wraps lines
     for action in train.get_args_parser()._actions:
         if action.dest != 'help':
             assert re.search(r'\(default: [^()]*(\([^()]*\)[^()]*)*\)$', action.help), action.option_strings
@@ -159,6 +159,9 @@ def test_checkpoint_holds_everything_resuming_and_rebuilding_need(trained):
     np.testing.assert_array_equal(rebuilt.state_dict()['head.weight'].numpy(), ema['head.weight'])
     best = create_model(weights=str(trained['output'] / 'best.pdparams'))
     assert best.class_names == ['cat', 'dog']
+    # The evaluation transform the run used, for predict.py and evaluate.py to default to.
+    assert checkpoint['data_config'] == best.data_config == dict(
+        input_size=32, crop_pct=0.875, interpolation='bicubic')
     np.testing.assert_array_equal(best.state_dict()['head.bias'].numpy(), model['head.bias'])
 
 
