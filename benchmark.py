@@ -16,7 +16,6 @@ GPU: paddle's peak allocated memory).
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -135,6 +134,17 @@ def peak_memory_mb(args, impl: str) -> float:
     return float(result.stdout.strip().splitlines()[-1])
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM). Not ru_maxrss: Linux carries that over
+    from the parent across fork and exec, so a probe started by a big process would see the
+    parent's peak."""
+    with open('/proc/self/status') as status:
+        for line in status:
+            if line.startswith('VmHWM:'):
+                return int(line.split()[1]) / 1024          # kB -> MB
+    raise RuntimeError('no VmHWM in /proc/self/status: peak memory is measured on Linux only')
+
+
 def memory_probe(args) -> None:
     """Child process of peak_memory_mb: print the peak memory growth of two training steps in MB."""
     train = make_steps(args, args.memory_probe)['train']
@@ -142,10 +152,10 @@ def memory_probe(args) -> None:
         train()
         print(paddle.device.cuda.max_memory_allocated() / 2**20)
         return
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss        # KiB on Linux
+    before = peak_rss_mb()
     train()
     train()
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+    print(peak_rss_mb() - before)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
