@@ -15,8 +15,8 @@ Positions outside the map read zero. Because the offsets are integers, bilinear 
 deformable convolution always lands exactly on a pixel: the whole layer is a gather of shifted
 channels followed by a matrix multiply. Earlier Paddle ports call `deform_conv2d`, which computes
 bilinear weights and an im2col buffer for every pixel and is several times slower than the FC it
-stands for, and which does not export cleanly to ONNX. Here the shift is one `index_select` over
-a precomputed flat index, and the FC is one matmul, both on channel-last tensors.
+stands for, and which does not export cleanly to ONNX. Here the shift is one gather over a
+precomputed flat index, and the FC is one matmul, both on channel-last tensors.
 """
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
@@ -34,20 +34,15 @@ def channel_shifts(channels: int, kernel: int) -> np.ndarray:
     return (c + kernel // 2) % kernel - kernel // 2
 
 
-def _gather_fn() -> Callable:
-    # Paddle 2.x computes the gradient of paddle.gather along axis 1 wrongly (checked with 2.6.2
-    # on CPU: every row receives the first row's gradient), so there the slower but correct
-    # index_select is used; Paddle 3.x's gather is right and 3-5x faster on CPU.
-    major = int(paddle.__version__.split('.')[0])
-    return paddle.index_select if major == 2 else paddle.gather
-
-
-GATHER = _gather_fn()
+# Paddle 2.x computes the gradient of paddle.gather along axis 1 wrongly (checked with 2.6.2 on
+# CPU: every row receives the first row's gradient), so there the slower but correct
+# index_select is used; Paddle 3.x's gather is right and 3-5x faster than index_select on CPU.
+_GATHER = paddle.index_select if paddle.__version__.startswith('2.') else paddle.gather
 
 
 def gather_columns(x: paddle.Tensor, index: paddle.Tensor) -> paddle.Tensor:
     """x[:, index] for a 2-D x, with a correct gradient on every supported Paddle."""
-    return GATHER(x, index, axis=1)
+    return _GATHER(x, index, axis=1)
 
 
 def cached_index(owner: nn.Layer, key: Tuple, build: Callable[[], paddle.Tensor]) -> paddle.Tensor:

@@ -6,9 +6,10 @@ Official code: https://github.com/ShoufaChen/CycleMLP (`cycle_mlp.py`).
 
 Everything between the stem and the head is channel-last (B, H, W, C): the channel FCs are
 matmuls over the last axis and CycleFC shifts without transposes; only the four convolutions
-that change resolution transpose around themselves. Parameter names match the official state dict key for
-key (`network.{stage}.{block}.attn.sfc_h.weight`, ...), so official checkpoints load one to one
-after transposing the Linear weights (PyTorch stores them [out, in], Paddle [in, out]).
+that change resolution transpose around themselves. Parameter names match the official state
+dict key for key (`network.{stage}.{block}.attn.sfc_h.weight`, ...), so official checkpoints
+load one to one after transposing the Linear weights (PyTorch stores them [out, in], Paddle
+[in, out]).
 """
 from typing import Dict, List, Optional, Sequence
 

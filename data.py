@@ -936,7 +936,28 @@ def label_smoothing_cross_entropy(
 # Samplers and loaders
 # ---------------------------------------------------------------------------------------------
 
-class RepeatedAugSampler(paddle.io.Sampler):
+class EpochSampler(paddle.io.Sampler):
+    """Base of the training samplers: one rank's share of an order reseeded every epoch."""
+
+    def __init__(
+        self, dataset_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0
+    ) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        self.dataset_size = dataset_size
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.seed = seed
+        self.epoch = 0
+
+    def permutation(self) -> np.ndarray:
+        return np.random.default_rng(self.seed + self.epoch).permutation(self.dataset_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
+class RepeatedAugSampler(EpochSampler):
     """DeiT's RASampler: every index three times in a row in a shuffled order, dealt to ranks
     by striding, so the three augmented copies of an image land on three different ranks.
 
@@ -950,13 +971,7 @@ class RepeatedAugSampler(paddle.io.Sampler):
     def __init__(
         self, dataset_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0
     ) -> None:
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
-        self.dataset_size = dataset_size
-        self.num_replicas = num_replicas
-        self.rank = rank
-        self.seed = seed
-        self.epoch = 0
+        super().__init__(dataset_size, num_replicas, rank, seed)
         self.total_size = math.ceil(dataset_size * RA_REPEATS / num_replicas) * num_replicas
         self.num_selected = dataset_size // RA_EPOCH_MULTIPLE * RA_EPOCH_MULTIPLE // num_replicas
         if self.num_selected == 0:
@@ -964,9 +979,8 @@ class RepeatedAugSampler(paddle.io.Sampler):
 
     def repeated_order(self) -> np.ndarray:
         """This epoch's full order over all ranks, before striding and truncation."""
-        permutation = np.random.default_rng(self.seed + self.epoch).permutation(self.dataset_size)
         # np.resize pads by repeating from the start.
-        return np.resize(np.repeat(permutation, RA_REPEATS), self.total_size)
+        return np.resize(np.repeat(self.permutation(), RA_REPEATS), self.total_size)
 
     def __iter__(self):
         positions = self.repeated_order()[self.rank::self.num_replicas]
@@ -975,36 +989,17 @@ class RepeatedAugSampler(paddle.io.Sampler):
     def __len__(self) -> int:
         return self.num_selected
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
-
-class DistributedShuffleSampler(paddle.io.Sampler):
+class DistributedShuffleSampler(EpochSampler):
     """Training order without repeated augmentation: a permutation seeded with seed + epoch,
     padded from its start to a multiple of num_replicas, rank r taking positions r, r + R, ..."""
 
-    def __init__(
-        self, dataset_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0
-    ) -> None:
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
-        self.dataset_size = dataset_size
-        self.num_replicas = num_replicas
-        self.rank = rank
-        self.seed = seed
-        self.epoch = 0
-        self.num_samples = math.ceil(dataset_size / num_replicas)
+    def __len__(self) -> int:
+        return math.ceil(self.dataset_size / self.num_replicas)
 
     def __iter__(self):
-        order = np.random.default_rng(self.seed + self.epoch).permutation(self.dataset_size)
-        order = np.resize(order, self.num_samples * self.num_replicas)  # pads from the start
+        order = np.resize(self.permutation(), len(self) * self.num_replicas)  # pads from the start
         return iter(order[self.rank::self.num_replicas].tolist())
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
 
 class ShardSampler(paddle.io.Sampler):
