@@ -19,7 +19,10 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from typing import Callable, Dict, List
+
+warnings.filterwarnings('ignore', message='No ccache found')  # printed by Paddle 3 on import; irrelevant here
 
 import numpy as np
 import paddle

@@ -19,7 +19,10 @@ import json
 import sys
 import threading
 import time
+import warnings
 from typing import Callable, Dict, Optional, Tuple
+
+warnings.filterwarnings('ignore', message='No ccache found')  # printed by Paddle 3 on import; irrelevant here
 
 import paddle
 import paddle.distributed as dist

@@ -18,7 +18,10 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from typing import Optional
+
+warnings.filterwarnings('ignore', message='No ccache found')  # printed by Paddle 3 on import; irrelevant here
 
 import paddle
 

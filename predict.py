@@ -26,7 +26,10 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+warnings.filterwarnings('ignore', message='No ccache found')  # printed by Paddle 3 on import; irrelevant here
 
 import numpy as np
 import paddle

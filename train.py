@@ -27,8 +27,11 @@ import os
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
+
+warnings.filterwarnings('ignore', message='No ccache found')  # printed by Paddle 3 on import; irrelevant here
 
 import numpy as np
 import paddle
