@@ -904,9 +904,11 @@ class Mixup:
             mixed = images
         elif use_cutmix:
             (top, bottom, left, right), lam = self.cutmix_box(height, width, lam)
-            box = np.zeros((1, 1, height, width), dtype=np.float32)
-            box[:, :, top:bottom, left:right] = 1.0
-            box = paddle.to_tensor(box, dtype=images.dtype)
+            # The box is built on the device from the four bounds: no host-to-device copy.
+            rows = paddle.arange(height, dtype="int64").reshape([1, 1, height, 1])
+            cols = paddle.arange(width, dtype="int64").reshape([1, 1, 1, width])
+            box = (paddle.logical_and(rows >= top, rows < bottom).astype(images.dtype)
+                   * paddle.logical_and(cols >= left, cols < right).astype(images.dtype))
             # 0/1 weights keep every pixel an exact copy of one of the two images.
             mixed = images * (1.0 - box) + mirrored * box
         else:

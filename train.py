@@ -2,10 +2,10 @@
 
     python train.py --demo --output-dir out/demo                       # digits, a few minutes on CPU
     python train.py --data-path /data/imagenet --output-dir out/b1      # one device
-    python -m paddle.distributed.launch --gpus 0,1,2,3,4,5,6,7 train.py \\
+    python -m paddle.distributed.launch --devices 0,1,2,3,4,5,6,7 train.py \\
         --model CycleMLP_B1 --data-path /data/imagenet --output-dir out/b1
 
-The defaults are those of the official main.py (DeiT's recipe, see ../shared/REFERENCE.md):
+The defaults are those of the official main.py (DeiT's recipe; README, Training):
 AdamW, lr 5e-4 x global batch / 512, 5 warmup epochs, cosine to 1e-5 over 300 epochs, label
 smoothing 0.1, RandAugment, random erasing, Mixup/CutMix, repeated augmentation, EMA 0.99996,
 drop path 0.1, mixed precision on GPU. The official underscore spellings (--output_dir, ...)

@@ -394,8 +394,8 @@ def read_weights(path: str, ema: bool = False) -> tuple[dict[str, np.ndarray], d
     """Read a weight file into (state dict of numpy arrays, meta, layout).
 
     layout is 'torch' (Linear weights [out, in]) or 'paddle' ([in, out]); see torch_to_paddle.
-    meta holds whichever of model_name, model_args, class_names the file records ({} for files
-    from elsewhere). From a checkpoint dict the state is 'model', else 'state_dict', else the dict
+    meta holds whichever of model_name, model_args, class_names, data_config the file records
+    ({} for files from elsewhere). From a checkpoint dict the state is 'model', else 'state_dict', else the dict
     itself; ema=True takes 'model_ema' (timm's ModelEma) instead. Everything else in a training
     checkpoint (optimizer, lr_scheduler, epoch, scaler, args) is read safely and ignored.
     """
