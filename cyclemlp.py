@@ -56,21 +56,22 @@ class CycleMLP(nn.Layer):
     H: the names are the other way round from what the layers do, but they are the official
     state-dict names, so they stay.
 
-    `forward_branches` is the official forward. On large maps (H*W >= 3C: the first two stages)
-    `forward_fused` computes the same thing faster. Every branch is linear and the re-weighting
-    `a` only scales output channels per image, so the whole mixer, `proj` included, is one
-    gather and one batched matmul with weights built per image:
+    `forward_branches` is the official forward. Unless maps are small (3*H*W < C: the last
+    stage) `forward_fused` computes the same thing faster. Every branch is linear and the
+    re-weighting `a` only scales output channels per image, so the mixer is one gather and one
+    batched matmul with weights built per image:
 
         X = [shift_W(x) | shift_H(x) | x | 1]                   (B, H*W, 3C + 1), one gather
         mean(h + w + c) = mean(X) @ [Wh; Ww; Wc; bh + bw]        (mean and FC commute)
-        proj(h*a0 + w*a1 + c*a2) = X @ ([Wh*a0; Ww*a1; Wc*a2; bh*a0 + bw*a1] @ Wp) + bp
+        h*a0 + w*a1 + c*a2 = X @ [Wh*a0; Ww*a1; Wc*a2; bh*a0 + bw*a1]
 
-    That replaces two gathers, four matmuls (C x C per pixel each) and the re-weighting passes
-    over (B, H, W, C) with one gather and one matmul of 3C x C per pixel; building the per-image
-    weights costs 3C x C x C per image, less than the saved C x C per pixel while H*W >= 3C.
-    The column of ones carries the biases into the matmul, because a broadcast add over a
-    whole map costs more than the extra column on Paddle's CPU kernels. Both paths agree to
-    float rounding (tested, forward and gradients).
+    That replaces two gathers, three matmuls and the bias and re-weighting passes over
+    (B, H, W, C) with one gather and one matmul of the same FLOPs; building the per-image
+    weights costs 3C x C per image, less than those passes while 3*H*W >= C. Where H*W >= 3C
+    (the first two stages) `proj` is folded in as well, X @ (M @ Wp) + bp, saving its C x C per
+    pixel for 3C x C x C per image. The column of ones carries the biases into the matmul,
+    because a broadcast add over a whole map costs more than the extra column on Paddle's CPU
+    kernels. Both paths agree to float rounding (tested, forward and gradients).
     """
 
     def __init__(self, dim: int):
@@ -85,7 +86,7 @@ class CycleMLP(nn.Layer):
 
     def forward(self, x):
         _, height, width, dim = x.shape
-        if self.fuse and height * width >= 3 * dim:
+        if self.fuse and 3 * height * width >= dim:
             return self.forward_fused(x)
         return self.forward_branches(x)
 
@@ -129,8 +130,12 @@ class CycleMLP(nn.Layer):
         a = self.reweighting(paddle.matmul(mean, paddle.concat(
             [weights.reshape([3 * dim, dim]), biases.sum(axis=0, keepdim=True)])))     # (B, 3, C)
         scaled = (weights.unsqueeze(0) * a.unsqueeze(2)).reshape([batch, 3 * dim, dim])
-        bias_row = paddle.matmul((biases * a).sum(axis=1, keepdim=True), self.proj.weight) + self.proj.bias
-        mixed = paddle.concat([paddle.matmul(scaled, self.proj.weight), bias_row], axis=1)  # (B, 3C + 1, C)
+        bias_row = (biases * a).sum(axis=1, keepdim=True)                      # (B, 1, C)
+        if height * width < 3 * dim:
+            mixed = paddle.concat([scaled, bias_row], axis=1)                  # (B, 3C + 1, C)
+            return self.proj(paddle.bmm(branches, mixed).reshape([0, height, width, dim]))
+        bias_row = paddle.matmul(bias_row, self.proj.weight) + self.proj.bias
+        mixed = paddle.concat([paddle.matmul(scaled, self.proj.weight), bias_row], axis=1)
         return paddle.bmm(branches, mixed).reshape([0, height, width, dim])
 
 

@@ -166,7 +166,7 @@ def official_mixer(mixer: cyclemlp.CycleMLP, x: paddle.Tensor) -> paddle.Tensor:
 
 
 @pytest.mark.parametrize('path', ['forward_fused', 'forward_branches'])
-@pytest.mark.parametrize('shape', [(2, 7, 5, 12), (1, 1, 1, 8), (3, 2, 9, 20)], ids=str)
+@pytest.mark.parametrize('shape', [(2, 7, 5, 12), (1, 1, 1, 8), (3, 2, 9, 20), (2, 6, 7, 8)], ids=str)  # (2, 6, 7, 8): proj folded in
 def test_mixer_paths_equal_the_official_forward_and_gradients(shape, path):
     paddle.seed(sum(shape))
     mixer = cyclemlp.CycleMLP(shape[-1])
@@ -185,15 +185,15 @@ def test_mixer_paths_equal_the_official_forward_and_gradients(shape, path):
         np.testing.assert_allclose(got, want, atol=5e-5, rtol=1e-4)
 
 
-def test_mixer_picks_the_fused_path_on_large_maps(monkeypatch):
-    mixer = cyclemlp.CycleMLP(8)
+def test_mixer_picks_the_fused_path_unless_maps_are_small(monkeypatch):
+    mixer = cyclemlp.CycleMLP(24)
     calls = []
     monkeypatch.setattr(mixer, 'forward_fused', lambda x: calls.append('fused'))
     monkeypatch.setattr(mixer, 'forward_branches', lambda x: calls.append('branches'))
-    mixer(paddle.zeros([1, 5, 5, 8]))      # 25 pixels >= 3 * 8
-    mixer(paddle.zeros([1, 4, 5, 8]))      # 20 pixels < 24
+    mixer(paddle.zeros([1, 2, 4, 24]))     # 3 * 8 pixels >= 24 channels
+    mixer(paddle.zeros([1, 1, 7, 24]))     # 3 * 7 < 24
     mixer.fuse = False
-    mixer(paddle.zeros([1, 5, 5, 8]))
+    mixer(paddle.zeros([1, 9, 9, 24]))
     assert calls == ['fused', 'branches', 'branches']
 
 
