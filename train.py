@@ -50,7 +50,7 @@ INIT_LOSS_SCALE = 2.0 ** 16  # timm's NativeScaler (torch.cuda.amp.GradScaler) s
 # to 1000 ranks and keeps clear of data.py's per-worker augmentation seeds.
 RANK_SEED_STRIDE = 1000
 EPOCH_SEED_STRIDE = 1_000_000
-CUSTOM_MODEL_NAME = 'CycleNet'  # recorded for --layers models; create_model then rebuilds from shapes
+CUSTOM_MODEL_NAME = 'CycleNet'  # recorded for shapes no variant has; create_model rebuilds from shapes
 CHECKPOINT_FILE = 'checkpoint.pdckpt'
 BEST_FILE = 'best.pdparams'
 LOG_FILE = 'log.txt'
@@ -322,7 +322,7 @@ def numpy_state(model: paddle.nn.Layer) -> Dict[str, np.ndarray]:
 
 def model_meta(model: CycleNet, args: argparse.Namespace, class_names: List[str]) -> dict:
     """What evaluate.py, predict.py and export.py need besides the weights."""
-    return dict(model_name=CUSTOM_MODEL_NAME if args.layers else args.model,
+    return dict(model_name=model.name or CUSTOM_MODEL_NAME,
                 model_args=dict(model.config), class_names=list(class_names),
                 data_config=dict(input_size=args.input_size, crop_pct=args.crop_pct,
                                  interpolation=args.eval_interpolation))
@@ -489,7 +489,7 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
     optimizer = build_optimizer(model, args, base_lr)
     scaler = paddle.amp.GradScaler(init_loss_scaling=INIT_LOSS_SCALE) if amp_dtype == 'float16' else None
     n_parameters = count_parameters(model)
-    log(f'{args.model if not args.layers else CUSTOM_MODEL_NAME} {model.config}: {n_parameters:,} '
+    log(f'{model.name or CUSTOM_MODEL_NAME} {model.config}: {n_parameters:,} '
         f'parameters; {len(train_set)} training images, {len(val_set)} validation images, '
         f'{num_classes} classes; {world_size} process{"es" if world_size > 1 else ""}, '
         f'global batch {args.batch_size * world_size}, lr {base_lr:.3g}, '
