@@ -68,17 +68,28 @@ def shifted_positions(height, width, channels: int, row_shifts: Optional[np.ndar
     where the caller appends a zero: zero padding, no wrap-around). Returns an int64 tensor
     (H, W, C). Built from Paddle ops, so height and width may be symbolic when the model is
     exported with dynamic input sizes.
+
+    The shifts are added after the strides are applied (position + shift * stride, not
+    (row + shift) * stride): no integer sum is ever multiplied by a constant. Paddle Inference's
+    oneDNN pass operator_scale_onednn_fuse_pass folds such a multiplication into the add as an
+    output scale that its int64 kernel then ignores (Paddle 3.3, the default CPU Config), which
+    made exported models read the wrong pixels (tests/test_export.py keeps the reproduction).
     """
+    row_stride = width * channels                                   # elements per image row
     rows = paddle.arange(height, dtype='int64').reshape([-1, 1, 1])                 # (H, 1, 1)
     cols = paddle.arange(width, dtype='int64').reshape([1, -1, 1])                  # (1, W, 1)
+    position = rows * row_stride + cols * channels + paddle.arange(channels, dtype='int64')
     if row_shifts is not None:
-        rows = rows + paddle.to_tensor(row_shifts.astype(np.int64)).reshape([1, 1, -1])
+        shifts = paddle.to_tensor(row_shifts.astype(np.int64)).reshape([1, 1, -1])  # (1, 1, C)
+        rows = rows + shifts
+        position = position + shifts * row_stride
     if col_shifts is not None:
-        cols = cols + paddle.to_tensor(col_shifts.astype(np.int64)).reshape([1, 1, -1])
-    position = (rows * width + cols) * channels + paddle.arange(channels, dtype='int64')
+        shifts = paddle.to_tensor(col_shifts.astype(np.int64)).reshape([1, 1, -1])
+        cols = cols + shifts
+        position = position + shifts * channels
     inside = paddle.logical_and(paddle.logical_and(rows >= 0, rows < height),
                                 paddle.logical_and(cols >= 0, cols < width))
-    outside = height * width * channels if outside is None else outside
+    outside = height * row_stride if outside is None else outside
     # where broadcasts inside (H, W, 1 or C); an explicit expand_as would not export to ONNX with
     # dynamic sizes (paddle2onnx bakes the -1 of the symbolic shape into the Expand).
     return paddle.where(inside, position, paddle.full_like(position, outside))

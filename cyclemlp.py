@@ -105,7 +105,7 @@ class CycleMLP(nn.Layer):
 
     def branch_index(self, height, width) -> paddle.Tensor:
         """Gather index for X = [sfc_h input | sfc_w input | x | 1] from x + [0, 1] appended."""
-        zero = height * width * self.sfc_h.in_channels
+        zero = height * (width * self.sfc_h.in_channels)  # not (h * w) * c: see shifted_positions
         shifted = [self.sfc_h.source_index(height, width, zero), self.sfc_w.source_index(height, width, zero),
                    shifted_positions(height, width, self.sfc_h.in_channels)]
         one = paddle.full_like(shifted[0][:, :, :1], 1) + zero

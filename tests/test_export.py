@@ -37,6 +37,29 @@ def eager_logits(model, images):
         return model(paddle.to_tensor(images)).numpy()
 
 
+def paddle_inference_logits(directory, images, onednn=None):
+    """Logits from Paddle Inference's predictor, set up as deployments do: the default CPU
+    Config (oneDNN on), or with oneDNN explicitly on (True) or off (False)."""
+    model_file = export.exported_model_file(str(directory))
+    config = paddle.inference.Config(model_file, os.path.join(str(directory), "model.pdiparams"))
+    config.disable_gpu()
+    config.disable_glog_info()
+    if onednn is True:
+        config.enable_mkldnn()
+    elif onednn is False:
+        config.disable_mkldnn()
+    predictor = paddle.inference.create_predictor(config)
+    predictor.get_input_handle(predictor.get_input_names()[0]).copy_from_cpu(images)
+    predictor.run()
+    return predictor.get_output_handle(predictor.get_output_names()[0]).copy_to_cpu()
+
+
+def assert_close_to(expected, actual):
+    """Within 1e-4 of the eager logits, relative to the largest logit."""
+    scale = np.abs(expected).max()
+    assert np.abs(actual - expected).max() <= 1e-4 * scale, np.abs(actual - expected).max() / scale
+
+
 def onnx_logits(path, images):
     onnxruntime = pytest.importorskip("onnxruntime")
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
@@ -56,11 +79,13 @@ def test_paddle_and_onnx_exports_match_eager(tmp_path, make_tiny_weights, dynami
     exported = paddle.jit.load(str(output / "model"))
     rng = np.random.default_rng(0)
     sizes = DYNAMIC_SIZES if dynamic else ((FIXED_SIZE, FIXED_SIZE),)
-    for batch, (height, width) in zip((3, 1), sizes):
+    for batch, (height, width) in [(batch, size) for batch in (1, 3) for size in sizes]:
         images = rng.standard_normal((batch, 3, height, width)).astype(np.float32)
         expected = eager_logits(model, images)
-        np.testing.assert_allclose(exported(paddle.to_tensor(images)).numpy(), expected, atol=1e-4)
-        np.testing.assert_allclose(onnx_logits(str(output / "model.onnx"), images), expected, atol=1e-4)
+        assert_close_to(expected, exported(paddle.to_tensor(images)).numpy())
+        for onednn in (None, True, False):
+            assert_close_to(expected, paddle_inference_logits(output, images, onednn))
+        assert_close_to(expected, onnx_logits(str(output / "model.onnx"), images))
 
     meta = json.loads((output / "meta.json").read_text())
     assert meta["input_size"] == FIXED_SIZE and meta["dynamic_size"] is dynamic
@@ -68,6 +93,28 @@ def test_paddle_and_onnx_exports_match_eager(tmp_path, make_tiny_weights, dynami
     assert meta["crop_pct"] == 0.875 and meta["interpolation"] == "bicubic"
     assert meta["mean"] == [0.485, 0.456, 0.406] and meta["std"] == [0.229, 0.224, 0.225]
     assert json.loads((output / "class_names.json").read_text()) == ["cat", "dog", "fox"]
+
+
+class AddThenScale(paddle.nn.Layer):
+    """The pattern Paddle Inference's oneDNN passes compute wrongly: an int64 sum multiplied
+    by a constant (operator_scale_onednn_fuse_pass folds the multiplication into the add as an
+    output scale, which the int64 kernel ignores). cycle_fc.shifted_positions avoids it."""
+
+    def forward(self, x):
+        rows = paddle.arange(4, dtype="int64").reshape([-1, 1]) + paddle.arange(3, dtype="int64")
+        return (rows * 10).astype("float32") + x
+
+
+def test_minimal_reproduction_of_the_onednn_int64_scale_bug(tmp_path):
+    """If this fails, Paddle Inference computes the pattern right now: the workaround in
+    shifted_positions is no longer needed on this Paddle (keep it for older ones)."""
+    layer = AddThenScale()
+    paddle.jit.save(layer, str(tmp_path / "model"),
+                    input_spec=[paddle.static.InputSpec([4, 3], "float32", "x")])
+    x = np.zeros((4, 3), np.float32)
+    expected = layer(paddle.to_tensor(x)).numpy()
+    np.testing.assert_array_equal(paddle_inference_logits(tmp_path, x, onednn=False), expected)
+    assert not np.array_equal(paddle_inference_logits(tmp_path, x), expected)
 
 
 def test_predict_runs_the_exported_model(tmp_path, make_tiny_weights):
