@@ -19,11 +19,9 @@ import os
 import subprocess
 import sys
 import time
-import warnings
 from typing import Callable, Dict, List
 
-warnings.filterwarnings('ignore', message='No ccache found')  # printed by Paddle 3 on import; irrelevant here
-
+import cpu_setup  # first: sets up the CPU before Paddle loads (threads, MKL, memory)
 import numpy as np
 import paddle
 import paddle.nn.functional as F
@@ -131,8 +129,8 @@ def time_interleaved(steps: Dict[str, Dict[str, Callable]], warmup: int, repeats
 def peak_memory_mb(args, impl: str) -> float:
     """Peak extra memory of training steps, in a fresh process so that peaks don't mix."""
     command = [sys.executable, os.path.abspath(__file__), '--memory-probe', impl, '--model', args.model,
-               '--batch-size', str(args.batch_size), '--input-size', str(args.input_size),
-               '--threads', str(args.threads)]
+               '--batch-size', str(args.batch_size), '--input-size', str(args.input_size)]
+    command += ['--threads', str(args.threads)] if args.threads else []
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return float(result.stdout.strip().splitlines()[-1])
 
@@ -167,8 +165,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help='model to measure (default: CycleMLP_B1)')
     parser.add_argument('--batch-size', default=16, type=int, help='images per step (default: 16)')
     parser.add_argument('--input-size', default=224, type=int, help='image height and width (default: 224)')
-    parser.add_argument('--threads', default=2, type=int,
-                        help="CPU threads; Paddle's own default is one (default: 2)")
+    parser.add_argument('--threads', default=None, type=int,
+                        help='CPU threads (default: as every command: OMP_NUM_THREADS if set, else '
+                             f'every core this process may use, {cpu_setup.available_cores()} here)')
     parser.add_argument('--impls', default=','.join(IMPLS),
                         help=f'comma-separated implementations (default: {",".join(IMPLS)})')
     parser.add_argument('--warmup', default=1, type=int, help='untimed rounds first (default: 1)')
@@ -189,9 +188,7 @@ def ratio(results: List[dict], key: str, a: str, b: str) -> float:
 
 def main(argv=None) -> dict:
     args = get_args_parser().parse_args(argv)
-    # Paddle's CPU kernels use one thread unless told; every implementation gets the same count.
-    os.environ['OMP_NUM_THREADS'] = str(args.threads)
-    paddle.set_num_threads(args.threads) if hasattr(paddle, 'set_num_threads') else None
+    cpu_setup.set_threads(args.threads)   # every implementation gets the same count
     if args.memory_probe:
         memory_probe(args)
         return {}
@@ -219,7 +216,9 @@ def main(argv=None) -> dict:
                 layers.append({'layer': stage, 'shape': [args.batch_size, size, size, channels], 'impl': impl,
                                'forward_ms': modes['infer'] * 1e3, 'forward_backward_ms': modes['train'] * 1e3})
     report = {
-        'device': paddle.get_device(), 'paddle': paddle.__version__, 'threads': args.threads,
+        'device': paddle.get_device(), 'paddle': paddle.__version__,
+        'threads': cpu_setup.threads or int(os.environ.get('OMP_NUM_THREADS', 1)),
+        'mkl_avx2_on_amd': cpu_setup.amd_mkl_path, 'freed_memory_kept': cpu_setup.freed_memory_kept,
         'model': args.model, 'batch_size': args.batch_size, 'input_size': args.input_size,
         'results': results, 'layers': layers,
         'ratios': {f'{key}_{a}/{b}': ratio(results, key, a, b)
@@ -230,7 +229,8 @@ def main(argv=None) -> dict:
         print(json.dumps(report))
         return report
     print(f'{args.model}, batch {args.batch_size}, {args.input_size}x{args.input_size}, '
-          f'device {report["device"]}, Paddle {report["paddle"]}, {args.threads} threads, '
+          f'device {report["device"]}, Paddle {report["paddle"]}, {report["threads"]} threads, '
+          f'MKL AVX2 path on AMD: {"yes" if cpu_setup.amd_mkl_path else "no"}, '
           f'median of {args.repeats} interleaved rounds')
     print(f'{"impl":<14} {"infer img/s":>12} {"train img/s":>12} {"peak MB":>9}')
     for r in results:

@@ -11,10 +11,8 @@ Reading never runs code from the file (see weights.py), so untrusted downloads a
 """
 import argparse
 import sys
-import warnings
 
-warnings.filterwarnings('ignore', message='No ccache found')  # printed by Paddle 3 on import; irrelevant here
-
+import cpu_setup  # noqa: F401  (first: sets up the CPU before Paddle loads)
 from cyclemlp import MODELS, CycleNet, config_from_state, count_parameters, load_state, variant_name
 from weights import WeightsError, read_weights, torch_to_paddle, write_weights
 

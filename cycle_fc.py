@@ -20,6 +20,7 @@ precomputed flat index, and the FC is one matmul, both on channel-last tensors.
 """
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
+import cpu_setup  # noqa: F401  (first: sets up the CPU before Paddle loads: threads, MKL, memory)
 import numpy as np
 import paddle
 import paddle.nn as nn

@@ -18,11 +18,9 @@ import argparse
 import json
 import os
 import sys
-import warnings
 from typing import Optional
 
-warnings.filterwarnings('ignore', message='No ccache found')  # printed by Paddle 3 on import; irrelevant here
-
+import cpu_setup  # first: sets up the CPU before Paddle loads (threads, MKL, memory)
 import paddle
 
 from cyclemlp import CycleNet, create_model
@@ -88,6 +86,7 @@ def export_onnx(model_file: str, params_file: str, onnx_file: str, opset: int) -
 
 
 def main(args: argparse.Namespace) -> None:
+    cpu_setup.set_threads(args.threads)
     if args.onnx:
         try:
             import paddle2onnx  # noqa: F401  (checked before the slow export starts)

@@ -26,11 +26,9 @@ import argparse
 import json
 import os
 import sys
-import warnings
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
-warnings.filterwarnings('ignore', message='No ccache found')  # printed by Paddle 3 on import; irrelevant here
-
+import cpu_setup  # first: sets up the CPU before Paddle loads (threads, MKL, memory)
 import numpy as np
 import paddle
 import paddle.nn.functional as F
@@ -270,6 +268,7 @@ def format_result(result: dict) -> str:
 
 def main(args: argparse.Namespace) -> int:
     """Print predictions; return 0, or FAILED if any image could not be predicted."""
+    cpu_setup.set_threads(args.threads)
     predictor = exported_predictor(args) if args.inference_model else eager_predictor(args)
     failed = 0
     for result in predict(predictor, args.images, args.topk, args.batch_size):

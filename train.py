@@ -27,12 +27,10 @@ import os
 import sys
 import threading
 import time
-import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-warnings.filterwarnings('ignore', message='No ccache found')  # printed by Paddle 3 on import; irrelevant here
-
+import cpu_setup  # first: sets up the CPU before Paddle loads (threads, MKL, memory)
 import numpy as np
 import paddle
 import paddle.distributed as dist
@@ -456,6 +454,7 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
         raise UsageError('--layers needs --embed-dims and --mlp-ratios')
     if args.eval and not (args.resume or args.finetune):
         raise UsageError('--eval needs weights: --resume PATH or --finetune PATH')
+    cpu_setup.set_threads(args.threads)
     rank, world_size = setup_distributed()
     is_main = rank == 0
     log = print if is_main else (lambda line: None)

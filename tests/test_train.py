@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import cpu_setup
 import train
 from conftest import write_image_folder
 from cyclemlp import create_model
@@ -77,7 +78,7 @@ def test_defaults_follow_the_official_main_py():
             args.remode, args.recount, args.scale, args.num_workers) == (
         'CycleMLP_B1', 300, 64, 5e-4, 1e-6, 5, 1e-5, 0.05, 1e-8, [0.9, 0.999], None, 0.1, 0.1,
         True, 0.99996, True, 0.8, 1.0, 1.0, 0.5, 'rand-m9-mstd0.5-inc1', 0.25, 'pixel', 1,
-        [0.08, 1.0], 10)
+        [0.08, 1.0], cpu_setup.default_num_workers())
     aliases = train.parse_args(['--output_dir', 'o', '--num_workers', '3', '--no_amp',
                                 '--no-model-ema', '--no-repeated-aug', '--batch_size', '8'])
     assert (aliases.output_dir, aliases.num_workers, aliases.no_amp, aliases.model_ema,
