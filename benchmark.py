@@ -51,8 +51,19 @@ class PlainFC(CycleFC):
         return paddle.matmul(x, self.weight.reshape([self.out_channels, -1]), transpose_y=True) + self.bias
 
 
+class PlainMlp(cyclemlp.Mlp):
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+# The earlier port's layers: Paddle's own, without this repo's CPU backward (cyclemlp.Linear, ...).
+PLAIN_LAYERS = {cyclemlp.Linear: paddle.nn.Linear, cyclemlp.LayerNorm: paddle.nn.LayerNorm,
+                cyclemlp.Mlp: PlainMlp}
+
+
 def apply_impl(model: paddle.nn.Layer, impl: str) -> paddle.nn.Layer:
-    """Switch a model to an implementation in place; parameters and weights stay the same."""
+    """Switch a model to an implementation in place; parameters and weights stay the same.
+    'deform' also takes Paddle's own Linear, LayerNorm and MLP, as the earlier port has them."""
     if impl == 'index':
         return model
     layer_class = {'index-unfused': CycleFC, 'deform': DeformCycleFC, 'none': PlainFC}[impl]
@@ -61,6 +72,8 @@ def apply_impl(model: paddle.nn.Layer, impl: str) -> paddle.nn.Layer:
             layer.fuse = False                  # the official branch-by-branch forward
         elif isinstance(layer, CycleFC):
             layer.__class__ = layer_class
+        elif impl == 'deform' and type(layer) in PLAIN_LAYERS:
+            layer.__class__ = PLAIN_LAYERS[type(layer)]
     return model
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
+from paddle.autograd import PyLayer
 
 from cycle_fc import CycleFC, cached_index, gather_columns, shifted_positions
 from weights import WeightsError, read_weights, torch_to_paddle
@@ -37,16 +38,139 @@ def drop_path(x: paddle.Tensor, rate: float, training: bool) -> paddle.Tensor:
     return x * mask / keep
 
 
+# Paddle's CPU kernels reduce a (rows, C) gradient to the (C,) gradient of a bias or of a
+# LayerNorm weight on one thread: 100 ms for 50k x 256, where a matmul with a row of ones takes
+# 1 ms. Linear and LayerNorm below keep Paddle's forward and compute their backward with
+# matmuls for float32 on CPU in eager mode; elsewhere (GPU, mixed precision, export) they are
+# Paddle's own layers.
+
+def on_fast_cpu_path(x: paddle.Tensor) -> bool:
+    return paddle.in_dynamic_mode() and x.place.is_cpu_place() and x.dtype == paddle.float32
+
+
+def sum_rows(rows: paddle.Tensor) -> paddle.Tensor:
+    """(N, C) -> (C,): the column sums, as a matmul."""
+    return paddle.matmul(paddle.ones([1, rows.shape[0]], rows.dtype), rows).reshape([-1])
+
+
+class LinearFunction(PyLayer):
+    """x @ weight + bias on the last axis, its bias added inside the matmul (addmm)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        out = paddle.addmm(bias.unsqueeze(0), x.reshape([-1, x.shape[-1]]), weight)
+        return out.reshape(x.shape[:-1] + [weight.shape[1]])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensor()
+        grad_rows = grad.reshape([-1, grad.shape[-1]])
+        grad_weight = paddle.matmul(x.reshape([-1, x.shape[-1]]), grad_rows, transpose_x=True)
+        return paddle.matmul(grad, weight, transpose_y=True), grad_weight, sum_rows(grad_rows)
+
+
+class LayerNormFunction(PyLayer):
+    """Paddle's layer_norm forward; the backward with the row statistics recomputed by matmuls."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, epsilon):
+        ctx.save_for_backward(x, weight)
+        ctx.epsilon = epsilon
+        return F.layer_norm(x, x.shape[-1:], weight, bias, epsilon)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensor()
+        dim = x.shape[-1]
+        rows, grad_rows = x.reshape([-1, dim]), grad.reshape([-1, dim])
+        average = paddle.full([dim, 1], 1.0 / dim, x.dtype)           # row means as matmuls
+        centered = rows - paddle.matmul(rows, average)
+        inv_std = paddle.rsqrt(paddle.matmul(centered * centered, average) + ctx.epsilon)
+        normed = centered * inv_std
+        grad_normed = grad_rows * weight
+        grad_x = (grad_normed - paddle.matmul(grad_normed, average)
+                  - normed * paddle.matmul(grad_normed * normed, average)) * inv_std
+        return grad_x.reshape(x.shape), sum_rows(grad_rows * normed), sum_rows(grad_rows)
+
+
+class ScaleColumns(PyLayer):
+    """(K, R, C) matrices and (B, K, C) scales -> (B, K, R, C): matrix k with its columns
+    scaled by scales[b, k], i.e. M_k @ diag(s_bk). Paddle's CPU multiply broadcasting both
+    operands is 20x slower than on equal shapes and its gradient sums are slower still; here
+    the operands are expanded inside, the sums are matmuls, and nothing (B, K, R, C) is kept
+    for the backward."""
+
+    @staticmethod
+    def forward(ctx, matrices, scales):
+        ctx.save_for_backward(matrices, scales)
+        shape = [scales.shape[0]] + matrices.shape
+        return matrices.unsqueeze(0).expand(shape) * scales.unsqueeze(2).expand(shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        matrices, scales = ctx.saved_tensor()
+        batch, (groups, rows, cols) = scales.shape[0], matrices.shape
+        grad_matrices = (grad * scales.unsqueeze(2).expand(grad.shape)).reshape([batch, -1])
+        grad_matrices = paddle.matmul(paddle.ones([1, batch], grad.dtype), grad_matrices)
+        grad_scales = (grad * matrices.unsqueeze(0).expand(grad.shape)).reshape([-1, rows, cols])
+        grad_scales = paddle.matmul(paddle.ones([1, rows], grad.dtype), grad_scales)  # column sums
+        return grad_matrices.reshape(matrices.shape), grad_scales.reshape(scales.shape)
+
+
+class Linear(nn.Linear):
+    def forward(self, x):
+        if self.bias is None or not on_fast_cpu_path(x):
+            return super().forward(x)
+        return LinearFunction.apply(x, self.weight, self.bias)
+
+
+class LayerNorm(nn.LayerNorm):
+    def forward(self, x):
+        if not on_fast_cpu_path(x):
+            return super().forward(x)
+        return LayerNormFunction.apply(x, self.weight, self.bias, self._epsilon)
+
+
+class MlpFunction(PyLayer):
+    """fc2(gelu(fc1(x))) keeping x and fc1's output for the backward, not the GELU output:
+    the backward recomputes GELU, which saves the largest map of each block (4C channels)."""
+
+    @staticmethod
+    def forward(ctx, x, weight1, bias1, weight2, bias2):
+        hidden = paddle.addmm(bias1.unsqueeze(0), x.reshape([-1, x.shape[-1]]), weight1)
+        ctx.save_for_backward(x, hidden, weight1, weight2)
+        out = paddle.addmm(bias2.unsqueeze(0), F.gelu(hidden), weight2)
+        return out.reshape(x.shape[:-1] + [weight2.shape[1]])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, hidden, weight1, weight2 = ctx.saved_tensor()
+        grad_rows = grad.reshape([-1, grad.shape[-1]])
+        with paddle.enable_grad():
+            hidden = hidden.detach()
+            hidden.stop_gradient = False
+            activated = F.gelu(hidden)
+        grad_weight2 = paddle.matmul(activated, grad_rows, transpose_x=True)
+        grad_hidden = paddle.grad(activated, hidden, paddle.matmul(grad_rows, weight2, transpose_y=True))[0]
+        rows = x.reshape([-1, x.shape[-1]])
+        grad_x = paddle.matmul(grad_hidden, weight1, transpose_y=True).reshape(x.shape)
+        return (grad_x, paddle.matmul(rows, grad_hidden, transpose_x=True), sum_rows(grad_hidden),
+                grad_weight2, sum_rows(grad_rows))
+
+
 class Mlp(nn.Layer):
     """Linear -> GELU (exact, erf) -> Linear, on the last axis."""
 
     def __init__(self, in_features: int, hidden_features: int, out_features: Optional[int] = None):
         super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.fc2 = nn.Linear(hidden_features, out_features or in_features)
+        self.fc1 = Linear(in_features, hidden_features)
+        self.fc2 = Linear(hidden_features, out_features or in_features)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
+        if not on_fast_cpu_path(x):
+            return self.fc2(F.gelu(self.fc1(x)))
+        return MlpFunction.apply(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
 
 
 class CycleMLP(nn.Layer):
@@ -58,15 +182,15 @@ class CycleMLP(nn.Layer):
 
     `forward_branches` is the official forward. Unless maps are small (3*H*W < C: the last
     stage) `forward_fused` computes the same thing faster. Every branch is linear and the
-    re-weighting `a` only scales output channels per image, so the mixer is one gather and one
-    batched matmul with weights built per image:
+    re-weighting `a` only scales output channels per image, so the mixer is one gather and two
+    batched matmuls with weights built per image:
 
-        X = [shift_W(x) | shift_H(x) | x | 1]                   (B, H*W, 3C + 1), one gather
-        mean(h + w + c) = mean(X) @ [Wh; Ww; Wc; bh + bw]        (mean and FC commute)
-        h*a0 + w*a1 + c*a2 = X @ [Wh*a0; Ww*a1; Wc*a2; bh*a0 + bw*a1]
+        X = [shift_W(x) | shift_H(x) | 1]                        (B, H*W, 2C + 1), one gather
+        mean(h + w + c) = mean(X) @ [Wh; Ww; bh + bw] + mean(x) @ Wc   (mean and FC commute)
+        h*a0 + w*a1 + c*a2 = X @ [Wh*a0; Ww*a1; bh*a0 + bw*a1] + x @ (Wc*a2)
 
     That replaces two gathers, three matmuls and the bias and re-weighting passes over
-    (B, H, W, C) with one gather and one matmul of the same FLOPs; building the per-image
+    (B, H, W, C) with one gather and matmuls of the same FLOPs; building the per-image
     weights costs 3C x C per image, less than those passes while 3*H*W >= C. Where H*W >= 3C
     (the first two stages) `proj` is folded in as well, X @ (M @ Wp) + bp, saving its C x C per
     pixel for 3C x C x C per image. The column of ones carries the biases into the matmul,
@@ -80,7 +204,7 @@ class CycleMLP(nn.Layer):
         self.sfc_h = CycleFC(dim, dim, (1, 3))
         self.sfc_w = CycleFC(dim, dim, (3, 1))
         self.reweight = Mlp(dim, dim // 4, dim * 3)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.fuse = True
         self.index_cache = {}
 
@@ -104,47 +228,51 @@ class CycleMLP(nn.Layer):
         return self.proj(h * a[:, 0] + w * a[:, 1] + c * a[:, 2])
 
     def branch_index(self, height, width) -> paddle.Tensor:
-        """Gather index for X = [sfc_h input | sfc_w input | x | 1] from x + [0, 1] appended."""
+        """Gather index for X = [sfc_h input | sfc_w input | 1] from x + [0, 1] appended."""
         zero = height * (width * self.sfc_h.in_channels)  # not (h * w) * c: see shifted_positions
-        shifted = [self.sfc_h.source_index(height, width, zero), self.sfc_w.source_index(height, width, zero),
-                   shifted_positions(height, width, self.sfc_h.in_channels)]
+        shifted = [self.sfc_h.source_index(height, width, zero), self.sfc_w.source_index(height, width, zero)]
         one = paddle.full_like(shifted[0][:, :, :1], 1) + zero
-        return paddle.concat(shifted + [one], axis=-1).flatten()               # (H*W*(3C + 1),)
+        return paddle.concat(shifted + [one], axis=-1).flatten()               # (H*W*(2C + 1),)
 
     def forward_fused(self, x):
-        """The official forward as one gather and one matmul per image (see the class doc)."""
+        """The official forward as one gather and two batched matmuls (see the class doc)."""
         batch, height, width, dim = x.shape
+        pixels = height * width
         index = cached_index(self, (height, width), lambda: self.branch_index(height, width))
-        flat = x.flatten(start_axis=1)                                          # (B, H*W*C)
         zero_one = paddle.concat([paddle.zeros([batch, 1], x.dtype), paddle.ones([batch, 1], x.dtype)], axis=1)
-        branches = gather_columns(paddle.concat([flat, zero_one], axis=1), index)
-        branches = branches.reshape([0, height * width, 3 * dim + 1])          # X: (B, H*W, 3C + 1)
-        # Stacked FC weights as (in, out): CycleFC stores (out, in, 1, 1), Paddle Linear (in, out).
-        weights = paddle.stack([self.sfc_h.weight.reshape([dim, dim]).t(),
-                                self.sfc_w.weight.reshape([dim, dim]).t(), self.mlp_c.weight])
+        shifted = gather_columns(paddle.concat([x.flatten(start_axis=1), zero_one], axis=1), index)
+        shifted = shifted.reshape([0, pixels, 2 * dim + 1])                   # X: (B, H*W, 2C + 1)
+        plain = x.reshape([0, pixels, dim])                                      # x: (B, H*W, C)
+        # FC weights as (in, out): CycleFC stores (out, in, 1, 1), Paddle Linear (in, out).
+        fc_h, fc_w = self.sfc_h.weight.reshape([dim, dim]).t(), self.sfc_w.weight.reshape([dim, dim]).t()
         biases = paddle.stack([self.sfc_h.bias, self.sfc_w.bias, paddle.zeros_like(self.sfc_h.bias)])
         # The mean over pixels as a matmul with a row of 1/(H*W): several times faster than
         # Paddle's CPU mean over a middle axis, and the same number.
-        pixel_mean = paddle.full([1, height * width], 1.0 / (height * width), dtype=x.dtype)
-        mean = paddle.matmul(pixel_mean, branches).squeeze(1)                  # (B, 3C + 1)
-        a = self.reweighting(paddle.matmul(mean, paddle.concat(
-            [weights.reshape([3 * dim, dim]), biases.sum(axis=0, keepdim=True)])))     # (B, 3, C)
-        scaled = (weights.unsqueeze(0) * a.unsqueeze(2)).reshape([batch, 3 * dim, dim])
+        pixel_mean = paddle.full([1, pixels], 1.0 / pixels, dtype=x.dtype)
+        means = paddle.concat([paddle.matmul(pixel_mean, shifted), paddle.matmul(pixel_mean, plain)], axis=2)
+        a = self.reweighting(paddle.matmul(means.squeeze(1), paddle.concat(
+            [fc_h, fc_w, biases.sum(axis=0, keepdim=True), self.mlp_c.weight])))   # (B, 3, C)
+        weights = paddle.stack([fc_h, fc_w, self.mlp_c.weight])
+        scaled = (ScaleColumns.apply(weights, a) if on_fast_cpu_path(x)
+                  else weights.unsqueeze(0) * a.unsqueeze(2)).reshape([batch, 3 * dim, dim])
         bias_row = (biases * a).sum(axis=1, keepdim=True)                      # (B, 1, C)
-        if height * width < 3 * dim:
-            mixed = paddle.concat([scaled, bias_row], axis=1)                  # (B, 3C + 1, C)
-            return self.proj(paddle.bmm(branches, mixed).reshape([0, height, width, dim]))
-        bias_row = paddle.matmul(bias_row, self.proj.weight) + self.proj.bias
-        mixed = paddle.concat([paddle.matmul(scaled, self.proj.weight), bias_row], axis=1)
-        return paddle.bmm(branches, mixed).reshape([0, height, width, dim])
+        fold_proj = pixels >= 3 * dim
+        if fold_proj:
+            scaled = paddle.matmul(scaled, self.proj.weight)
+            bias_row = paddle.matmul(bias_row, self.proj.weight) + self.proj.bias
+        # split, not slicing: Paddle's CPU slice gradient is several times slower.
+        shifted_weights, plain_weights = paddle.split(scaled, [2 * dim, dim], axis=1)
+        out = (paddle.bmm(shifted, paddle.concat([shifted_weights, bias_row], axis=1))
+               + paddle.bmm(plain, plain_weights)).reshape([0, height, width, dim])
+        return out if fold_proj else self.proj(out)
 
 
 class CycleBlock(nn.Layer):
     def __init__(self, dim: int, mlp_ratio: float, drop_path_rate: float = 0.0):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, epsilon=1e-5)
+        self.norm1 = LayerNorm(dim, epsilon=1e-5)
         self.attn = CycleMLP(dim)
-        self.norm2 = nn.LayerNorm(dim, epsilon=1e-5)
+        self.norm2 = LayerNorm(dim, epsilon=1e-5)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path_rate = drop_path_rate
 
@@ -214,8 +342,8 @@ class CycleNet(nn.Layer):
             if stage < len(layers) - 1:
                 network.append(Downsample(dim, embed_dims[stage + 1]))
         self.network = nn.LayerList(network)
-        self.norm = nn.LayerNorm(embed_dims[-1], epsilon=1e-5)
-        self.head = nn.Linear(embed_dims[-1], num_classes)
+        self.norm = LayerNorm(embed_dims[-1], epsilon=1e-5)
+        self.head = Linear(embed_dims[-1], num_classes)
         self.apply(init_weights)
 
     def forward_stages(self, images: paddle.Tensor) -> List[paddle.Tensor]:

@@ -154,6 +154,52 @@ def test_changed_offsets_are_refused(tiny_file, tmp_path):
         create_model(None, weights=path)
 
 
+def paddle_reference(layer, inputs):
+    """The same computation with Paddle's own ops and their own gradients."""
+    F = paddle.nn.functional
+    if isinstance(layer, cyclemlp.Mlp):
+        return F.linear(F.gelu(F.linear(inputs[0], layer.fc1.weight, layer.fc1.bias)),
+                        layer.fc2.weight, layer.fc2.bias)
+    if isinstance(layer, cyclemlp.LayerNorm):
+        return F.layer_norm(inputs[0], inputs[0].shape[-1:], layer.weight, layer.bias, layer._epsilon)
+    if isinstance(layer, cyclemlp.Linear):
+        return F.linear(inputs[0], layer.weight, layer.bias)
+    matrices, scales = inputs                      # ScaleColumns
+    return matrices.unsqueeze(0) * scales.unsqueeze(2)
+
+
+@pytest.mark.parametrize('make', [
+    lambda: (cyclemlp.Linear(12, 20), [(2, 5, 7, 12)]),
+    lambda: (cyclemlp.LayerNorm(12, epsilon=1e-5), [(3, 4, 6, 12)]),
+    lambda: (cyclemlp.Mlp(12, 36), [(2, 5, 3, 12)]),
+    lambda: (cyclemlp.ScaleColumns, [(3, 7, 5), (4, 3, 5)]),
+], ids=['Linear', 'LayerNorm', 'Mlp', 'ScaleColumns'])
+def test_fast_cpu_layers_match_paddles_own_ops_forward_and_gradients(make):
+    """Linear, LayerNorm, Mlp and ScaleColumns compute their CPU backward by hand (matmul sums,
+    GELU recomputed): forward and every gradient must equal Paddle's autograd of its own ops."""
+    paddle.seed(3)
+    layer, shapes = make()
+    params = [] if layer is cyclemlp.ScaleColumns else layer.parameters()
+    for param in params:
+        param.set_value(paddle.randn(param.shape))
+    arrays = [np.random.default_rng(index).normal(2.0, 3.0, shape).astype('float32')
+              for index, shape in enumerate(shapes)]
+    upstream = None
+    results = []
+    for forward in (layer.apply if layer is cyclemlp.ScaleColumns else layer,
+                    lambda *inputs: paddle_reference(layer, inputs)):
+        inputs = [paddle.to_tensor(array, stop_gradient=False) for array in arrays]
+        out = forward(*inputs)
+        upstream = paddle.randn(out.shape) if upstream is None else upstream
+        (out * upstream).sum().backward()
+        results.append([out.numpy()] + [t.grad.numpy() for t in inputs + list(params)])
+        for tensor in inputs + list(params):
+            tensor.clear_gradient()
+    assert len(results[0]) == len(results[1]) >= 2
+    for got, want in zip(*results):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
 def official_mixer(mixer: cyclemlp.CycleMLP, x: paddle.Tensor) -> paddle.Tensor:
     """The official CycleMLP.forward as written there (NCHW means, a (3, B, 1, 1, C) softmax),
     with CycleFC.forward, itself checked against deform_conv2d in test_cycle_fc.py."""
