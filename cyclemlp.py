@@ -44,6 +44,7 @@ def drop_path(x: paddle.Tensor, rate: float, training: bool) -> paddle.Tensor:
 # matmuls for float32 on CPU in eager mode; elsewhere (GPU, mixed precision, export) they are
 # Paddle's own layers.
 
+@paddle.jit.not_to_static   # a plain Python test, also while the model is being exported
 def on_fast_cpu_path(x: paddle.Tensor) -> bool:
     return paddle.in_dynamic_mode() and x.place.is_cpu_place() and x.dtype == paddle.float32
 

@@ -123,8 +123,13 @@ class DatasetError(ValueError):
 # Image decoding
 # ---------------------------------------------------------------------------------------------
 
-def load_image(path: str) -> Image.Image:
-    """Decode an image file fully into an 8-bit RGB Pillow image, EXIF orientation applied.
+def load_image(path: str, exif_orientation: bool = False) -> Image.Image:
+    """Decode an image file fully into an 8-bit RGB Pillow image.
+
+    Training and evaluation read images as the official code's loader does (torchvision's
+    ImageFolder: PIL open and convert to RGB), which ignores the EXIF orientation tag, so that
+    accuracies reproduce the official ones; predict.py asks for `exif_orientation`, so that a
+    phone photo is classified the way up a person sees it.
 
     Mode rules: alpha is dropped (RGBA -> RGB, as torchvision's loader that the official code
     uses does), palettes expand through RGBA so transparency needs no special case, 16-bit and
@@ -135,7 +140,8 @@ def load_image(path: str) -> Image.Image:
     """
     with Image.open(path) as img:
         img.load()  # decode now, so a truncated file fails here rather than in a transform
-        img = ImageOps.exif_transpose(img)
+        if exif_orientation:
+            img = ImageOps.exif_transpose(img)
         return _to_rgb(img)
 
 

@@ -4,23 +4,26 @@
     cat.jpg
         0.6205  281  tabby, tabby cat
         ...
+    python predict.py cat.jpg --inference-model exported/                  # Paddle Inference
+    python predict.py cat.jpg --inference-model exported/ --runtime onnx   # ONNX Runtime
 
 Preprocessing is the official evaluation transform (data.eval_transform: bicubic resize of the
-shorter side to input_size / crop_pct, center crop, ImageNet normalisation), so the same
-weights on the same file give the official model's probabilities. Any image Pillow reads is
-accepted (modes are converted as data.load_image does, EXIF orientation applied); an image
-that cannot be read gets a one-line error and the others are still predicted (exit code 1).
+shorter side to input_size / crop_pct, center crop, ImageNet normalisation) on the fully decoded
+image, so the same weights on the same file give the official model's probabilities, whatever
+the image's size. Unlike the official evaluation (and evaluate.py), the EXIF orientation of a
+photo is applied first, so that it is classified the way up a person sees it. Any image Pillow
+reads is accepted (modes converted as data.load_image does); an image that cannot be read gets
+a one-line error and the others are still predicted (exit code 1). Pillow's decompression-bomb
+guard stays on: such a file is reported like any unreadable one.
 
-Very large images: when the shorter side is at least LARGE_IMAGE_FACTOR times the resize
-target, a JPEG is decoded at a reduced scale (Pillow's draft, DCT scaling) and any other image
-is shrunk by an integer box-filter reduce, both to no less than twice the target, before the
-bicubic resize. That bounds memory and time; for such images the probabilities differ
-slightly from the official transform's. Ordinary images take exactly the official path.
-Pillow's decompression-bomb guard stays on: such a file is reported like any unreadable one.
+--fast-decode trades exactness for speed on large photos: when the shorter side is at least
+LARGE_IMAGE_FACTOR times the resize target, a JPEG is decoded at a reduced scale (Pillow's
+draft, DCT scaling) and any other image is shrunk by an integer box filter, both to no less
+than twice the target, before the bicubic resize. Probabilities then differ slightly from the
+official transform's.
 
 Class names: those the weights file (or exported model) records, else the ImageNet-1k names
-in imagenet_classes.txt for a 1000-class model (WordNet lemmas in class-index order, as timm
-ships them, Apache-2.0), else none.
+for a 1000-class model, else none (export.default_class_names).
 """
 import argparse
 import json
@@ -34,21 +37,17 @@ import paddle
 import paddle.nn.functional as F
 from PIL import Image, ImageOps
 
+import export
 from cyclemlp import create_model
 from data import IMAGE_EXTENSIONS, UNREADABLE_IMAGE_ERRORS, eval_transform, load_image
 from evaluate import USAGE_ERROR, model_args_parser, resolve_data_config
 from weights import WeightsError
 
-IMAGENET_CLASSES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'imagenet_classes.txt')
-IMAGENET_NUM_CLASSES = 1000
 DEFAULT_TOPK = 5
 DEFAULT_BATCH_SIZE = 16
-LARGE_IMAGE_FACTOR = 4   # shorter side >= 4x the resize target: shrink cheaply first
+LARGE_IMAGE_FACTOR = 4   # --fast-decode: shorter side >= 4x the resize target is shrunk cheaply first
 SHRINK_TO_FACTOR = 2     # ... but never below 2x the target, so the bicubic resize still smooths
 FAILED = 1               # exit code when some image could not be predicted
-CLASS_NAMES_FILE = 'class_names.json'   # written by export.py next to the exported model
-META_FILE = 'meta.json'
-META_KEYS = ('num_classes', 'input_size', 'dynamic_size', 'crop_pct', 'interpolation')
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -62,40 +61,29 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                           '(default: None; this or --inference-model is required)')
     source.add_argument('--inference-model', metavar='DIR',
                         help='a folder written by export.py (default: None)')
+    parser.add_argument('--runtime', choices=export.RUNTIMES, default='paddle',
+                        help='runtime of --inference-model: Paddle Inference, or ONNX Runtime on the '
+                             'model.onnx of export.py --onnx (default: paddle)')
     parser.add_argument('--ema', action='store_true',
                         help="use a training checkpoint's EMA weights (default: off)")
     parser.add_argument('--topk', type=int, default=DEFAULT_TOPK,
                         help=f'classes shown per image (default: {DEFAULT_TOPK})')
     parser.add_argument('--batch-size', '--batch_size', type=int, default=DEFAULT_BATCH_SIZE,
                         help=f'images per forward pass (default: {DEFAULT_BATCH_SIZE})')
+    parser.add_argument('--fast-decode', action='store_true',
+                        help='decode large photos at reduced scale first: faster, approximate '
+                             'probabilities (default: off, the exact official transform)')
     parser.add_argument('--json', action='store_true',
                         help='one JSON object per image and line (default: off)')
     return parser
 
 
-def imagenet_class_names() -> List[str]:
-    with open(IMAGENET_CLASSES_FILE, encoding='utf-8') as lines:
-        return [line.rstrip('\n') for line in lines]
-
-
-def default_class_names(stored: Optional[Sequence[str]], num_classes: int) -> Optional[List[str]]:
-    """The names a model file stores, else ImageNet-1k's for a 1000-class model, else None."""
-    if stored and len(stored) == num_classes:
-        return list(stored)
-    if num_classes == IMAGENET_NUM_CLASSES:
-        return imagenet_class_names()
-    return None
-
-
-def load_image_bounded(path: str, resize_size: int) -> Image.Image:
-    """An RGB image ready for the evaluation transform, shrunk cheaply first if very large.
-
-    Ordinary images are exactly data.load_image(path). See the module docstring for large ones.
-    """
+def load_image_reduced(path: str, resize_size: int) -> Image.Image:
+    """An RGB image for the evaluation transform, shrunk cheaply first if very large
+    (--fast-decode; see the module docstring). Ordinary images are exactly load_image's."""
     with Image.open(path) as img:
-        large = min(img.size) >= LARGE_IMAGE_FACTOR * resize_size
-        if not large:
-            return load_image(path)
+        if min(img.size) < LARGE_IMAGE_FACTOR * resize_size:
+            return load_image(path, exif_orientation=True)
         if img.format == 'JPEG':
             # draft picks the smallest DCT scale (1/2, 1/4, 1/8) that keeps at least this size.
             scale = SHRINK_TO_FACTOR * resize_size / min(img.size)
@@ -104,7 +92,7 @@ def load_image_bounded(path: str, resize_size: int) -> Image.Image:
             # JPEG modes are L, RGB and CMYK, for which load_image's conversion is Pillow's own.
             img = ImageOps.exif_transpose(img).convert('RGB')
         else:
-            img = load_image(path)
+            img = load_image(path, exif_orientation=True)
     factor = min(img.size) // (SHRINK_TO_FACTOR * resize_size)
     return img.reduce(factor) if factor > 1 else img
 
@@ -145,10 +133,16 @@ class Predictor:
     """Probabilities for batches of (3, S, S) float32 arrays, from eager weights or an export."""
 
     def __init__(self, forward: Callable[[np.ndarray], np.ndarray], class_names: Optional[List[str]],
-                 input_size: int, crop_pct: float, interpolation: str):
+                 input_size: int, crop_pct: float, interpolation: str, fast_decode: bool = False):
         self.forward = forward
         self.class_names = class_names
         self.transform = eval_transform(input_size, crop_pct, interpolation)
+        self.fast_decode = fast_decode
+
+    def load(self, path: str) -> np.ndarray:
+        image = (load_image_reduced(path, self.transform.resize_size) if self.fast_decode
+                 else load_image(path, exif_orientation=True))
+        return self.transform(image)
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         logits = self.forward(batch)
@@ -164,60 +158,21 @@ def eager_predictor(args) -> Predictor:
     def forward(batch: np.ndarray) -> np.ndarray:
         return model(paddle.to_tensor(batch)).numpy()
 
-    return Predictor(forward, default_class_names(model.class_names, model.num_classes),
-                     args.input_size, args.crop_pct, args.eval_interpolation)
-
-
-def exported_model_file(directory: str) -> str:
-    """DIR/model.json (Paddle 3 PIR) or DIR/model.pdmodel (Paddle 2.x), whichever export wrote."""
-    for name in ('model.json', 'model.pdmodel'):
-        path = os.path.join(directory, name)
-        if os.path.isfile(path):
-            return path
-    raise WeightsError(f'{directory}: no exported model (model.json or model.pdmodel); '
-                       'expected a folder written by export.py')
-
-
-def load_inference_model(directory: str) -> Tuple[Callable[[np.ndarray], np.ndarray], dict, Optional[list]]:
-    """(forward, meta, class names) of a model export.py wrote, loaded with paddle.jit.load.
-
-    (paddle.inference's predictor crashed on this graph with Paddle 3.3.1 on CPU; jit.load runs
-    the same saved program.)
-    """
-    exported_model_file(directory)
-    try:
-        with open(os.path.join(directory, META_FILE), encoding='utf-8') as file:
-            meta = json.load(file)
-        with open(os.path.join(directory, CLASS_NAMES_FILE), encoding='utf-8') as file:
-            class_names = json.load(file)
-        missing = [key for key in META_KEYS if key not in meta]
-    except (OSError, ValueError) as error:
-        raise WeightsError(f'{directory}: cannot read {META_FILE} / {CLASS_NAMES_FILE} ({error}); '
-                           'expected a folder written by export.py') from None
-    if missing:
-        raise WeightsError(f'{os.path.join(directory, META_FILE)}: missing {", ".join(missing)}; '
-                           'expected the file export.py writes')
-    model = paddle.jit.load(os.path.join(directory, 'model'))
-    model.eval()
-
-    @paddle.no_grad()
-    def forward(batch: np.ndarray) -> np.ndarray:
-        return model(paddle.to_tensor(batch, dtype='float32')).numpy()
-
-    return forward, meta, class_names
+    return Predictor(forward, export.default_class_names(model.class_names, model.num_classes),
+                     args.input_size, args.crop_pct, args.eval_interpolation, args.fast_decode)
 
 
 def exported_predictor(args) -> Predictor:
-    forward, meta, class_names = load_inference_model(args.inference_model)
+    meta = export.read_meta(args.inference_model)
     input_size = args.input_size or meta['input_size']
-    if not meta.get('dynamic_size') and input_size != meta['input_size']:
+    if not meta['dynamic_size'] and input_size != meta['input_size']:
         raise WeightsError(f'{args.inference_model} was exported for {meta["input_size"]}x'
                            f'{meta["input_size"]} inputs, not {input_size}; re-export it with '
                            '--dynamic-size or that --input-size')
-    crop_pct = args.crop_pct or meta['crop_pct']
-    interpolation = args.eval_interpolation or meta['interpolation']
-    return Predictor(forward, default_class_names(class_names, meta['num_classes']),
-                     input_size, crop_pct, interpolation)
+    forward = export.load_runner(args.inference_model, args.runtime)
+    return Predictor(forward, export.default_class_names(meta['class_names'], meta['num_classes']),
+                     input_size, args.crop_pct or meta['crop_pct'],
+                     args.eval_interpolation or meta['interpolation'], args.fast_decode)
 
 
 def top_predictions(probabilities: np.ndarray, topk: int, class_names: Optional[List[str]]) -> List[dict]:
@@ -246,8 +201,7 @@ def predict(predictor: Predictor, paths: Sequence[str], topk: int = DEFAULT_TOPK
         array = None
         if error is None:
             try:
-                image = load_image_bounded(path, predictor.transform.resize_size)
-                array = predictor.transform(image)
+                array = predictor.load(path)
             except UNREADABLE_IMAGE_ERRORS as exception:
                 error = describe_error(path, exception)
         pending.append((path, array, error))
@@ -286,6 +240,8 @@ if __name__ == '__main__':
     arguments = argument_parser.parse_args()
     if arguments.topk < 1 or arguments.batch_size < 1:
         argument_parser.error('--topk and --batch-size must be at least 1')
+    if arguments.runtime != 'paddle' and not arguments.inference_model:
+        argument_parser.error('--runtime applies to --inference-model')
     try:
         sys.exit(main(arguments))
     except WeightsError as error:

@@ -115,7 +115,7 @@ def test_load_image_modes(tmp_path):
         assert img.mode == "RGB", name
 
 
-def test_load_image_applies_exif_orientation(tmp_path):
+def test_load_image_applies_exif_orientation_only_when_asked(tmp_path):
     stored = np.zeros((20, 40, 3), np.uint8)  # stored 40 wide, 20 high
     stored[:, :20] = (255, 0, 0)  # left half red
     stored[:, 20:] = (0, 0, 255)  # right half blue
@@ -124,7 +124,8 @@ def test_load_image_applies_exif_orientation(tmp_path):
     exif[0x0112] = 6  # orientation: display rotated 90 degrees clockwise
     path = _save(img, tmp_path / "rotated.jpg", exif=exif.tobytes(), quality=95)
 
-    loaded = data.load_image(path)
+    assert data.load_image(path).size == (40, 20)  # as stored, like the official loader
+    loaded = data.load_image(path, exif_orientation=True)
 
     assert loaded.size == (20, 40)  # now 20 wide, 40 high
     top, bottom = pixels(loaded)[5, 10], pixels(loaded)[34, 10]

@@ -1,5 +1,7 @@
-"""export.py: the Paddle inference model and the ONNX model give the eager logits (1e-4), at
-a fixed size and, with --dynamic-size, at several sizes; predict.py runs the export."""
+"""export.py: the Paddle inference model in Paddle Inference's predictor (default Config, oneDNN
+on and off) and the ONNX model in ONNX Runtime give the eager logits, at a fixed size and, with
+--dynamic-size, at several; the ONNX file is clean; predict.py runs exports in both runtimes;
+a failed export writes nothing."""
 import json
 import os
 import subprocess
@@ -14,18 +16,11 @@ import export
 import predict
 from conftest import REPO_ROOT, photo_like_array
 from cyclemlp import create_model
+from weights import WeightsError
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 FIXED_SIZE = 64
-DYNAMIC_SIZES = ((48, 64), (96, 80))
-
-
-def run_export(weights, output, *args):
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "export.py"), "--weights", weights,
-                             "--output", str(output), *args],
-                            capture_output=True, text=True, env=ENV, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result
+DYNAMIC_SIZES = ((64, 64), (48, 64), (96, 80))
 
 
 def export_in_process(weights, output, *args):
@@ -54,32 +49,31 @@ def paddle_inference_logits(directory, images, onednn=None):
     return predictor.get_output_handle(predictor.get_output_names()[0]).copy_to_cpu()
 
 
-def assert_close_to(expected, actual):
-    """Within 1e-4 of the eager logits, relative to the largest logit."""
-    scale = np.abs(expected).max()
-    assert np.abs(actual - expected).max() <= 1e-4 * scale, np.abs(actual - expected).max() / scale
-
-
 def onnx_logits(path, images):
     onnxruntime = pytest.importorskip("onnxruntime")
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     return session.run(None, {export.INPUT_NAME: images})[0]
 
 
+def assert_close_to(expected, actual):
+    """Within 1e-4 of the eager logits, relative to the largest logit."""
+    scale = np.abs(expected).max()
+    assert np.abs(actual - expected).max() <= 1e-4 * scale, np.abs(actual - expected).max() / scale
+
+
 @pytest.mark.parametrize("dynamic", [False, True], ids=["fixed", "dynamic"])
-def test_paddle_and_onnx_exports_match_eager(tmp_path, make_tiny_weights, dynamic):
+def test_exports_give_the_eager_logits_in_every_runtime(tmp_path, make_tiny_weights, dynamic):
     pytest.importorskip("paddle2onnx")
     weights = make_tiny_weights()
     output = tmp_path / "exported"
-    flags = ["--dynamic-size"] if dynamic else []
-    result = run_export(weights, output, "--input-size", str(FIXED_SIZE), "--onnx", *flags)
-    assert "model.onnx" in result.stdout
+    export_in_process(weights, output, "--input-size", str(FIXED_SIZE), "--onnx",
+                      *(["--dynamic-size"] if dynamic else []))
     model = create_model(weights=weights)
     model.eval()
     exported = paddle.jit.load(str(output / "model"))
     rng = np.random.default_rng(0)
-    sizes = DYNAMIC_SIZES if dynamic else ((FIXED_SIZE, FIXED_SIZE),)
-    for batch, (height, width) in [(batch, size) for batch in (1, 3) for size in sizes]:
+    for batch, (height, width) in [(batch, size) for batch in (1, 3)
+                                   for size in (DYNAMIC_SIZES if dynamic else DYNAMIC_SIZES[:1])]:
         images = rng.standard_normal((batch, 3, height, width)).astype(np.float32)
         expected = eager_logits(model, images)
         assert_close_to(expected, exported(paddle.to_tensor(images)).numpy())
@@ -92,7 +86,10 @@ def test_paddle_and_onnx_exports_match_eager(tmp_path, make_tiny_weights, dynami
     assert meta["model_args"]["embed_dims"] == [8, 16, 24, 32] and meta["num_classes"] == 3
     assert meta["crop_pct"] == 0.875 and meta["interpolation"] == "bicubic"
     assert meta["mean"] == [0.485, 0.456, 0.406] and meta["std"] == [0.229, 0.224, 0.225]
-    assert json.loads((output / "class_names.json").read_text()) == ["cat", "dog", "fox"]
+    assert meta["class_names"] == ["cat", "dog", "fox"]
+    assert set(meta["parity"]["max_difference"]) == {"paddle_inference_default_config", "onnxruntime"}
+    assert len(meta["parity"]["sizes"]) == (2 if dynamic else 1)
+    assert sorted(os.listdir(tmp_path)) == ["exported", "tiny.pdparams"]   # no temporary left
 
 
 class AddThenScale(paddle.nn.Layer):
@@ -117,25 +114,38 @@ def test_minimal_reproduction_of_the_onednn_int64_scale_bug(tmp_path):
     assert not np.array_equal(paddle_inference_logits(tmp_path, x), expected)
 
 
-def test_predict_runs_the_exported_model(tmp_path, make_tiny_weights):
+def test_onnx_model_loads_without_warnings(tmp_path, make_tiny_weights, capfd):
+    """paddle2onnx leaves constants nothing uses; ONNX Runtime warns about each one it removes."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    pytest.importorskip("paddle2onnx")
+    output = tmp_path / "exported"
+    export_in_process(make_tiny_weights(), output, "--input-size", "48", "--dynamic-size", "--onnx")
+    capfd.readouterr()
+    onnxruntime.InferenceSession(str(output / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert capfd.readouterr().err == ""
+
+
+def test_predict_runs_the_export_in_both_runtimes(tmp_path, make_tiny_weights):
+    pytest.importorskip("paddle2onnx")
     weights = make_tiny_weights()
     output = tmp_path / "exported"
-    export_in_process(weights, output, "--input-size", "48", "--dynamic-size")
+    export_in_process(weights, output, "--input-size", "48", "--dynamic-size", "--onnx")
     image = str(tmp_path / "photo.png")
     Image.fromarray(photo_like_array(70, 50, 7)).save(image)
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "predict.py"), image, "--inference-model",
-                             str(output), "--topk", "3", "--json"],
-                            capture_output=True, text=True, env=ENV, timeout=300)
-    assert result.returncode == 0, result.stderr
-    from_export = json.loads(result.stdout)["predictions"]
     # meta.json's input size 48 is the default; the eager predictor is told the same.
     eager = predict.Predictor(lambda batch: eager_logits(create_model(weights=weights), batch),
                               ["cat", "dog", "fox"], 48, 0.875, "bicubic")
     [expected] = predict.predict(eager, [image], topk=3)
-    assert [p["class_id"] for p in from_export] == [p["class_id"] for p in expected["predictions"]]
-    assert [p["label"] for p in from_export] == [p["label"] for p in expected["predictions"]]
-    np.testing.assert_allclose([p["probability"] for p in from_export],
-                               [p["probability"] for p in expected["predictions"]], atol=1e-5)
+    for runtime in ("paddle", "onnx"):
+        result = subprocess.run([sys.executable, str(REPO_ROOT / "predict.py"), image, "--inference-model",
+                                 str(output), "--runtime", runtime, "--topk", "3", "--json"],
+                                capture_output=True, text=True, env=ENV, timeout=300)
+        assert result.returncode == 0, result.stderr
+        got = json.loads(result.stdout)["predictions"]
+        assert [p["class_id"] for p in got] == [p["class_id"] for p in expected["predictions"]]
+        assert [p["label"] for p in got] == [p["label"] for p in expected["predictions"]]
+        np.testing.assert_allclose([p["probability"] for p in got],
+                                   [p["probability"] for p in expected["predictions"]], atol=1e-5)
 
 
 def test_fixed_size_export_refuses_another_size(tmp_path, make_tiny_weights):
@@ -143,14 +153,36 @@ def test_fixed_size_export_refuses_another_size(tmp_path, make_tiny_weights):
     export_in_process(make_tiny_weights(), output, "--input-size", "32")
     args = predict.get_args_parser().parse_args(["x.png", "--inference-model", str(output),
                                                  "--input-size", "64"])
-    with pytest.raises(predict.WeightsError, match="exported for 32x32 inputs, not 64"):
+    with pytest.raises(WeightsError, match="exported for 32x32 inputs, not 64"):
         predict.exported_predictor(args)
+
+
+def test_a_failed_export_writes_nothing_and_keeps_the_earlier_one(tmp_path, make_tiny_weights, monkeypatch):
+    weights = make_tiny_weights()
+    output = tmp_path / "exported"
+    export_in_process(weights, output, "--input-size", "32")
+    before = {name: (output / name).read_bytes() for name in os.listdir(output)}
+    wrong = lambda directory, onednn=False: lambda batch: np.zeros((len(batch), 3), np.float32)  # noqa: E731
+    monkeypatch.setattr(export, "paddle_runner", wrong)
+    with pytest.raises(WeightsError, match="Paddle Inference .* away from the eager model"):
+        export_in_process(weights, output, "--input-size", "48")
+    with pytest.raises(WeightsError, match="away from the eager model"):
+        export_in_process(weights, tmp_path / "new", "--input-size", "48")
+    assert {name: (output / name).read_bytes() for name in os.listdir(output)} == before
+    assert sorted(os.listdir(tmp_path)) == ["exported", "tiny.pdparams"]
+
+
+def test_export_refuses_to_replace_a_folder_that_is_not_an_export(tmp_path, make_tiny_weights):
+    output = tmp_path / "results"
+    output.mkdir()
+    (output / "notes.txt").write_text("keep me")
+    with pytest.raises(WeightsError, match="is not an export"):
+        export_in_process(make_tiny_weights(), output, "--input-size", "32")
+    assert os.listdir(output) == ["notes.txt"]
 
 
 def test_onnx_without_paddle2onnx_is_a_clear_error(tmp_path, make_tiny_weights, monkeypatch):
     monkeypatch.setitem(sys.modules, "paddle2onnx", None)   # makes `import paddle2onnx` fail
-    args = export.get_args_parser().parse_args(["--weights", make_tiny_weights(), "--output",
-                                                str(tmp_path / "out"), "--onnx"])
-    with pytest.raises(export.ExportError, match="pip install paddle2onnx"):
-        export.main(args)
+    with pytest.raises(WeightsError, match="pip install paddle2onnx"):
+        export_in_process(make_tiny_weights(), tmp_path / "out", "--onnx")
     assert not (tmp_path / "out").exists()

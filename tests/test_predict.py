@@ -13,7 +13,7 @@ from PIL import Image
 import predict
 from conftest import REPO_ROOT, photo_like_array
 from cyclemlp import create_model
-from data import eval_transform, load_image
+from data import ImageDataset, eval_transform, load_image
 
 INPUT_SIZE = 32
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -68,8 +68,9 @@ def write_broken_files(folder) -> dict:
 
 
 def direct_probabilities(model, path):
-    """The official pipeline written out: decode, eval transform, forward, softmax."""
-    batch = paddle.to_tensor(eval_transform(INPUT_SIZE)(load_image(path))[None])
+    """The official pipeline written out: decode (EXIF orientation applied), eval transform,
+    forward, softmax."""
+    batch = paddle.to_tensor(eval_transform(INPUT_SIZE)(load_image(path, exif_orientation=True))[None])
     with paddle.no_grad():
         return paddle.nn.functional.softmax(model(batch), axis=-1).numpy()[0]
 
@@ -104,8 +105,24 @@ def test_every_mode_predicted_and_broken_files_reported(tmp_path, make_tiny_weig
         assert [p["label"] for p in predictions] == [["cat", "dog", "fox"][i] for i in top]
         np.testing.assert_allclose([p["probability"] for p in predictions], expected[top], atol=1e-5)
     # The EXIF rotation was applied: the prediction is that of the turned image.
-    turned = load_image(good["rotated.jpg"])
-    assert turned.size == (36, 48)
+    assert load_image(good["rotated.jpg"], exif_orientation=True).size == (36, 48)
+
+
+def test_exif_orientation_applied_by_predict_only(tmp_path):
+    """The official loader (torchvision's ImageFolder) ignores EXIF orientation, so training
+    and evaluation read the stored pixels; predict.py turns a phone photo upright."""
+    path = str(tmp_path / "phone.jpg")
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = ROTATE_90
+    Image.fromarray(photo_like_array(48, 36, 5)).save(path, exif=exif)
+    with Image.open(path) as stored:
+        official = np.asarray(stored.convert("RGB"))
+    np.testing.assert_array_equal(np.asarray(load_image(path)), official)
+    dataset = ImageDataset([(path, 0)], ["a"], lambda img, rng: np.asarray(img), skip_unreadable=False)
+    np.testing.assert_array_equal(dataset[0][0], official)
+    predictor = predict.Predictor(None, None, 32, 1.0, "bicubic")
+    turned = np.rot90(official, k=-1)          # orientation 6: 90 degrees clockwise
+    np.testing.assert_array_equal(predictor.load(path), eval_transform(32, 1.0)(Image.fromarray(turned)))
 
 
 def test_evaluation_transform_recorded_in_the_weights_is_used(tmp_path, make_tiny_weights):
@@ -148,21 +165,24 @@ def test_bad_weights_exit_2(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'none.pdparams'}: no such file"
 
 
-def test_large_images_are_shrunk_before_the_resize(tmp_path):
-    resize = 36
+def test_large_images_take_the_official_path_unless_fast_decode(tmp_path):
+    exact = predict.Predictor(None, None, INPUT_SIZE, 0.875, "bicubic")
+    fast = predict.Predictor(None, None, INPUT_SIZE, 0.875, "bicubic", fast_decode=True)
+    resize = exact.transform.resize_size
     ordinary = str(tmp_path / "ordinary.jpg")
     Image.fromarray(photo_like_array(120, 100, 3)).save(ordinary)   # under 4x the target
-    assert np.array_equal(np.asarray(predict.load_image_bounded(ordinary, resize)),
-                          np.asarray(load_image(ordinary)))
+    np.testing.assert_array_equal(fast.load(ordinary), exact.load(ordinary))
     for name in ("large.jpg", "large.png"):
         path = str(tmp_path / name)
         Image.fromarray(photo_like_array(1200, 900, 4)).save(path)
-        shrunk = predict.load_image_bounded(path, resize)
+        official = eval_transform(INPUT_SIZE)(load_image(path))
+        np.testing.assert_array_equal(exact.load(path), official)
+        shrunk = predict.load_image_reduced(path, resize)
         assert 2 * resize <= min(shrunk.size) < 4 * resize and shrunk.mode == "RGB"
         assert shrunk.size[0] / shrunk.size[1] == pytest.approx(1200 / 900, rel=0.02)
-        full = eval_transform(INPUT_SIZE)(load_image(path))
         # Close to the official transform of the full image, not equal (see predict's docstring).
-        assert np.abs(eval_transform(INPUT_SIZE)(shrunk) - full).mean() < 0.05
+        approximate = fast.load(path)
+        assert 0 < np.abs(approximate - official).mean() < 0.05
 
 
 def test_decompression_bombs_are_refused_per_image(tmp_path, monkeypatch):
