@@ -10,14 +10,20 @@ Implementations (the same network and weights each time):
 
 Runs are interleaved (one step of each implementation in turn, repeated), so that drift in a
 shared machine's speed hits all alike; the median of the repetitions is reported. Peak memory
-of a training step is measured in a fresh process per implementation (CPU: growth of peak RSS;
-GPU: paddle's peak allocated memory).
+of a training step is measured in a fresh process per implementation (CPU: growth of peak RSS,
+and the peak of what Paddle allocated; GPU: paddle's peak allocated memory).
+
+Deployed inference (unless --skip-deploy): the model exported by export.py (run as a user runs
+it), timed at batch 1 and 16 in eager Paddle, Paddle Inference's predictor (oneDNN off, the
+fastest correct Config here, and the default Config) and ONNX Runtime, interleaved, with the
+same thread count.
 """
 import argparse
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Callable, Dict, List
 
@@ -28,8 +34,10 @@ import paddle.nn.functional as F
 
 import cyclemlp
 from cycle_fc import CycleFC
+from weights import write_weights
 
 IMPLS = ['index', 'index-unfused', 'deform', 'none']
+DEPLOY_BATCHES = (1, 16)
 LAYER_SIZES = {'stage1': (56, 64), 'stage3': (14, 320)}   # (H = W, C) of B1's stages at 224
 
 
@@ -139,13 +147,15 @@ def time_interleaved(steps: Dict[str, Dict[str, Callable]], warmup: int, repeats
     return {impl: {mode: float(np.median(t)) for mode, t in modes.items()} for impl, modes in times.items()}
 
 
-def peak_memory_mb(args, impl: str) -> float:
-    """Peak extra memory of training steps, in a fresh process so that peaks don't mix."""
+def peak_memory_mb(args, impl: str) -> List[float]:
+    """Peak extra memory of training steps, in a fresh process so that peaks don't mix: the
+    process's (peak RSS growth on CPU) and what Paddle allocated (its peak above the steady
+    state after one step)."""
     command = [sys.executable, os.path.abspath(__file__), '--memory-probe', impl, '--model', args.model,
                '--batch-size', str(args.batch_size), '--input-size', str(args.input_size)]
     command += ['--threads', str(args.threads)] if args.threads else []
     result = subprocess.run(command, capture_output=True, text=True, check=True)
-    return float(result.stdout.strip().splitlines()[-1])
+    return [float(value) for value in result.stdout.strip().splitlines()[-1].split()]
 
 
 def peak_rss_mb() -> float:
@@ -160,15 +170,90 @@ def peak_rss_mb() -> float:
 
 
 def memory_probe(args) -> None:
-    """Child process of peak_memory_mb: print the peak memory growth of two training steps in MB."""
+    """Child process of peak_memory_mb: print the peak memory growth of two training steps and
+    Paddle's allocated peak of the second above the first's steady state, in MB."""
     train = make_steps(args, args.memory_probe)['train']
     on_gpu = 'gpu' in paddle.get_device()
     before = paddle.device.cuda.memory_allocated() / 2**20 if on_gpu else peak_rss_mb()
     train()
+    core = paddle.base.core
+    steady = core.host_memory_stat_current_value('Allocated', 0)
+    core.host_memory_stat_reset_peak_value('Allocated', 0)
     train()
+    allocated = (core.host_memory_stat_peak_value('Allocated', 0) - steady) / 2**20
     # On GPU the peak since start-up is the training peak: building the model needs less.
     after = paddle.device.cuda.max_memory_allocated() / 2**20 if on_gpu else peak_rss_mb()
-    print(after - before)
+    print(after - before, allocated)
+
+
+def deployed_runners(args, directory: str) -> Dict[str, Callable[[np.ndarray], None]]:
+    """name -> run(batch) for eager Paddle and each runtime, on the model export.py wrote to
+    directory from the same weights; set up as deployments do, with the eager thread count."""
+    paddle.seed(0)
+    model = cyclemlp.create_model(args.model)
+    model.eval()
+    threads = cpu_setup.threads or int(os.environ.get('OMP_NUM_THREADS', 1))
+    weights = os.path.join(directory, 'weights.pdparams')
+    write_weights(weights, {key: value.numpy() for key, value in model.state_dict().items()})
+    output = os.path.join(directory, 'exported')
+    command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'export.py'),
+               '--weights', weights, '--output', output, '--input-size', str(args.input_size)]
+    onnx = subprocess.run(command + ['--onnx'], capture_output=True).returncode == 0
+    if not onnx:
+        subprocess.run(command, capture_output=True, check=True)
+
+    def paddle_inference(onednn: bool):
+        model_file = next(os.path.join(output, name) for name in ('model.json', 'model.pdmodel')
+                          if os.path.isfile(os.path.join(output, name)))
+        config = paddle.inference.Config(model_file, os.path.join(output, 'model.pdiparams'))
+        config.disable_gpu()
+        config.disable_glog_info()
+        config.set_cpu_math_library_num_threads(threads)
+        if not onednn:
+            config.disable_mkldnn()
+        predictor = paddle.inference.create_predictor(config)
+        images = predictor.get_input_handle(predictor.get_input_names()[0])
+        logits = predictor.get_output_handle(predictor.get_output_names()[0])
+
+        def run(batch):
+            images.reshape(batch.shape)
+            images.copy_from_cpu(batch)
+            predictor.run()
+            logits.copy_to_cpu()
+        return run
+
+    def eager(batch):
+        cpu_setup.set_threads(threads)   # a predictor's run leaves this thread with its own count
+        with paddle.no_grad():
+            model(paddle.to_tensor(batch)).numpy()
+
+    runners = {'eager': eager, 'paddle-inference': paddle_inference(onednn=False),
+               'paddle-inference-onednn': paddle_inference(onednn=True)}
+    if onnx:
+        import onnxruntime
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        # Its threads would otherwise spin after each run, taking the cores from the next runtime.
+        options.add_session_config_entry('session.intra_op.allow_spinning', '0')
+        session = onnxruntime.InferenceSession(os.path.join(output, 'model.onnx'), options,
+                                               providers=['CPUExecutionProvider'])
+        runners['onnxruntime'] = lambda batch: session.run(None, {'images': batch})
+    return runners
+
+
+def deployed_inference(args) -> List[dict]:
+    """Images per second of inference at each of DEPLOY_BATCHES, every runtime interleaved."""
+    rows = []
+    with tempfile.TemporaryDirectory() as directory:
+        runners = deployed_runners(args, directory)
+        for batch in DEPLOY_BATCHES:
+            images = np.random.default_rng(0).standard_normal(
+                (batch, 3, args.input_size, args.input_size)).astype(np.float32)
+            timings = time_interleaved({name: {'infer': lambda run=run: run(images)}
+                                        for name, run in runners.items()}, args.warmup, args.repeats)
+            rows += [{'runtime': name, 'batch': batch, 'img_s': batch / times['infer']}
+                     for name, times in timings.items()]
+    return rows
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -187,6 +272,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--repeats', default=3, type=int, help='timed rounds (default: 3)')
     parser.add_argument('--skip-layer', action='store_true',
                         help='skip the single-layer measurements (default: False)')
+    parser.add_argument('--skip-deploy', action='store_true',
+                        help='skip the deployed-inference table (default: False)')
     parser.add_argument('--skip-memory', action='store_true',
                         help='skip the peak-memory processes (default: False)')
     parser.add_argument('--json', action='store_true', help='print one JSON object (default: False)')
@@ -217,7 +304,8 @@ def main(argv=None) -> dict:
             'impl': impl,
             'infer_img_s': args.batch_size / timings[impl]['infer'],
             'train_img_s': args.batch_size / timings[impl]['train'],
-            'peak_mem_mb': None if args.skip_memory else peak_memory_mb(args, impl),
+            **dict(zip(('peak_mem_mb', 'peak_allocated_mb'),
+                       [None, None] if args.skip_memory else peak_memory_mb(args, impl))),
         })
     layers = []
     if not args.skip_layer:
@@ -228,12 +316,13 @@ def main(argv=None) -> dict:
             for impl, modes in layer_times.items():
                 layers.append({'layer': stage, 'shape': [args.batch_size, size, size, channels], 'impl': impl,
                                'forward_ms': modes['infer'] * 1e3, 'forward_backward_ms': modes['train'] * 1e3})
+    deployed = [] if args.skip_deploy else deployed_inference(args)
     report = {
         'device': paddle.get_device(), 'paddle': paddle.__version__,
         'threads': cpu_setup.threads or int(os.environ.get('OMP_NUM_THREADS', 1)),
         'mkl_avx2_on_amd': cpu_setup.amd_mkl_path, 'freed_memory_kept': cpu_setup.freed_memory_kept,
         'model': args.model, 'batch_size': args.batch_size, 'input_size': args.input_size,
-        'results': results, 'layers': layers,
+        'results': results, 'layers': layers, 'deployed': deployed,
         'ratios': {f'{key}_{a}/{b}': ratio(results, key, a, b)
                    for key in ('train_img_s', 'infer_img_s') for a, b in
                    (('index', 'deform'), ('index', 'none'), ('index-unfused', 'none'))},
@@ -245,10 +334,10 @@ def main(argv=None) -> dict:
           f'device {report["device"]}, Paddle {report["paddle"]}, {report["threads"]} threads, '
           f'MKL AVX2 path on AMD: {"yes" if cpu_setup.amd_mkl_path else "no"}, '
           f'median of {args.repeats} interleaved rounds')
-    print(f'{"impl":<14} {"infer img/s":>12} {"train img/s":>12} {"peak MB":>9}')
+    print(f'{"impl":<14} {"infer img/s":>12} {"train img/s":>12} {"peak MB":>9} {"allocated MB":>13}')
     for r in results:
-        memory = '-' if r['peak_mem_mb'] is None else f'{r["peak_mem_mb"]:.0f}'
-        print(f'{r["impl"]:<14} {r["infer_img_s"]:>12.2f} {r["train_img_s"]:>12.2f} {memory:>9}')
+        memory = ['-' if r[key] is None else f'{r[key]:.0f}' for key in ('peak_mem_mb', 'peak_allocated_mb')]
+        print(f'{r["impl"]:<14} {r["infer_img_s"]:>12.2f} {r["train_img_s"]:>12.2f} {memory[0]:>9} {memory[1]:>13}')
     for name, value in report['ratios'].items():
         if not np.isnan(value):
             print(f'{name}: {value:.2f}x')
@@ -257,6 +346,10 @@ def main(argv=None) -> dict:
         for row in layers:
             print(f'{row["layer"]:<8} {row["impl"]:<8} {str(row["shape"]):<20} '
                   f'{row["forward_ms"]:>8.1f} {row["forward_backward_ms"]:>11.1f}')
+    if deployed:
+        print(f'\ndeployed inference, img/s\n{"runtime":<24} ' + ' '.join(f'{f"batch {b}":>9}' for b in DEPLOY_BATCHES))
+        for name in dict.fromkeys(row['runtime'] for row in deployed):
+            print(f'{name:<24} ' + ' '.join(f'{row["img_s"]:>9.2f}' for row in deployed if row['runtime'] == name))
     return report
 
 
