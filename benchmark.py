@@ -34,6 +34,7 @@ import paddle.nn.functional as F
 
 import cyclemlp
 from cycle_fc import CycleFC
+from data import INPUT_SIZE_RANGE, bounded
 from weights import write_weights
 
 IMPLS = ['index', 'index-unfused', 'deform', 'none']
@@ -257,19 +258,20 @@ def deployed_inference(args) -> List[dict]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser('CycleMLP benchmark', description=__doc__,
+    parser = argparse.ArgumentParser('CycleMLP benchmark', description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--model', default='CycleMLP_B1', choices=list(cyclemlp.MODELS),
+    parser.add_argument('--model', default='CycleMLP_B1', choices=list(cyclemlp.ARCHITECTURES),
                         help='model to measure (default: CycleMLP_B1)')
-    parser.add_argument('--batch-size', default=16, type=int, help='images per step (default: 16)')
-    parser.add_argument('--input-size', default=224, type=int, help='image height and width (default: 224)')
-    parser.add_argument('--threads', default=None, type=int,
+    parser.add_argument('--batch-size', default=16, type=bounded(int, 1), help='images per step (default: 16)')
+    parser.add_argument('--input-size', default=224, type=bounded(int, *INPUT_SIZE_RANGE),
+                        help='image height and width (default: 224)')
+    parser.add_argument('--threads', default=None, type=bounded(int, 1),
                         help='CPU threads (default: as every command: OMP_NUM_THREADS if set, else '
                              f'every core this process may use, {cpu_setup.available_cores()} here)')
     parser.add_argument('--impls', default=','.join(IMPLS),
                         help=f'comma-separated implementations (default: {",".join(IMPLS)})')
-    parser.add_argument('--warmup', default=1, type=int, help='untimed rounds first (default: 1)')
-    parser.add_argument('--repeats', default=3, type=int, help='timed rounds (default: 3)')
+    parser.add_argument('--warmup', default=1, type=bounded(int, 0), help='untimed rounds first (default: 1)')
+    parser.add_argument('--repeats', default=3, type=bounded(int, 1), help='timed rounds (default: 3)')
     parser.add_argument('--skip-layer', action='store_true',
                         help='skip the single-layer measurements (default: False)')
     parser.add_argument('--skip-deploy', action='store_true',
@@ -287,15 +289,15 @@ def ratio(results: List[dict], key: str, a: str, b: str) -> float:
 
 
 def main(argv=None) -> dict:
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    impls = [impl for impl in args.impls.split(',') if impl]
+    if set(impls) - set(IMPLS):
+        parser.error(f'--impls: unknown {sorted(set(impls) - set(IMPLS))}; choose from {IMPLS}')
     cpu_setup.set_threads(args.threads)   # every implementation gets the same count
     if args.memory_probe:
         memory_probe(args)
         return {}
-    impls = [impl for impl in args.impls.split(',') if impl]
-    unknown = set(impls) - set(IMPLS)
-    if unknown:
-        raise SystemExit(f'error: unknown implementation(s) {sorted(unknown)}; choose from {IMPLS}')
 
     timings = time_interleaved({impl: make_steps(args, impl) for impl in impls}, args.warmup, args.repeats)
     results = []

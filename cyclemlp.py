@@ -11,7 +11,7 @@ dict key for key (`network.{stage}.{block}.attn.sfc_h.weight`, ...), so official
 load one to one after transposing the Linear weights (PyTorch stores them [out, in], Paddle
 [in, out]).
 """
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import paddle
@@ -320,15 +320,19 @@ class CycleNet(nn.Layer):
     def __init__(self, layers: Sequence[int], embed_dims: Sequence[int], mlp_ratios: Sequence[float],
                  num_classes: int = 1000, drop_path_rate: float = 0.0):
         super().__init__()
-        if not (len(layers) == len(embed_dims) == len(mlp_ratios)):
+        if not (len(layers) == len(embed_dims) == len(mlp_ratios) >= 1):
             raise ValueError(f'layers {layers}, embed_dims {embed_dims} and mlp_ratios {mlp_ratios} '
                              f'must have the same length')
+        if min(layers) < 1 or min(embed_dims) < 4 or min(int(d * r) for d, r in zip(embed_dims, mlp_ratios)) < 1 \
+                or num_classes < 1:
+            raise ValueError(f'a CycleNet needs stages of at least 1 block, 4 channels (the '
+                             f're-weighting MLP has C/4) and 1 hidden unit, and at least 1 class; '
+                             f'got layers {layers}, embed_dims {embed_dims}, mlp_ratios {mlp_ratios}, '
+                             f'num_classes {num_classes}')
         self.config = dict(layers=list(layers), embed_dims=list(embed_dims),
                            mlp_ratios=list(mlp_ratios), num_classes=num_classes)
         self.num_classes = num_classes
         self.name = variant_name(self.config)          # 'CycleMLP_B1' .. 'CycleMLP_B5', or None
-        self.class_names: Optional[List[str]] = None   # set by create_model from a weights file
-        self.data_config: Optional[dict] = None        # likewise: input_size, crop_pct, interpolation
         self.patch_embed = PatchEmbed(embed_dims[0])
         total_blocks, block_index = sum(layers), 0
         network = []
@@ -362,11 +366,12 @@ class CycleNet(nn.Layer):
         return [x.transpose([0, 3, 1, 2]) for x in self.forward_stages(images)]  # (B,H,W,C) -> (B,C,H,W)
 
     def forward_head(self, x: paddle.Tensor) -> paddle.Tensor:
-        """Logits from the last channel-last stage map (B, H, W, C)."""
-        return self.head(self.norm(x).mean(axis=[1, 2]))
+        """Logits from the last stage map (B, C, H, W), as forward_features returns it."""
+        return self.head(self.norm(x.transpose([0, 2, 3, 1])).mean(axis=[1, 2]))  # (B,C,H,W) -> (B,H,W,C)
 
     def forward(self, images: paddle.Tensor) -> paddle.Tensor:
-        return self.forward_head(self.forward_stages(images)[-1])
+        # forward_head(forward_features(images)[-1]), transposing only the last map.
+        return self.forward_head(self.forward_stages(images)[-1].transpose([0, 3, 1, 2]))
 
 
 def init_weights(layer: nn.Layer) -> None:
@@ -410,26 +415,49 @@ def CycleMLP_B5(**kwargs) -> CycleNet:
     return CycleNet(**ARCHITECTURES['CycleMLP_B5'], **kwargs)
 
 
-MODELS = {factory.__name__: factory for factory in
-          (CycleMLP_B1, CycleMLP_B2, CycleMLP_B3, CycleMLP_B4, CycleMLP_B5)}
+def parameter_count(layers: Sequence[int], embed_dims: Sequence[int], mlp_ratios: Sequence[float],
+                    num_classes: int) -> int:
+    """count_parameters of the CycleNet these arguments build, without building it."""
+    count = 3 * 7 * 7 * embed_dims[0] + embed_dims[0]                       # stem
+    for stage, (depth, dim, ratio) in enumerate(zip(layers, embed_dims, mlp_ratios)):
+        hidden, squeezed = int(dim * ratio), dim // 4
+        per_block = (4 * dim + 4 * dim * dim + 3 * dim                        # norms, 4 FCs, 3 biases
+                     + dim * squeezed + squeezed + squeezed * 3 * dim + 3 * dim  # reweight
+                     + 2 * dim * hidden + hidden + dim)                      # mlp
+        count += depth * per_block
+        if stage < len(layers) - 1:
+            count += 9 * dim * embed_dims[stage + 1] + embed_dims[stage + 1]  # downsampling conv
+    return count + 2 * embed_dims[-1] + embed_dims[-1] * num_classes + num_classes
 
 
-def config_from_state(state: Dict[str, np.ndarray]) -> dict:
-    """Read layers, embed_dims, mlp_ratios and num_classes off a CycleNet state dict."""
-    try:
-        layers, embed_dims, mlp_ratios = [], [], []
-        for stage in range(0, 7, 2):
-            depth = 1 + max(int(key.split('.')[2]) for key in state
-                            if key.startswith(f'network.{stage}.'))
-            dim = state[f'network.{stage}.0.norm1.weight'].shape[0]
-            hidden = state[f'network.{stage}.0.mlp.fc1.bias'].shape[0]
-            layers.append(depth)
-            embed_dims.append(dim)
-            mlp_ratios.append(hidden // dim if hidden % dim == 0 else hidden / dim)
-        num_classes = state['head.bias'].shape[0]
-    except (KeyError, ValueError) as error:
-        raise WeightsError(f'not a CycleMLP state dict (could not read its shape: {error})') from None
-    return dict(layers=layers, embed_dims=embed_dims, mlp_ratios=mlp_ratios, num_classes=num_classes)
+def config_from_state(state: Dict[str, np.ndarray], source: str = 'weights') -> dict:
+    """Read layers, embed_dims, mlp_ratios and num_classes off a CycleNet state dict, or raise
+    WeightsError. A file decides the size of the model built from it, so its structure is
+    checked first: the blocks of each stage numbered 0..n-1, the tensors read 1-D and not
+    empty, and the model no larger than the file (it must hold every parameter)."""
+    def length(key: str) -> int:
+        if key not in state:
+            raise WeightsError(f'{source}: not a CycleMLP state dict (no {key})')
+        if state[key].ndim != 1 or state[key].size == 0:
+            raise WeightsError(f'{source}: {key} has shape {list(state[key].shape)}, expected a '
+                               'non-empty vector')
+        return state[key].shape[0]
+
+    layers, embed_dims, mlp_ratios = [], [], []
+    for stage in range(0, 7, 2):
+        blocks = {key.split('.')[2] for key in state if key.startswith(f'network.{stage}.')}
+        if not blocks or blocks != {str(index) for index in range(len(blocks))}:
+            raise WeightsError(f'{source}: the blocks of network.{stage} are not numbered 0..n-1')
+        dim, hidden = length(f'network.{stage}.0.norm1.weight'), length(f'network.{stage}.0.mlp.fc1.bias')
+        layers.append(len(blocks))
+        embed_dims.append(dim)
+        mlp_ratios.append(hidden // dim if hidden % dim == 0 else hidden / dim)
+    config = dict(layers=layers, embed_dims=embed_dims, mlp_ratios=mlp_ratios,
+                  num_classes=length('head.bias'))
+    if parameter_count(**config) > sum(value.size for value in state.values()):
+        raise WeightsError(f'{source}: its shapes describe a CycleNet {layers} {embed_dims} with '
+                           'more parameters than the file holds')
+    return config
 
 
 def variant_name(config: dict) -> Optional[str]:
@@ -467,49 +495,53 @@ def load_state(model: CycleNet, state: Dict[str, np.ndarray], source: str = 'wei
         want, got = list(expected[key].shape), list(state[key].shape)
         if want != got:
             problems.append(f'{key}: shape {got} in the file, {want} in the model')
+            if len(problems) > 12:
+                break
         elif key.endswith('.offset') and not np.array_equal(state[key], expected[key].numpy()):
             problems.append(f'{key}: offsets differ from the CycleFC pattern this layer computes')
     if problems:
         raise WeightsError(f'{source} does not fit {type(model).__name__}'
-                           f'{model.config["layers"]} {model.config["embed_dims"]}:\n  '
-                           + '\n  '.join(problems))
+                           f'{model.config["layers"]} {model.config["embed_dims"]}: ' + '; '.join(problems))
     for key, value in state.items():
         expected[key].set_value(paddle.to_tensor(value, dtype=expected[key].dtype))
 
 
 def create_model(name: Optional[str] = None, weights: Optional[str] = None, ema: bool = False,
                  drop_head: bool = False, **kwargs) -> CycleNet:
-    """Build a model by name and optionally load weights from any supported file.
+    """Build a model by name (a key of ARCHITECTURES), optionally with weights from any
+    supported file (see load_model, which also returns what the file records)."""
+    if weights is not None:
+        return load_model(weights, name, ema, drop_head, **kwargs)[0]
+    if name not in ARCHITECTURES:
+        raise ValueError(f'unknown model {name!r}; choose one of {", ".join(ARCHITECTURES)}')
+    return CycleNet(**ARCHITECTURES[name], **kwargs)
 
-    weights may be an official PyTorch release or training checkpoint (.pth), a .pdparams
-    (this repo's or the earlier PaddleClas-layout reproduction's), a .safetensors file or this
-    repo's training checkpoint (.pdckpt); ema picks the EMA weights of a training checkpoint.
-    When name is None the architecture is the one the file records or, for foreign files, the
-    one its tensor shapes describe. num_classes defaults to the file's class count. The class
-    names and evaluation transform a file stores (this repo's checkpoints) are set as
-    `model.class_names` and `model.data_config`.
+
+def load_model(weights: str, name: Optional[str] = None, ema: bool = False, drop_head: bool = False,
+               **kwargs) -> Tuple[CycleNet, dict]:
+    """(model, meta) from a weights file: an official PyTorch release or training checkpoint
+    (.pth), a .pdparams (this repo's or the earlier PaddleClas-layout reproduction's), a
+    .safetensors file or this repo's training checkpoint (.pdckpt); ema picks the EMA weights
+    of a training checkpoint. When name is None the architecture is the one the file records
+    or, for foreign files, the one its tensor shapes describe. num_classes defaults to the
+    file's class count. meta is what the file records besides weights (class_names,
+    data_config; {} for files from elsewhere), for the commands to use.
     """
-    if name is not None and name not in MODELS:
-        raise ValueError(f'unknown model {name!r}; choose one of {", ".join(MODELS)}')
-    if weights is None:
-        if name is None:
-            raise ValueError('create_model needs a model name or a weights file')
-        return MODELS[name](**kwargs)
+    if name is not None and name not in ARCHITECTURES:
+        raise ValueError(f'unknown model {name!r}; choose one of {", ".join(ARCHITECTURES)}')
     state, meta, layout = read_weights(weights, ema=ema)
     if layout == 'torch':
         state = torch_to_paddle(state)
-    config = config_from_state(state)
+    config = config_from_state(state, weights)
     name = name or meta.get('model_name') or variant_name(config)
     kwargs.setdefault('num_classes', config['num_classes'])
-    if name in MODELS:
-        model = MODELS[name](**kwargs)
-    else:
-        model = CycleNet(**{**config, **kwargs})
+    architecture = ARCHITECTURES.get(name, {key: config[key] for key in ('layers', 'embed_dims', 'mlp_ratios')})
+    try:
+        model = CycleNet(**architecture, **kwargs)
+    except ValueError as error:     # shapes no CycleNet has
+        raise WeightsError(f'{weights}: {error}') from None
     load_state(model, state, source=weights, drop_head=drop_head)
-    class_names = meta.get('class_names')
-    model.class_names = class_names if class_names and len(class_names) == model.num_classes else None
-    model.data_config = meta.get('data_config')
-    return model
+    return model, meta
 
 
 def count_parameters(model: nn.Layer) -> int:

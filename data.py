@@ -23,34 +23,41 @@ per-element and per-pair modes (the recipe uses mode 'batch').
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import multiprocessing
 import os
 import re
+import stat
 import struct
+import threading
 from typing import Callable, Optional, Sequence
 
+import cpu_setup  # first: sets up the CPU before Paddle loads (threads, MKL, memory)
 import numpy as np
 import paddle
 import paddle.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
 
-# ---------------------------------------------------------------------------------------------
-# Constants
-# ---------------------------------------------------------------------------------------------
+from cyclemlp import ARCHITECTURES
+from weights import WeightsError, describe
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_CROP_PCT = 0.875  # 224 / 256: the official evaluation resize rule
+# The evaluation transform of the official code; a checkpoint records its own (data_config).
+EVAL_DEFAULTS = dict(input_size=224, crop_pct=DEFAULT_CROP_PCT, interpolation='bicubic')
+INPUT_SIZE_RANGE = (8, 4096)
+CROP_PCT_RANGE = (0.05, 1.0)
 
 # Pillow renamed its enums in 9.1; the old module-level names are gone in some versions.
-_RESAMPLING = getattr(Image, "Resampling", Image)
-_TRANSFORM = getattr(Image, "Transform", Image)
+_RESAMPLING = getattr(Image, 'Resampling', Image)
+_TRANSFORM = getattr(Image, 'Transform', Image)
 INTERPOLATIONS = {
-    "bicubic": _RESAMPLING.BICUBIC,
-    "bilinear": _RESAMPLING.BILINEAR,
-    "nearest": _RESAMPLING.NEAREST,
+    'bicubic': _RESAMPLING.BICUBIC,
+    'bilinear': _RESAMPLING.BILINEAR,
+    'nearest': _RESAMPLING.NEAREST,
 }
 # timm's 'random' interpolation draws one of these per call.
 RANDOM_INTERPOLATIONS = (_RESAMPLING.BILINEAR, _RESAMPLING.BICUBIC)
@@ -65,6 +72,7 @@ IMAGE_EXTENSIONS = frozenset(
 UNREADABLE_IMAGE_ERRORS = (
     OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError,
 )
+MAX_CLASSES = 100_000      # labels of a list file (ImageNet-21k has 21,841 classes)
 # Give up when this many consecutive training samples cannot be read: the data is broken.
 MAX_CONSECUTIVE_UNREADABLE = 100
 
@@ -92,14 +100,14 @@ SOLARIZE_ADD_MAX = 110
 SOLARIZE_ADD_THRESHOLD = 128
 
 RA_TRANSFORMS = (
-    "AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd",
-    "Color", "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY",
-    "TranslateXRel", "TranslateYRel",
+    'AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize', 'SolarizeAdd',
+    'Color', 'Contrast', 'Brightness', 'Sharpness', 'ShearX', 'ShearY',
+    'TranslateXRel', 'TranslateYRel',
 )
 RA_INCREASING_TRANSFORMS = (
-    "AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
-    "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
-    "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel",
+    'AutoContrast', 'Equalize', 'Invert', 'Rotate', 'PosterizeIncreasing', 'SolarizeIncreasing',
+    'SolarizeAdd', 'ColorIncreasing', 'ContrastIncreasing', 'BrightnessIncreasing',
+    'SharpnessIncreasing', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel',
 )
 
 # Random erasing (timm defaults).
@@ -119,10 +127,6 @@ class DatasetError(ValueError):
     """A dataset that cannot be used as given: the message names the path and the problem."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Image decoding
-# ---------------------------------------------------------------------------------------------
-
 def load_image(path: str, exif_orientation: bool = False) -> Image.Image:
     """Decode an image file fully into an 8-bit RGB Pillow image.
 
@@ -138,6 +142,8 @@ def load_image(path: str, exif_orientation: bool = False) -> Image.Image:
     Pillow's decompression-bomb guard stays on. Raises one of UNREADABLE_IMAGE_ERRORS for a
     corrupt, truncated or non-image file.
     """
+    if not stat.S_ISREG(os.stat(path).st_mode):   # a FIFO or device would block the read forever
+        raise ValueError('not a regular file')
     with Image.open(path) as img:
         img.load()  # decode now, so a truncated file fails here rather than in a transform
         if exif_orientation:
@@ -146,21 +152,17 @@ def load_image(path: str, exif_orientation: bool = False) -> Image.Image:
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode == "RGB":
+    if img.mode == 'RGB':
         return img
-    if img.mode.startswith("I"):
+    if img.mode.startswith('I'):
         # Pillow's own conversion clips these at 255, which turns most 16-bit images white.
         grey = np.asarray(img).astype(np.float64) / 257.0  # 65535 / 257 == 255
         grey = np.clip(np.round(grey), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
-    if img.mode in ("P", "PA"):
-        img = img.convert("RGBA")
-    return img.convert("RGB")
+        return Image.fromarray(grey).convert('RGB')
+    if img.mode in ('P', 'PA'):
+        img = img.convert('RGBA')
+    return img.convert('RGB')
 
-
-# ---------------------------------------------------------------------------------------------
-# Datasets
-# ---------------------------------------------------------------------------------------------
 
 class ImageDataset(paddle.io.Dataset):
     """(path, label) samples decoded with `load_image` and passed through `transform`.
@@ -187,7 +189,7 @@ class ImageDataset(paddle.io.Dataset):
         self.classes = classes
         self.transform = transform
         self.skip_unreadable = skip_unreadable
-        self._unreadable_flags = multiprocessing.RawArray("b", len(samples))
+        self._unreadable_flags = multiprocessing.RawArray('b', len(samples))
         self.augmentation_seed = 0
         self.epoch = 0
         self.reseed()
@@ -204,19 +206,19 @@ class ImageDataset(paddle.io.Dataset):
                 img = load_image(path)
             except UNREADABLE_IMAGE_ERRORS as error:
                 if not self.skip_unreadable:
-                    raise DatasetError(f"cannot read image {path}: {error}") from error
+                    raise DatasetError(f'cannot read image {path}: {error}') from error
                 self._report_unreadable(sample_index, path, error)
                 continue
             return self.transform(img, self.rng), np.int64(label)
         raise DatasetError(
-            f"{attempts} consecutive images from {self.samples[index][0]} on cannot be read; "
-            "check the dataset"
+            f'{attempts} consecutive images from {self.samples[index][0]} on cannot be read; '
+            'check the dataset'
         )
 
     def _report_unreadable(self, index: int, path: str, error: Exception) -> None:
         if not self._unreadable_flags[index]:
             self._unreadable_flags[index] = 1
-            logger.warning("skipping unreadable image %s (%s); using the next one", path, error)
+            logger.warning('skipping unreadable image %s (%s); using the next one', path, error)
 
     @property
     def skipped(self) -> int:
@@ -248,10 +250,10 @@ def build_dataset(is_train: bool, args) -> ImageDataset:
     training split whenever that split exists, so label indices always agree between the two.
     """
     if is_train:
-        samples, classes = _split_samples(args.data_path, "train", args.train_list)
+        samples, classes = _split_samples(args.data_path, 'train', args.train_list)
         skip_unreadable = True
     else:
-        samples, classes = _split_samples(args.data_path, "val", args.val_list)
+        samples, classes = _split_samples(args.data_path, 'val', args.val_list)
         train_classes = _train_classes(args)
         if train_classes is not None:
             _check_val_classes(args, samples, classes, train_classes)
@@ -277,7 +279,7 @@ def _train_classes(args) -> Optional[list[str]]:
     if args.train_list:
         train_samples = read_list_file(args.train_list, args.data_path, check_files=False)
         return _index_class_names(label for _, label in train_samples)
-    train_root = os.path.join(args.data_path, "train")
+    train_root = os.path.join(args.data_path, 'train')
     return _class_folders(train_root) if os.path.isdir(train_root) else None
 
 
@@ -286,47 +288,57 @@ def _check_val_classes(args, samples, val_classes, train_classes) -> None:
         for path, label in samples:
             if label >= len(train_classes):
                 raise DatasetError(
-                    f"{args.val_list}: label {label} of {path} is not a training class "
-                    f"(training has {len(train_classes)} classes)"
+                    f'{args.val_list}: label {label} of {path} is not a training class '
+                    f'(training has {len(train_classes)} classes)'
                 )
     elif val_classes != train_classes:
         only_val = sorted(set(val_classes) - set(train_classes))
         only_train = sorted(set(train_classes) - set(val_classes))
         raise DatasetError(
             f"class folders of {os.path.join(args.data_path, 'val')} differ from training: "
-            f"only in val {only_val[:10]}, only in train {only_train[:10]}"
+            f'only in val {only_val[:10]}, only in train {only_train[:10]}'
         )
 
 
 def _class_folders(root: str) -> list[str]:
     return sorted(
         entry.name for entry in os.scandir(root)
-        if entry.is_dir() and not entry.name.startswith(".")
+        if entry.is_dir() and not entry.name.startswith('.')
     )
+
+
+def is_regular_file(path: str) -> bool:
+    """A regular file, or a symbolic link to one (not a FIFO, device or folder)."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def scan_image_folder(root: str) -> tuple[list[tuple[str, int]], list[str]]:
     """(path, class index) for every image under root/<class>/ (recursively), and the class names.
 
     Class index = position of the folder name in sorted order, as torchvision's ImageFolder.
-    Files are recognised by extension (any Pillow can open, case-insensitive).
+    Files are recognised by extension (any Pillow can open, case-insensitive) and must be
+    regular files (a link to one counts); links to folders inside a class folder are not
+    followed, so a link loop cannot multiply or hang the scan.
     """
     if not os.path.isdir(root):
-        raise DatasetError(f"image folder {root} does not exist")
+        raise DatasetError(f'image folder {root} does not exist')
     classes = _class_folders(root)
     if not classes:
-        raise DatasetError(f"no class folders in {root}: expected {root}/<class>/<image>")
+        raise DatasetError(f'no class folders in {root}: expected {root}/<class>/<image>')
     samples = []
     for label, name in enumerate(classes):
         class_root = os.path.join(root, name)
         class_samples = [
-            (os.path.join(folder, file_name), label)
-            for folder, _, file_names in sorted(os.walk(class_root, followlinks=True))
-            for file_name in sorted(file_names)
-            if os.path.splitext(file_name)[1].lower() in IMAGE_EXTENSIONS
+            (path, label)
+            for folder, _, file_names in sorted(os.walk(class_root))
+            for path in (os.path.join(folder, name) for name in sorted(file_names))
+            if os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS and is_regular_file(path)
         ]
         if not class_samples:
-            raise DatasetError(f"class folder {class_root} holds no images")
+            raise DatasetError(f'class folder {class_root} holds no images')
         samples.extend(class_samples)
     return samples, classes
 
@@ -339,40 +351,44 @@ def read_list_file(
     Paths are relative to `data_path` and may contain spaces (the label is the last field).
     Blank lines are ignored. With `check_files`, every named file must exist.
     """
-    if not os.path.isfile(list_path):
-        raise DatasetError(f"list file {list_path} does not exist")
+    if not is_regular_file(list_path):
+        raise DatasetError(f'list file {list_path} does not exist or is not a regular file')
     samples = []
-    with open(list_path, encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
+    with open(list_path, 'rb') as lines:
+        for line_number, raw in enumerate(lines, start=1):
+            try:
+                line = raw.decode('utf-8')
+            except UnicodeDecodeError:
+                raise DatasetError(f'{list_path}:{line_number}: not UTF-8 text') from None
             if not line.strip():
                 continue
             fields = line.rsplit(maxsplit=1)
-            if len(fields) != 2 or not fields[1].isdigit():
+            if len(fields) != 2 or not re.fullmatch('[0-9]{1,9}', fields[1]):
                 raise DatasetError(
                     f"{list_path}:{line_number}: expected 'relative/path label' with an "
-                    f"integer label >= 0, got {line.rstrip()!r}"
+                    f'integer label >= 0, got {line.rstrip()[:80]!r}'
                 )
+            if int(fields[1]) >= MAX_CLASSES:
+                raise DatasetError(f'{list_path}:{line_number}: label {fields[1]} is not below '
+                                   f'{MAX_CLASSES}, the most classes this reads')
             path = os.path.join(data_path, fields[0])
-            if check_files and not os.path.isfile(path):
-                raise DatasetError(f"{list_path}:{line_number}: image {path} does not exist")
+            if check_files and not is_regular_file(path):
+                raise DatasetError(f'{list_path}:{line_number}: image {path} does not exist or is '
+                                   'not a regular file')
             samples.append((path, int(fields[1])))
     if not samples:
-        raise DatasetError(f"list file {list_path} names no images")
+        raise DatasetError(f'list file {list_path} names no images')
     return samples
 
 
-# ---------------------------------------------------------------------------------------------
-# Per-image transforms (numpy + Pillow; every random draw comes from the `rng` argument)
-# ---------------------------------------------------------------------------------------------
-
 def _check_interpolation(name: str, allow_random: bool) -> None:
-    allowed = sorted(INTERPOLATIONS) + (["random"] if allow_random else [])
+    allowed = sorted(INTERPOLATIONS) + (['random'] if allow_random else [])
     if name not in allowed:
-        raise ValueError(f"interpolation {name!r} is not one of {allowed}")
+        raise ValueError(f'interpolation {name!r} is not one of {allowed}')
 
 
 def _resample(interpolation: str, rng: np.random.Generator) -> int:
-    if interpolation == "random":
+    if interpolation == 'random':
         return RANDOM_INTERPOLATIONS[int(rng.integers(len(RANDOM_INTERPOLATIONS)))]
     return INTERPOLATIONS[interpolation]
 
@@ -491,59 +507,60 @@ def _affine(img, matrix, fill, resample):
     return img.transform(img.size, _TRANSFORM.AFFINE, matrix, resample=resample, fillcolor=fill)
 
 
+def _enhance(enhancer):
+    return lambda img, factor: enhancer(img).enhance(factor)
+
+
 _PIXEL_OPS = {
-    "AutoContrast": ImageOps.autocontrast,
-    "Equalize": ImageOps.equalize,
-    "Invert": ImageOps.invert,
-    "Posterize": _posterize,
-    "PosterizeIncreasing": _posterize,
-    "Solarize": ImageOps.solarize,
-    "SolarizeIncreasing": ImageOps.solarize,
-    "SolarizeAdd": _solarize_add,
-    "Color": lambda img, factor: ImageEnhance.Color(img).enhance(factor),
-    "ColorIncreasing": lambda img, factor: ImageEnhance.Color(img).enhance(factor),
-    "Contrast": lambda img, factor: ImageEnhance.Contrast(img).enhance(factor),
-    "ContrastIncreasing": lambda img, factor: ImageEnhance.Contrast(img).enhance(factor),
-    "Brightness": lambda img, factor: ImageEnhance.Brightness(img).enhance(factor),
-    "BrightnessIncreasing": lambda img, factor: ImageEnhance.Brightness(img).enhance(factor),
-    "Sharpness": lambda img, factor: ImageEnhance.Sharpness(img).enhance(factor),
-    "SharpnessIncreasing": lambda img, factor: ImageEnhance.Sharpness(img).enhance(factor),
+    'AutoContrast': ImageOps.autocontrast,
+    'Equalize': ImageOps.equalize,
+    'Invert': ImageOps.invert,
+    'Posterize': _posterize,
+    'Solarize': ImageOps.solarize,
+    'SolarizeAdd': _solarize_add,
+    'Color': _enhance(ImageEnhance.Color),
+    'Contrast': _enhance(ImageEnhance.Contrast),
+    'Brightness': _enhance(ImageEnhance.Brightness),
+    'Sharpness': _enhance(ImageEnhance.Sharpness),
 }
+# An *Increasing op is its plain op with another magnitude-to-argument rule (_LEVEL_TO_ARGS).
+_PIXEL_OPS.update({f'{name}Increasing': _PIXEL_OPS[name] for name in
+                   ('Posterize', 'Solarize', 'Color', 'Contrast', 'Brightness', 'Sharpness')})
 # Geometric ops also take the fill colour of uncovered pixels and the resampling filter.
 _GEOMETRIC_OPS = {
-    "Rotate": lambda img, degrees, fill, resample: img.rotate(
+    'Rotate': lambda img, degrees, fill, resample: img.rotate(
         degrees, resample=resample, fillcolor=fill),
-    "ShearX": lambda img, factor, fill, resample: _affine(
+    'ShearX': lambda img, factor, fill, resample: _affine(
         img, (1, factor, 0, 0, 1, 0), fill, resample),
-    "ShearY": lambda img, factor, fill, resample: _affine(
+    'ShearY': lambda img, factor, fill, resample: _affine(
         img, (1, 0, 0, factor, 1, 0), fill, resample),
-    "TranslateXRel": lambda img, pct, fill, resample: _affine(
+    'TranslateXRel': lambda img, pct, fill, resample: _affine(
         img, (1, 0, pct * img.width, 0, 1, 0), fill, resample),
-    "TranslateYRel": lambda img, pct, fill, resample: _affine(
+    'TranslateYRel': lambda img, pct, fill, resample: _affine(
         img, (1, 0, 0, 0, 1, pct * img.height), fill, resample),
 }
 _LEVEL_TO_ARGS = {
-    "AutoContrast": _no_args,
-    "Equalize": _no_args,
-    "Invert": _no_args,
-    "Rotate": _rotate_args,
-    "Posterize": _posterize_args,
-    "PosterizeIncreasing": _posterize_increasing_args,
-    "Solarize": _solarize_args,
-    "SolarizeIncreasing": _solarize_increasing_args,
-    "SolarizeAdd": _solarize_add_args,
-    "Color": _enhance_args,
-    "ColorIncreasing": _enhance_increasing_args,
-    "Contrast": _enhance_args,
-    "ContrastIncreasing": _enhance_increasing_args,
-    "Brightness": _enhance_args,
-    "BrightnessIncreasing": _enhance_increasing_args,
-    "Sharpness": _enhance_args,
-    "SharpnessIncreasing": _enhance_increasing_args,
-    "ShearX": _shear_args,
-    "ShearY": _shear_args,
-    "TranslateXRel": _translate_rel_args,
-    "TranslateYRel": _translate_rel_args,
+    'AutoContrast': _no_args,
+    'Equalize': _no_args,
+    'Invert': _no_args,
+    'Rotate': _rotate_args,
+    'Posterize': _posterize_args,
+    'PosterizeIncreasing': _posterize_increasing_args,
+    'Solarize': _solarize_args,
+    'SolarizeIncreasing': _solarize_increasing_args,
+    'SolarizeAdd': _solarize_add_args,
+    'Color': _enhance_args,
+    'ColorIncreasing': _enhance_increasing_args,
+    'Contrast': _enhance_args,
+    'ContrastIncreasing': _enhance_increasing_args,
+    'Brightness': _enhance_args,
+    'BrightnessIncreasing': _enhance_increasing_args,
+    'Sharpness': _enhance_args,
+    'SharpnessIncreasing': _enhance_increasing_args,
+    'ShearX': _shear_args,
+    'ShearY': _shear_args,
+    'TranslateXRel': _translate_rel_args,
+    'TranslateYRel': _translate_rel_args,
 }
 
 
@@ -566,10 +583,10 @@ class AugmentOp:
         magnitude_std: float = 0.0,
         magnitude_max: float = LEVEL_DENOM,
         fill: tuple[int, int, int] = DEFAULT_FILL,
-        interpolation: str = "bicubic",
+        interpolation: str = 'bicubic',
     ) -> None:
         if name not in _LEVEL_TO_ARGS:
-            raise ValueError(f"unknown RandAugment op {name!r}")
+            raise ValueError(f'unknown RandAugment op {name!r}')
         self.name = name
         self.magnitude = magnitude
         self.prob = prob
@@ -597,8 +614,8 @@ class AugmentOp:
         return _PIXEL_OPS[self.name](img, *args)
 
     def __repr__(self) -> str:
-        return (f"AugmentOp({self.name}, m={self.magnitude}, p={self.prob}, "
-                f"mstd={self.magnitude_std}, mmax={self.magnitude_max})")
+        return (f'AugmentOp({self.name}, m={self.magnitude}, p={self.prob}, '
+                f'mstd={self.magnitude_std}, mmax={self.magnitude_max})')
 
 
 class RandAugment:
@@ -615,7 +632,7 @@ class RandAugment:
 
 
 def rand_augment(
-    policy: str, interpolation: str = "bicubic", mean: Sequence[float] = IMAGENET_MEAN
+    policy: str, interpolation: str = 'bicubic', mean: Sequence[float] = IMAGENET_MEAN
 ) -> RandAugment:
     """RandAugment from a timm policy string such as 'rand-m9-mstd0.5-inc1'.
 
@@ -628,35 +645,35 @@ def rand_augment(
     here inc0 means off, as its documentation intends.
     """
     _check_interpolation(interpolation, allow_random=True)
-    sections = policy.split("-")
-    if sections[0] != "rand":
+    sections = policy.split('-')
+    if sections[0] != 'rand':
         raise ValueError(f"augmentation policy {policy!r} must start with 'rand'")
     magnitude, num_ops, prob = RA_DEFAULT_MAGNITUDE, RA_DEFAULT_NUM_OPS, RA_DEFAULT_PROB
     magnitude_std, magnitude_max, increasing = 0.0, LEVEL_DENOM, False
     for section in sections[1:]:
-        match = re.fullmatch(r"([a-z]+)(\d+(?:\.\d*)?)", section)
+        match = re.fullmatch(r'([a-z]+)(\d+(?:\.\d*)?)', section)
         if match is None:
-            raise ValueError(f"cannot parse section {section!r} of policy {policy!r}")
+            raise ValueError(f'cannot parse section {section!r} of policy {policy!r}')
         key, value = match.groups()
-        if key in ("m", "n", "mmax", "inc") and not value.isdigit():
-            raise ValueError(f"section {section!r} of policy {policy!r} needs an integer")
-        if key == "m":
+        if key in ('m', 'n', 'mmax', 'inc') and not value.isdigit():
+            raise ValueError(f'section {section!r} of policy {policy!r} needs an integer')
+        if key == 'm':
             magnitude = int(value)
-        elif key == "n":
+        elif key == 'n':
             num_ops = int(value)
-        elif key == "p":
+        elif key == 'p':
             prob = float(value)
-        elif key == "mstd":
+        elif key == 'mstd':
             magnitude_std = float(value)
             if magnitude_std > RA_UNIFORM_MSTD:
                 magnitude_std = math.inf
-        elif key == "mmax":
+        elif key == 'mmax':
             magnitude_max = int(value)
-        elif key == "inc":
+        elif key == 'inc':
             increasing = int(value) != 0
         else:
-            raise ValueError(f"unknown section {section!r} of policy {policy!r}: "
-                             "expected m, n, p, mstd, mmax or inc")
+            raise ValueError(f'unknown section {section!r} of policy {policy!r}: '
+                             'expected m, n, p, mstd, mmax or inc')
     fill = tuple(min(255, round(255 * channel_mean)) for channel_mean in mean)
     names = RA_INCREASING_TRANSFORMS if increasing else RA_TRANSFORMS
     ops = [AugmentOp(name, magnitude, prob, magnitude_std, magnitude_max, fill, interpolation)
@@ -677,7 +694,7 @@ def random_erase(
     array: np.ndarray,
     rng: np.random.Generator,
     prob: float,
-    mode: str = "pixel",
+    mode: str = 'pixel',
     max_count: int = 1,
 ) -> np.ndarray:
     """timm's RandomErasing on a normalised (C, H, W) array, in place; returns the array.
@@ -708,9 +725,9 @@ def random_erase(
 
 
 def _erase_values(mode: str, shape: tuple[int, int, int], rng: np.random.Generator):
-    if mode == "pixel":
+    if mode == 'pixel':
         return rng.standard_normal(shape, dtype=np.float32)
-    if mode == "rand":
+    if mode == 'rand':
         return rng.standard_normal((shape[0], 1, 1), dtype=np.float32)
     return 0.0
 
@@ -723,19 +740,19 @@ class TrainTransform:
         input_size: int,
         auto_augment: Optional[str],
         color_jitter_strength: float,
-        interpolation: str = "bicubic",
+        interpolation: str = 'bicubic',
         erase_prob: float = 0.25,
-        erase_mode: str = "pixel",
+        erase_mode: str = 'pixel',
         erase_count: int = 1,
         crop_scale: tuple[float, float] = RRC_SCALE,
         hflip: float = HFLIP_PROB,
     ) -> None:
         _check_interpolation(interpolation, allow_random=True)
-        if erase_mode not in ("pixel", "rand", "const"):
-            raise ValueError(f"random erasing mode {erase_mode!r} is not pixel, rand or const")
+        if erase_mode not in ('pixel', 'rand', 'const'):
+            raise ValueError(f'random erasing mode {erase_mode!r} is not pixel, rand or const')
         self.input_size = input_size
         self.interpolation = interpolation
-        use_rand_augment = bool(auto_augment) and auto_augment.lower() != "none"
+        use_rand_augment = bool(auto_augment) and auto_augment.lower() != 'none'
         self.rand_augment = rand_augment(auto_augment, interpolation) if use_rand_augment else None
         # As in timm, colour jitter is only used when RandAugment is off.
         self.color_jitter_strength = 0.0 if use_rand_augment else color_jitter_strength
@@ -768,9 +785,11 @@ def resize_shorter_side(img: Image.Image, size: int, resample: int) -> Image.Ima
     width, height = img.size
     if min(width, height) == size:
         return img
-    if width <= height:
-        return img.resize((size, int(size * height / width)), resample)
-    return img.resize((int(size * width / height), size), resample)
+    target = (size, int(size * height / width)) if width <= height else (int(size * width / height), size)
+    if target[0] * target[1] > Image.MAX_IMAGE_PIXELS:   # an extreme aspect ratio, e.g. 20000000 x 1
+        raise ValueError(f'a {width}x{height} image resizes to {target[0]}x{target[1]}, over '
+                         f'Pillow\'s MAX_IMAGE_PIXELS ({Image.MAX_IMAGE_PIXELS})')
+    return img.resize(target, resample)
 
 
 def center_crop(img: Image.Image, size: int) -> Image.Image:
@@ -795,13 +814,118 @@ class EvalTransform:
 
 
 def eval_transform(
-    input_size: int = 224, crop_pct: float = DEFAULT_CROP_PCT, interpolation: str = "bicubic"
+    input_size: int = 224, crop_pct: float = DEFAULT_CROP_PCT, interpolation: str = 'bicubic'
 ) -> EvalTransform:
     """The evaluation / inference transform: PIL RGB image -> float32 (3, S, S) array."""
     _check_interpolation(interpolation, allow_random=False)
     if not 0 < crop_pct <= 1:
-        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+        raise ValueError(f'crop_pct must be in (0, 1], got {crop_pct}')
     return EvalTransform(input_size, crop_pct, interpolation)
+
+
+def check_data_config(config, source: str) -> dict:
+    """A recorded evaluation transform (data_config of a weights file or export), checked;
+    WeightsError naming the file and the value otherwise."""
+    checks = {'input_size': lambda v: type(v) is int and INPUT_SIZE_RANGE[0] <= v <= INPUT_SIZE_RANGE[1],
+              'crop_pct': lambda v: type(v) in (int, float) and CROP_PCT_RANGE[0] <= v <= CROP_PCT_RANGE[1],
+              'interpolation': lambda v: v in INTERPOLATIONS}
+    expected = {'input_size': f'an integer in {list(INPUT_SIZE_RANGE)}',
+                'crop_pct': f'a number in {list(CROP_PCT_RANGE)}',
+                'interpolation': f'one of {", ".join(INTERPOLATIONS)}'}
+    if not isinstance(config, dict):
+        raise WeightsError(f'{source}: data_config is {describe(config)}, expected a dict')
+    for key, value in config.items():
+        if key not in checks or not checks[key](value):
+            raise WeightsError(f'{source}: data_config {describe(key)} is {describe(value)}, '
+                               f'expected {expected.get(key, "only " + ", ".join(checks))}')
+    return config
+
+
+def resolve_data_config(args, recorded: Optional[dict], source: str) -> None:
+    """Fill the evaluation-transform flags left unset (None) with what `source` recorded (a
+    checkpoint's data_config, from train.py), else EVAL_DEFAULTS; explicit flags win."""
+    recorded = check_data_config(recorded or {}, source)
+    for dest, key in (('input_size', 'input_size'), ('crop_pct', 'crop_pct'),
+                      ('eval_interpolation', 'interpolation')):
+        if getattr(args, dest) is None:
+            setattr(args, dest, recorded.get(key, EVAL_DEFAULTS[key]))
+
+
+def bounded(kind: type, low=None, high=None, low_open: bool = False, high_open: bool = False):
+    """An argparse type: `kind` (int or float) parsed, finite and within [low, high] (an open
+    end excludes it); out of range is argparse's own error, naming the flag."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'expected {"an integer" if kind is int else "a number"}, got {text!r}') from None
+        if not math.isfinite(value) or (low is not None and (value <= low if low_open else value < low)) \
+                or (high is not None and (value >= high if high_open else value > high)):
+            interval = ('(' if low_open else '[') + f'{low if low is not None else "-inf"}, ' \
+                       f'{high if high is not None else "inf"}' + (')' if high_open else ']')
+            raise argparse.ArgumentTypeError(f'expected a value in {interval}, got {text}')
+        return value
+    parse.__name__ = kind.__name__   # argparse names the type in its messages
+    return parse
+
+
+def model_args_parser(training: bool = False) -> argparse.ArgumentParser:
+    """The model, its evaluation transform and the CPU threads: every command's flags.
+
+    For evaluation, prediction and export the defaults are None, meaning "what the weights
+    file records" (resolve_data_config); for training, the model to train and EVAL_DEFAULTS.
+    """
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    group = parser.add_argument_group('model and evaluation transform')
+    recorded = '' if training else 'as recorded in the weights, else '
+    group.add_argument('--model', default='CycleMLP_B1' if training else None,
+                       choices=list(ARCHITECTURES), metavar='NAME',
+                       help=f'architecture, one of {", ".join(ARCHITECTURES)} (default: '
+                            + ('CycleMLP_B1)' if training else 'the one the weights file records)'))
+    group.add_argument('--input-size', '--input_size', type=bounded(int, *INPUT_SIZE_RANGE),
+                       default=EVAL_DEFAULTS['input_size'] if training else None,
+                       help=f'side of the square image the model sees, in {list(INPUT_SIZE_RANGE)} '
+                            f'(default: {recorded}{EVAL_DEFAULTS["input_size"]})')
+    group.add_argument('--crop-pct', '--crop_pct', type=bounded(float, *CROP_PCT_RANGE),
+                       default=DEFAULT_CROP_PCT if training else None,
+                       help='evaluation resizes the shorter side to input_size / crop_pct, then '
+                            f'center-crops input_size; in {list(CROP_PCT_RANGE)} (default: '
+                            f'{recorded}{DEFAULT_CROP_PCT})')
+    # dest is the name build_dataset reads; train.py has its own --train-interpolation.
+    group.add_argument('--interpolation', '--eval-interpolation', dest='eval_interpolation',
+                       default='bicubic' if training else None, choices=list(INTERPOLATIONS),
+                       help=f'resampling of the evaluation resize (default: {recorded}bicubic)')
+    group.add_argument('--threads', type=bounded(int, 1), default=None,
+                       help='CPU threads of the compute kernels; no effect on GPU (default: '
+                            'OMP_NUM_THREADS if set, else every core this process may use, '
+                            f'{cpu_setup.available_cores()} here)')
+    return parser
+
+
+def loader_args_parser() -> argparse.ArgumentParser:
+    """The data and loader flags train.py and evaluate.py share."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    group = parser.add_argument_group('data')
+    group.add_argument('--data-path', '--data_path', default=None,
+                       help='dataset root holding train/<class>/ and val/<class>/, or the root '
+                            'the list files are relative to (default: None)')
+    group.add_argument('--train-list', '--train_list', default=None,
+                       help='PaddleClas-style list file "relative/path label" of the training '
+                            'set (default: None, use DATA/train/<class>/)')
+    group.add_argument('--val-list', '--val_list', default=None,
+                       help='list file of the validation set (default: None, use DATA/val/<class>/)')
+    group.add_argument('--batch-size', '--batch_size', type=bounded(int, 1), default=64,
+                       help='images per batch on each device (default: 64)')
+    group.add_argument('--num-workers', '--num_workers', type=bounded(int, 0),
+                       default=cpu_setup.default_num_workers(),
+                       help='data loading processes per device; 10 on GPU as in the official '
+                            'main.py, on CPU a quarter of the cores, at least 1 (default: '
+                            f'{cpu_setup.default_num_workers()} here)')
+    group.add_argument('--seed', type=bounded(int, 0, 2**31 - 1), default=0,
+                       help='random seed (default: 0)')
+    group.add_argument('--print-freq', '--print_freq', type=bounded(int, 1), default=10,
+                       help='log every this many iterations (default: 10)')
+    return parser
 
 
 def build_transform(is_train: bool, args) -> Callable:
@@ -812,19 +936,15 @@ def build_transform(is_train: bool, args) -> Callable:
     if is_train:
         return TrainTransform(
             args.input_size, args.aa, args.color_jitter, args.train_interpolation,
-            args.reprob, args.remode, args.recount, getattr(args, "scale", RRC_SCALE),
-            getattr(args, "hflip", HFLIP_PROB),
+            args.reprob, args.remode, args.recount, getattr(args, 'scale', RRC_SCALE),
+            getattr(args, 'hflip', HFLIP_PROB),
         )
     return eval_transform(
         args.input_size,
-        getattr(args, "crop_pct", DEFAULT_CROP_PCT),
-        getattr(args, "eval_interpolation", "bicubic"),
+        getattr(args, 'crop_pct', DEFAULT_CROP_PCT),
+        getattr(args, 'eval_interpolation', 'bicubic'),
     )
 
-
-# ---------------------------------------------------------------------------------------------
-# Batch mixing and losses (Paddle)
-# ---------------------------------------------------------------------------------------------
 
 def smooth_one_hot(labels: paddle.Tensor, num_classes: int, smoothing: float) -> paddle.Tensor:
     """[B] int64 labels -> [B, num_classes] float32 targets: 1 - smoothing + smoothing / K on
@@ -858,7 +978,7 @@ class Mixup:
         seed: int = 0,
     ) -> None:
         if mixup_alpha <= 0 and cutmix_alpha <= 0:
-            raise ValueError("Mixup needs mixup_alpha > 0 or cutmix_alpha > 0")
+            raise ValueError('Mixup needs mixup_alpha > 0 or cutmix_alpha > 0')
         self.num_classes = num_classes
         self.mixup_alpha = mixup_alpha
         self.cutmix_alpha = cutmix_alpha
@@ -902,8 +1022,8 @@ class Mixup:
         """images [B, C, H, W] float, labels [B] int64 -> (mixed images, [B, K] float32 targets)."""
         batch_size, _, height, width = images.shape
         if batch_size % 2:
-            raise ValueError(f"Mixup needs an even batch size, got {batch_size}; "
-                             "use an even --batch-size (training drops the last partial batch)")
+            raise ValueError(f'Mixup needs an even batch size, got {batch_size}; '
+                             'use an even --batch-size (training drops the last partial batch)')
         lam, use_cutmix = self.draw()
         mirrored = paddle.flip(images, axis=[0])
         if lam == 1.0:
@@ -911,8 +1031,8 @@ class Mixup:
         elif use_cutmix:
             (top, bottom, left, right), lam = self.cutmix_box(height, width, lam)
             # The box is built on the device from the four bounds: no host-to-device copy.
-            rows = paddle.arange(height, dtype="int64").reshape([1, 1, height, 1])
-            cols = paddle.arange(width, dtype="int64").reshape([1, 1, 1, width])
+            rows = paddle.arange(height, dtype='int64').reshape([1, 1, height, 1])
+            cols = paddle.arange(width, dtype='int64').reshape([1, 1, 1, width])
             box = (paddle.logical_and(rows >= top, rows < bottom).astype(images.dtype)
                    * paddle.logical_and(cols >= left, cols < right).astype(images.dtype))
             # 0/1 weights keep every pixel an exact copy of one of the two images.
@@ -924,26 +1044,6 @@ class Mixup:
         return mixed, targets
 
 
-def soft_target_cross_entropy(logits: paddle.Tensor, targets: paddle.Tensor) -> paddle.Tensor:
-    """Mean over the batch of -sum_k targets_k * log_softmax(logits)_k (timm's
-    SoftTargetCrossEntropy); computed in float32 so mixed-precision logits stay accurate."""
-    log_probs = F.log_softmax(logits.astype("float32"), axis=-1)
-    return (-targets.astype("float32") * log_probs).sum(axis=-1).mean()
-
-
-def label_smoothing_cross_entropy(
-    logits: paddle.Tensor, labels: paddle.Tensor, smoothing: float = 0.1
-) -> paddle.Tensor:
-    """Cross entropy against label-smoothed one-hot targets (timm's LabelSmoothingCrossEntropy:
-    (1 - smoothing) * NLL + smoothing * mean over classes of -log p); smoothing 0 is plain CE."""
-    targets = smooth_one_hot(labels, logits.shape[-1], smoothing)
-    return soft_target_cross_entropy(logits, targets)
-
-
-# ---------------------------------------------------------------------------------------------
-# Samplers and loaders
-# ---------------------------------------------------------------------------------------------
-
 class EpochSampler(paddle.io.Sampler):
     """Base of the training samplers: one rank's share of an order reseeded every epoch."""
 
@@ -951,7 +1051,7 @@ class EpochSampler(paddle.io.Sampler):
         self, dataset_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0
     ) -> None:
         if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+            raise ValueError(f'rank {rank} is not in [0, {num_replicas})')
         self.dataset_size = dataset_size
         self.num_replicas = num_replicas
         self.rank = rank
@@ -1017,7 +1117,7 @@ class ShardSampler(paddle.io.Sampler):
 
     def __init__(self, dataset_size: int, num_replicas: int = 1, rank: int = 0) -> None:
         if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+            raise ValueError(f'rank {rank} is not in [0, {num_replicas})')
         self.indices = range(rank, dataset_size, num_replicas)
 
     def __iter__(self):
@@ -1081,8 +1181,8 @@ def build_loader(
         sampler = sampler_class(len(dataset), num_replicas, rank, seed)
         if len(sampler) < batch_size:
             raise ValueError(
-                f"rank {rank} gets {len(sampler)} training samples per epoch, fewer than the "
-                f"batch size {batch_size}: no full batch to train on")
+                f'rank {rank} gets {len(sampler)} training samples per epoch, fewer than the '
+                f'batch size {batch_size}: no full batch to train on')
     else:
         sampler = ShardSampler(len(dataset), num_replicas, rank)
     dataset.set_augmentation_seed(seed + rank * SEED_RANK_STRIDE)
@@ -1098,9 +1198,37 @@ def build_loader(
     )
 
 
+def iterate(loader):
+    """The batches of `loader`; an image a worker process could not read ends the loop with
+    its DatasetError. (Paddle re-raises a worker's exception, with its type and its traceback as
+    the message, in a loader thread, and the main thread then gets a SystemError from the
+    closed queue; tests/test_data.py checks that this still holds.)"""
+    failures = []
+    previous_hook = threading.excepthook
+
+    def hook(hook_args):
+        if issubclass(hook_args.exc_type, DatasetError):
+            failures.append(str(hook_args.exc_value).strip().splitlines()[-1])
+        else:
+            previous_hook(hook_args)
+
+    threading.excepthook = hook
+    try:
+        yield from loader
+        return
+    except Exception:
+        if not failures:
+            raise
+    finally:
+        threading.excepthook = previous_hook
+    # Raised here, after the except block has dropped Paddle's exception: its traceback would
+    # keep the loader's iterator, and so its worker threads, alive until interpreter shutdown.
+    raise DatasetError(failures[0].split('DatasetError: ', 1)[-1])
+
+
 def set_loader_epoch(loader: paddle.io.DataLoader | InProcessLoader, epoch: int) -> None:
     """Reseed the loader's sample order and augmentations for `epoch` (before iterating it)."""
     sampler = loader.batch_sampler.sampler
-    if hasattr(sampler, "set_epoch"):
+    if hasattr(sampler, 'set_epoch'):
         sampler.set_epoch(epoch)
     loader.dataset.set_epoch(epoch)

@@ -33,10 +33,10 @@ import cpu_setup  # first: sets up the CPU before Paddle loads (threads, MKL, me
 import numpy as np
 import paddle
 
-from cyclemlp import CycleNet, create_model
-from data import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS
-from evaluate import USAGE_ERROR, model_args_parser, resolve_data_config
-from weights import WeightsError
+from cyclemlp import CycleNet, load_model
+from data import (IMAGENET_MEAN, IMAGENET_STD, DatasetError, bounded, check_data_config,
+                  model_args_parser, resolve_data_config)
+from weights import WeightsError, describe
 
 IMAGENET_CLASSES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'imagenet_classes.txt')
 MODEL_FILES = ('model.json', 'model.pdmodel')   # what paddle.jit.save writes: Paddle 3 PIR, Paddle 2.x
@@ -52,7 +52,7 @@ CHECK_BATCH = 2
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        'CycleMLP export', add_help=add_help, parents=[model_args_parser()],
+        'CycleMLP export', add_help=add_help, parents=[model_args_parser()], allow_abbrev=False,
         description='Write a Paddle inference model (and optionally ONNX) of a checkpoint.')
     parser.add_argument('--weights', required=True,
                         help='.pth, .pdparams, .safetensors or training checkpoint (default: required)')
@@ -65,7 +65,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help='accept any input height and width, not only --input-size (default: off)')
     parser.add_argument('--onnx', action='store_true',
                         help=f'also write {ONNX_FILE} with paddle2onnx (default: off)')
-    parser.add_argument('--opset', type=int, default=DEFAULT_OPSET,
+    parser.add_argument('--opset', type=bounded(int, 9, 20), default=DEFAULT_OPSET,
                         help=f'ONNX opset version (default: {DEFAULT_OPSET})')
     return parser
 
@@ -107,19 +107,16 @@ def read_meta(directory: str) -> dict:
     except (OSError, ValueError) as error:
         raise WeightsError(f'{path}: cannot read ({error}); expected the meta.json export.py '
                            'writes') from None
-    checks = {'num_classes': lambda v: isinstance(v, int) and v >= 1,
-              'input_size': lambda v: isinstance(v, int) and v >= 1,
+    checks = {'num_classes': lambda v: type(v) is int and v >= 1,
               'dynamic_size': lambda v: isinstance(v, bool),
-              'crop_pct': lambda v: isinstance(v, (int, float)) and 0 < v <= 1,
-              'interpolation': lambda v: v in INTERPOLATIONS,
               'class_names': lambda v: v is None or (isinstance(v, list) and all(isinstance(n, str) for n in v)
                                                      and len(v) == meta.get('num_classes'))}
     if not isinstance(meta, dict):
-        raise WeightsError(f'{path}: expected a JSON object, found {type(meta).__name__}')
+        raise WeightsError(f'{path}: expected a JSON object, found {describe(meta)}')
     for key, valid in checks.items():
         if key not in meta or not valid(meta[key]):
-            raise WeightsError(f'{path}: {key} is {str(meta.get(key, "missing"))[:80]}, not what '
-                               'export.py writes')
+            raise WeightsError(f'{path}: {key} is {describe(meta.get(key))}, not what export.py writes')
+    check_data_config({key: meta.get(key) for key in ('input_size', 'crop_pct', 'interpolation')}, path)
     return meta
 
 
@@ -257,13 +254,20 @@ def check_parity(model: CycleNet, run: Callable[[np.ndarray], np.ndarray], sizes
     return worst
 
 
+def check_output(output: str) -> None:
+    """--output may be new, empty or an earlier export, in an existing folder."""
+    if not os.path.isdir(os.path.dirname(output)):
+        raise WeightsError(f'{output}: its folder {os.path.dirname(output)} does not exist')
+    if os.path.exists(output) and (not os.path.isdir(output) or (
+            os.listdir(output) and not os.path.isfile(os.path.join(output, META_FILE)))):
+        raise WeightsError(f'{output}: exists and is not an export; choose a new --output')
+
+
 def replace_folder(temporary: str, output: str) -> None:
     """Move the finished export to output; an earlier export there goes only after that."""
     if not os.path.exists(output):
         os.replace(temporary, output)
         return
-    if not os.path.isdir(output) or (os.listdir(output) and not os.path.isfile(os.path.join(output, META_FILE))):
-        raise WeightsError(f'{output}: exists and is not an export; choose a new --output')
     old = tempfile.mkdtemp(prefix=f'.{os.path.basename(output)}.old.', dir=os.path.dirname(output))
     os.replace(output, os.path.join(old, 'export'))
     os.replace(temporary, output)
@@ -279,17 +283,15 @@ def main(args: argparse.Namespace) -> None:
         except ImportError:
             raise WeightsError('--onnx needs paddle2onnx, an optional dependency: '
                                'pip install paddle2onnx onnxruntime') from None
-    model = create_model(args.model, weights=args.weights, ema=args.ema)
-    model.eval()
-    resolve_data_config(args, model.data_config)
     output = os.path.abspath(args.output)
-    parent = os.path.dirname(output)
-    if not os.path.isdir(parent):
-        raise WeightsError(f'{args.output}: its folder {parent} does not exist')
+    check_output(output)
+    model, recorded = load_model(args.weights, args.model, ema=args.ema)
+    model.eval()
+    resolve_data_config(args, recorded.get('data_config'), args.weights)
     sizes = [(args.input_size, args.input_size)]
     if args.dynamic_size:
         sizes.append((args.input_size - 32 if args.input_size > 64 else args.input_size + 32, args.input_size))
-    temporary = tempfile.mkdtemp(prefix=f'.{os.path.basename(output)}.', dir=parent)
+    temporary = tempfile.mkdtemp(prefix=f'.{os.path.basename(output)}.', dir=os.path.dirname(output))
     try:
         export_paddle(model, temporary, None if args.dynamic_size else args.input_size)
         checks = {'paddle_inference_default_config': check_parity(
@@ -301,7 +303,7 @@ def main(args: argparse.Namespace) -> None:
                     input_size=args.input_size, dynamic_size=args.dynamic_size,
                     crop_pct=args.crop_pct, interpolation=args.eval_interpolation,
                     mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), input_name=INPUT_NAME,
-                    class_names=default_class_names(model.class_names, model.num_classes),
+                    class_names=default_class_names(recorded.get('class_names'), model.num_classes),
                     weights=os.path.basename(args.weights), ema=args.ema,
                     paddle_version=paddle.__version__,
                     parity={'tolerance': PARITY_TOLERANCE, 'sizes': sizes, 'max_difference': checks})
@@ -319,6 +321,7 @@ if __name__ == '__main__':
     arguments = get_args_parser().parse_args()
     try:
         main(arguments)
-    except WeightsError as error:
-        print(f'error: {error}', file=sys.stderr)
-        sys.exit(USAGE_ERROR)
+    except (WeightsError, DatasetError) as error:
+        sys.exit(f'error: {error}')
+    except KeyboardInterrupt:
+        sys.exit('interrupted')

@@ -38,21 +38,21 @@ import paddle.nn.functional as F
 from PIL import Image, ImageOps
 
 import export
-from cyclemlp import create_model
-from data import IMAGE_EXTENSIONS, UNREADABLE_IMAGE_ERRORS, eval_transform, load_image
-from evaluate import USAGE_ERROR, model_args_parser, resolve_data_config
+from cyclemlp import load_model
+from data import (IMAGE_EXTENSIONS, UNREADABLE_IMAGE_ERRORS, DatasetError, bounded, eval_transform,
+                  load_image, model_args_parser, resolve_data_config)
 from weights import WeightsError
 
 DEFAULT_TOPK = 5
 DEFAULT_BATCH_SIZE = 16
 LARGE_IMAGE_FACTOR = 4   # --fast-decode: shorter side >= 4x the resize target is shrunk cheaply first
 SHRINK_TO_FACTOR = 2     # ... but never below 2x the target, so the bicubic resize still smooths
-FAILED = 1               # exit code when some image could not be predicted
+FAILED = 1               # exit code when some image could not be predicted (as for any error)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        'CycleMLP prediction', add_help=add_help, parents=[model_args_parser()],
+        'CycleMLP prediction', add_help=add_help, parents=[model_args_parser()], allow_abbrev=False,
         description='Top-k classes of each image. Input size, crop_pct and interpolation default '
                     'to the values the weights file or export.py recorded.')
     parser.add_argument('images', nargs='+', help='image files or folders (searched recursively)')
@@ -66,9 +66,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                              'model.onnx of export.py --onnx (default: paddle)')
     parser.add_argument('--ema', action='store_true',
                         help="use a training checkpoint's EMA weights (default: off)")
-    parser.add_argument('--topk', type=int, default=DEFAULT_TOPK,
+    parser.add_argument('--topk', type=bounded(int, 1), default=DEFAULT_TOPK,
                         help=f'classes shown per image (default: {DEFAULT_TOPK})')
-    parser.add_argument('--batch-size', '--batch_size', type=int, default=DEFAULT_BATCH_SIZE,
+    parser.add_argument('--batch-size', '--batch_size', type=bounded(int, 1), default=DEFAULT_BATCH_SIZE,
                         help=f'images per forward pass (default: {DEFAULT_BATCH_SIZE})')
     parser.add_argument('--fast-decode', action='store_true',
                         help='decode large photos at reduced scale first: faster, approximate '
@@ -150,15 +150,15 @@ class Predictor:
 
 
 def eager_predictor(args) -> Predictor:
-    model = create_model(args.model, weights=args.weights, ema=args.ema)
+    model, meta = load_model(args.weights, args.model, ema=args.ema)
     model.eval()
-    resolve_data_config(args, model.data_config)
+    resolve_data_config(args, meta.get('data_config'), args.weights)
 
     @paddle.no_grad()
     def forward(batch: np.ndarray) -> np.ndarray:
         return model(paddle.to_tensor(batch)).numpy()
 
-    return Predictor(forward, export.default_class_names(model.class_names, model.num_classes),
+    return Predictor(forward, export.default_class_names(meta.get('class_names'), model.num_classes),
                      args.input_size, args.crop_pct, args.eval_interpolation, args.fast_decode)
 
 
@@ -238,12 +238,11 @@ def main(args: argparse.Namespace) -> int:
 if __name__ == '__main__':
     argument_parser = get_args_parser()
     arguments = argument_parser.parse_args()
-    if arguments.topk < 1 or arguments.batch_size < 1:
-        argument_parser.error('--topk and --batch-size must be at least 1')
     if arguments.runtime != 'paddle' and not arguments.inference_model:
         argument_parser.error('--runtime applies to --inference-model')
     try:
         sys.exit(main(arguments))
-    except WeightsError as error:
-        print(f'error: {error}', file=sys.stderr)
-        sys.exit(USAGE_ERROR)
+    except (WeightsError, DatasetError) as error:
+        sys.exit(f'error: {error}')
+    except KeyboardInterrupt:
+        sys.exit('interrupted')

@@ -9,23 +9,27 @@ The defaults are those of the official main.py (DeiT's recipe; README, Training)
 AdamW, lr 5e-4 x global batch / 512, 5 warmup epochs, cosine to 1e-5 over 300 epochs, label
 smoothing 0.1, RandAugment, random erasing, Mixup/CutMix, repeated augmentation, EMA 0.99996,
 drop path 0.1, mixed precision on GPU. The official underscore spellings (--output_dir, ...)
-are accepted as well.
+are accepted as well, and so are the official flags that change nothing here (see --help);
+a value that would need behaviour this repo does not have is refused.
 
 Every epoch writes OUTPUT/checkpoint.pdckpt (all that resuming needs; `--resume auto` picks it
 up) and appends one JSON line to OUTPUT/log.txt; OUTPUT/best.pdparams holds the weights of the
-best evaluated epoch. Both record the model name, its shape and the class names, so evaluate.py
-and predict.py need only the file. Epochs are counted from 1 in logs and checkpoints.
+best evaluated epoch. Both record the model name and the class names, so evaluate.py and
+predict.py need only the file. Epochs are counted from 1 in logs and checkpoints. A folder
+that holds a run is never overwritten by accident: continue it with `--resume auto`, or start
+over with `--overwrite`.
 
 Resuming is exact: data order, augmentation, Mixup and drop path are reseeded at every epoch
 from (seed, epoch, rank), so a run killed at an epoch boundary and resumed ends with the same
 parameters, bit for bit, as one that was never stopped.
 """
 import argparse
+import datetime
 import json
 import math
 import os
+import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -34,13 +38,15 @@ import cpu_setup  # first: sets up the CPU before Paddle loads (threads, MKL, me
 import numpy as np
 import paddle
 import paddle.distributed as dist
+import paddle.nn.functional as F
 
-from cyclemlp import CycleNet, count_parameters, create_model, load_state
-from data import (DatasetError, Mixup, build_dataset, build_loader, label_smoothing_cross_entropy,
-                  set_loader_epoch, soft_target_cross_entropy)
-from evaluate import (LOADER_FAILED, USAGE_ERROR, common_args_parser, evaluate, format_eta,
-                      report_loader_error, setup_distributed)
-from weights import WeightsError, atomic_save, read_checkpoint, read_weights, torch_to_paddle, write_weights
+from cyclemlp import CycleNet, count_flops, count_parameters, create_model, load_state
+from data import (DatasetError, Mixup, bounded, build_dataset, build_loader, iterate,
+                  loader_args_parser, model_args_parser, rand_augment, set_loader_epoch,
+                  smooth_one_hot)
+from evaluate import evaluate
+from weights import (WeightsError, atomic_save, check_state, describe, read_checkpoint, read_weights,
+                     remove_stale_temporaries, torch_to_paddle, write_weights)
 
 LR_REFERENCE_BATCH = 512  # the base lr is the lr of a global batch of this many images
 INIT_LOSS_SCALE = 2.0 ** 16  # timm's NativeScaler (torch.cuda.amp.GradScaler) starts here
@@ -48,11 +54,11 @@ INIT_LOSS_SCALE = 2.0 ** 16  # timm's NativeScaler (torch.cuda.amp.GradScaler) s
 # to 1000 ranks and keeps clear of data.py's per-worker augmentation seeds.
 RANK_SEED_STRIDE = 1000
 EPOCH_SEED_STRIDE = 1_000_000
-CUSTOM_MODEL_NAME = 'CycleNet'  # recorded for shapes no variant has; create_model rebuilds from shapes
+CUSTOM_MODEL_NAME = 'CycleNet'  # recorded for shapes no variant has; load_model rebuilds from shapes
 CHECKPOINT_FILE = 'checkpoint.pdckpt'
 BEST_FILE = 'best.pdparams'
 LOG_FILE = 'log.txt'
-TRAINING_FAILED = 1  # exit code for a run stopped by a non-finite loss
+RUN_FILES = (CHECKPOINT_FILE, BEST_FILE, LOG_FILE)
 DEMO_DATA = Path(__file__).resolve().parent / 'demo_data'
 # `--demo`: the bundled 8x8 digits upscaled to 32x32, a four-block CycleNet and the full
 # pipeline (RandAugment, erasing, Mixup, smoothing, EMA, drop path), milder than on ImageNet:
@@ -67,60 +73,93 @@ DEMO_PRESET = dict(
     aa='rand-m3-mstd0.5-inc1', mixup=0.2, cutmix=0.0, model_ema_decay=0.99,
     repeated_aug=False, drop_path=0.05, print_freq=50,
 )
-
-
-class UsageError(ValueError):
-    """Flags that cannot work together; the message says which."""
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite; the message names the epoch and iteration."""
+# The official main.py's flags that change nothing in this recipe: accepted so that an official
+# command line runs, but only with a value that means what this repo does (None: any value).
+OFFICIAL_NO_EFFECT = {
+    # flag: (default, values accepted, what it is)
+    '--drop': (0.0, None, 'dropout rate, which the official CycleMLP model ignores'),
+    '--model-ema-force-cpu': (False, None, 'EMA placement'),
+    '--opt': ('adamw', ('adamw',), 'optimizer; this recipe uses AdamW'),
+    '--momentum': (0.9, None, 'SGD momentum'),
+    '--sched': ('cosine', ('cosine',), 'lr schedule; this recipe uses timm\'s cosine'),
+    '--lr-noise': (None, (None,), 'lr noise, not implemented'),
+    '--lr-noise-pct': (0.67, None, 'lr noise limit'),
+    '--lr-noise-std': (1.0, None, 'lr noise std-dev'),
+    '--decay-epochs': (30, None, 'step schedule interval'),
+    '--cooldown-epochs': (10, None, 'cooldown, which the official run never reaches'),
+    '--patience-epochs': (10, None, 'plateau schedule patience'),
+    '--decay-rate': (0.1, None, 'step schedule rate'),
+    '--resplit': (False, None, 'erasing of augmentation splits, which this recipe has none of'),
+    '--cutmix-minmax': (None, (None,), 'CutMix box bounds, not implemented'),
+    '--mixup-mode': ('batch', ('batch',), 'Mixup mode; this recipe mixes per batch'),
+    '--teacher-model': ('regnety_160', None, 'distillation teacher'),
+    '--teacher-path': ('', None, 'distillation teacher weights'),
+    '--distillation-type': ('none', ('none',), 'distillation, not implemented'),
+    '--distillation-alpha': (0.5, None, 'distillation weight'),
+    '--distillation-tau': (1.0, None, 'distillation temperature'),
+    '--data-set': ('IMNET', ('IMNET',), 'dataset; class folders or list files are read'),
+    '--mcloader': (False, (False,), 'memcached loader, not implemented'),
+    '--inat-category': ('name', None, 'iNaturalist granularity'),
+    '--device': ('cuda', None, 'device; Paddle runs on its default device (CUDA_VISIBLE_DEVICES, '
+                 'the launcher\'s --devices)'),
+    '--start_epoch': (0, (0,), 'first epoch; --resume sets it'),
+    '--dist-eval': (False, None, 'distributed evaluation, which evaluation here always is (each '
+                    'image once)'),
+    '--pin-mem': (True, None, 'pinned loader memory'),
+    '--world_size': (1, None, 'process count; the launcher sets it'),
+    '--dist_url': ('env://', None, 'rendezvous; the launcher sets it'),
+}
+OFFICIAL_FLAG_TYPES = {'--drop': float, '--momentum': float, '--lr-noise-pct': float, '--lr-noise-std': float,
+                       '--decay-epochs': float, '--cooldown-epochs': int, '--patience-epochs': int,
+                       '--decay-rate': float, '--distillation-alpha': float, '--distillation-tau': float,
+                       '--start_epoch': int, '--world_size': int}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        'CycleMLP training', parents=[common_args_parser(training=True)],
-        description='Train CycleMLP with the official recipe (DeiT / timm semantics).')
+        'CycleMLP training', parents=[model_args_parser(training=True), loader_args_parser()],
+        allow_abbrev=False, description='Train CycleMLP with the official recipe (DeiT / timm semantics).')
+    fraction = bounded(float, 0.0, 1.0)
 
     # Model: drop path, custom shapes and the starting weights.
     group = parser.add_argument_group('model')
-    group.add_argument('--drop-path', type=float, default=0.1, metavar='RATE',
-                       help='stochastic depth rate of the last block (default: 0.1)')
-    group.add_argument('--layers', type=int, nargs=4, default=None, metavar='N',
+    group.add_argument('--drop-path', type=bounded(float, 0.0, 1.0, high_open=True), default=0.1,
+                       metavar='RATE', help='stochastic depth rate of the last block (default: 0.1)')
+    group.add_argument('--layers', type=bounded(int, 1, 1000), nargs=4, default=None, metavar='N',
                        help='train a CycleNet with these four stage depths instead of --model; '
                             'needs --embed-dims and --mlp-ratios (default: None)')
-    group.add_argument('--embed-dims', type=int, nargs=4, default=None, metavar='C',
-                       help='stage widths of a --layers model (default: None)')
-    group.add_argument('--mlp-ratios', type=float, nargs=4, default=None, metavar='R',
-                       help='MLP expansion ratios of a --layers model (default: None)')
+    group.add_argument('--embed-dims', type=bounded(int, 4, 8192), nargs=4, default=None, metavar='C',
+                       help='stage widths of a --layers model, at least 4 (default: None)')
+    group.add_argument('--mlp-ratios', type=bounded(float, 0.0, 64.0, low_open=True), nargs=4,
+                       default=None, metavar='R', help='MLP expansion ratios of a --layers model (default: None)')
     group.add_argument('--finetune', default=None, metavar='PATH',
-                       help='start from these weights (any file create_model reads); a head of '
+                       help='start from these weights (any file load_model reads); a head of '
                             'another class count is replaced (default: None)')
 
     # Optimizer: AdamW without weight decay on biases and 1-D parameters.
     group = parser.add_argument_group('optimizer')
-    group.add_argument('--opt-eps', type=float, default=1e-8, metavar='EPS',
+    group.add_argument('--opt-eps', type=bounded(float, 0.0, low_open=True), default=1e-8, metavar='EPS',
                        help='AdamW epsilon (default: 1e-8)')
-    group.add_argument('--opt-betas', type=float, nargs=2, default=[0.9, 0.999], metavar='BETA',
-                       help='AdamW betas (default: 0.9 0.999)')
-    group.add_argument('--weight-decay', type=float, default=0.05,
+    group.add_argument('--opt-betas', type=bounded(float, 0.0, 1.0, high_open=True), nargs=2,
+                       default=[0.9, 0.999], metavar='BETA', help='AdamW betas (default: 0.9 0.999)')
+    group.add_argument('--weight-decay', type=bounded(float, 0.0), default=0.05,
                        help='decoupled weight decay (default: 0.05)')
-    group.add_argument('--clip-grad', type=float, default=None, metavar='NORM',
+    group.add_argument('--clip-grad', type=bounded(float, 0.0, low_open=True), default=None, metavar='NORM',
                        help='clip the global gradient norm to this (default: None, no clipping)')
 
     # Schedule: linear warmup, then timm's cosine, one value per epoch.
     group = parser.add_argument_group('schedule')
-    group.add_argument('--epochs', type=int, default=300, help='training epochs (default: 300)')
-    group.add_argument('--lr', type=float, default=5e-4,
+    group.add_argument('--epochs', type=bounded(int, 1), default=300, help='training epochs (default: 300)')
+    group.add_argument('--lr', type=bounded(float, 0.0, low_open=True), default=5e-4,
                        help=f'learning rate of a global batch of {LR_REFERENCE_BATCH}, scaled '
                             f'linearly with the real global batch (default: 5e-4)')
-    group.add_argument('--warmup-lr', type=float, default=1e-6,
+    group.add_argument('--warmup-lr', type=bounded(float, 0.0), default=1e-6,
                        help='learning rate the warmup starts from (default: 1e-6)')
-    group.add_argument('--warmup-epochs', type=int, default=5,
+    group.add_argument('--warmup-epochs', type=bounded(int, 0), default=5,
                        help='epochs of linear warmup (default: 5)')
-    group.add_argument('--min-lr', type=float, default=1e-5,
+    group.add_argument('--min-lr', type=bounded(float, 0.0), default=1e-5,
                        help='learning rate the cosine ends at (default: 1e-5)')
-    group.add_argument('--eval-interval', type=int, default=1, metavar='N',
+    group.add_argument('--eval-interval', type=bounded(int, 1), default=1, metavar='N',
                        help='evaluate every N epochs and after the last (default: 1)')
 
     # Augmentation: the training transform (data.py) and the loss.
@@ -128,23 +167,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--aa', default='rand-m9-mstd0.5-inc1', metavar='POLICY',
                        help='RandAugment policy string, "none" to disable '
                             '(default: rand-m9-mstd0.5-inc1)')
-    group.add_argument('--color-jitter', type=float, default=0.4, metavar='STRENGTH',
+    group.add_argument('--color-jitter', type=bounded(float, 0.0), default=0.4, metavar='STRENGTH',
                        help='colour jitter, used only without RandAugment (default: 0.4)')
-    group.add_argument('--scale', type=float, nargs=2, default=[0.08, 1.0], metavar='FRACTION',
+    group.add_argument('--scale', type=bounded(float, 0.0, 1.0, low_open=True), nargs=2,
+                       default=[0.08, 1.0], metavar='FRACTION',
                        help='area range of the random resized crop, as timm\'s train.py '
                             '(default: 0.08 1.0)')
-    group.add_argument('--hflip', type=float, default=0.5, metavar='PROB',
+    group.add_argument('--hflip', type=fraction, default=0.5, metavar='PROB',
                        help='probability of a horizontal flip, as timm\'s train.py (default: 0.5)')
     group.add_argument('--train-interpolation', default='bicubic',
                        choices=['random', 'bilinear', 'bicubic'],
                        help='resampling of the random resized crop (default: bicubic)')
-    group.add_argument('--reprob', type=float, default=0.25,
+    group.add_argument('--reprob', type=fraction, default=0.25,
                        help='random erasing probability (default: 0.25)')
     group.add_argument('--remode', default='pixel', choices=['const', 'rand', 'pixel'],
                        help='random erasing fill (default: pixel)')
-    group.add_argument('--recount', type=int, default=1,
+    group.add_argument('--recount', type=bounded(int, 1, 100), default=1,
                        help='random erasing boxes per image (default: 1)')
-    group.add_argument('--smoothing', type=float, default=0.1,
+    group.add_argument('--smoothing', type=bounded(float, 0.0, 1.0, high_open=True), default=0.1,
                        help='label smoothing (default: 0.1)')
     group.add_argument('--repeated-aug', action='store_true', default=True,
                        help='repeated augmentation x3 across ranks (default: on)')
@@ -153,13 +193,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     # Mixup / CutMix on the batch (mode 'batch').
     group = parser.add_argument_group('mixup')
-    group.add_argument('--mixup', type=float, default=0.8,
+    group.add_argument('--mixup', type=bounded(float, 0.0), default=0.8,
                        help='Mixup alpha, 0 disables (default: 0.8)')
-    group.add_argument('--cutmix', type=float, default=1.0,
+    group.add_argument('--cutmix', type=bounded(float, 0.0), default=1.0,
                        help='CutMix alpha, 0 disables (default: 1.0)')
-    group.add_argument('--mixup-prob', type=float, default=1.0,
+    group.add_argument('--mixup-prob', type=fraction, default=1.0,
                        help='probability of mixing a batch (default: 1.0)')
-    group.add_argument('--mixup-switch-prob', type=float, default=0.5,
+    group.add_argument('--mixup-switch-prob', type=fraction, default=0.5,
                        help='probability of CutMix rather than Mixup when both are on (default: 0.5)')
 
     # EMA of the weights (timm ModelEma), evaluated alongside the model.
@@ -168,7 +208,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help='keep an exponential moving average of the weights (default: on)')
     group.add_argument('--no-model-ema', action='store_false', dest='model_ema',
                        help='do not (default: off)')
-    group.add_argument('--model-ema-decay', type=float, default=0.99996,
+    group.add_argument('--model-ema-decay', type=fraction, default=0.99996,
                        help='EMA decay per step (default: 0.99996)')
 
     # Output and checkpoints.
@@ -179,10 +219,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--resume', default=None, metavar='PATH',
                        help=f'continue from a {CHECKPOINT_FILE}; "auto" takes OUTPUT/{CHECKPOINT_FILE} '
                             f'when it exists (default: None)')
+    group.add_argument('--overwrite', action='store_true',
+                       help='start a new run in an --output-dir that holds one, deleting its '
+                            f'{", ".join(RUN_FILES)} (default: off)')
     group.add_argument('--eval', action='store_true',
                        help='only evaluate the --resume or --finetune weights (default: off)')
     group.add_argument('--visualdl', action='store_true',
                        help='also log scalars for VisualDL to OUTPUT/visualdl (default: off)')
+    group.add_argument('--flops', action='store_true',
+                       help='print the model\'s FLOPs at --input-size, as the official --flops (default: off)')
     group.add_argument('--demo', action='store_true',
                        help='preset for the bundled digits in demo_data/: ' + ', '.join(
                            f'{key}={value}' for key, value in DEMO_PRESET.items() if key != 'data_path')
@@ -195,17 +240,77 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--no-amp', '--no_amp', action='store_true',
                        help='train in float32 on GPU too (mixed precision is always off on CPU) '
                             '(default: off)')
+
+    group = parser.add_argument_group('official main.py flags with no effect here (accepted so '
+                                      'that an official command line runs)')
+    for flag, (default, accepted, what) in OFFICIAL_NO_EFFECT.items():
+        only = '' if accepted is None else f'; only {" or ".join(map(str, accepted))} is accepted'
+        help_text = f'{what}{only} (default: {default})'
+        names = [flag] + (['--dr'] if flag == '--decay-rate' else [])
+        if isinstance(default, bool):
+            group.add_argument(*names, action='store_true', default=default, help=help_text)
+        elif flag in ('--lr-noise', '--cutmix-minmax'):
+            group.add_argument(*names, type=float, nargs='+', default=default, help=help_text)
+        else:
+            group.add_argument(*names, type=OFFICIAL_FLAG_TYPES.get(flag, str), default=default, help=help_text)
+    group.add_argument('--no-pin-mem', action='store_false', dest='pin_mem', help='the same (default: off)')
     return parser
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    """Parse argv; with --demo, the preset replaces the defaults and explicit flags still win."""
+    """Parse argv; with --demo, the preset replaces the defaults and explicit flags still win.
+    Checks what the flags mean together and that --output-dir can take the run."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
     if args.demo:
         parser.set_defaults(**DEMO_PRESET)
         args = parser.parse_args(argv)
+    for flag, (_, accepted, what) in OFFICIAL_NO_EFFECT.items():
+        value = getattr(args, flag.lstrip('-').replace('-', '_'))
+        if accepted is not None and value not in accepted:
+            parser.error(f'{flag} {value}: {what}; only {" or ".join(map(str, accepted))} is accepted')
+    if args.data_path is None:
+        parser.error('--data-path is required: the folder holding train/<class>/ and val/<class>/ '
+                     '(or the root of --train-list / --val-list)')
+    if args.layers and not (args.embed_dims and args.mlp_ratios):
+        parser.error('--layers needs --embed-dims and --mlp-ratios')
+    if args.eval and not (args.resume or args.finetune):
+        parser.error('--eval needs weights: --resume PATH or --finetune PATH')
+    if args.scale[0] > args.scale[1]:
+        parser.error(f'--scale {args.scale[0]} {args.scale[1]}: the smaller area fraction comes first')
+    if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
+        parser.error(f'--batch-size {args.batch_size}: Mixup/CutMix pair each image with another; '
+                     'use an even batch size or --mixup 0 --cutmix 0')
+    if args.aa and args.aa.lower() != 'none':
+        try:
+            rand_augment(args.aa)
+        except ValueError as error:
+            parser.error(f'--aa: {error}')
+    if args.output_dir:
+        problem = output_dir_problem(args)
+        if problem:
+            parser.error(problem)
     return args
+
+
+def output_dir_problem(args: argparse.Namespace) -> Optional[str]:
+    """Why --output-dir cannot take this run, or None: it (or a folder above it) is a file, or
+    it holds a run that this command would overwrite without --resume or --overwrite."""
+    existing = Path(args.output_dir)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f'--output-dir {args.output_dir}: {existing} is not a folder'
+    if args.eval or args.overwrite or not Path(args.output_dir).is_dir():
+        return None
+    own_checkpoint = os.path.join(args.output_dir, CHECKPOINT_FILE)
+    if args.resume == 'auto' or (args.resume and os.path.abspath(args.resume) == os.path.abspath(own_checkpoint)):
+        return None
+    found = [name for name in RUN_FILES if os.path.exists(os.path.join(args.output_dir, name))]
+    if found:
+        return (f'--output-dir {args.output_dir} holds a run ({", ".join(found)}): continue it with '
+                f'--resume auto, or start over with --overwrite')
+    return None
 
 
 def scheduled_lr(epoch: int, base_lr: float, epochs: int, warmup_epochs: int, warmup_lr: float,
@@ -227,6 +332,20 @@ def scheduled_lr(epoch: int, base_lr: float, epochs: int, warmup_epochs: int, wa
 
 def epoch_seed(seed: int, rank: int, epoch: int) -> int:
     return seed + rank * RANK_SEED_STRIDE + epoch * EPOCH_SEED_STRIDE
+
+
+def soft_target_cross_entropy(logits: paddle.Tensor, targets: paddle.Tensor) -> paddle.Tensor:
+    """Mean over the batch of -sum_k targets_k * log_softmax(logits)_k (timm's
+    SoftTargetCrossEntropy); computed in float32 so mixed-precision logits stay accurate."""
+    log_probs = F.log_softmax(logits.astype('float32'), axis=-1)
+    return (-targets.astype('float32') * log_probs).sum(axis=-1).mean()
+
+
+def label_smoothing_cross_entropy(logits: paddle.Tensor, labels: paddle.Tensor,
+                                  smoothing: float = 0.1) -> paddle.Tensor:
+    """Cross entropy against label-smoothed one-hot targets (timm's LabelSmoothingCrossEntropy:
+    (1 - smoothing) * NLL + smoothing * mean over classes of -log p); smoothing 0 is plain CE."""
+    return soft_target_cross_entropy(logits, smooth_one_hot(labels, logits.shape[-1], smoothing))
 
 
 class ModelEma:
@@ -256,6 +375,8 @@ def build_model(args: argparse.Namespace, num_classes: int, log: Callable[[str],
         model = CycleNet(args.layers, args.embed_dims, args.mlp_ratios, num_classes, args.drop_path)
     else:
         model = create_model(args.model, num_classes=num_classes, drop_path_rate=args.drop_path)
+    if args.flops:
+        log(f'{count_flops(model, (args.input_size, args.input_size)) / 1e9:.2f} GFLOPs at {args.input_size}')
     if args.finetune:
         state, _, layout = read_weights(args.finetune)
         if layout == 'torch':
@@ -305,12 +426,32 @@ def optimizer_state(optimizer: paddle.optimizer.Optimizer, model: CycleNet) -> d
     return state
 
 
-def load_optimizer_state(optimizer: paddle.optimizer.Optimizer, model: CycleNet, state: dict) -> None:
-    tensor_names = {name: param.name for name, param in model.named_parameters()}
+def load_optimizer_state(optimizer: paddle.optimizer.Optimizer, model: CycleNet, state, source: str) -> None:
+    """Restore optimizer_state's output, checking it first: every entry a parameter's
+    accumulator of the parameter's shape (moments) or a small numeric value."""
+    if not isinstance(state, dict):
+        raise WeightsError(f'{source}: optimizer is {describe(state)}, expected a dict')
+    params = dict(model.named_parameters())
     renamed = {}
     for key, value in state.items():
+        if not isinstance(key, str):
+            raise WeightsError(f'{source}: optimizer entry {describe(key)} is not a name')
         path, _, accumulator = key.partition('/')
-        renamed[f'{tensor_names[path]}_{accumulator}' if accumulator else key] = value
+        if not accumulator:   # optimizer-wide entries ('LR_Scheduler' and the like)
+            renamed[key] = value
+            continue
+        if path not in params:
+            raise WeightsError(f'{source}: optimizer state names parameter {describe(path)} the model lacks')
+        param = params[path]
+        if not isinstance(value, np.ndarray) or value.dtype.kind != 'f':
+            raise WeightsError(f'{source}: optimizer entry {describe(key)} is {describe(value)}, '
+                               'expected a float array')
+        if accumulator.startswith('moment') and list(value.shape) != list(param.shape):
+            raise WeightsError(f'{source}: optimizer entry {describe(key)} has shape {list(value.shape)}, '
+                               f'the parameter {list(param.shape)}')
+        if not accumulator.startswith('moment') and value.size != 1:
+            raise WeightsError(f'{source}: optimizer entry {describe(key)} has {value.size} values, expected 1')
+        renamed[f'{param.name}_{accumulator}'] = value
     optimizer.set_state_dict(renamed)
 
 
@@ -320,8 +461,7 @@ def numpy_state(model: paddle.nn.Layer) -> Dict[str, np.ndarray]:
 
 def model_meta(model: CycleNet, args: argparse.Namespace, class_names: List[str]) -> dict:
     """What evaluate.py, predict.py and export.py need besides the weights."""
-    return dict(model_name=model.name or CUSTOM_MODEL_NAME,
-                model_args=dict(model.config), class_names=list(class_names),
+    return dict(model_name=model.name or CUSTOM_MODEL_NAME, class_names=list(class_names),
                 data_config=dict(input_size=args.input_size, crop_pct=args.crop_pct,
                                  interpolation=args.eval_interpolation))
 
@@ -340,7 +480,7 @@ def train_one_epoch(model: paddle.nn.Layer, ema: Optional[ModelEma], loader, opt
     total_steps = len(loader)
     loss_sum = paddle.zeros([], dtype='float32')
     start = time.time()
-    for step, (images, labels) in enumerate(loader):
+    for step, (images, labels) in enumerate(iterate(loader)):
         if mixup is not None:
             images, targets = mixup(images, labels)
         with paddle.amp.auto_cast(enable=amp_dtype is not None, dtype=amp_dtype or 'float16'):
@@ -360,6 +500,7 @@ def train_one_epoch(model: paddle.nn.Layer, ema: Optional[ModelEma], loader, opt
         optimizer.clear_grad()
         if ema is not None:
             ema.update()
+        check_stop()
         loss_sum = loss_sum + loss.detach()
         if step % args.print_freq == 0 or step == total_steps - 1:
             current = paddle.stack([loss.detach(), loss_sum])
@@ -367,14 +508,15 @@ def train_one_epoch(model: paddle.nn.Layer, ema: Optional[ModelEma], loader, opt
                 dist.all_reduce(current)
             loss_value, running_sum = (current.numpy() / world_size).tolist()
             if not (math.isfinite(loss_value) and math.isfinite(running_sum)):
-                raise NonFiniteLoss(f'loss is {loss_value} at epoch {epoch + 1}, iteration '
-                                    f'{step + 1}/{total_steps}; stopping')
+                raise FloatingPointError(f'loss is {loss_value} at epoch {epoch + 1}, iteration '
+                                         f'{step + 1}/{total_steps}; stopping (nothing was saved '
+                                         'for this epoch)')
             elapsed = time.time() - start
             eta = elapsed / (step + 1) * (total_steps - step - 1)
             images_per_second = (step + 1) * images.shape[0] * world_size / max(elapsed, 1e-9)
             log(f'Epoch [{epoch + 1}/{args.epochs}] [{step + 1:>{len(str(total_steps))}}/{total_steps}] '
-                f'eta {format_eta(eta)} lr {optimizer.get_lr():.6f} loss {loss_value:.4f} '
-                f'({running_sum / (step + 1):.4f}) {images_per_second:.0f} img/s')
+                f'eta {datetime.timedelta(seconds=int(eta))} lr {optimizer.get_lr():.6f} '
+                f'loss {loss_value:.4f} ({running_sum / (step + 1):.4f}) {images_per_second:.0f} img/s')
     # The last step always logs, so running_sum is the all-rank total and is finite.
     return dict(loss=running_sum / total_steps, lr=optimizer.get_lr())
 
@@ -398,69 +540,75 @@ def save_checkpoint(path: str, model: CycleNet, ema: Optional[ModelEma], optimiz
 
 def load_checkpoint(path: str, model: CycleNet, ema: Optional[ModelEma], optimizer,
                     scaler: Optional[paddle.amp.GradScaler]) -> dict:
-    """Restore a checkpoint into the objects; returns it (for epoch and best_acc1)."""
+    """Restore a checkpoint into the objects, checking its structure first; returns it (for
+    epoch and best_acc1)."""
     checkpoint = read_checkpoint(path)
     missing = [key for key in ('model', 'optimizer', 'epoch', 'best_acc1') if key not in checkpoint]
     if missing:
         raise WeightsError(f'{path}: not a training checkpoint of train.py (no {", ".join(missing)})')
-    load_state(model, checkpoint['model'], source=path)
+    if type(checkpoint['epoch']) is not int or checkpoint['epoch'] < 0:
+        raise WeightsError(f'{path}: epoch is {describe(checkpoint["epoch"])}, expected a count of epochs')
+    best = checkpoint['best_acc1']
+    if type(best) not in (int, float) or not 0 <= best <= 100:
+        raise WeightsError(f'{path}: best_acc1 is {describe(best)}, expected a percentage')
+    load_state(model, check_state(path, checkpoint['model']), source=path)
     if ema is not None:
         # A checkpoint of a run without EMA starts the average from the restored weights.
-        load_state(ema.module, checkpoint['model_ema'] or checkpoint['model'], source=path)
-    try:
-        load_optimizer_state(optimizer, model, checkpoint['optimizer'])
-    except KeyError as error:
-        raise WeightsError(f'{path}: optimizer state names parameter {error} the model lacks') from None
+        ema_state = checkpoint.get('model_ema')
+        load_state(ema.module, check_state(path, ema_state if ema_state is not None else checkpoint['model']),
+                   source=path)
+    load_optimizer_state(optimizer, model, checkpoint['optimizer'], path)
     if scaler is not None and checkpoint.get('scaler'):
+        if not isinstance(checkpoint['scaler'], dict):
+            raise WeightsError(f'{path}: scaler is {describe(checkpoint["scaler"])}, expected a dict')
         scaler.load_state_dict(checkpoint['scaler'])
     return checkpoint
-
-
-def check_same_parameters(model: CycleNet) -> List[float]:
-    """Per-rank sums of every parameter, gathered; raise if any rank differs from rank 0.
-    One collective at the end of training: a cheap guard that DataParallel kept ranks in step."""
-    sums = paddle.stack([param.astype('float64').sum() for param in model.parameters()])
-    gathered = []
-    dist.all_gather(gathered, sums)
-    rows = [row.numpy() for row in gathered]
-    if any(not np.array_equal(rows[0], row) for row in rows):
-        raise RuntimeError('parameters differ between ranks after training')
-    return [float(row.sum()) for row in rows]
 
 
 def resolve_resume(args: argparse.Namespace) -> Optional[str]:
     if args.resume != 'auto':
         return args.resume
-    if not args.output_dir:
-        raise UsageError('--resume auto looks in --output-dir, which is not set')
     path = os.path.join(args.output_dir, CHECKPOINT_FILE)
     return path if os.path.isfile(path) else None
+
+
+def prepare_output_dir(args: argparse.Namespace) -> None:
+    """Create --output-dir; with --overwrite remove its run; remove the temporary files that a
+    checkpoint write killed mid-way (SIGKILL) left there."""
+    os.makedirs(args.output_dir, exist_ok=True)
+    if args.overwrite and not args.eval:
+        for name in RUN_FILES:
+            if os.path.exists(os.path.join(args.output_dir, name)):
+                os.remove(os.path.join(args.output_dir, name))
+    for name in (CHECKPOINT_FILE, BEST_FILE):
+        remove_stale_temporaries(os.path.join(args.output_dir, name))
 
 
 def open_visualdl(args: argparse.Namespace):
     try:
         from visualdl import LogWriter
     except ImportError:
-        raise UsageError('--visualdl needs the visualdl package (pip install visualdl)') from None
+        raise DatasetError('--visualdl needs the visualdl package (pip install visualdl)') from None
     return LogWriter(logdir=os.path.join(args.output_dir, 'visualdl'))
+
+
+def json_line(entry: dict) -> str:
+    """One log.txt line; a value that is not finite is written as null, so the file stays JSON."""
+    return json.dumps({key: value if not isinstance(value, float) or math.isfinite(value) else None
+                       for key, value in entry.items()}, allow_nan=False)
 
 
 def main(args: argparse.Namespace) -> Dict[str, float]:
     """Train (or with --eval only evaluate); returns the last epoch's log entry."""
-    if args.data_path is None:
-        raise UsageError('--data-path is required: the folder holding train/<class>/ and '
-                           'val/<class>/ (or the root of --train-list / --val-list)')
-    if args.layers and not (args.embed_dims and args.mlp_ratios):
-        raise UsageError('--layers needs --embed-dims and --mlp-ratios')
-    if args.eval and not (args.resume or args.finetune):
-        raise UsageError('--eval needs weights: --resume PATH or --finetune PATH')
     cpu_setup.set_threads(args.threads)
-    rank, world_size = setup_distributed()
+    if dist.get_world_size() > 1:
+        dist.init_parallel_env()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
     is_main = rank == 0
     log = print if is_main else (lambda line: None)
     writes_files = is_main and bool(args.output_dir)
     if writes_files:
-        os.makedirs(args.output_dir, exist_ok=True)
+        prepare_output_dir(args)
     visualdl = open_visualdl(args) if writes_files and args.visualdl else None
     resume = resolve_resume(args) if args.resume else None
 
@@ -549,29 +697,40 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
             save_checkpoint(os.path.join(args.output_dir, CHECKPOINT_FILE), model, ema, optimizer,
                             scaler, epoch + 1, best_acc1, args, train_set.classes)
             with open(os.path.join(args.output_dir, LOG_FILE), 'a') as log_file:
-                log_file.write(json.dumps(entry) + '\n')
+                log_file.write(json_line(entry) + '\n')
             if visualdl is not None:
                 for key, value in entry.items():
                     visualdl.add_scalar(tag=key, value=value, step=epoch + 1)
-    if world_size > 1:
-        sums = check_same_parameters(model)
-        log(f'parameters identical on all {world_size} ranks; sum per rank: '
-            + ' '.join(repr(value) for value in sums))
+        check_stop()
     return entry
+
+
+def request_stop(signum, frame):
+    """SIGINT or SIGTERM: stop after the current step (check_stop), not inside it, where
+    Paddle's backward would turn the KeyboardInterrupt into its own error; a second one stops
+    at once."""
+    if stop_requested:
+        raise KeyboardInterrupt
+    stop_requested.append(signum)
+
+
+def check_stop() -> None:
+    if stop_requested:
+        raise KeyboardInterrupt
+
+
+stop_requested: List[int] = []
 
 
 if __name__ == '__main__':
     arguments = parse_args()
-    threading.excepthook = report_loader_error
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
     try:
         main(arguments)
-    except (UsageError, WeightsError, DatasetError) as error:
-        print(f'error: {error}', file=sys.stderr)
-        sys.exit(USAGE_ERROR)
-    except NonFiniteLoss as error:
-        print(f'error: {error} (nothing was saved for this epoch)', file=sys.stderr)
-        sys.exit(TRAINING_FAILED)
-    except SystemError as error:
-        if LOADER_FAILED not in str(error):
-            raise
-        sys.exit(USAGE_ERROR)  # report_loader_error has printed the reason
+    except (WeightsError, DatasetError, FloatingPointError) as error:
+        sys.exit(f'error: {error}')
+    except KeyboardInterrupt:
+        saved = os.path.join(arguments.output_dir, CHECKPOINT_FILE) if arguments.output_dir else ''
+        sys.exit('interrupted' + (f'; {saved} holds the last complete epoch (--resume auto continues)'
+                                  if saved and os.path.isfile(saved) else ''))

@@ -6,12 +6,20 @@ Formats read (recognised by content, not by suffix):
     repo's own files);
   * .safetensors files.
 
-Both pickle formats are read with restricted unpicklers. A pickle names the functions it calls
-while loading; `torch.load` (before weights_only) and `paddle.load` import and call whatever the
-file names, so opening a downloaded checkpoint with them runs arbitrary code. Here every name
-a pickle asks for is looked up in an allow-list that maps it to a stand-in defined in this file
-(or an inert class such as OrderedDict); any other name stops the load with a WeightsError
-before anything from the file has run, and no module is ever imported on a file's behalf.
+A pickle is a program: it names the functions it calls and the objects whose state it sets.
+`torch.load` (before weights_only) and `paddle.load` import and call whatever a file names, so
+opening a downloaded checkpoint with them runs arbitrary code. Here a pickle is read by an
+unpickler that
+  * resolves every name through an allow-list of stand-ins defined in this file (or inert
+    types such as OrderedDict) and imports nothing;
+  * sets state (the BUILD opcode) only on the arrays, dtypes and containers the load itself
+    created, rebuilding them from checked values, never on a class, a function or any object
+    shared with the rest of the process;
+  * bounds what the file may declare by what it holds: a tensor cannot hold more elements
+    than its storage, a storage is exactly as large as its zip member, which must be stored
+    uncompressed as torch.save writes it, and an array exactly as large as its bytes.
+Anything else stops the load with a WeightsError before anything from the file has run, and
+error messages never print what a file contains beyond a few characters.
 
 Formats written: .pdparams (a `paddle.save` pickle of numpy arrays, so `paddle.load` reads it as
 well) and .safetensors. Writes go to a temporary file that replaces the target only once
@@ -22,16 +30,20 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import math
 import os
 import pickle
+import reprlib
+import struct
 import tempfile
 import zipfile
+import zlib
 
 import numpy as np
 import safetensors
 import safetensors.numpy
 
-META_KEYS = ('model_name', 'model_args', 'class_names', 'data_config')
+META_KEYS = ('model_name', 'class_names', 'data_config')
 LAYOUTS = ('torch', 'paddle')
 WRITE_SUFFIXES = ('.pdparams', '.safetensors')
 # torch.save files from before PyTorch 1.6 start with a pickled magic number, not a zip header.
@@ -41,13 +53,29 @@ ZIP_MAGIC = b'PK\x03\x04'
 PADDLE_NAME_TABLE_KEY = 'StructuredToParameterName@@'
 # Numeric kinds only: object ('O') and void/structured ('V') dtypes could smuggle in pickled objects.
 NUMERIC_KINDS = 'biufc'
+MAX_PICKLE_BYTES = 64 << 20      # the data.pkl of a torch.save archive (a training checkpoint's is < 1 MB)
+MAX_ARRAY_DIMS = 32
+MAX_CLASS_NAMES = 100_000
+# What a damaged zip archive raises while it is read, besides BadZipFile.
+ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError,
+              zlib.error, EOFError, OSError, ValueError, struct.error, KeyError, IndexError, OverflowError)
+
+_short_repr = reprlib.Repr()
+_short_repr.maxlevel, _short_repr.maxstring, _short_repr.maxother = 1, 40, 40
+_short_repr.maxlist = _short_repr.maxtuple = _short_repr.maxdict = _short_repr.maxset = 3
+
+
+def describe(value) -> str:
+    """A bounded description of an untrusted value, safe to put in an error message."""
+    if isinstance(value, (str, bytes, int, float, bool, type(None))):
+        return _short_repr.repr(value)
+    return f'a {type(value).__name__}'
 
 
 class WeightsError(ValueError):
     """A weight file is missing, damaged, hostile or not what was expected."""
 
 
-# ---------------------------------------------------------------------------------------------
 # Stand-ins for the globals that torch.save pickles name
 
 class _TorchDtype:
@@ -81,34 +109,41 @@ class _Storage:
         self.big_endian = big_endian
 
     def elements(self, dtype: _TorchDtype) -> np.ndarray:
+        """The bytes as elements of dtype (a tensor's own, for untyped storages), native order."""
         numpy_dtype = dtype.numpy_dtype.newbyteorder('>' if self.big_endian else '<')
         usable = len(self.raw) - len(self.raw) % numpy_dtype.itemsize
-        return np.frombuffer(self.raw[:usable], dtype=numpy_dtype)
+        return np.frombuffer(self.raw[:usable], dtype=numpy_dtype).astype(dtype.numpy_dtype.newbyteorder('='))
 
 
 def _strided_copy(storage: _Storage, dtype: _TorchDtype, offset, size, stride) -> np.ndarray:
     """Rebuild a tensor as a view of its storage (offset, size, stride in elements), then copy.
 
-    The bounds are checked first: as_strided trusts its arguments and would otherwise read
-    outside the buffer if a file lied about them.
+    The geometry is checked first: as_strided trusts its arguments and would otherwise read
+    outside the buffer if a file lied about them, and a view that repeats elements (a zero
+    stride) could declare far more elements than the file holds.
     """
     if not isinstance(storage, _Storage):
-        raise WeightsError(f'a tensor is built from {type(storage).__name__}, expected a storage')
+        raise WeightsError(f'a tensor is built from {describe(storage)}, expected a storage')
+    if not (isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)
+            and type(offset) is int and len(size) <= MAX_ARRAY_DIMS
+            and all(type(v) is int and v >= 0 for v in (offset, *size, *stride))):
+        raise WeightsError('bad tensor geometry: offset, size and stride must be tuples of '
+                           'non-negative integers of equal length')
     elements = storage.elements(dtype)
-    size, stride = tuple(size), tuple(stride)
-    if not (isinstance(offset, int) and len(size) == len(stride)
-            and all(isinstance(v, int) and v >= 0 for v in (offset, *size, *stride))):
-        raise WeightsError(f'bad tensor geometry: offset {offset}, size {size}, stride {stride}')
-    if 0 not in size:
+    count = math.prod(size)
+    if count > elements.size:
+        raise WeightsError(f'a tensor of {count} elements from a storage of {elements.size}: '
+                           'weights never repeat elements')
+    if count:
         last = offset + sum((n - 1) * s for n, s in zip(size, stride))
         if last >= elements.size:
             raise WeightsError(f'tensor of size {size}, stride {stride}, offset {offset} reaches '
                                f'element {last} of a storage holding {elements.size}')
     itemsize = elements.itemsize
     view = np.lib.stride_tricks.as_strided(
-        elements[offset:] if 0 not in size else elements[:0], shape=size,
+        elements[offset:] if count else elements[:0], shape=size,
         strides=[s * itemsize for s in stride], writeable=False)
-    array = np.array(view, dtype=view.dtype.newbyteorder('='))
+    array = np.array(view)
     if dtype is _BFLOAT16:  # bfloat16 is the upper half of a float32
         array = (array.astype(np.uint32) << 16).view(np.float32)
     return array
@@ -116,14 +151,14 @@ def _strided_copy(storage: _Storage, dtype: _TorchDtype, offset, size, stride) -
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, backward_hooks,
                        metadata=None):
-    return _strided_copy(storage, storage.dtype, storage_offset, size, stride)
+    return _strided_copy(storage, getattr(storage, 'dtype', None), storage_offset, size, stride)
 
 
 def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks,
                        dtype, metadata=None):
     # Written for untyped storages: the dtype comes with the tensor, not with the storage.
     if not isinstance(dtype, _TorchDtype):
-        raise WeightsError(f'tensor dtype {dtype!r} is not one this reader supports')
+        raise WeightsError(f'tensor dtype {describe(dtype)} is not one this reader supports')
     return _strided_copy(storage, dtype, storage_offset, size, stride)
 
 
@@ -153,13 +188,12 @@ def _torch_globals() -> dict:
     return allowed
 
 
-# ---------------------------------------------------------------------------------------------
 # Stand-ins for the globals that pickled numpy arrays name (paddle.save, any numpy version)
 
 def _numpy_dtype(spec, align=False, copy=False) -> np.dtype:
-    dtype = np.dtype(spec) if isinstance(spec, str) else None
-    if dtype is None or dtype.kind not in NUMERIC_KINDS:
-        raise WeightsError(f'numpy dtype {spec!r} is not numeric')
+    dtype = np.dtype(spec) if isinstance(spec, str) and len(spec) <= 8 else None
+    if dtype is None or dtype.kind not in NUMERIC_KINDS or dtype.fields is not None or dtype.subdtype:
+        raise WeightsError(f'numpy dtype {describe(spec)} is not numeric')
     return dtype
 
 
@@ -171,23 +205,26 @@ class _NumpyArrayType:
     """
 
 
-def _numpy_reconstruct(subtype, shape, typecode) -> np.ndarray:
+class _EmptyArray:
+    """What _reconstruct gives: a placeholder whose BUILD state becomes a checked new array."""
+
+
+def _numpy_reconstruct(subtype, shape, typecode) -> _EmptyArray:
     if subtype is not _NumpyArrayType:
-        raise WeightsError(f'array subtype {subtype!r} is not numpy.ndarray')
-    # An empty array whatever shape is asked for: BUILD then sets shape, dtype and data together.
-    return np.ndarray.__new__(np.ndarray, (0,), np.uint8)
+        raise WeightsError(f'array subtype {describe(subtype)} is not numpy.ndarray')
+    return _EmptyArray()
 
 
 def _numpy_scalar(dtype, data=None):
-    if not isinstance(dtype, np.dtype) or not isinstance(data, bytes):
-        raise WeightsError(f'numpy scalar of dtype {dtype!r} holds no raw bytes')
+    if not isinstance(dtype, np.dtype) or not isinstance(data, bytes) or len(data) != dtype.itemsize:
+        raise WeightsError(f'numpy scalar of dtype {describe(dtype)} holds no raw bytes of its size')
     return np.frombuffer(data, dtype=dtype, count=1)[0]
 
 
 def _latin1_encode(text, encoding='latin1'):
     # Protocol-2 pickles spell bytes as _codecs.encode(str, 'latin1'); no other codec is needed.
     if not isinstance(text, str) or encoding not in ('latin1', 'latin-1'):
-        raise WeightsError(f'_codecs.encode with encoding {encoding!r} is not allowed')
+        raise WeightsError(f'_codecs.encode with encoding {describe(encoding)} is not allowed')
     return text.encode('latin1')
 
 
@@ -211,79 +248,153 @@ TORCH_ALLOWED_GLOBALS = _torch_globals()
 PADDLE_ALLOWED_GLOBALS = _numpy_globals()
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler that resolves globals only through an allow-list and imports nothing."""
+# BUILD: the state a pickle may set, by the type of object it sets it on
 
-    def __init__(self, file, path: str, allowed: dict, persistent_load=None):
+def _build_array(target: _EmptyArray, state) -> np.ndarray:
+    """ndarray.__setstate__'s (version, shape, dtype, is_fortran, raw bytes), checked, as a new
+    array in native byte order."""
+    if not (isinstance(state, tuple) and len(state) == 5):
+        raise WeightsError('array state is not (version, shape, dtype, order, data)')
+    _, shape, dtype, fortran, raw = state
+    if not (isinstance(shape, tuple) and len(shape) <= MAX_ARRAY_DIMS
+            and all(type(n) is int and n >= 0 for n in shape)):
+        raise WeightsError('array shape is not a tuple of non-negative integers')
+    if not (isinstance(dtype, np.dtype) and dtype.kind in NUMERIC_KINDS and dtype.fields is None):
+        raise WeightsError(f'array dtype {describe(dtype)} is not numeric')
+    if not isinstance(raw, (bytes, bytearray)) or len(raw) != math.prod(shape) * dtype.itemsize:
+        raise WeightsError(f'an array of shape {shape} and dtype {dtype} needs '
+                           f'{math.prod(shape) * dtype.itemsize} bytes, the file holds '
+                           f'{len(raw) if isinstance(raw, (bytes, bytearray)) else describe(raw)}')
+    array = np.frombuffer(raw, dtype=dtype).reshape(shape, order='F' if fortran else 'C')
+    return array.astype(dtype.newbyteorder('='), order='C')
+
+
+def _build_dtype(target: np.dtype, state) -> np.dtype:
+    """np.dtype.__setstate__ for a plain numeric dtype: only its byte order may be set, and on
+    a new dtype (np.dtype('f4') is a process-wide singleton)."""
+    if not (isinstance(state, tuple) and len(state) in (8, 9) and state[0] == 3
+            and state[1] in ('<', '>', '|', '=') and state[2:5] == (None, None, None)
+            and state[5:8] == (-1, -1, 0)):
+        raise WeightsError(f'dtype {target} with a state other than a plain numeric type\'s')
+    return target.newbyteorder(state[1]) if state[1] in '<>' else target
+
+
+def _build_instance_dict(target, state):
+    """OrderedDict (torch: its _metadata) and argparse.Namespace instances of this load: their
+    instance attributes, a dict of str keys; the class is never touched."""
+    if isinstance(state, tuple) and len(state) == 2 and state[0] is None:
+        state = state[1]  # (dict state, slot state) as protocol 2+ writes it without a dict
+    if not (isinstance(state, dict) and all(isinstance(key, str) for key in state)):
+        raise WeightsError(f'the state of {describe(target)} is not a dict of attributes')
+    if isinstance(target, argparse.Namespace):
+        vars(target).update(state)
+    return target  # an OrderedDict's attributes (_metadata) are not weights: dropped
+
+
+# By type, checked with isinstance: numpy 2 makes each dtype an instance of its own subclass.
+_BUILDERS = ((_EmptyArray, _build_array), (np.dtype, _build_dtype),
+             (collections.OrderedDict, _build_instance_dict), (argparse.Namespace, _build_instance_dict))
+
+
+class _RestrictedUnpickler(pickle._Unpickler):
+    """The allow-listed unpickler (module docstring). The pure-Python unpickler, because its
+    BUILD opcode can be replaced; it also needs no recursion for deeply nested data."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, file, allowed: dict, persistent_load=None):
         super().__init__(file)
-        self.path = path
         self.allowed = allowed
         self.load_persistent = persistent_load
 
     def find_class(self, module: str, name: str):
         key = f'{module}.{name}'
         if key not in self.allowed:
-            raise WeightsError(f"{self.path}: refusing to load global '{key}': weight files may "
-                               f'only name tensor and container types')
+            raise WeightsError(f'refusing to load global {describe(key)}: weight files may only '
+                               'name tensor and container types')
         return self.allowed[key]
 
     def persistent_load(self, pid):
         if self.load_persistent is None:
-            raise WeightsError(f'{self.path}: unexpected persistent id {pid!r} in a paddle pickle')
+            raise WeightsError('unexpected persistent id in a paddle pickle')
         return self.load_persistent(pid)
+
+    def load_build(self):
+        state = self.stack.pop()
+        target = self.stack[-1]
+        build = next((build for kind, build in _BUILDERS if isinstance(target, kind)
+                      and not isinstance(target, type)), None)
+        if build is None:
+            raise WeightsError(f'refusing to set the state of {describe(target)}: weight files '
+                               'may only set the state of the arrays and containers they create')
+        self.stack[-1] = build(target, state)
+
+    dispatch[pickle.BUILD[0]] = load_build
 
 
 def _unpickle(file, path: str, allowed: dict, persistent_load=None):
     try:
-        return _RestrictedUnpickler(file, path, allowed, persistent_load).load()
+        return _RestrictedUnpickler(file, allowed, persistent_load).load()
     except WeightsError as error:
-        message = str(error)
-        raise WeightsError(message if message.startswith(path) else f'{path}: {message}') from None
+        raise WeightsError(f'{path}: {error}') from None
+    except ZIP_ERRORS as error:  # a damaged storage member, read from inside persistent_load
+        raise WeightsError(f'{path}: damaged zip archive ({type(error).__name__})') from None
     except Exception as error:  # damaged pickles raise anything from EOFError to TypeError
-        raise WeightsError(f'{path}: cannot unpickle ({type(error).__name__}: {error})') from None
+        raise WeightsError(f'{path}: cannot unpickle ({type(error).__name__}: '
+                           f'{_short_repr.repr(str(error))[1:-1]})') from None
 
 
-# ---------------------------------------------------------------------------------------------
 # The three formats
 
 def _load_torch_zip(path: str) -> dict:
     try:
-        archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as error:
-        raise WeightsError(f'{path}: damaged zip archive ({error})') from None
-    with archive:
-        pickles = [n for n in archive.namelist() if n.endswith('/data.pkl') and n.count('/') == 1]
-        if len(pickles) != 1:
-            raise WeightsError(f'{path}: a torch.save archive holds exactly one <root>/data.pkl, '
-                               f'found {pickles or "none"}')
-        # The root folder is 'archive' in files torch writes to a stream, the file's stem otherwise.
-        root = pickles[0][:-len('data.pkl')]
-        names = set(archive.namelist())
-        big_endian = (f'{root}byteorder' in names
-                      and archive.read(f'{root}byteorder').strip() == b'big')
-        storages = {}
+        with zipfile.ZipFile(path) as archive:
+            return _read_torch_archive(path, archive)
+    except WeightsError:
+        raise
+    except ZIP_ERRORS as error:
+        raise WeightsError(f'{path}: damaged zip archive ({type(error).__name__}: '
+                           f'{_short_repr.repr(str(error))[1:-1]})') from None
 
-        def load_storage(pid):
-            if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == 'storage'
-                    and isinstance(pid[1], _TorchDtype)):
-                raise WeightsError(f'unexpected persistent id {pid!r}')
-            _, dtype, key, _location, numel = pid
-            if key not in storages:
-                entry = f'{root}data/{key}'
-                if entry not in names:
-                    raise WeightsError(f'missing storage {entry}')
-                raw = archive.read(entry)
-                if len(raw) < numel * dtype.numpy_dtype.itemsize:
-                    raise WeightsError(f'storage {entry} holds {len(raw)} bytes, '
-                                       f'expected {numel} x {dtype.name}')
-                storages[key] = _Storage(raw, dtype, big_endian)
-            return storages[key]
 
-        try:
-            with archive.open(pickles[0]) as file:
-                return _unpickle(file, path, TORCH_ALLOWED_GLOBALS, load_storage)
-        except (zipfile.BadZipFile, OSError) as error:
-            raise WeightsError(f'{path}: damaged zip archive ({error})') from None
+def _read_torch_archive(path: str, archive: zipfile.ZipFile):
+    members = {info.filename: info for info in archive.infolist()}
+    pickles = [name for name in members if name.endswith('/data.pkl') and name.count('/') == 1]
+    if len(pickles) != 1:
+        raise WeightsError(f'{path}: a torch.save archive holds exactly one <root>/data.pkl, '
+                           f'found {len(pickles)}')
+    if members[pickles[0]].file_size > MAX_PICKLE_BYTES:
+        raise WeightsError(f'{path}: data.pkl declares {members[pickles[0]].file_size} bytes; '
+                           'torch.save writes far less')
+    # The root folder is 'archive' in files torch writes to a stream, the file's stem otherwise.
+    root = pickles[0][:-len('data.pkl')]
+    byteorder = members.get(f'{root}byteorder')
+    big_endian = byteorder is not None and byteorder.file_size < 16 and archive.read(byteorder).strip() == b'big'
+    storages = {}
+
+    def load_storage(pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == 'storage'
+                and isinstance(pid[1], _TorchDtype) and isinstance(pid[2], str)
+                and type(pid[4]) is int and pid[4] >= 0):
+            raise WeightsError('unexpected persistent id: expected a torch storage')
+        _, dtype, key, _location, numel = pid
+        if key not in storages:
+            info = members.get(f'{root}data/{key}')
+            if info is None:
+                raise WeightsError(f'missing storage {describe(key)}')
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise WeightsError(f'storage {describe(key)} is compressed; torch.save stores '
+                                   'storages uncompressed: re-save the file with torch.save')
+            if info.file_size != numel * dtype.numpy_dtype.itemsize:
+                raise WeightsError(f'storage {describe(key)} holds {info.file_size} bytes, expected '
+                                   f'{numel} x {dtype.name}')
+            storages[key] = _Storage(archive.read(info), dtype, big_endian)
+        return storages[key]
+
+    with archive.open(pickles[0]) as file:
+        result = _unpickle(file, path, TORCH_ALLOWED_GLOBALS, load_storage)
+        file.read()   # to the end, where zipfile checks the member's CRC
+    return result
 
 
 def _load_paddle_pickle(path: str):
@@ -297,14 +408,14 @@ def _load_safetensors(path: str) -> tuple:
         with safetensors.safe_open(path, framework='np') as file:
             header = file.metadata() or {}
     except Exception as error:  # SafetensorError, and ValueError/TypeError for odd dtypes
-        raise WeightsError(f'{path}: damaged safetensors file ({error})') from None
+        raise WeightsError(f'{path}: damaged safetensors file ({_short_repr.repr(str(error))[1:-1]})') from None
     meta = {}
     for key in META_KEYS:
         if key in header:
             try:
                 meta[key] = json.loads(header[key])
             except ValueError:
-                raise WeightsError(f'{path}: metadata {key!r} is not JSON: {header[key]!r}') from None
+                raise WeightsError(f'{path}: metadata {key!r} is not JSON: {describe(header[key])}') from None
     # Files that safetensors.torch wrote say so with format 'pt'; our own files record the layout.
     layout = header.get('layout', 'torch' if header.get('format') == 'pt' else 'paddle')
     return state, meta, layout
@@ -312,8 +423,10 @@ def _load_safetensors(path: str) -> tuple:
 
 def _sniff(path: str) -> str:
     """'torch', 'legacy-torch', 'pickle' or 'safetensors', judged from the first bytes."""
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise WeightsError(f'{path}: no such file')
+    if not os.path.isfile(path):
+        raise WeightsError(f'{path}: not a regular file')
     try:
         with open(path, 'rb') as file:
             head = file.read(16)
@@ -325,7 +438,7 @@ def _sniff(path: str) -> str:
         return 'torch'
     if head.startswith(LEGACY_TORCH_MAGIC):
         return 'legacy-torch'
-    if head[:1] == b'\x80' and 2 <= head[1] <= 5:  # PROTO opcode: pickle protocol 2..5
+    if head[:1] == b'\x80' and head[1:2] in (b'\x02', b'\x03', b'\x04', b'\x05'):  # PROTO 2..5
         return 'pickle'
     if len(head) > 8 and head[8:9] == b'{':  # u64 header length, then a JSON header
         return 'safetensors'
@@ -333,7 +446,6 @@ def _sniff(path: str) -> str:
                        f'paddle.save pickle (.pdparams/.pdckpt) or a .safetensors file')
 
 
-# ---------------------------------------------------------------------------------------------
 # Public API
 
 def read_checkpoint(path: str) -> dict:
@@ -344,23 +456,14 @@ def read_checkpoint(path: str) -> dict:
         raise WeightsError(f'{path}: expected a paddle.save pickle (.pdckpt), found a {kind} file')
     checkpoint = _load_paddle_pickle(path)
     if not isinstance(checkpoint, dict):
-        raise WeightsError(f'{path}: expected a dict, found {type(checkpoint).__name__}')
+        raise WeightsError(f'{path}: expected a dict, found {describe(checkpoint)}')
     return checkpoint
 
 
-def _select_state(path: str, container: dict, ema: bool) -> dict:
-    if ema:
-        if 'model_ema' not in container:
-            raise WeightsError(f"{path}: no 'model_ema' entry (has {sorted(map(str, container))})")
-        state = container['model_ema']
-    elif 'model' in container:
-        state = container['model']
-    elif 'state_dict' in container:
-        state = container['state_dict']
-    else:
-        state = container  # a bare state dict
+def check_state(path: str, state) -> dict[str, np.ndarray]:
+    """A state dict of str keys and numeric arrays (native byte order), or WeightsError."""
     if not isinstance(state, dict):
-        raise WeightsError(f'{path}: the state dict is a {type(state).__name__}, expected a dict')
+        raise WeightsError(f'{path}: the state dict is {describe(state)}, expected a dict')
     arrays = {}
     for key, value in state.items():
         if key == PADDLE_NAME_TABLE_KEY:
@@ -369,10 +472,12 @@ def _select_state(path: str, container: dict, ema: bool) -> dict:
                 and isinstance(value[1], np.ndarray)):
             value = value[1]  # (tensor name, array): a paddle tensor pickled inside a container
         if not isinstance(key, str) or not isinstance(value, np.ndarray):
-            raise WeightsError(f'{path}: state dict entry {key!r} is a {type(value).__name__}, '
+            raise WeightsError(f'{path}: state dict entry {describe(key)} is {describe(value)}, '
                                f'expected an array')
         if value.dtype.kind not in NUMERIC_KINDS or value.dtype.fields is not None:
-            raise WeightsError(f'{path}: state dict entry {key!r} has non-numeric dtype {value.dtype}')
+            raise WeightsError(f'{path}: state dict entry {describe(key)} has non-numeric dtype')
+        if not value.dtype.isnative:
+            value = value.astype(value.dtype.newbyteorder('='))
         # DistributedDataParallel saves its wrapped module's keys under 'module.'.
         arrays[key[len('module.'):] if key.startswith('module.') else key] = value
     if not arrays:
@@ -380,13 +485,29 @@ def _select_state(path: str, container: dict, ema: bool) -> dict:
     return arrays
 
 
+def _select_state(path: str, container: dict, ema: bool) -> dict:
+    if ema:
+        if 'model_ema' not in container:
+            keys = [key for key in container if isinstance(key, str)][:8]
+            raise WeightsError(f"{path}: no 'model_ema' entry (has {', '.join(map(describe, keys))})")
+        state = container['model_ema']
+    elif 'model' in container:
+        state = container['model']
+    elif 'state_dict' in container:
+        state = container['state_dict']
+    else:
+        state = container  # a bare state dict
+    return check_state(path, state)
+
+
 def _check_meta(path: str, meta: dict) -> dict:
-    expected = {'model_name': str, 'model_args': dict, 'class_names': list, 'data_config': dict}
+    expected = {'model_name': str, 'class_names': list, 'data_config': dict}
     for key, value in meta.items():
-        if not isinstance(value, expected[key]) or (
-                key == 'class_names' and not all(isinstance(name, str) for name in value)):
-            raise WeightsError(f'{path}: {key} is {value!r}, expected a {expected[key].__name__}'
-                               + (' of str' if key == 'class_names' else ''))
+        if not isinstance(value, expected[key]):
+            raise WeightsError(f'{path}: {key} is {describe(value)}, expected a {expected[key].__name__}')
+    names = meta.get('class_names')
+    if names is not None and (len(names) > MAX_CLASS_NAMES or not all(isinstance(n, str) and len(n) < 1000 for n in names)):
+        raise WeightsError(f'{path}: class_names must be a list of at most {MAX_CLASS_NAMES} strings')
     return meta
 
 
@@ -394,9 +515,10 @@ def read_weights(path: str, ema: bool = False) -> tuple[dict[str, np.ndarray], d
     """Read a weight file into (state dict of numpy arrays, meta, layout).
 
     layout is 'torch' (Linear weights [out, in]) or 'paddle' ([in, out]); see torch_to_paddle.
-    meta holds whichever of model_name, model_args, class_names, data_config the file records
-    ({} for files from elsewhere). From a checkpoint dict the state is 'model', else 'state_dict', else the dict
-    itself; ema=True takes 'model_ema' (timm's ModelEma) instead. Everything else in a training
+    meta holds whichever of model_name, class_names, data_config the file records ({} for
+    files from elsewhere; data_config is checked where it is used, data.check_data_config).
+    From a checkpoint dict the state is 'model', else 'state_dict', else the dict itself;
+    ema=True takes 'model_ema' (timm's ModelEma) instead. Everything else in a training
     checkpoint (optimizer, lr_scheduler, epoch, scaler, args) is read safely and ignored.
     """
     path = os.fspath(path)
@@ -412,11 +534,11 @@ def read_weights(path: str, ema: bool = False) -> tuple[dict[str, np.ndarray], d
     else:
         container = _load_torch_zip(path) if kind == 'torch' else _load_paddle_pickle(path)
         if not isinstance(container, dict):
-            raise WeightsError(f'{path}: expected a dict, found {type(container).__name__}')
+            raise WeightsError(f'{path}: expected a dict, found {describe(container)}')
         meta = {key: container[key] for key in META_KEYS if key in container}
         layout = 'torch' if kind == 'torch' else 'paddle'
     if layout not in LAYOUTS:
-        raise WeightsError(f'{path}: layout {layout!r}, expected one of {LAYOUTS}')
+        raise WeightsError(f'{path}: layout {describe(layout)}, expected one of {LAYOUTS}')
     return _select_state(path, container, ema), _check_meta(path, meta), layout
 
 
@@ -440,6 +562,17 @@ def _temporary_path(path: str) -> str:
     return temporary
 
 
+def remove_stale_temporaries(path: str) -> list[str]:
+    """Remove the temporary files that writes of path left behind when the process was killed
+    during the write (SIGKILL); returns their names."""
+    directory, name = os.path.split(os.path.abspath(path))
+    stale = [entry for entry in os.listdir(directory)
+             if entry.startswith(f'.{name}.') and entry.endswith('.tmp')]
+    for entry in stale:
+        os.remove(os.path.join(directory, entry))
+    return stale
+
+
 def _write_atomically(path: str, write) -> None:
     """Call write(temporary path), then move the result onto path; on any failure remove it."""
     try:
@@ -459,8 +592,7 @@ def _write_atomically(path: str, write) -> None:
 
 def atomic_save(obj, path: str) -> None:
     """paddle.save obj (numpy arrays and plain Python values) to path, all or nothing."""
-    # Imported here so that reading and converting weights never loads the Paddle framework.
-    import paddle
+    import paddle  # here: reading and converting weights does not need the framework
     _write_atomically(os.fspath(path), lambda temporary: paddle.save(obj, temporary))
 
 
@@ -471,10 +603,11 @@ def write_weights(path: str, state: dict[str, np.ndarray], meta: dict | None = N
     paddle.load alike; .safetensors holds the arrays with meta JSON-encoded in its header.
     """
     path = os.fspath(path)
-    meta = _check_meta(path, dict(meta or {}))
+    meta = dict(meta or {})
     unknown = set(meta) - set(META_KEYS)
     if unknown:
         raise WeightsError(f'{path}: unknown meta keys {sorted(unknown)}, expected {META_KEYS}')
+    _check_meta(path, meta)
     for key, value in state.items():
         if not isinstance(value, np.ndarray):
             raise WeightsError(f'{path}: state entry {key!r} is a {type(value).__name__}, '

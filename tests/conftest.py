@@ -88,14 +88,13 @@ def tiny_state(seed: int, num_classes: int = 3) -> dict:
 @pytest.fixture
 def make_tiny_weights(tmp_path):
     """Factory: make_tiny_weights(name='tiny.pdparams', seed=0, class_names=('cat', 'dog', 'fox'),
-    data_config=None) -> path of a .pdparams written by weights.write_weights with model_args,
-    class_names and, when given, data_config."""
+    data_config=None) -> path of a .pdparams written by weights.write_weights with class_names
+    and, when given, data_config."""
     from weights import write_weights
 
     def make(name="tiny.pdparams", seed=0, class_names=("cat", "dog", "fox"), data_config=None):
         path = str(tmp_path / name)
-        meta = {"model_args": dict(TINY_CONFIG, num_classes=len(class_names)),
-                "class_names": list(class_names)}
+        meta = {"class_names": list(class_names)}
         if data_config:
             meta["data_config"] = data_config
         write_weights(path, tiny_state(seed, len(class_names)), meta)

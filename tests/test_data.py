@@ -7,6 +7,7 @@ formulas written out here), never from data.py itself.
 import logging
 import math
 import os
+import re
 import threading
 from types import SimpleNamespace
 
@@ -61,10 +62,6 @@ def photo(width=32, height=24, seed=0):
 def pixels(img):
     return np.asarray(img).astype(np.int32)
 
-
-# ------------------------------------------------------------------------------------------
-# Decoding
-# ------------------------------------------------------------------------------------------
 
 def _save(img, path, **kwargs):
     img.save(str(path), **kwargs)
@@ -132,10 +129,6 @@ def test_load_image_applies_exif_orientation_only_when_asked(tmp_path):
     assert top[0] > 200 and top[2] < 60  # the stored left (red) half is now on top
     assert bottom[2] > 200 and bottom[0] < 60
 
-
-# ------------------------------------------------------------------------------------------
-# Datasets
-# ------------------------------------------------------------------------------------------
 
 def test_image_folder_classes_and_samples(make_image_folder):
     root = make_image_folder(classes=("zebra", "ant", "cat"), train_per_class=2, val_per_class=1)
@@ -288,10 +281,6 @@ def test_list_files(tmp_path):
         data.build_dataset(False, make_args(str(tmp_path), train_list=str(tmp_path / "train.txt"),
                                             val_list=str(tmp_path / "val_extra.txt")))
 
-
-# ------------------------------------------------------------------------------------------
-# RandAugment
-# ------------------------------------------------------------------------------------------
 
 def test_rand_augment_policy_parsing():
     official = data.rand_augment("rand-m9-mstd0.5-inc1")
@@ -457,10 +446,6 @@ def test_rand_augment_applies_n_ops_with_probability():
     assert np.array_equal(pixels(invert_thrice(img, np.random.default_rng(0))), 255 - pixels(img))
 
 
-# ------------------------------------------------------------------------------------------
-# Crop, jitter, erasing, whole transforms
-# ------------------------------------------------------------------------------------------
-
 def test_random_resized_crop_box_bounds():
     rng = np.random.default_rng(0)
     for _ in range(500):
@@ -553,10 +538,6 @@ def test_eval_transform_matches_pillow_and_numpy():
         data.eval_transform(32, interpolation="lanczos")
 
 
-# ------------------------------------------------------------------------------------------
-# Mixup and losses
-# ------------------------------------------------------------------------------------------
-
 def _batch(batch_size=4, size=8):
     images = np.random.default_rng(3).normal(size=(batch_size, 3, size, size)).astype(np.float32)
     labels = np.arange(batch_size, dtype=np.int64) % 5
@@ -606,29 +587,6 @@ def _log_softmax(z):
     z = z - z.max(axis=1, keepdims=True)
     return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
-
-def test_soft_target_and_label_smoothing_cross_entropy():
-    rng = np.random.default_rng(0)
-    logits = rng.normal(size=(6, 7)).astype(np.float32) * 3
-    targets = rng.dirichlet(np.ones(7), size=6).astype(np.float32)
-    labels = rng.integers(0, 7, size=6)
-
-    loss = data.soft_target_cross_entropy(paddle.to_tensor(logits), paddle.to_tensor(targets))
-    expected = -(targets * _log_softmax(logits)).sum(axis=1).mean()
-    assert float(loss) == pytest.approx(expected, rel=1e-5)
-
-    log_p = _log_softmax(logits)
-    nll = -log_p[np.arange(6), labels]
-    for smoothing in (0.0, 0.1):
-        loss = data.label_smoothing_cross_entropy(
-            paddle.to_tensor(logits), paddle.to_tensor(labels), smoothing)
-        expected = ((1 - smoothing) * nll + smoothing * -log_p.mean(axis=1)).mean()
-        assert float(loss) == pytest.approx(expected, rel=1e-5)
-
-
-# ------------------------------------------------------------------------------------------
-# Samplers and loaders
-# ------------------------------------------------------------------------------------------
 
 def test_repeated_aug_sampler_deals_three_copies_to_different_ranks():
     size, ranks = 1000, 4
@@ -720,3 +678,54 @@ def test_demo_data_is_a_valid_image_folder():
     assert (len(train), len(val)) == (1442, 355)
     image, label = val[0]
     assert image.shape == (3, 32, 32) and int(label) == 0
+
+
+def test_folder_scan_reads_regular_files_once_and_never_loops(make_image_folder, tmp_path):
+    root = make_image_folder(classes=("cat", "dog"), train_per_class=4, val_per_class=1)
+    cat = os.path.join(root, "train", "cat")
+    os.symlink(".", os.path.join(cat, "again"))                 # a loop: cat/again/again/...
+    os.symlink(cat, os.path.join(root, "train", "dog", "cats"))  # a link into another class
+    os.symlink(os.path.join(cat, "cat_0.JPEG"), os.path.join(cat, "linked.JPEG"))  # a link to a file
+    os.mkfifo(os.path.join(cat, "fifo.png"))                     # would block any reader
+    samples, classes = data.scan_image_folder(os.path.join(root, "train"))
+    names = sorted(os.path.relpath(path, os.path.join(root, "train")) for path, _ in samples)
+    assert names == ["cat/cat_0.JPEG", "cat/cat_1.JPEG", "cat/cat_2.JPEG", "cat/cat_3.JPEG",
+                     "cat/linked.JPEG", "dog/dog_0.JPEG", "dog/dog_1.JPEG", "dog/dog_2.JPEG", "dog/dog_3.JPEG"]
+    with pytest.raises(ValueError, match="not a regular file"):   # at once, not after a hang
+        data.load_image(os.path.join(cat, "fifo.png"))
+
+
+def test_extremely_elongated_image_is_an_error_not_a_memory_blowup(tmp_path):
+    path = str(tmp_path / "line.png")
+    Image.new("RGB", (2_000_000, 1)).save(path)
+    image = data.load_image(path)
+    with pytest.raises(ValueError, match="2000000x1 image resizes to .* over Pillow's MAX_IMAGE_PIXELS"):
+        data.eval_transform(224)(image)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("a.png 1\nb.png \u00b2\n", r":2: expected 'relative/path label' with an integer label >= 0"),
+    ("a.png 100000000\n", r":1: label 100000000 is not below 100000"),
+    (b"a.png 1\n\xff\xfe.png 2\n", r":2: not UTF-8 text"),
+])
+def test_list_file_errors_name_the_line(tmp_path, content, message):
+    path = tmp_path / "list.txt"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(data.DatasetError, match=re.escape(str(path)) + message):
+        data.read_list_file(str(path), str(tmp_path), check_files=False)
+
+
+def test_a_worker_processes_unreadable_image_is_its_dataset_error(make_image_folder):
+    """data.iterate relies on Paddle re-raising a worker's exception, with its type and its
+    traceback as the message, in a loader thread: this fails if Paddle changes that."""
+    root = make_image_folder(classes=("cat",), train_per_class=1, val_per_class=2)
+    bad = os.path.join(root, "val", "cat", "bad.png")
+    open(bad, "w").write("not an image")
+    samples, classes = data.scan_image_folder(os.path.join(root, "val"))
+    dataset = data.ImageDataset(samples, classes, data.eval_transform(32), skip_unreadable=False)
+    loader = data.build_loader(dataset, is_train=False, batch_size=1, num_workers=1)
+    hook = threading.excepthook
+    with pytest.raises(data.DatasetError) as error:
+        list(data.iterate(loader))
+    assert str(error.value) == f"cannot read image {bad}: cannot identify image file '{bad}'"
+    assert threading.excepthook is hook

@@ -15,7 +15,8 @@ import evaluate
 from conftest import REPO_ROOT, tiny_state
 from cyclemlp import create_model
 from data import eval_transform, load_image, scan_image_folder
-from weights import atomic_save
+from data import DatasetError
+from weights import WeightsError, atomic_save
 
 INPUT_SIZE = 32
 CLASSES = ("cat", "dog", "fox")
@@ -31,10 +32,10 @@ def run_evaluate(*args, cwd=None, launcher=False):
     return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=ENV, timeout=300)
 
 
-def evaluate_in_process(weights, data_path, ema=False):
-    args = evaluate.get_args_parser().parse_args(
+def evaluate_in_process(weights, data_path, *flags, ema=False):
+    args = evaluate.parse_args(
         ["--weights", weights, "--data-path", data_path, "--input-size", str(INPUT_SIZE),
-         "--num-workers", "0", "--batch-size", "2", "--print-freq", "0"] + (["--ema"] if ema else []))
+         "--num-workers", "0", "--batch-size", "2", "--print-freq", "100", *flags] + (["--ema"] if ema else []))
     return evaluate.main(args)
 
 
@@ -59,7 +60,7 @@ def val_folder(make_image_folder):
     return make_image_folder(classes=CLASSES, train_per_class=1, val_per_class=3)
 
 
-def test_cli_numbers_match_per_image_recomputation(val_folder, make_tiny_weights):
+def test_cli_numbers_match_per_image_recomputation(val_folder, make_tiny_weights, capsys):
     weights = make_tiny_weights()
     acc1, loss, images = independent_metrics(weights, val_folder)
     assert 0 < acc1 < 100, "a tiny random model should get some but not all images right"
@@ -73,9 +74,8 @@ def test_cli_numbers_match_per_image_recomputation(val_folder, make_tiny_weights
     assert stats["loss"] == pytest.approx(loss, rel=1e-5)
     assert re.search(r"Test: \[5/5\] eta \d+:\d\d:\d\d acc1", result.stderr)
 
-    text = run_evaluate("--weights", weights, "--data-path", val_folder)
-    assert text.returncode == 0, text.stderr
-    assert text.stdout.strip().splitlines()[-1] == (
+    evaluate_in_process(weights, val_folder)
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
         f"* Acc@1 {acc1:.3f} Acc@5 100.000 loss {loss:.3f}")
 
 
@@ -109,17 +109,14 @@ def test_training_checkpoint_model_and_ema(tmp_path, val_folder, make_tiny_weigh
     assert plain != ema
 
 
-def test_class_count_mismatch_is_one_line_error(make_image_folder, make_tiny_weights):
+def test_class_count_mismatch_is_an_error(make_image_folder, make_tiny_weights):
     two_classes = make_image_folder(classes=("cat", "dog"), train_per_class=1, val_per_class=1)
-    result = run_evaluate("--weights", make_tiny_weights(), "--data-path", two_classes)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith(
-        "error: the validation set has 2 classes but the weights")
-    assert "have 3" in result.stderr and "Traceback" not in result.stderr
+    with pytest.raises(DatasetError, match="the validation set has 2 classes but the weights .* have 3"):
+        evaluate_in_process(make_tiny_weights(), two_classes)
 
 
-@pytest.mark.parametrize("problem", ["missing weights", "not weights", "missing folder", "bad image"])
-def test_user_errors_exit_2_naming_the_file(tmp_path, val_folder, make_tiny_weights, problem):
+@pytest.mark.parametrize("problem", ["missing weights", "not weights", "missing folder", "bad data_config"])
+def test_user_errors_name_the_file(tmp_path, val_folder, make_tiny_weights, problem):
     weights, data_path = make_tiny_weights(), val_folder
     if problem == "missing weights":
         weights, expected = str(tmp_path / "nope.pdparams"), "nope.pdparams: no such file"
@@ -130,14 +127,21 @@ def test_user_errors_exit_2_naming_the_file(tmp_path, val_folder, make_tiny_weig
     elif problem == "missing folder":
         data_path, expected = str(tmp_path / "nowhere"), "nowhere/val does not exist"
     else:
-        bad = os.path.join(val_folder, "val", "dog", "broken.png")
-        open(bad, "w").write("not a png")
-        expected = "cannot read image " + bad
-    result = run_evaluate("--weights", weights, "--data-path", data_path)
-    assert result.returncode == 2, result.stderr
-    assert expected in result.stderr.strip().splitlines()[-1]
-    assert result.stderr.strip().splitlines()[-1].startswith("error: ")
-    assert "Traceback" not in result.stderr
+        weights = make_tiny_weights("odd.pdparams", data_config={"input_size": 0})
+        expected = "odd.pdparams: data_config 'input_size' is 0, expected an integer in"
+    with pytest.raises((WeightsError, DatasetError)) as error:
+        evaluate_in_process(weights, data_path, "--input-size", "32") if problem != "bad data_config" \
+            else evaluate.main(evaluate.parse_args(["--weights", weights, "--data-path", data_path]))
+    assert expected in str(error.value) and "\n" not in str(error.value)
+
+
+def test_unreadable_image_read_by_a_worker_process_is_one_line(val_folder, make_tiny_weights):
+    bad = os.path.join(val_folder, "val", "dog", "broken.png")
+    open(bad, "w").write("not a png")
+    result = run_evaluate("--weights", make_tiny_weights(), "--data-path", val_folder, "--num-workers", "1")
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines() == [f"error: cannot read image {bad}: cannot identify "
+                                                  f"image file '{bad}'"]
 
 
 def test_loop_on_fewer_than_five_classes_restores_training_mode(val_folder, make_tiny_weights):

@@ -4,6 +4,7 @@ on and off) and the ONNX model in ONNX Runtime give the eager logits, at a fixed
 a failed export writes nothing."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -27,14 +28,29 @@ def export_in_process(weights, output, *args):
     export.main(export.get_args_parser().parse_args(["--weights", weights, "--output", str(output), *args]))
 
 
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """The tiny model's weights and its exports at a fixed size and with --dynamic-size, both
+    with ONNX: {'weights', 'fixed', 'dynamic'}."""
+    pytest.importorskip("paddle2onnx")
+    from conftest import tiny_state
+    from weights import write_weights
+    root = tmp_path_factory.mktemp("exports")
+    weights = str(root / "tiny.pdparams")
+    write_weights(weights, tiny_state(0), {"class_names": ["cat", "dog", "fox"]})
+    for name, flags in (("fixed", []), ("dynamic", ["--dynamic-size"])):
+        export_in_process(weights, root / name, "--input-size", str(FIXED_SIZE), "--onnx", *flags)
+    return dict(weights=weights, fixed=root / "fixed", dynamic=root / "dynamic")
+
+
 def eager_logits(model, images):
     with paddle.no_grad():
         return model(paddle.to_tensor(images)).numpy()
 
 
-def paddle_inference_logits(directory, images, onednn=None):
-    """Logits from Paddle Inference's predictor, set up as deployments do: the default CPU
-    Config (oneDNN on), or with oneDNN explicitly on (True) or off (False)."""
+def paddle_inference(directory, onednn=None):
+    """Paddle Inference's predictor, set up as deployments do: the default CPU Config (oneDNN
+    on), or with oneDNN explicitly on (True) or off (False); returns run(images) -> logits."""
     model_file = export.exported_model_file(str(directory))
     config = paddle.inference.Config(model_file, os.path.join(str(directory), "model.pdiparams"))
     config.disable_gpu()
@@ -44,15 +60,16 @@ def paddle_inference_logits(directory, images, onednn=None):
     elif onednn is False:
         config.disable_mkldnn()
     predictor = paddle.inference.create_predictor(config)
-    predictor.get_input_handle(predictor.get_input_names()[0]).copy_from_cpu(images)
-    predictor.run()
-    return predictor.get_output_handle(predictor.get_output_names()[0]).copy_to_cpu()
+
+    def run(images):
+        predictor.get_input_handle(predictor.get_input_names()[0]).copy_from_cpu(images)
+        predictor.run()
+        return predictor.get_output_handle(predictor.get_output_names()[0]).copy_to_cpu()
+    return run
 
 
-def onnx_logits(path, images):
-    onnxruntime = pytest.importorskip("onnxruntime")
-    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-    return session.run(None, {export.INPUT_NAME: images})[0]
+def paddle_inference_logits(directory, images, onednn=None):
+    return paddle_inference(directory, onednn)(images)
 
 
 def assert_close_to(expected, actual):
@@ -62,24 +79,23 @@ def assert_close_to(expected, actual):
 
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["fixed", "dynamic"])
-def test_exports_give_the_eager_logits_in_every_runtime(tmp_path, make_tiny_weights, dynamic):
-    pytest.importorskip("paddle2onnx")
-    weights = make_tiny_weights()
-    output = tmp_path / "exported"
-    export_in_process(weights, output, "--input-size", str(FIXED_SIZE), "--onnx",
-                      *(["--dynamic-size"] if dynamic else []))
-    model = create_model(weights=weights)
+def test_exports_give_the_eager_logits_in_every_runtime(exports, dynamic):
+    output = exports["dynamic" if dynamic else "fixed"]
+    model = create_model(weights=exports["weights"])
     model.eval()
     exported = paddle.jit.load(str(output / "model"))
+    predictors = [paddle_inference(output, onednn) for onednn in (None, True, False)]
+    onnx = pytest.importorskip("onnxruntime").InferenceSession(str(output / "model.onnx"),
+                                                              providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     for batch, (height, width) in [(batch, size) for batch in (1, 3)
                                    for size in (DYNAMIC_SIZES if dynamic else DYNAMIC_SIZES[:1])]:
         images = rng.standard_normal((batch, 3, height, width)).astype(np.float32)
         expected = eager_logits(model, images)
         assert_close_to(expected, exported(paddle.to_tensor(images)).numpy())
-        for onednn in (None, True, False):
-            assert_close_to(expected, paddle_inference_logits(output, images, onednn))
-        assert_close_to(expected, onnx_logits(str(output / "model.onnx"), images))
+        for run in predictors:
+            assert_close_to(expected, run(images))
+        assert_close_to(expected, onnx.run(None, {export.INPUT_NAME: images})[0])
 
     meta = json.loads((output / "meta.json").read_text())
     assert meta["input_size"] == FIXED_SIZE and meta["dynamic_size"] is dynamic
@@ -89,7 +105,7 @@ def test_exports_give_the_eager_logits_in_every_runtime(tmp_path, make_tiny_weig
     assert meta["class_names"] == ["cat", "dog", "fox"]
     assert set(meta["parity"]["max_difference"]) == {"paddle_inference_default_config", "onnxruntime"}
     assert len(meta["parity"]["sizes"]) == (2 if dynamic else 1)
-    assert sorted(os.listdir(tmp_path)) == ["exported", "tiny.pdparams"]   # no temporary left
+    assert sorted(os.listdir(output.parent)) == ["dynamic", "fixed", "tiny.pdparams"]   # no temporary left
 
 
 class AddThenScale(paddle.nn.Layer):
@@ -114,53 +130,48 @@ def test_minimal_reproduction_of_the_onednn_int64_scale_bug(tmp_path):
     assert not np.array_equal(paddle_inference_logits(tmp_path, x), expected)
 
 
-def test_onnx_model_loads_without_warnings(tmp_path, make_tiny_weights, capfd):
+def test_onnx_model_loads_without_warnings(exports, capfd):
     """paddle2onnx leaves constants nothing uses; ONNX Runtime warns about each one it removes."""
     onnxruntime = pytest.importorskip("onnxruntime")
-    pytest.importorskip("paddle2onnx")
-    output = tmp_path / "exported"
-    export_in_process(make_tiny_weights(), output, "--input-size", "48", "--dynamic-size", "--onnx")
     capfd.readouterr()
-    onnxruntime.InferenceSession(str(output / "model.onnx"), providers=["CPUExecutionProvider"])
+    for name in ("fixed", "dynamic"):
+        onnxruntime.InferenceSession(str(exports[name] / "model.onnx"), providers=["CPUExecutionProvider"])
     assert capfd.readouterr().err == ""
 
 
-def test_predict_runs_the_export_in_both_runtimes(tmp_path, make_tiny_weights):
-    pytest.importorskip("paddle2onnx")
-    weights = make_tiny_weights()
-    output = tmp_path / "exported"
-    export_in_process(weights, output, "--input-size", "48", "--dynamic-size", "--onnx")
+def test_predict_runs_the_export_in_both_runtimes(exports, tmp_path, capsys):
     image = str(tmp_path / "photo.png")
     Image.fromarray(photo_like_array(70, 50, 7)).save(image)
-    # meta.json's input size 48 is the default; the eager predictor is told the same.
-    eager = predict.Predictor(lambda batch: eager_logits(create_model(weights=weights), batch),
-                              ["cat", "dog", "fox"], 48, 0.875, "bicubic")
+    # meta.json's input size is the default; the eager predictor is told the same.
+    eager = predict.Predictor(lambda batch: eager_logits(create_model(weights=exports["weights"]), batch),
+                              ["cat", "dog", "fox"], FIXED_SIZE, 0.875, "bicubic")
     [expected] = predict.predict(eager, [image], topk=3)
-    for runtime in ("paddle", "onnx"):
-        result = subprocess.run([sys.executable, str(REPO_ROOT / "predict.py"), image, "--inference-model",
-                                 str(output), "--runtime", runtime, "--topk", "3", "--json"],
-                                capture_output=True, text=True, env=ENV, timeout=300)
-        assert result.returncode == 0, result.stderr
-        got = json.loads(result.stdout)["predictions"]
+    results = [json.loads(subprocess.run(     # the command line once, in its own process
+        [sys.executable, str(REPO_ROOT / "predict.py"), image, "--inference-model", str(exports["dynamic"]),
+         "--runtime", "onnx", "--topk", "3", "--json"], capture_output=True, text=True, env=ENV,
+        timeout=300, check=True).stdout)]
+    assert predict.main(predict.get_args_parser().parse_args(
+        [image, "--inference-model", str(exports["fixed"]), "--topk", "3", "--json"])) == 0
+    results.append(json.loads(capsys.readouterr().out))
+    for result in results:
+        got = result["predictions"]
         assert [p["class_id"] for p in got] == [p["class_id"] for p in expected["predictions"]]
         assert [p["label"] for p in got] == [p["label"] for p in expected["predictions"]]
         np.testing.assert_allclose([p["probability"] for p in got],
                                    [p["probability"] for p in expected["predictions"]], atol=1e-5)
 
 
-def test_fixed_size_export_refuses_another_size(tmp_path, make_tiny_weights):
-    output = tmp_path / "exported"
-    export_in_process(make_tiny_weights(), output, "--input-size", "32")
-    args = predict.get_args_parser().parse_args(["x.png", "--inference-model", str(output),
-                                                 "--input-size", "64"])
-    with pytest.raises(WeightsError, match="exported for 32x32 inputs, not 64"):
+def test_fixed_size_export_refuses_another_size(exports):
+    args = predict.get_args_parser().parse_args(["x.png", "--inference-model", str(exports["fixed"]),
+                                                 "--input-size", "48"])
+    with pytest.raises(WeightsError, match=f"exported for {FIXED_SIZE}x{FIXED_SIZE} inputs, not 48"):
         predict.exported_predictor(args)
 
 
-def test_a_failed_export_writes_nothing_and_keeps_the_earlier_one(tmp_path, make_tiny_weights, monkeypatch):
+def test_a_failed_export_writes_nothing_and_keeps_the_earlier_one(exports, tmp_path, make_tiny_weights, monkeypatch):
     weights = make_tiny_weights()
     output = tmp_path / "exported"
-    export_in_process(weights, output, "--input-size", "32")
+    shutil.copytree(exports["fixed"], output)
     before = {name: (output / name).read_bytes() for name in os.listdir(output)}
     wrong = lambda directory, onednn=False: lambda batch: np.zeros((len(batch), 3), np.float32)  # noqa: E731
     monkeypatch.setattr(export, "paddle_runner", wrong)

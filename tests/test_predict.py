@@ -2,6 +2,7 @@
 recomputed directly, one-line errors, exit codes, large images and decompression bombs."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ import predict
 from conftest import REPO_ROOT, photo_like_array
 from cyclemlp import create_model
 from data import ImageDataset, eval_transform, load_image
+from weights import WeightsError
 
 INPUT_SIZE = 32
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -80,16 +82,22 @@ def run_predict(*args):
                           capture_output=True, text=True, env=ENV, timeout=300)
 
 
-def test_every_mode_predicted_and_broken_files_reported(tmp_path, make_tiny_weights):
+def predict_in_process(capsys, *args):
+    """predict.main on the parsed flags: (exit status, stdout lines)."""
+    status = predict.main(predict.get_args_parser().parse_args([str(arg) for arg in args]))
+    return status, capsys.readouterr().out.splitlines()
+
+
+def test_every_mode_predicted_and_broken_files_reported(tmp_path, make_tiny_weights, capsys):
     weights = make_tiny_weights()
     good = write_odd_images(tmp_path / "images")
     broken = write_broken_files(tmp_path / "images")
     # The folder holds good and broken files; the missing file is named explicitly.
     missing = [path for path in broken if path.endswith("missing.jpg")]
-    result = run_predict(str(tmp_path / "images"), *missing, "--weights", weights,
-                         "--input-size", str(INPUT_SIZE), "--topk", "2", "--batch-size", "4", "--json")
-    assert result.returncode == 1, result.stderr
-    records = {record["image"]: record for record in map(json.loads, result.stdout.splitlines())}
+    status, lines = predict_in_process(capsys, tmp_path / "images", *missing, "--weights", weights,
+                                       "--input-size", INPUT_SIZE, "--topk", "2", "--batch-size", "4", "--json")
+    assert status == 1
+    records = {record["image"]: record for record in map(json.loads, lines)}
     assert set(records) == set(good.values()) | set(broken)
     for path, words in broken.items():
         assert words in records[path]["error"].lower(), records[path]
@@ -125,7 +133,7 @@ def test_exif_orientation_applied_by_predict_only(tmp_path):
     np.testing.assert_array_equal(predictor.load(path), eval_transform(32, 1.0)(Image.fromarray(turned)))
 
 
-def test_evaluation_transform_recorded_in_the_weights_is_used(tmp_path, make_tiny_weights):
+def test_evaluation_transform_recorded_in_the_weights_is_used(tmp_path, make_tiny_weights, capsys):
     recorded = {"input_size": 40, "crop_pct": 1.0, "interpolation": "bilinear"}
     weights = make_tiny_weights(data_config=recorded)
     image = os.path.join(tmp_path, "wide.png")
@@ -134,9 +142,9 @@ def test_evaluation_transform_recorded_in_the_weights_is_used(tmp_path, make_tin
     model.eval()
     for flags, transform in (([], eval_transform(40, 1.0, "bilinear")),
                              (["--input-size", "48"], eval_transform(48, 1.0, "bilinear"))):
-        result = run_predict(image, "--weights", weights, "--topk", "3", "--json", *flags)
-        assert result.returncode == 0, result.stderr
-        got = {p["class_id"]: p["probability"] for p in json.loads(result.stdout)["predictions"]}
+        status, lines = predict_in_process(capsys, image, "--weights", weights, "--topk", "3", "--json", *flags)
+        assert status == 0
+        got = {p["class_id"]: p["probability"] for p in json.loads(lines[0])["predictions"]}
         with paddle.no_grad():
             want = paddle.nn.functional.softmax(
                 model(paddle.to_tensor(transform(load_image(image))[None])), axis=-1).numpy()[0]
@@ -159,10 +167,30 @@ def test_text_output_and_error_lines(tmp_path, make_tiny_weights):
     assert {line.split()[2] for line in lines[1:]} == {"cat", "dog", "fox"}
 
 
-def test_bad_weights_exit_2(tmp_path):
-    result = run_predict(str(tmp_path), "--weights", str(tmp_path / "none.pdparams"))
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'none.pdparams'}: no such file"
+def test_bad_weights_and_settings_name_the_file(tmp_path, make_tiny_weights):
+    with pytest.raises(WeightsError, match=f"{tmp_path / 'none.pdparams'}: no such file"):
+        predict.main(predict.get_args_parser().parse_args([str(tmp_path), "--weights", str(tmp_path / "none.pdparams")]))
+    for config, expected in (({"input_size": "big"}, "data_config 'input_size' is 'big'"),
+                             ({"crop_pct": 1e-9}, "data_config 'crop_pct' is 1e-09"),
+                             ({"interpolation": "lanczos9"}, "data_config 'interpolation' is 'lanczos9'")):
+        weights = make_tiny_weights("odd.pdparams", data_config=config)
+        with pytest.raises(WeightsError, match=re.escape(f"{weights}: {expected}")):
+            predict.main(predict.get_args_parser().parse_args([str(tmp_path), "--weights", weights]))
+
+
+def test_an_image_that_would_blow_up_memory_is_one_error_among_good_ones(tmp_path, make_tiny_weights, capsys):
+    good, line = str(tmp_path / "good.png"), str(tmp_path / "line.png")
+    Image.fromarray(photo_like_array(40, 30, 1)).save(good)
+    Image.new("RGB", (20_000_000, 1)).save(line)
+    fifo = str(tmp_path / "pipe.png")
+    os.mkfifo(fifo)
+    status, lines = predict_in_process(capsys, good, line, fifo, "--weights", make_tiny_weights(),
+                                       "--input-size", INPUT_SIZE, "--json")
+    records = [json.loads(text) for text in lines]
+    assert status == 1 and [record["image"] for record in records] == [good, line, fifo]
+    assert "predictions" in records[0]
+    assert "20000000x1 image resizes to" in records[1]["error"]
+    assert records[2]["error"] == "cannot read image: not a regular file"
 
 
 def test_large_images_take_the_official_path_unless_fast_decode(tmp_path):

@@ -17,6 +17,7 @@ import numpy as np
 import paddle
 import pytest
 
+import convert_weights
 import weights
 from weights import WeightsError, read_checkpoint, read_weights, torch_to_paddle, write_weights
 
@@ -160,8 +161,8 @@ def test_big_endian_archive(tmp_path):
 
 def test_tensor_reaching_past_its_storage_is_refused(tmp_path):
     path = tmp_path / 'overrun.pth'
-    write_torch_zip(path, torch_tensor_pickle(2, (3, 3), (3, 1), 4), np.zeros(4, np.float32).tobytes())
-    with pytest.raises(WeightsError, match=r'overrun.pth: .*reaches element'):
+    write_torch_zip(path, torch_tensor_pickle(2, (2, 2), (2, 1), 4), np.zeros(4, np.float32).tobytes())
+    with pytest.raises(WeightsError, match=r'overrun.pth: .*reaches element 5 of a storage holding 4'):
         read_weights(path)
 
 
@@ -270,8 +271,8 @@ def test_numpy_1_module_names_are_understood(tmp_path):
     assert checkpoint['n'] == 7 and checkpoint['n'].dtype == np.int64
 
 
-META = {'model_name': 'CycleMLP_B1', 'model_args': {'num_classes': 10, 'drop_path_rate': 0.1},
-        'class_names': ['cat', 'dog']}
+META = {'model_name': 'CycleMLP_B1', 'class_names': ['cat', 'dog'],
+        'data_config': {'input_size': 256, 'crop_pct': 1.0, 'interpolation': 'bilinear'}}
 
 
 @pytest.mark.parametrize('suffix', ['.pdparams', '.safetensors'])
@@ -312,10 +313,10 @@ def test_container_selection_and_ddp_prefix(tmp_path):
     path.write_bytes(pickle.dumps({'state_dict': {'module.w': weight}, 'epoch': 1}))
     assert list(read_weights(path)[0]) == ['w']
     path.write_bytes(pickle.dumps({'model': {'w': weight, 'count': 3}}))
-    with pytest.raises(WeightsError, match="ddp.pdckpt: state dict entry 'count' is a int"):
+    with pytest.raises(WeightsError, match="ddp.pdckpt: state dict entry 'count' is 3, expected an array"):
         read_weights(path)
     path.write_bytes(pickle.dumps({'model': {'w': weight}, 'class_names': 'cat'}))
-    with pytest.raises(WeightsError, match='ddp.pdckpt: class_names is .*expected a list of str'):
+    with pytest.raises(WeightsError, match="ddp.pdckpt: class_names is 'cat', expected a list"):
         read_weights(path)
 
 
@@ -355,6 +356,141 @@ def test_broken_files_name_the_path(tmp_path):
             read_weights(path)
         assert str(error.value).startswith(str(path)), str(error.value)
         assert patterns[name] in str(error.value), str(error.value)
+
+
+# --- files that try to change the process, or to take memory or time out of proportion ---------
+
+def _pickle_namespace_class_build(attribute: str, value: str) -> bytes:
+    """The argparse.Namespace *class* (not an instance) with BUILD (None, {attribute: value}):
+    unchecked, this sets a class attribute that every later Namespace would show."""
+    return (_pickle_global('argparse', 'Namespace') + b'N}' + _pickle_str(attribute)
+            + _pickle_str(value) + b's\x86b')
+
+
+def test_a_file_cannot_modify_a_class_or_a_shared_stand_in(tmp_path):
+    import argparse
+    weight = torch_tensor_pickle(0, (2,), (1,), 2)[len(b'\x80\x02}('):-2]   # "'w': tensor"
+    for name, target in (('namespace', _pickle_namespace_class_build('resume', 'evil.pth')),
+                         ('storage', _pickle_global('torch', 'FloatStorage') + b'N}'
+                          + _pickle_str('numpy_dtype') + _pickle_str('O') + b's\x86b')):
+        path = tmp_path / f'{name}.pth'
+        write_torch_zip(path, b'\x80\x02}(' + weight + _pickle_str('args') + target + b'u.',
+                        np.zeros(2, np.float32).tobytes())
+        with pytest.raises(WeightsError, match='refusing to set the state of'):
+            read_weights(path)
+    assert not hasattr(argparse.Namespace, 'resume')
+    assert weights._TORCH_DTYPES['float32'].numpy_dtype == np.float32
+    np.testing.assert_array_equal(read_weights(OFFICIAL)[0]['norm.weight'].dtype, np.float32)
+
+
+def test_numpy_dtypes_and_arrays_are_rebuilt_from_checked_values(tmp_path):
+    path = tmp_path / 'arrays.pdparams'
+    big_endian = np.arange(6, dtype='>f4').reshape(2, 3)
+    path.write_bytes(pickle.dumps({'model': {'w': big_endian}}, protocol=2))
+    loaded = read_weights(path)[0]['w']
+    np.testing.assert_array_equal(loaded, big_endian)
+    assert loaded.dtype == np.float32 and loaded.dtype.isnative        # the values, not swapped bytes
+    plain = pickle.dumps({'model': {'w': np.ones(3, np.float32)}}, protocol=2)
+    flags = b'J\xff\xff\xff\xffK\x00t'       # the end of the dtype state: ..., alignment -1, flags 0
+    data = b'X\x0f\x00\x00\x00' + b'\x00\x00\xc2\x80?' * 3   # the bytes of 3 x 1.0f, latin-1 in UTF-8
+    assert plain.count(flags) == 1 and plain.count(data) == 1
+    path.write_bytes(plain.replace(flags, flags[:-3] + b'K\x10t'))    # flags 16, an object dtype's
+    with pytest.raises(WeightsError, match='dtype float32 with a state other than a plain numeric type'):
+        read_weights(path)
+    path.write_bytes(plain.replace(data, b'X\x0a\x00\x00\x00' + b'\x00\x00\xc2\x80?' * 2))
+    with pytest.raises(WeightsError, match=r'an array of shape \(3,\) and dtype float32 needs 12 bytes, the file holds 8'):
+        read_weights(path)
+
+
+def test_declared_sizes_are_bounded_by_what_the_file_holds(tmp_path):
+    path = tmp_path / 'stride0.pth'      # a 1000 x 1000000 view of one element
+    write_torch_zip(path, torch_tensor_pickle(0, (1000, 1000000), (0, 0), 1), np.zeros(1, np.float32).tobytes())
+    with pytest.raises(WeightsError, match='a tensor of 1000000000 elements from a storage of 1'):
+        read_weights(path)
+    path = tmp_path / 'inflates.pth'     # a storage compressed 1000:1, as torch.save never writes one
+    with zipfile.ZipFile(path, 'w') as archive:
+        archive.writestr('archive/data.pkl', torch_tensor_pickle(0, (1 << 21,), (1,), 1 << 21))
+        archive.writestr('archive/data/0', bytes(8 << 20), compress_type=zipfile.ZIP_DEFLATED)
+    with pytest.raises(WeightsError, match="storage '0' is compressed; torch.save stores storages uncompressed"):
+        read_weights(path)
+    path = tmp_path / 'short.pth'
+    write_torch_zip(path, torch_tensor_pickle(0, (4,), (1,), 1 << 30), np.zeros(4, np.float32).tobytes())
+    with pytest.raises(WeightsError, match="storage '0' holds 16 bytes, expected 1073741824 x float32"):
+        read_weights(path)
+
+
+def test_huge_or_deep_structures_end_in_one_short_error(tmp_path):
+    path = tmp_path / 'shared.pdparams'
+    doubling = []
+    for _ in range(64):                  # 2**64 leaves when walked, 64 lists in the file
+        doubling = [doubling, doubling]
+    path.write_bytes(pickle.dumps({'model': {'w': doubling}}, protocol=2))
+    with pytest.raises(WeightsError) as error:
+        read_weights(path)
+    assert str(error.value) == f"{path}: state dict entry 'w' is a list, expected an array"
+    path.write_bytes(b'\x80\x02' + b']' * 100_000 + b'a' * 99_999 + b'.')   # lists 100,000 deep
+    with pytest.raises(WeightsError, match=f'{re.escape(str(path))}: expected a dict, found a list$'):
+        read_weights(path)
+    path.write_bytes(pickle.dumps({'model': {'k' * 10**6: 1}}, protocol=2))
+    with pytest.raises(WeightsError) as error:
+        read_weights(path)
+    assert len(str(error.value)) < len(str(path)) + 120
+
+
+def test_the_state_dict_structure_is_checked_before_a_model_is_built(tmp_path):
+    import cyclemlp
+    state = {k: v.numpy() for k, v in cyclemlp.CycleNet(**TINY).state_dict().items()}
+    for change, message in (
+            ({'network.0.9999999.norm1.weight': np.ones(8, np.float32)}, 'the blocks of network.0 are not numbered 0..n-1'),
+            ({'network.2.0.norm1.weight': np.array(1.0, np.float32)}, 'network.2.0.norm1.weight has shape [], expected a non-empty vector'),
+            ({'head.bias': np.zeros(0, np.float32)}, 'head.bias has shape [0], expected a non-empty vector'),
+            ({'network.0.0.mlp.fc1.bias': np.zeros(10**6, np.float32)}, 'more parameters than the file holds'),
+            ({'network.2.0.norm1.weight': np.ones(2, np.float32)}, 'a CycleNet needs stages of at least 1 block, 4 channels')):
+        path = tmp_path / 'odd.pdparams'
+        write_weights(path, {**state, **change})
+        with pytest.raises(WeightsError, match=re.escape(f'{path}: ') + '.*' + re.escape(message)):
+            cyclemlp.load_model(str(path))
+
+
+def _zip_variant(tmp_path, name, change) -> Path:
+    """The official fixture with its bytes changed by change(bytearray, first local header)."""
+    data = bytearray(OFFICIAL.read_bytes())
+    change(data, data.index(b'PK\x03\x04'))
+    path = tmp_path / name
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_damaged_zip_archives_are_one_error_each(tmp_path):
+    central = OFFICIAL.read_bytes().index(b'PK\x01\x02')
+
+    def unsupported(data, local):
+        data[local + 8:local + 10] = data[central + 10:central + 12] = struct.pack('<H', 99)
+
+    def encrypted(data, local):
+        data[local + 6] |= 1
+        data[central + 8] |= 1
+
+    def bad_crc(data, local):
+        end = local + 30 + struct.unpack('<H', data[local + 26:local + 28])[0] + struct.unpack('<H', data[local + 28:local + 30])[0]
+        data[end + 2] ^= 0xFF            # a byte of data.pkl, stored uncompressed
+
+    def bad_offset(data, local):
+        data[central + 42:central + 46] = struct.pack('<I', local + 7)   # data.pkl's local header
+
+    def bad_size(data, local):
+        data[central + 24:central + 28] = struct.pack('<I', 3)   # data.pkl's uncompressed size
+
+    for name, change in (('unsupported.pth', unsupported), ('encrypted.pth', encrypted),
+                         ('crc.pth', bad_crc), ('offset.pth', bad_offset), ('size.pth', bad_size)):
+        path = _zip_variant(tmp_path, name, change)
+        with pytest.raises(WeightsError, match=f'^{re.escape(str(path))}: (damaged zip archive|cannot unpickle)') as error:
+            read_weights(path)
+        assert '\n' not in str(error.value)
+    one_byte = tmp_path / 'one.pth'
+    one_byte.write_bytes(b'\x80')
+    with pytest.raises(WeightsError, match='one.pth: not a weights file'):
+        read_weights(one_byte)
 
 
 def test_write_refuses_unknown_suffix(tmp_path):
@@ -397,64 +533,64 @@ def test_atomic_save_and_read_checkpoint(tmp_path):
 
 # --- convert_weights.py ------------------------------------------------------------------------
 
-def run_convert(*args):
-    return subprocess.run([sys.executable, str(REPO / 'convert_weights.py'), *map(str, args)],
-                          capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, 'OMP_NUM_THREADS': '1'}, timeout=300)
+def convert(capsys, *args):
+    """convert_weights.main in-process; (stdout, stderr) or the WeightsError it raised."""
+    try:
+        convert_weights.main([str(arg) for arg in args])
+    except WeightsError as error:
+        return error
+    return capsys.readouterr()
 
 
-def test_convert_official_checkpoint(tmp_path):
+def test_convert_official_checkpoint(tmp_path, capsys):
     state, _, _ = read_weights(OFFICIAL)
     expected = torch_to_paddle(state)
     parameters = sum(v.size for k, v in state.items() if not k.endswith('.offset'))
     outputs = {}
     for suffix in ('.pdparams', '.safetensors'):
         destination = tmp_path / f'tiny{suffix}'
-        result = run_convert(OFFICIAL, destination)
-        assert result.returncode == 0, result.stderr
-        assert result.stdout == (f'converted a custom CycleNet: 117 tensors ({parameters:,} parameters) '
-                                 f'from {OFFICIAL} (torch layout) to {destination}\n')
+        assert convert(capsys, OFFICIAL, destination).out == (
+            f'converted a custom CycleNet: 117 tensors ({parameters:,} parameters) '
+            f'from {OFFICIAL} to {destination}\n')
         outputs[suffix], meta, layout = read_weights(destination)
-        assert layout == 'paddle' and meta == {'model_args': TINY}
+        assert layout == 'paddle' and meta == {}
     for key in expected:
         np.testing.assert_array_equal(outputs['.pdparams'][key], expected[key])
         np.testing.assert_array_equal(outputs['.safetensors'][key], expected[key])
 
 
-def test_convert_names_the_variant_and_refuses_what_does_not_fit(tmp_path):
+def test_convert_names_the_variant_and_refuses_what_does_not_fit(tmp_path, capsys):
     import cyclemlp
-    state = {k: v.numpy() for k, v in cyclemlp.CycleMLP_B2(num_classes=4).state_dict().items()}
-    source = tmp_path / 'paddleclas_b2.pdparams'
+    state = {k: v.numpy() for k, v in cyclemlp.CycleMLP_B1(num_classes=4).state_dict().items()}
+    source = tmp_path / 'paddleclas_b1.pdparams'
     paddle.save(state, str(source))                 # PaddleClas layout: a bare Paddle state dict
-    result = run_convert(source, tmp_path / 'b2.pdparams')
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith('converted CycleMLP_B2: 390 tensors (26,291,556 parameters)')  # 26,802,504 - 996 * 513
-    assert read_weights(tmp_path / 'b2.pdparams')[1]['model_name'] == 'CycleMLP_B2'
-    result = run_convert(source, tmp_path / 'b1.pdparams', '--model', 'CycleMLP_B1')
-    assert result.returncode == 2 and 'unexpected keys' in result.stderr and str(source) in result.stderr
-    assert not (tmp_path / 'b1.pdparams').exists()
+    result = convert(capsys, source, tmp_path / 'b1.pdparams')
+    assert result.out.startswith('converted CycleMLP_B1: 222 tensors (14,644,452 parameters)')  # 15,155,400 - 996 * 513
+    assert read_weights(tmp_path / 'b1.pdparams')[1]['model_name'] == 'CycleMLP_B1'
+    error = convert(capsys, source, tmp_path / 'b2.pdparams', '--model', 'CycleMLP_B2')
+    assert 'missing keys' in str(error) and str(source) in str(error) and '\n' not in str(error)
+    assert not (tmp_path / 'b2.pdparams').exists()
 
 
-def test_convert_ema_keeps_meta_and_paddle_layout(tmp_path):
+def test_convert_ema_keeps_meta_and_paddle_layout(tmp_path, capsys):
     model_state = torch_to_paddle(read_weights(OFFICIAL)[0])
     ema_state = torch_to_paddle(read_weights(OFFICIAL, ema=True)[0])
-    meta = {'model_args': TINY, 'class_names': list('abcdefghij')}
+    meta = {'class_names': list('abcdefghij')}
     source = tmp_path / 'ours.pdckpt'
     weights.atomic_save({'model': model_state, 'model_ema': ema_state, 'optimizer': {}, **meta}, source)
     destination = tmp_path / 'ema.safetensors'
-    result = run_convert(source, destination, '--ema')
-    assert result.returncode == 0, result.stderr
-    assert '(paddle layout)' in result.stdout and '(37,012 parameters)' in result.stdout
+    assert '(37,012 parameters)' in convert(capsys, source, destination, '--ema').out
     state, written_meta, _ = read_weights(destination)
     assert written_meta == meta
     for key, value in ema_state.items():            # EMA weights, not transposed again
         np.testing.assert_array_equal(state[key], value)
 
 
-def test_convert_error_is_one_line(tmp_path):
+def test_convert_error_is_one_line_from_the_command_line(tmp_path):
     missing = tmp_path / 'missing.pth'
-    result = run_convert(missing, tmp_path / 'out.pdparams')
-    assert result.returncode == 2 and result.stdout == ''
+    result = subprocess.run([sys.executable, str(REPO / 'convert_weights.py'), str(missing),
+                             str(tmp_path / 'out.pdparams')], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and result.stdout == ''
     assert result.stderr == f'error: {missing}: no such file\n'
     assert not (tmp_path / 'out.pdparams').exists()
 
