@@ -60,6 +60,9 @@ class PlainFC(CycleFC):
         return paddle.matmul(x, self.weight.reshape([self.out_channels, -1]), transpose_y=True) + self.bias
 
 
+CYCLE_FC_CLASSES = {'index': CycleFC, 'index-unfused': CycleFC, 'deform': DeformCycleFC, 'none': PlainFC}
+
+
 class PlainMlp(cyclemlp.Mlp):
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x)))
@@ -75,7 +78,7 @@ def apply_impl(model: paddle.nn.Layer, impl: str) -> paddle.nn.Layer:
     'deform' also takes Paddle's own Linear, LayerNorm and MLP, as the earlier port has them."""
     if impl == 'index':
         return model
-    layer_class = {'index-unfused': CycleFC, 'deform': DeformCycleFC, 'none': PlainFC}[impl]
+    layer_class = CYCLE_FC_CLASSES[impl]
     for layer in model.sublayers():
         if isinstance(layer, cyclemlp.CycleMLP):
             layer.fuse = False                  # the official branch-by-branch forward
@@ -118,7 +121,7 @@ def make_layer_steps(args, impl: str, size: int, channels: int) -> Dict[str, Cal
     """Forward, and forward + backward, of one CycleFC (1, 3) at a stage's size."""
     paddle.seed(0)
     layer = CycleFC(channels, channels, (1, 3))
-    layer.__class__ = {'index': CycleFC, 'index-unfused': CycleFC, 'deform': DeformCycleFC, 'none': PlainFC}[impl]
+    layer.__class__ = CYCLE_FC_CLASSES[impl]
     x = paddle.randn([args.batch_size, size, size, channels])
     x.stop_gradient = False
 
@@ -193,9 +196,9 @@ def deployed_runners(args, directory: str) -> Dict[str, Callable[[np.ndarray], N
     paddle.seed(0)
     model = cyclemlp.create_model(args.model)
     model.eval()
-    threads = cpu_setup.threads or int(os.environ.get('OMP_NUM_THREADS', 1))
+    threads = cpu_setup.current_threads()
     weights = os.path.join(directory, 'weights.pdparams')
-    write_weights(weights, {key: value.numpy() for key, value in model.state_dict().items()})
+    write_weights(weights, cyclemlp.numpy_state(model))
     output = os.path.join(directory, 'exported')
     command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'export.py'),
                '--weights', weights, '--output', output, '--input-size', str(args.input_size)]
@@ -288,12 +291,8 @@ def ratio(results: List[dict], key: str, a: str, b: str) -> float:
     return values[a] / values[b] if a in values and b in values else float('nan')
 
 
-def main(argv=None) -> dict:
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
+def main(args: argparse.Namespace) -> dict:
     impls = [impl for impl in args.impls.split(',') if impl]
-    if set(impls) - set(IMPLS):
-        parser.error(f'--impls: unknown {sorted(set(impls) - set(IMPLS))}; choose from {IMPLS}')
     cpu_setup.set_threads(args.threads)   # every implementation gets the same count
     if args.memory_probe:
         memory_probe(args)
@@ -321,7 +320,7 @@ def main(argv=None) -> dict:
     deployed = [] if args.skip_deploy else deployed_inference(args)
     report = {
         'device': paddle.get_device(), 'paddle': paddle.__version__,
-        'threads': cpu_setup.threads or int(os.environ.get('OMP_NUM_THREADS', 1)),
+        'threads': cpu_setup.current_threads(),
         'mkl_avx2_on_amd': cpu_setup.amd_mkl_path, 'freed_memory_kept': cpu_setup.freed_memory_kept,
         'model': args.model, 'batch_size': args.batch_size, 'input_size': args.input_size,
         'results': results, 'layers': layers, 'deployed': deployed,
@@ -356,4 +355,16 @@ def main(argv=None) -> dict:
 
 
 if __name__ == '__main__':
-    main()
+    argument_parser = get_args_parser()
+    arguments = argument_parser.parse_args()
+    unknown = set(arguments.impls.split(',')) - set(IMPLS) - {''}
+    if unknown:
+        argument_parser.error(f'--impls: unknown {sorted(unknown)}; choose from {IMPLS}')
+    try:
+        main(arguments)
+    except subprocess.CalledProcessError as error:   # a memory probe or export.py failed
+        stderr = error.stderr if isinstance(error.stderr, str) else (error.stderr or b'').decode()
+        reason = stderr.strip().splitlines()[-1] if stderr.strip() else f'exit status {error.returncode}'
+        sys.exit(f'error: {os.path.basename(error.cmd[1])} failed: {reason}')
+    except KeyboardInterrupt:
+        sys.exit('interrupted')

@@ -13,7 +13,7 @@ import argparse
 import sys
 
 import cpu_setup  # noqa: F401  (first: sets up the CPU before Paddle loads)
-from cyclemlp import ARCHITECTURES, count_parameters, load_model
+from cyclemlp import ARCHITECTURES, count_parameters, load_model, numpy_state
 from weights import WeightsError, write_weights
 
 
@@ -33,17 +33,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> None:
-    args = get_args_parser().parse_args(argv)
+def main(args: argparse.Namespace) -> None:
     model, meta = load_model(args.src, args.model, ema=args.ema)
-    state = {key: value.numpy() for key, value in model.state_dict().items()}
+    state = numpy_state(model)
     write_weights(args.dst, state, {**meta, **({'model_name': model.name} if model.name else {})})
     print(f'converted {model.name or "a custom CycleNet"}: {len(state)} tensors '
           f'({count_parameters(model):,} parameters) from {args.src} to {args.dst}')
 
 
 if __name__ == '__main__':
+    arguments = get_args_parser().parse_args()
     try:
-        main()
-    except WeightsError as error:
+        main(arguments)
+    except (WeightsError, OSError) as error:
         sys.exit(f'error: {error}')
+    except KeyboardInterrupt:
+        sys.exit('interrupted')

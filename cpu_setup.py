@@ -52,13 +52,6 @@ def available_cores() -> int:
     return max(1, cores // max(1, local_ranks))
 
 
-def default_num_workers() -> int:
-    """DataLoader processes per rank: the official 10 on GPU (at most one per core); on CPU a
-    quarter of the cores, at least 1, since the compute threads already use every core."""
-    cores = available_cores()
-    return min(10, cores) if not on_cpu else max(1, cores // 4)
-
-
 def keep_freed_memory() -> bool:
     """Raise glibc's mmap and trim thresholds (see the module doc); False where not glibc."""
     if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc' or any(
@@ -87,6 +80,16 @@ freed_memory_kept = on_cpu and keep_freed_memory()
 threads: Optional[int] = None   # the compute threads set here; None: left to OMP_NUM_THREADS
 
 
+def current_threads() -> int:
+    """The compute threads in use: set here, else the user's OMP_NUM_THREADS, else Paddle's 1."""
+    if threads:
+        return threads
+    try:
+        return max(1, int(os.environ.get('OMP_NUM_THREADS') or 1))
+    except ValueError:
+        return 1
+
+
 def set_threads(count: Optional[int] = None) -> None:
     """Use `count` CPU threads for Paddle's kernels; None: OMP_NUM_THREADS if the user set it,
     else every available core. Does nothing on GPU."""
@@ -95,6 +98,13 @@ def set_threads(count: Optional[int] = None) -> None:
         return
     threads = count or available_cores()
     paddle.base.core.set_num_threads(threads)
+
+
+def default_num_workers() -> int:
+    """DataLoader processes per rank: the official 10 on GPU (at most one per core); on CPU a
+    quarter of the cores, at least 1, since the compute threads already use every core."""
+    cores = available_cores()
+    return min(10, cores) if not on_cpu else max(1, cores // 4)
 
 
 set_threads()

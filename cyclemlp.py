@@ -13,6 +13,7 @@ load one to one after transposing the Linear weights (PyTorch stores them [out, 
 """
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import cpu_setup  # noqa: F401  (first: sets up the CPU before Paddle loads)
 import numpy as np
 import paddle
 import paddle.nn as nn
@@ -320,9 +321,9 @@ class CycleNet(nn.Layer):
     def __init__(self, layers: Sequence[int], embed_dims: Sequence[int], mlp_ratios: Sequence[float],
                  num_classes: int = 1000, drop_path_rate: float = 0.0):
         super().__init__()
-        if not (len(layers) == len(embed_dims) == len(mlp_ratios) >= 1):
+        if not (len(layers) == len(embed_dims) == len(mlp_ratios) == 4):
             raise ValueError(f'layers {layers}, embed_dims {embed_dims} and mlp_ratios {mlp_ratios} '
-                             f'must have the same length')
+                             f'must each have four values, one per stage')
         if min(layers) < 1 or min(embed_dims) < 4 or min(int(d * r) for d, r in zip(embed_dims, mlp_ratios)) < 1 \
                 or num_classes < 1:
             raise ValueError(f'a CycleNet needs stages of at least 1 block, 4 channels (the '
@@ -466,12 +467,23 @@ def variant_name(config: dict) -> Optional[str]:
     return next((name for name, known in ARCHITECTURES.items() if known == architecture), None)
 
 
+def read_state(path: str, ema: bool = False) -> Tuple[Dict[str, np.ndarray], dict]:
+    """(Paddle-layout state dict, meta) of any weights file weights.read_weights reads."""
+    state, meta, layout = read_weights(path, ema=ema)
+    return (torch_to_paddle(state) if layout == 'torch' else state), meta
+
+
+def numpy_state(model: nn.Layer) -> Dict[str, np.ndarray]:
+    return {key: value.numpy() for key, value in model.state_dict().items()}
+
+
 def load_state(model: CycleNet, state: Dict[str, np.ndarray], source: str = 'weights',
-               drop_head: bool = False) -> None:
+               drop_head: bool = False) -> Optional[int]:
     """Load a Paddle-layout state dict into model, or raise WeightsError listing every mismatch.
 
     With drop_head, a classifier of another class count is left at its fresh initialisation
-    (fine-tuning on a new label set); otherwise a different class count is an error.
+    (fine-tuning on a new label set) and that count is returned; otherwise a different class
+    count is an error.
     """
     expected = model.state_dict()
     file_classes = state['head.bias'].shape[0] if 'head.bias' in state else None
@@ -504,6 +516,7 @@ def load_state(model: CycleNet, state: Dict[str, np.ndarray], source: str = 'wei
                            f'{model.config["layers"]} {model.config["embed_dims"]}: ' + '; '.join(problems))
     for key, value in state.items():
         expected[key].set_value(paddle.to_tensor(value, dtype=expected[key].dtype))
+    return file_classes if file_classes != model.num_classes else None
 
 
 def create_model(name: Optional[str] = None, weights: Optional[str] = None, ema: bool = False,
@@ -529,13 +542,11 @@ def load_model(weights: str, name: Optional[str] = None, ema: bool = False, drop
     """
     if name is not None and name not in ARCHITECTURES:
         raise ValueError(f'unknown model {name!r}; choose one of {", ".join(ARCHITECTURES)}')
-    state, meta, layout = read_weights(weights, ema=ema)
-    if layout == 'torch':
-        state = torch_to_paddle(state)
+    state, meta = read_state(weights, ema)
     config = config_from_state(state, weights)
     name = name or meta.get('model_name') or variant_name(config)
     kwargs.setdefault('num_classes', config['num_classes'])
-    architecture = ARCHITECTURES.get(name, {key: config[key] for key in ('layers', 'embed_dims', 'mlp_ratios')})
+    architecture = ARCHITECTURES.get(name) or {key: config[key] for key in ('layers', 'embed_dims', 'mlp_ratios')}
     try:
         model = CycleNet(**architecture, **kwargs)
     except ValueError as error:     # shapes no CycleNet has

@@ -21,8 +21,6 @@ ImageNet transforms are used at every size), timm's AutoAugment/AugMix policies,
 per-element and per-pair modes (the recipe uses mode 'batch').
 """
 
-from __future__ import annotations
-
 import argparse
 import logging
 import math
@@ -32,7 +30,7 @@ import re
 import stat
 import struct
 import threading
-from typing import Callable, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import cpu_setup  # first: sets up the CPU before Paddle loads (threads, MKL, memory)
 import numpy as np
@@ -177,13 +175,9 @@ class ImageDataset(paddle.io.Dataset):
     DatasetError, because a metric that silently drops images is wrong.
     """
 
-    def __init__(
-        self,
-        samples: list[tuple[str, int]],
-        classes: list[str],
-        transform: Callable[[Image.Image, np.random.Generator], np.ndarray],
-        skip_unreadable: bool,
-    ) -> None:
+    def __init__(self, samples: List[Tuple[str, int]], classes: List[str],
+                 transform: Callable[[Image.Image, np.random.Generator], np.ndarray],
+                 skip_unreadable: bool) -> None:
         super().__init__()
         self.samples = samples
         self.classes = classes
@@ -197,7 +191,7 @@ class ImageDataset(paddle.io.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, np.int64]:
+    def __getitem__(self, index: int) -> Tuple[np.ndarray, np.int64]:
         attempts = min(len(self.samples), MAX_CONSECUTIVE_UNREADABLE)
         for attempt in range(attempts):
             sample_index = (index + attempt) % len(self.samples)
@@ -262,20 +256,19 @@ def build_dataset(is_train: bool, args) -> ImageDataset:
     return ImageDataset(samples, classes, build_transform(is_train, args), skip_unreadable)
 
 
-def _split_samples(
-    data_path: str, split: str, list_path: Optional[str]
-) -> tuple[list[tuple[str, int]], list[str]]:
+def _split_samples(data_path: str, split: str,
+                   list_path: Optional[str]) -> Tuple[List[Tuple[str, int]], List[str]]:
     if list_path:
         samples = read_list_file(list_path, data_path)
         return samples, _index_class_names(label for _, label in samples)
     return scan_image_folder(os.path.join(data_path, split))
 
 
-def _index_class_names(labels) -> list[str]:
+def _index_class_names(labels) -> List[str]:
     return [str(label) for label in range(max(labels) + 1)]
 
 
-def _train_classes(args) -> Optional[list[str]]:
+def _train_classes(args) -> Optional[List[str]]:
     if args.train_list:
         train_samples = read_list_file(args.train_list, args.data_path, check_files=False)
         return _index_class_names(label for _, label in train_samples)
@@ -300,7 +293,7 @@ def _check_val_classes(args, samples, val_classes, train_classes) -> None:
         )
 
 
-def _class_folders(root: str) -> list[str]:
+def _class_folders(root: str) -> List[str]:
     return sorted(
         entry.name for entry in os.scandir(root)
         if entry.is_dir() and not entry.name.startswith('.')
@@ -315,7 +308,7 @@ def is_regular_file(path: str) -> bool:
         return False
 
 
-def scan_image_folder(root: str) -> tuple[list[tuple[str, int]], list[str]]:
+def scan_image_folder(root: str) -> Tuple[List[Tuple[str, int]], List[str]]:
     """(path, class index) for every image under root/<class>/ (recursively), and the class names.
 
     Class index = position of the folder name in sorted order, as torchvision's ImageFolder.
@@ -343,9 +336,7 @@ def scan_image_folder(root: str) -> tuple[list[tuple[str, int]], list[str]]:
     return samples, classes
 
 
-def read_list_file(
-    list_path: str, data_path: str, check_files: bool = True
-) -> list[tuple[str, int]]:
+def read_list_file(list_path: str, data_path: str, check_files: bool = True) -> List[Tuple[str, int]]:
     """(path, label) per line `relative/path label` of a PaddleClas-style list file.
 
     Paths are relative to `data_path` and may contain spaces (the label is the last field).
@@ -393,13 +384,9 @@ def _resample(interpolation: str, rng: np.random.Generator) -> int:
     return INTERPOLATIONS[interpolation]
 
 
-def random_resized_crop_box(
-    width: int,
-    height: int,
-    rng: np.random.Generator,
-    scale: tuple[float, float] = RRC_SCALE,
-    ratio: tuple[float, float] = RRC_RATIO,
-) -> tuple[int, int, int, int]:
+def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
+                            scale: Tuple[float, float] = RRC_SCALE,
+                            ratio: Tuple[float, float] = RRC_RATIO) -> Tuple[int, int, int, int]:
     """(top, left, crop_height, crop_width) of timm's RandomResizedCrop.
 
     Ten tries of an area fraction uniform in `scale` and a log-uniform aspect ratio in `ratio`;
@@ -575,16 +562,9 @@ class AugmentOp:
     `magnitude` (normal with std `magnitude_std`, uniform in [0, magnitude] if it is inf),
     clipped to [0, magnitude_max]."""
 
-    def __init__(
-        self,
-        name: str,
-        magnitude: float,
-        prob: float = RA_DEFAULT_PROB,
-        magnitude_std: float = 0.0,
-        magnitude_max: float = LEVEL_DENOM,
-        fill: tuple[int, int, int] = DEFAULT_FILL,
-        interpolation: str = 'bicubic',
-    ) -> None:
+    def __init__(self, name: str, magnitude: float, prob: float = RA_DEFAULT_PROB,
+                 magnitude_std: float = 0.0, magnitude_max: float = LEVEL_DENOM,
+                 fill: Tuple[int, int, int] = DEFAULT_FILL, interpolation: str = 'bicubic') -> None:
         if name not in _LEVEL_TO_ARGS:
             raise ValueError(f'unknown RandAugment op {name!r}')
         self.name = name
@@ -621,7 +601,7 @@ class AugmentOp:
 class RandAugment:
     """Apply `num_ops` ops drawn uniformly with replacement from `ops` (timm's RandAugment)."""
 
-    def __init__(self, ops: list[AugmentOp], num_ops: int) -> None:
+    def __init__(self, ops: List[AugmentOp], num_ops: int) -> None:
         self.ops = ops
         self.num_ops = num_ops
 
@@ -631,9 +611,8 @@ class RandAugment:
         return img
 
 
-def rand_augment(
-    policy: str, interpolation: str = 'bicubic', mean: Sequence[float] = IMAGENET_MEAN
-) -> RandAugment:
+def rand_augment(policy: str, interpolation: str = 'bicubic',
+                 mean: Sequence[float] = IMAGENET_MEAN) -> RandAugment:
     """RandAugment from a timm policy string such as 'rand-m9-mstd0.5-inc1'.
 
     Dash-separated sections after 'rand': m magnitude (default 10), n ops per image (2),
@@ -681,22 +660,16 @@ def rand_augment(
     return RandAugment(ops, num_ops)
 
 
-def to_normalized_array(
-    img: Image.Image, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
-) -> np.ndarray:
+def to_normalized_array(img: Image.Image, mean: Sequence[float] = IMAGENET_MEAN,
+                        std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
     """RGB image -> float32 (3, H, W) array scaled to [0, 1] and normalised per channel."""
     array = np.asarray(img, dtype=np.float32) / np.float32(255.0)
     array = (array - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return np.ascontiguousarray(array.transpose(2, 0, 1))  # (H, W, C) -> (C, H, W)
 
 
-def random_erase(
-    array: np.ndarray,
-    rng: np.random.Generator,
-    prob: float,
-    mode: str = 'pixel',
-    max_count: int = 1,
-) -> np.ndarray:
+def random_erase(array: np.ndarray, rng: np.random.Generator, prob: float, mode: str = 'pixel',
+                 max_count: int = 1) -> np.ndarray:
     """timm's RandomErasing on a normalised (C, H, W) array, in place; returns the array.
 
     With probability `prob`, 1..max_count boxes, each of area fraction uniform in ERASE_AREA
@@ -724,7 +697,7 @@ def random_erase(
     return array
 
 
-def _erase_values(mode: str, shape: tuple[int, int, int], rng: np.random.Generator):
+def _erase_values(mode: str, shape: Tuple[int, int, int], rng: np.random.Generator):
     if mode == 'pixel':
         return rng.standard_normal(shape, dtype=np.float32)
     if mode == 'rand':
@@ -735,18 +708,10 @@ def _erase_values(mode: str, shape: tuple[int, int, int], rng: np.random.Generat
 class TrainTransform:
     """timm's ImageNet training transform (create_transform with is_training=True)."""
 
-    def __init__(
-        self,
-        input_size: int,
-        auto_augment: Optional[str],
-        color_jitter_strength: float,
-        interpolation: str = 'bicubic',
-        erase_prob: float = 0.25,
-        erase_mode: str = 'pixel',
-        erase_count: int = 1,
-        crop_scale: tuple[float, float] = RRC_SCALE,
-        hflip: float = HFLIP_PROB,
-    ) -> None:
+    def __init__(self, input_size: int, auto_augment: Optional[str], color_jitter_strength: float,
+                 interpolation: str = 'bicubic', erase_prob: float = 0.25,
+                 erase_mode: str = 'pixel', erase_count: int = 1,
+                 crop_scale: Tuple[float, float] = RRC_SCALE, hflip: float = HFLIP_PROB) -> None:
         _check_interpolation(interpolation, allow_random=True)
         if erase_mode not in ('pixel', 'rand', 'const'):
             raise ValueError(f'random erasing mode {erase_mode!r} is not pixel, rand or const')
@@ -813,9 +778,8 @@ class EvalTransform:
         return to_normalized_array(center_crop(img, self.input_size))
 
 
-def eval_transform(
-    input_size: int = 224, crop_pct: float = DEFAULT_CROP_PCT, interpolation: str = 'bicubic'
-) -> EvalTransform:
+def eval_transform(input_size: int = EVAL_DEFAULTS['input_size'], crop_pct: float = DEFAULT_CROP_PCT,
+                   interpolation: str = EVAL_DEFAULTS['interpolation']) -> EvalTransform:
     """The evaluation / inference transform: PIL RGB image -> float32 (3, S, S) array."""
     _check_interpolation(interpolation, allow_random=False)
     if not 0 < crop_pct <= 1:
@@ -858,7 +822,8 @@ def bounded(kind: type, low=None, high=None, low_open: bool = False, high_open: 
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f'expected {"an integer" if kind is int else "a number"}, got {text!r}') from None
+            expected = 'an integer' if kind is int else 'a number'
+            raise argparse.ArgumentTypeError(f'expected {expected}, got {text!r}') from None
         if not math.isfinite(value) or (low is not None and (value <= low if low_open else value < low)) \
                 or (high is not None and (value >= high if high_open else value > high)):
             interval = ('(' if low_open else '[') + f'{low if low is not None else "-inf"}, ' \
@@ -916,11 +881,10 @@ def loader_args_parser() -> argparse.ArgumentParser:
                        help='list file of the validation set (default: None, use DATA/val/<class>/)')
     group.add_argument('--batch-size', '--batch_size', type=bounded(int, 1), default=64,
                        help='images per batch on each device (default: 64)')
-    group.add_argument('--num-workers', '--num_workers', type=bounded(int, 0),
-                       default=cpu_setup.default_num_workers(),
+    workers = cpu_setup.default_num_workers()
+    group.add_argument('--num-workers', '--num_workers', type=bounded(int, 0), default=workers,
                        help='data loading processes per device; 10 on GPU as in the official '
-                            'main.py, on CPU a quarter of the cores, at least 1 (default: '
-                            f'{cpu_setup.default_num_workers()} here)')
+                            f'main.py, on CPU a quarter of the cores, at least 1 (default: {workers} here)')
     group.add_argument('--seed', type=bounded(int, 0, 2**31 - 1), default=0,
                        help='random seed (default: 0)')
     group.add_argument('--print-freq', '--print_freq', type=bounded(int, 1), default=10,
@@ -934,16 +898,11 @@ def build_transform(is_train: bool, args) -> Callable:
     `hflip` (the flip probability), as timm's flags; or the evaluation transform (see
     build_dataset)."""
     if is_train:
-        return TrainTransform(
-            args.input_size, args.aa, args.color_jitter, args.train_interpolation,
-            args.reprob, args.remode, args.recount, getattr(args, 'scale', RRC_SCALE),
-            getattr(args, 'hflip', HFLIP_PROB),
-        )
-    return eval_transform(
-        args.input_size,
-        getattr(args, 'crop_pct', DEFAULT_CROP_PCT),
-        getattr(args, 'eval_interpolation', 'bicubic'),
-    )
+        return TrainTransform(args.input_size, args.aa, args.color_jitter, args.train_interpolation,
+                              args.reprob, args.remode, args.recount, getattr(args, 'scale', RRC_SCALE),
+                              getattr(args, 'hflip', HFLIP_PROB))
+    return eval_transform(args.input_size, getattr(args, 'crop_pct', EVAL_DEFAULTS['crop_pct']),
+                          getattr(args, 'eval_interpolation', EVAL_DEFAULTS['interpolation']))
 
 
 def smooth_one_hot(labels: paddle.Tensor, num_classes: int, smoothing: float) -> paddle.Tensor:
@@ -966,17 +925,9 @@ class Mixup:
     seeded with `seed` (pass seed + rank so ranks differ); the mixing itself is Paddle ops.
     """
 
-    def __init__(
-        self,
-        num_classes: int,
-        mixup_alpha: float = 0.8,
-        cutmix_alpha: float = 1.0,
-        prob: float = 1.0,
-        switch_prob: float = 0.5,
-        label_smoothing: float = 0.1,
-        correct_lam: bool = True,
-        seed: int = 0,
-    ) -> None:
+    def __init__(self, num_classes: int, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0,
+                 prob: float = 1.0, switch_prob: float = 0.5, label_smoothing: float = 0.1,
+                 correct_lam: bool = True, seed: int = 0) -> None:
         if mixup_alpha <= 0 and cutmix_alpha <= 0:
             raise ValueError('Mixup needs mixup_alpha > 0 or cutmix_alpha > 0')
         self.num_classes = num_classes
@@ -988,7 +939,7 @@ class Mixup:
         self.correct_lam = correct_lam
         self.rng = np.random.default_rng(seed)
 
-    def draw(self) -> tuple[float, bool]:
+    def draw(self) -> Tuple[float, bool]:
         """(lambda, use_cutmix) for one batch; lambda 1.0 means no mixing."""
         if self.rng.random() >= self.prob:
             return 1.0, False
@@ -999,9 +950,7 @@ class Mixup:
         alpha = self.cutmix_alpha if use_cutmix else self.mixup_alpha
         return float(self.rng.beta(alpha, alpha)), use_cutmix
 
-    def cutmix_box(
-        self, height: int, width: int, lam: float
-    ) -> tuple[tuple[int, int, int, int], float]:
+    def cutmix_box(self, height: int, width: int, lam: float) -> Tuple[Tuple[int, int, int, int], float]:
         """((top, bottom, left, right), lambda) of a CutMix box: sides sqrt(1 - lambda) of the
         image's, centred uniformly at random, clipped to the image."""
         cut_ratio = math.sqrt(1.0 - lam)
@@ -1016,9 +965,7 @@ class Mixup:
             lam = 1.0 - (bottom - top) * (right - left) / float(height * width)
         return (top, bottom, left, right), lam
 
-    def __call__(
-        self, images: paddle.Tensor, labels: paddle.Tensor
-    ) -> tuple[paddle.Tensor, paddle.Tensor]:
+    def __call__(self, images: paddle.Tensor, labels: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor]:
         """images [B, C, H, W] float, labels [B] int64 -> (mixed images, [B, K] float32 targets)."""
         batch_size, _, height, width = images.shape
         if batch_size % 2:
@@ -1047,9 +994,7 @@ class Mixup:
 class EpochSampler(paddle.io.Sampler):
     """Base of the training samplers: one rank's share of an order reseeded every epoch."""
 
-    def __init__(
-        self, dataset_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0
-    ) -> None:
+    def __init__(self, dataset_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
         if not 0 <= rank < num_replicas:
             raise ValueError(f'rank {rank} is not in [0, {num_replicas})')
         self.dataset_size = dataset_size
@@ -1076,9 +1021,7 @@ class RepeatedAugSampler(EpochSampler):
     ceil(N / R), the same epoch length without the rounding. Every rank gets equal counts.
     """
 
-    def __init__(
-        self, dataset_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0
-    ) -> None:
+    def __init__(self, dataset_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
         super().__init__(dataset_size, num_replicas, rank, seed)
         self.total_size = math.ceil(dataset_size * RA_REPEATS / num_replicas) * num_replicas
         self.num_selected = dataset_size // RA_EPOCH_MULTIPLE * RA_EPOCH_MULTIPLE // num_replicas
@@ -1154,16 +1097,9 @@ def _seed_worker(worker_id: int) -> None:
     paddle.io.get_worker_info().dataset.reseed(worker_id)
 
 
-def build_loader(
-    dataset: ImageDataset,
-    is_train: bool,
-    batch_size: int,
-    num_workers: int = 0,
-    num_replicas: int = 1,
-    rank: int = 0,
-    seed: int = 0,
-    repeated_aug: bool = True,
-) -> paddle.io.DataLoader | InProcessLoader:
+def build_loader(dataset: ImageDataset, is_train: bool, batch_size: int, num_workers: int = 0,
+                 num_replicas: int = 1, rank: int = 0, seed: int = 0,
+                 repeated_aug: bool = True) -> Union[paddle.io.DataLoader, InProcessLoader]:
     """A loader of this rank's share: batches of (float32 [B, 3, S, S], int64 [B]) tensors;
     a paddle.io.DataLoader with worker processes, an InProcessLoader when num_workers is 0.
 
@@ -1226,7 +1162,7 @@ def iterate(loader):
     raise DatasetError(failures[0].split('DatasetError: ', 1)[-1])
 
 
-def set_loader_epoch(loader: paddle.io.DataLoader | InProcessLoader, epoch: int) -> None:
+def set_loader_epoch(loader: Union[paddle.io.DataLoader, InProcessLoader], epoch: int) -> None:
     """Reseed the loader's sample order and augmentations for `epoch` (before iterating it)."""
     sampler = loader.batch_sampler.sampler
     if hasattr(sampler, 'set_epoch'):

@@ -107,7 +107,7 @@ def evaluate(model: paddle.nn.Layer, loader, print_freq: int = 10,
     correct1, correct5, loss_sum, images = totals.numpy().tolist()
     images = int(images)
     if images == 0:
-        raise ValueError('evaluate: the loader yielded no images')
+        raise DatasetError('the validation loader yielded no images')
     stats = dict(acc1=100.0 * correct1 / images, acc5=100.0 * correct5 / images,
                  loss=loss_sum / images, images=images)
     if rank == 0:
@@ -163,7 +163,7 @@ if __name__ == '__main__':
     arguments = parse_args()
     try:
         main(arguments)
-    except (WeightsError, DatasetError) as error:
+    except (WeightsError, DatasetError, OSError) as error:
         sys.exit(f'error: {error}')
     except KeyboardInterrupt:
         sys.exit('interrupted')

@@ -39,6 +39,7 @@ from data import (IMAGENET_MEAN, IMAGENET_STD, DatasetError, bounded, check_data
 from weights import WeightsError, describe
 
 IMAGENET_CLASSES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'imagenet_classes.txt')
+IMAGENET_NUM_CLASSES = 1000
 MODEL_FILES = ('model.json', 'model.pdmodel')   # what paddle.jit.save writes: Paddle 3 PIR, Paddle 2.x
 PARAMS_FILE = 'model.pdiparams'
 ONNX_FILE = 'model.onnx'
@@ -50,9 +51,9 @@ PARITY_TOLERANCE = 1e-4    # of the largest eager logit
 CHECK_BATCH = 2
 
 
-def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        'CycleMLP export', add_help=add_help, parents=[model_args_parser()], allow_abbrev=False,
+        'CycleMLP export', parents=[model_args_parser()], allow_abbrev=False,
         description='Write a Paddle inference model (and optionally ONNX) of a checkpoint.')
     parser.add_argument('--weights', required=True,
                         help='.pth, .pdparams, .safetensors or training checkpoint (default: required)')
@@ -75,16 +76,12 @@ def default_class_names(stored: Optional[Sequence[str]], num_classes: int) -> Op
     lemmas in class-index order, as timm ships them, Apache-2.0), else None."""
     if stored and len(stored) == num_classes:
         return list(stored)
-    if num_classes == len(IMAGENET_CLASSES):
-        return list(IMAGENET_CLASSES)
+    if num_classes == IMAGENET_NUM_CLASSES:
+        with open(IMAGENET_CLASSES_FILE, encoding='utf-8') as lines:
+            return [line.rstrip('\n') for line in lines]
     return None
 
 
-with open(IMAGENET_CLASSES_FILE, encoding='utf-8') as lines:
-    IMAGENET_CLASSES = tuple(line.rstrip('\n') for line in lines)
-
-
-# ---------------------------------------------------------------------------------------------
 # Reading an export
 
 def exported_model_file(directory: str) -> str:
@@ -120,21 +117,17 @@ def read_meta(directory: str) -> dict:
     return meta
 
 
-def thread_count() -> int:
-    return cpu_setup.threads or int(os.environ.get('OMP_NUM_THREADS') or 1)
-
-
 def paddle_runner(directory: str, onednn: Optional[bool] = False) -> Callable[[np.ndarray], np.ndarray]:
-    """Logits of a batch from Paddle Inference's predictor (GPU if there is one). On CPU
-    `onednn` None keeps the default Config (oneDNN on); predict.py turns it off, which is
-    faster for this model on CPU (README: deployment); both give the eager logits."""
+    """Logits of a batch from Paddle Inference's predictor (GPU if there is one). On CPU oneDNN
+    is off by default, which is faster for this model (README: Deployment); None keeps the
+    default Config (oneDNN on), True turns it on. All give the eager logits."""
     config = paddle.inference.Config(exported_model_file(directory), os.path.join(directory, PARAMS_FILE))
     config.disable_glog_info()
     if paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
         config.enable_use_gpu(256, 0)
     else:
         config.disable_gpu()
-        config.set_cpu_math_library_num_threads(thread_count())
+        config.set_cpu_math_library_num_threads(cpu_setup.current_threads())
         if onednn is not None:
             config.enable_mkldnn() if onednn else config.disable_mkldnn()
     try:
@@ -164,7 +157,7 @@ def onnx_runner(directory: str) -> Callable[[np.ndarray], np.ndarray]:
     except ImportError:
         raise WeightsError('--runtime onnx needs onnxruntime: pip install onnxruntime') from None
     options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = thread_count()
+    options.intra_op_num_threads = cpu_setup.current_threads()
     try:
         session = onnxruntime.InferenceSession(path, options, providers=['CPUExecutionProvider'])
     except Exception as error:  # onnxruntime's own exception types
@@ -176,7 +169,6 @@ def load_runner(directory: str, runtime: str) -> Callable[[np.ndarray], np.ndarr
     return onnx_runner(directory) if runtime == 'onnx' else paddle_runner(directory)
 
 
-# ---------------------------------------------------------------------------------------------
 # Writing an export
 
 def export_paddle(model: CycleNet, output: str, input_size: Optional[int]) -> None:
@@ -200,7 +192,9 @@ def without_dead_nodes(model) -> None:
         list copies its nodes, so their subgraphs must be final by then."""
         for node in graph.node:
             for attribute in node.attribute:
-                subgraphs = list(attribute.graphs) + ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else [])
+                subgraphs = list(attribute.graphs)
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    subgraphs.append(attribute.g)
                 for subgraph in subgraphs:
                     yield from graphs(subgraph)
         yield graph
@@ -277,8 +271,9 @@ def replace_folder(temporary: str, output: str) -> None:
 def main(args: argparse.Namespace) -> None:
     cpu_setup.set_threads(args.threads)
     if args.onnx:
-        try:
-            import onnx  # noqa: F401  (checked before the slow export starts)
+        try:  # checked before the slow export starts
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
             import paddle2onnx  # noqa: F401
         except ImportError:
             raise WeightsError('--onnx needs paddle2onnx, an optional dependency: '
@@ -321,7 +316,7 @@ if __name__ == '__main__':
     arguments = get_args_parser().parse_args()
     try:
         main(arguments)
-    except (WeightsError, DatasetError) as error:
+    except (WeightsError, DatasetError, OSError) as error:
         sys.exit(f'error: {error}')
     except KeyboardInterrupt:
         sys.exit('interrupted')

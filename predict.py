@@ -40,7 +40,7 @@ from PIL import Image, ImageOps
 import export
 from cyclemlp import load_model
 from data import (IMAGE_EXTENSIONS, UNREADABLE_IMAGE_ERRORS, DatasetError, bounded, eval_transform,
-                  load_image, model_args_parser, resolve_data_config)
+                  is_regular_file, load_image, model_args_parser, resolve_data_config)
 from weights import WeightsError
 
 DEFAULT_TOPK = 5
@@ -50,9 +50,9 @@ SHRINK_TO_FACTOR = 2     # ... but never below 2x the target, so the bicubic res
 FAILED = 1               # exit code when some image could not be predicted (as for any error)
 
 
-def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        'CycleMLP prediction', add_help=add_help, parents=[model_args_parser()], allow_abbrev=False,
+        'CycleMLP prediction', parents=[model_args_parser()], allow_abbrev=False,
         description='Top-k classes of each image. Input size, crop_pct and interpolation default '
                     'to the values the weights file or export.py recorded.')
     parser.add_argument('images', nargs='+', help='image files or folders (searched recursively)')
@@ -81,6 +81,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def load_image_reduced(path: str, resize_size: int) -> Image.Image:
     """An RGB image for the evaluation transform, shrunk cheaply first if very large
     (--fast-decode; see the module docstring). Ordinary images are exactly load_image's."""
+    if not is_regular_file(path):
+        return load_image(path, exif_orientation=True)   # which says what the path is
     with Image.open(path) as img:
         if min(img.size) < LARGE_IMAGE_FACTOR * resize_size:
             return load_image(path, exif_orientation=True)
@@ -240,9 +242,11 @@ if __name__ == '__main__':
     arguments = argument_parser.parse_args()
     if arguments.runtime != 'paddle' and not arguments.inference_model:
         argument_parser.error('--runtime applies to --inference-model')
+    if arguments.inference_model and (arguments.model or arguments.ema):
+        argument_parser.error('--model and --ema apply to --weights; an export is one model')
     try:
         sys.exit(main(arguments))
-    except (WeightsError, DatasetError) as error:
+    except (WeightsError, DatasetError, OSError) as error:
         sys.exit(f'error: {error}')
     except KeyboardInterrupt:
         sys.exit('interrupted')

@@ -25,6 +25,7 @@ parameters, bit for bit, as one that was never stopped.
 """
 import argparse
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -40,21 +41,19 @@ import paddle
 import paddle.distributed as dist
 import paddle.nn.functional as F
 
-from cyclemlp import CycleNet, count_flops, count_parameters, create_model, load_state
-from data import (DatasetError, Mixup, bounded, build_dataset, build_loader, iterate,
+from cyclemlp import CycleNet, count_flops, count_parameters, create_model, load_state, numpy_state, read_state
+from data import (SEED_RANK_STRIDE, DatasetError, Mixup, bounded, build_dataset, build_loader, iterate,
                   loader_args_parser, model_args_parser, rand_augment, set_loader_epoch,
                   smooth_one_hot)
 from evaluate import evaluate
-from weights import (WeightsError, atomic_save, check_state, describe, read_checkpoint, read_weights,
-                     remove_stale_temporaries, torch_to_paddle, write_weights)
+from weights import (WeightsError, atomic_save, check_state, describe, read_checkpoint,
+                     remove_stale_temporaries, write_weights)
 
 LR_REFERENCE_BATCH = 512  # the base lr is the lr of a global batch of this many images
 INIT_LOSS_SCALE = 2.0 ** 16  # timm's NativeScaler (torch.cuda.amp.GradScaler) starts here
-# Per-epoch seed = seed + rank * RANK_SEED_STRIDE + epoch * EPOCH_SEED_STRIDE: distinct for up
+# Per-epoch seed = seed + rank * SEED_RANK_STRIDE + epoch * EPOCH_SEED_STRIDE: distinct for up
 # to 1000 ranks and keeps clear of data.py's per-worker augmentation seeds.
-RANK_SEED_STRIDE = 1000
 EPOCH_SEED_STRIDE = 1_000_000
-CUSTOM_MODEL_NAME = 'CycleNet'  # recorded for shapes no variant has; load_model rebuilds from shapes
 CHECKPOINT_FILE = 'checkpoint.pdckpt'
 BEST_FILE = 'best.pdparams'
 LOG_FILE = 'log.txt'
@@ -75,22 +74,22 @@ DEMO_PRESET = dict(
 )
 # The official main.py's flags that change nothing in this recipe: accepted so that an official
 # command line runs, but only with a value that means what this repo does (None: any value).
+# flag: (default, accepted values, what it is); the type is the default's.
 OFFICIAL_NO_EFFECT = {
-    # flag: (default, values accepted, what it is)
     '--drop': (0.0, None, 'dropout rate, which the official CycleMLP model ignores'),
     '--model-ema-force-cpu': (False, None, 'EMA placement'),
     '--opt': ('adamw', ('adamw',), 'optimizer; this recipe uses AdamW'),
     '--momentum': (0.9, None, 'SGD momentum'),
     '--sched': ('cosine', ('cosine',), 'lr schedule; this recipe uses timm\'s cosine'),
-    '--lr-noise': (None, (None,), 'lr noise, not implemented'),
+    '--lr-noise': ([], ([],), 'lr noise, not implemented'),
     '--lr-noise-pct': (0.67, None, 'lr noise limit'),
     '--lr-noise-std': (1.0, None, 'lr noise std-dev'),
-    '--decay-epochs': (30, None, 'step schedule interval'),
+    '--decay-epochs': (30.0, None, 'step schedule interval'),
     '--cooldown-epochs': (10, None, 'cooldown, which the official run never reaches'),
     '--patience-epochs': (10, None, 'plateau schedule patience'),
     '--decay-rate': (0.1, None, 'step schedule rate'),
     '--resplit': (False, None, 'erasing of augmentation splits, which this recipe has none of'),
-    '--cutmix-minmax': (None, (None,), 'CutMix box bounds, not implemented'),
+    '--cutmix-minmax': ([], ([],), 'CutMix box bounds, not implemented'),
     '--mixup-mode': ('batch', ('batch',), 'Mixup mode; this recipe mixes per batch'),
     '--teacher-model': ('regnety_160', None, 'distillation teacher'),
     '--teacher-path': ('', None, 'distillation teacher weights'),
@@ -109,10 +108,6 @@ OFFICIAL_NO_EFFECT = {
     '--world_size': (1, None, 'process count; the launcher sets it'),
     '--dist_url': ('env://', None, 'rendezvous; the launcher sets it'),
 }
-OFFICIAL_FLAG_TYPES = {'--drop': float, '--momentum': float, '--lr-noise-pct': float, '--lr-noise-std': float,
-                       '--decay-epochs': float, '--cooldown-epochs': int, '--patience-epochs': int,
-                       '--decay-rate': float, '--distillation-alpha': float, '--distillation-tau': float,
-                       '--start_epoch': int, '--world_size': int}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -249,10 +244,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         names = [flag] + (['--dr'] if flag == '--decay-rate' else [])
         if isinstance(default, bool):
             group.add_argument(*names, action='store_true', default=default, help=help_text)
-        elif flag in ('--lr-noise', '--cutmix-minmax'):
+        elif isinstance(default, list):
             group.add_argument(*names, type=float, nargs='+', default=default, help=help_text)
         else:
-            group.add_argument(*names, type=OFFICIAL_FLAG_TYPES.get(flag, str), default=default, help=help_text)
+            group.add_argument(*names, type=type(default), default=default, help=help_text)
     group.add_argument('--no-pin-mem', action='store_false', dest='pin_mem', help='the same (default: off)')
     return parser
 
@@ -290,6 +285,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         problem = output_dir_problem(args)
         if problem:
             parser.error(problem)
+    if args.visualdl and importlib.util.find_spec('visualdl') is None:
+        parser.error('--visualdl needs the visualdl package (pip install visualdl)')
     return args
 
 
@@ -304,7 +301,7 @@ def output_dir_problem(args: argparse.Namespace) -> Optional[str]:
     if args.eval or args.overwrite or not Path(args.output_dir).is_dir():
         return None
     own_checkpoint = os.path.join(args.output_dir, CHECKPOINT_FILE)
-    if args.resume == 'auto' or (args.resume and os.path.abspath(args.resume) == os.path.abspath(own_checkpoint)):
+    if args.resume and (args.resume == 'auto' or os.path.abspath(args.resume) == os.path.abspath(own_checkpoint)):
         return None
     found = [name for name in RUN_FILES if os.path.exists(os.path.join(args.output_dir, name))]
     if found:
@@ -331,7 +328,7 @@ def scheduled_lr(epoch: int, base_lr: float, epochs: int, warmup_epochs: int, wa
 
 
 def epoch_seed(seed: int, rank: int, epoch: int) -> int:
-    return seed + rank * RANK_SEED_STRIDE + epoch * EPOCH_SEED_STRIDE
+    return seed + rank * SEED_RANK_STRIDE + epoch * EPOCH_SEED_STRIDE
 
 
 def soft_target_cross_entropy(logits: paddle.Tensor, targets: paddle.Tensor) -> paddle.Tensor:
@@ -378,13 +375,9 @@ def build_model(args: argparse.Namespace, num_classes: int, log: Callable[[str],
     if args.flops:
         log(f'{count_flops(model, (args.input_size, args.input_size)) / 1e9:.2f} GFLOPs at {args.input_size}')
     if args.finetune:
-        state, _, layout = read_weights(args.finetune)
-        if layout == 'torch':
-            state = torch_to_paddle(state)
-        load_state(model, state, source=args.finetune, drop_head=True)
-        file_classes = state['head.bias'].shape[0] if 'head.bias' in state else num_classes
-        if file_classes != num_classes:
-            log(f'{args.finetune}: dropped its {file_classes}-class head (head.weight, head.bias); '
+        dropped = load_state(model, read_state(args.finetune)[0], source=args.finetune, drop_head=True)
+        if dropped:
+            log(f'{args.finetune}: dropped its {dropped}-class head (head.weight, head.bias); '
                 f'the {num_classes}-class head starts from its initialisation')
         log(f'fine-tuning from {args.finetune}')
     return model
@@ -455,15 +448,11 @@ def load_optimizer_state(optimizer: paddle.optimizer.Optimizer, model: CycleNet,
     optimizer.set_state_dict(renamed)
 
 
-def numpy_state(model: paddle.nn.Layer) -> Dict[str, np.ndarray]:
-    return {key: value.numpy() for key, value in model.state_dict().items()}
-
-
 def model_meta(model: CycleNet, args: argparse.Namespace, class_names: List[str]) -> dict:
     """What evaluate.py, predict.py and export.py need besides the weights."""
-    return dict(model_name=model.name or CUSTOM_MODEL_NAME, class_names=list(class_names),
-                data_config=dict(input_size=args.input_size, crop_pct=args.crop_pct,
-                                 interpolation=args.eval_interpolation))
+    meta = dict(class_names=list(class_names), data_config=dict(
+        input_size=args.input_size, crop_pct=args.crop_pct, interpolation=args.eval_interpolation))
+    return {**meta, 'model_name': model.name} if model.name else meta   # custom shapes: from the file
 
 
 def train_one_epoch(model: paddle.nn.Layer, ema: Optional[ModelEma], loader, optimizer,
@@ -576,7 +565,7 @@ def prepare_output_dir(args: argparse.Namespace) -> None:
     """Create --output-dir; with --overwrite remove its run; remove the temporary files that a
     checkpoint write killed mid-way (SIGKILL) left there."""
     os.makedirs(args.output_dir, exist_ok=True)
-    if args.overwrite and not args.eval:
+    if args.overwrite:
         for name in RUN_FILES:
             if os.path.exists(os.path.join(args.output_dir, name)):
                 os.remove(os.path.join(args.output_dir, name))
@@ -585,10 +574,7 @@ def prepare_output_dir(args: argparse.Namespace) -> None:
 
 
 def open_visualdl(args: argparse.Namespace):
-    try:
-        from visualdl import LogWriter
-    except ImportError:
-        raise DatasetError('--visualdl needs the visualdl package (pip install visualdl)') from None
+    from visualdl import LogWriter   # parse_args checked that it is installed
     return LogWriter(logdir=os.path.join(args.output_dir, 'visualdl'))
 
 
@@ -606,10 +592,7 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
     rank, world_size = dist.get_rank(), dist.get_world_size()
     is_main = rank == 0
     log = print if is_main else (lambda line: None)
-    writes_files = is_main and bool(args.output_dir)
-    if writes_files:
-        prepare_output_dir(args)
-    visualdl = open_visualdl(args) if writes_files and args.visualdl else None
+    writes_files = is_main and bool(args.output_dir) and not args.eval
     resume = resolve_resume(args) if args.resume else None
 
     on_gpu = paddle.get_device().startswith('gpu')
@@ -636,7 +619,7 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
     optimizer = build_optimizer(model, args, base_lr)
     scaler = paddle.amp.GradScaler(init_loss_scaling=INIT_LOSS_SCALE) if amp_dtype == 'float16' else None
     n_parameters = count_parameters(model)
-    log(f'{model.name or CUSTOM_MODEL_NAME} {model.config}: {n_parameters:,} '
+    log(f'{model.name or "CycleNet"} {model.config}: {n_parameters:,} '
         f'parameters; {len(train_set)} training images, {len(val_set)} validation images, '
         f'{num_classes} classes; {world_size} process{"es" if world_size > 1 else ""}, '
         f'global batch {args.batch_size * world_size}, lr {base_lr:.3g}, '
@@ -652,12 +635,18 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
 
     parallel_model = paddle.DataParallel(model) if world_size > 1 else model
     if args.eval:
+        if not (resume or args.finetune):
+            raise WeightsError(f'--eval --resume auto: no {CHECKPOINT_FILE} in {args.output_dir} to evaluate')
         stats = {f'test_{k}': v for k, v in evaluate(model, val_loader, args.print_freq, amp_dtype, log).items()}
         if ema is not None and resume:
             stats.update({f'test_{k}_ema': v for k, v in evaluate(
                 ema.module, val_loader, args.print_freq, amp_dtype, log, header='Test (EMA):').items()})
         return stats
 
+    # Only now, with the data, the model and any checkpoint read, is an old run replaced.
+    if writes_files:
+        prepare_output_dir(args)
+    visualdl = open_visualdl(args) if writes_files and args.visualdl else None
     mixup_active = args.mixup > 0 or args.cutmix > 0
     entry: Dict[str, float] = {}
     for epoch in range(start_epoch, args.epochs):
@@ -728,7 +717,7 @@ if __name__ == '__main__':
     signal.signal(signal.SIGTERM, request_stop)
     try:
         main(arguments)
-    except (WeightsError, DatasetError, FloatingPointError) as error:
+    except (WeightsError, DatasetError, FloatingPointError, OSError) as error:
         sys.exit(f'error: {error}')
     except KeyboardInterrupt:
         saved = os.path.join(arguments.output_dir, CHECKPOINT_FILE) if arguments.output_dir else ''

@@ -506,7 +506,8 @@ def _check_meta(path: str, meta: dict) -> dict:
         if not isinstance(value, expected[key]):
             raise WeightsError(f'{path}: {key} is {describe(value)}, expected a {expected[key].__name__}')
     names = meta.get('class_names')
-    if names is not None and (len(names) > MAX_CLASS_NAMES or not all(isinstance(n, str) and len(n) < 1000 for n in names)):
+    if names is not None and (len(names) > MAX_CLASS_NAMES
+                              or not all(isinstance(n, str) and len(n) < 1000 for n in names)):
         raise WeightsError(f'{path}: class_names must be a list of at most {MAX_CLASS_NAMES} strings')
     return meta
 

@@ -11,7 +11,8 @@ import pytest
 import cpu_setup
 from conftest import REPO_ROOT
 
-SETTINGS = ('import json, os, cpu_setup; print(json.dumps([cpu_setup.threads, '
+# As a library user meets it: `import cyclemlp` sets the CPU up before Paddle loads.
+SETTINGS = ('import json, os, cyclemlp, cpu_setup; print(json.dumps([cpu_setup.threads, '
             'os.environ.get("MKL_DEBUG_CPU_TYPE"), cpu_setup.freed_memory_kept]))')
 USER_VARIABLES = ('OMP_NUM_THREADS', 'MKL_DEBUG_CPU_TYPE', 'PADDLE_LOCAL_SIZE', 'GLIBC_TUNABLES',
                   'MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_')

@@ -106,6 +106,12 @@ def test_official_initialisation():
     assert float(norm.weight.min()) == 1 and float(norm.bias.abs().max()) == 0
 
 
+def test_a_cyclenet_has_four_stages_of_sane_sizes():
+    for layers, dims in (([1, 1], [8, 16]), ([1, 1, 1, 1], [8, 16, 2, 32]), ([1, 0, 1, 1], [8, 16, 24, 32])):
+        with pytest.raises(ValueError, match='four values|at least 1 block, 4 channels'):
+            CycleNet(layers, dims, [2] * len(layers))
+
+
 def test_unknown_model_name():
     with pytest.raises(ValueError, match='unknown model'):
         create_model('CycleMLP_B9')

@@ -191,6 +191,8 @@ def test_an_image_that_would_blow_up_memory_is_one_error_among_good_ones(tmp_pat
     assert "predictions" in records[0]
     assert "20000000x1 image resizes to" in records[1]["error"]
     assert records[2]["error"] == "cannot read image: not a regular file"
+    status, lines = predict_in_process(capsys, fifo, "--weights", make_tiny_weights(), "--fast-decode", "--json")
+    assert status == 1 and json.loads(lines[0])["error"] == "cannot read image: not a regular file"
 
 
 def test_large_images_take_the_official_path_unless_fast_decode(tmp_path):

@@ -228,7 +228,7 @@ def test_checkpoint_holds_everything_resuming_and_rebuilding_need(trained):
     checkpoint = read_checkpoint(trained['output'] / 'checkpoint.pdckpt')
     assert checkpoint['epoch'] == 1 and checkpoint['best_acc1'] == read_log(trained['output'])[0]['test_acc1']
     assert checkpoint['class_names'] == ['cat', 'dog']
-    assert checkpoint['model_name'] == 'CycleNet'
+    assert 'model_name' not in checkpoint          # a custom shape: load_model reads it off the weights
     assert checkpoint['args']['epochs'] == 1 and checkpoint['args']['data_path'] == trained['data']
     assert checkpoint['scaler'] is None  # no AMP on CPU
     model, ema = checkpoint['model'], checkpoint['model_ema']
@@ -326,6 +326,12 @@ def test_a_run_is_never_overwritten_by_accident(tmp_path):
                                    'with --overwrite')
     assert {name: (output / name).read_bytes() for name in train.RUN_FILES} == before
     assert 'is not a folder' in parse_error('--data-path', data, '--output-dir', output / 'log.txt' / 'x')
+    # --overwrite deletes the old run only once the new one has its data, model and weights.
+    with pytest.raises(DatasetError):
+        train_in_process('--data-path', tmp_path / 'nowhere', '--output-dir', output, '--overwrite', *TINY)
+    assert {name: (output / name).read_bytes() for name in train.RUN_FILES} == before
+    with pytest.raises(WeightsError, match='--eval --resume auto: no checkpoint.pdckpt in'):
+        train_in_process('--data-path', data, '--output-dir', tmp_path / 'empty', '--eval', '--resume', 'auto', *TINY)
     # A checkpoint write killed mid-way left its temporary file; the next run removes it.
     stale = output / '.checkpoint.pdckpt.abc123.tmp'
     stale.write_bytes(b'half a checkpoint')

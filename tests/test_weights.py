@@ -536,7 +536,7 @@ def test_atomic_save_and_read_checkpoint(tmp_path):
 def convert(capsys, *args):
     """convert_weights.main in-process; (stdout, stderr) or the WeightsError it raised."""
     try:
-        convert_weights.main([str(arg) for arg in args])
+        convert_weights.main(convert_weights.get_args_parser().parse_args([str(arg) for arg in args]))
     except WeightsError as error:
         return error
     return capsys.readouterr()
