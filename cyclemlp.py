@@ -20,7 +20,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 from paddle.autograd import PyLayer
 
-from cycle_fc import CycleFC, cached_index, gather_columns, shifted_positions
+from cycle_fc import CycleFC, cached_index, gather_columns
 from weights import WeightsError, read_weights, torch_to_paddle
 
 # timm's trunc_normal_(std=.02) cuts at +-2 in absolute value, i.e. at 100 standard deviations:
@@ -112,7 +112,7 @@ class ScaleColumns(PyLayer):
     @staticmethod
     def backward(ctx, grad):
         matrices, scales = ctx.saved_tensor()
-        batch, (groups, rows, cols) = scales.shape[0], matrices.shape
+        batch, (_, rows, cols) = scales.shape[0], matrices.shape
         grad_matrices = (grad * scales.unsqueeze(2).expand(grad.shape)).reshape([batch, -1])
         grad_matrices = paddle.matmul(paddle.ones([1, batch], grad.dtype), grad_matrices)
         grad_scales = (grad * matrices.unsqueeze(0).expand(grad.shape)).reshape([-1, rows, cols])

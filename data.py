@@ -30,7 +30,7 @@ import re
 import stat
 import struct
 import threading
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import cpu_setup  # first: sets up the CPU before Paddle loads (threads, MKL, memory)
 import numpy as np
