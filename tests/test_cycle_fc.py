@@ -94,7 +94,7 @@ def test_dilation_has_no_effect_like_the_deformable_definition():
 
 
 def test_offsets_follow_the_official_pattern():
-    # REFERENCE.md: sfc_h (1, 3) starts 0,0, 0,1, 0,-1; sfc_w (3, 1) starts 0,0, 1,0, -1,0.
+    # The official gen_offset: sfc_h (1, 3) starts 0,0, 0,1, 0,-1; sfc_w (3, 1) starts 0,0, 1,0, -1,0.
     assert CycleFC(6, 6, (1, 3)).offset.numpy().ravel().tolist() == [0, 0, 0, 1, 0, -1] * 2
     assert CycleFC(6, 6, (3, 1)).offset.numpy().ravel().tolist() == [0, 0, 1, 0, -1, 0] * 2
     assert channel_shifts(8, 5).tolist() == [0, 1, 2, -2, -1, 0, 1, 2]

@@ -5,9 +5,10 @@ import pytest
 
 import cyclemlp
 from cyclemlp import CycleNet, count_flops, count_parameters, create_model
+from conftest import TINY_CONFIG
 from weights import WeightsError, write_weights
 
-# REFERENCE.md: counted from the official code; GFLOPs as printed in the paper's table.
+# Parameter counts of the official cycle_mlp.py's models; GFLOPs as printed in the paper's Table 1.
 OFFICIAL = {
     'CycleMLP_B1': (15_155_400, 2.1, 222),
     'CycleMLP_B2': (26_802_504, 3.9, 390),
@@ -15,7 +16,7 @@ OFFICIAL = {
     'CycleMLP_B4': (51_796_552, 10.1, 873),
     'CycleMLP_B5': (75_747_280, 12.3, 726),
 }
-TINY = dict(layers=[1, 1, 2, 1], embed_dims=[8, 16, 24, 32], mlp_ratios=[2, 2, 2, 2])
+TINY = TINY_CONFIG
 
 
 @pytest.mark.parametrize('name', OFFICIAL)

@@ -2,7 +2,7 @@
 writes, real processes where the process is the point (the command line, SIGKILL, SIGINT and
 SIGTERM, the distributed launcher).
 
-A four-block CycleNet (--layers 1 1 1 1 --embed-dims 8 16 16 16) on 32x32 crops keeps every
+The tests' tiny CycleNet (conftest.TINY_CONFIG) on 32x32 crops keeps every
 run to seconds; the recipe (RandAugment, erasing, Mixup/CutMix, smoothing, EMA, drop path,
 repeated augmentation) stays on everywhere.
 """
@@ -24,15 +24,15 @@ import pytest
 
 import cpu_setup
 import train
-from conftest import write_image_folder
+from conftest import TINY_CONFIG, write_image_folder
 from cyclemlp import load_model
 from data import DatasetError
 from weights import WeightsError, atomic_save, read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = str(REPO / 'train.py')
-TINY = ['--layers', '1', '1', '1', '1', '--embed-dims', '8', '16', '16', '16',
-        '--mlp-ratios', '2', '2', '2', '2', '--input-size', '32', '--batch-size', '4',
+TINY = ['--layers', *map(str, TINY_CONFIG['layers']), '--embed-dims', *map(str, TINY_CONFIG['embed_dims']),
+        '--mlp-ratios', *map(str, TINY_CONFIG['mlp_ratios']), '--input-size', '32', '--batch-size', '4',
         '--num-workers', '0', '--print-freq', '1']
 PROGRESS = re.compile(r'^Epoch \[(\d+)/(\d+)\] \[ *(\d+)/(\d+)\] eta \d+:\d\d:\d\d lr (\d+\.\d{6}) '
                       r'loss (\d+\.\d{4}) \((\d+\.\d{4})\) \d+ img/s$', re.MULTILINE)
@@ -241,8 +241,7 @@ def test_checkpoint_holds_everything_resuming_and_rebuilding_need(trained):
     assert optimizer['head.weight/moment1_0'].shape == model['head.weight'].shape
     # evaluate.py and predict.py need only the file: load_model rebuilds both weight sets.
     rebuilt, meta = load_model(str(trained['output'] / 'checkpoint.pdckpt'), ema=True)
-    assert rebuilt.config == dict(layers=[1, 1, 1, 1], embed_dims=[8, 16, 16, 16],
-                                  mlp_ratios=[2, 2, 2, 2], num_classes=2)
+    assert rebuilt.config == dict(TINY_CONFIG, num_classes=2)
     assert meta['class_names'] == ['cat', 'dog']
     np.testing.assert_array_equal(rebuilt.state_dict()['head.weight'].numpy(), ema['head.weight'])
     best, best_meta = load_model(str(trained['output'] / 'best.pdparams'))

@@ -19,6 +19,7 @@ import pytest
 
 import convert_weights
 import weights
+from conftest import TINY_CONFIG
 from weights import WeightsError, read_checkpoint, read_weights, torch_to_paddle, write_weights
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,11 +27,11 @@ FIXTURES = Path(__file__).resolve().parent / 'fixtures'
 OFFICIAL = FIXTURES / 'official_tiny.pth'
 OFFICIAL_LEGACY_ROOT = FIXTURES / 'official_tiny_legacy_root.pth'
 OFFICIAL_IO = FIXTURES / 'official_tiny_io.npz'
-TINY = dict(layers=[1, 1, 2, 1], embed_dims=[8, 16, 24, 32], mlp_ratios=[2, 2, 2, 2], num_classes=10)
+TINY = dict(TINY_CONFIG, num_classes=10)    # the official fixture's model
 
 
 def expected_official_shapes() -> dict:
-    """The official state-dict layout (shared/REFERENCE.md) written out for the tiny model."""
+    """The state-dict layout of the official cycle_mlp.py, written out for the tiny model."""
     shapes = {'patch_embed.proj.weight': (8, 3, 7, 7), 'patch_embed.proj.bias': (8,)}
     dims, ratio = TINY['embed_dims'], 2
     for stage, (depth, dim) in enumerate(zip(TINY['layers'], dims)):
