@@ -611,9 +611,10 @@ class RandAugment:
         return img
 
 
-def rand_augment(policy: str, interpolation: str = 'bicubic',
-                 mean: Sequence[float] = IMAGENET_MEAN) -> RandAugment:
-    """RandAugment from a timm policy string such as 'rand-m9-mstd0.5-inc1'.
+def rand_augment(policy: Optional[str], interpolation: str = 'bicubic',
+                 mean: Sequence[float] = IMAGENET_MEAN) -> Optional[RandAugment]:
+    """RandAugment from a timm policy string such as 'rand-m9-mstd0.5-inc1'; None for '' or
+    'none' (no RandAugment).
 
     Dash-separated sections after 'rand': m magnitude (default 10), n ops per image (2),
     p probability of each op (0.5), mstd magnitude noise std (0; above 100 means uniform),
@@ -624,6 +625,8 @@ def rand_augment(policy: str, interpolation: str = 'bicubic',
     here inc0 means off, as its documentation intends.
     """
     _check_interpolation(interpolation, allow_random=True)
+    if not policy or policy.lower() == 'none':
+        return None
     sections = policy.split('-')
     if sections[0] != 'rand':
         raise ValueError(f"augmentation policy {policy!r} must start with 'rand'")
@@ -717,10 +720,9 @@ class TrainTransform:
             raise ValueError(f'random erasing mode {erase_mode!r} is not pixel, rand or const')
         self.input_size = input_size
         self.interpolation = interpolation
-        use_rand_augment = bool(auto_augment) and auto_augment.lower() != 'none'
-        self.rand_augment = rand_augment(auto_augment, interpolation) if use_rand_augment else None
+        self.rand_augment = rand_augment(auto_augment, interpolation)
         # As in timm, colour jitter is only used when RandAugment is off.
-        self.color_jitter_strength = 0.0 if use_rand_augment else color_jitter_strength
+        self.color_jitter_strength = 0.0 if self.rand_augment is not None else color_jitter_strength
         self.erase_prob = erase_prob
         self.erase_mode = erase_mode
         self.erase_count = erase_count

@@ -276,11 +276,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
         parser.error(f'--batch-size {args.batch_size}: Mixup/CutMix pair each image with another; '
                      'use an even batch size or --mixup 0 --cutmix 0')
-    if args.aa and args.aa.lower() != 'none':
-        try:
-            rand_augment(args.aa)
-        except ValueError as error:
-            parser.error(f'--aa: {error}')
+    try:
+        rand_augment(args.aa)
+    except ValueError as error:
+        parser.error(f'--aa: {error}')
     if args.output_dir:
         problem = output_dir_problem(args)
         if problem:

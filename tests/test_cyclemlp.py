@@ -25,6 +25,8 @@ def test_parameter_count_flops_and_state_dict_size(name):
     with paddle.LazyGuard():          # shapes only: no parameter is initialised
         model = create_model(name)
     assert count_parameters(model) == params
+    # ... which parameter_count, the bound a weights file is checked against, computes unbuilt.
+    assert cyclemlp.parameter_count(**cyclemlp.ARCHITECTURES[name], num_classes=1000) == params
     assert round(count_flops(model) / 1e9, 1) == gflops
     assert len(model.state_dict()) == entries
 

@@ -297,6 +297,7 @@ def test_rand_augment_policy_parsing():
         (7, math.inf, 20, 0.3)}
 
     assert {op.magnitude for op in data.rand_augment("rand").ops} == {10}
+    assert data.rand_augment("none") is None and data.rand_augment("") is None
     for bad in ("auto-m9", "rand-q3", "rand-mx", "rand-m9.5"):
         with pytest.raises(ValueError):
             data.rand_augment(bad)
