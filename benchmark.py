@@ -3,10 +3,12 @@
     python benchmark.py --model CycleMLP_B1 --batch-size 16 --input-size 224 --threads 2
 
 Implementations (the same network and weights each time):
-  index          this repo's model: channel-last, the fused mixer on large maps
-  index-unfused  this repo's CycleFC layers called branch by branch (the official block)
-  deform         CycleFC by paddle.vision.ops.deform_conv2d, as every earlier Paddle port does
-  none           the shifts removed (CycleFC becomes a plain channel FC): the ceiling
+  index          this repo's model as shipped: index-op CycleFC and fast_layers.py's speed-ups
+  index-plain    this repo's CycleFC in the official computation (fast_layers.ENABLED = False)
+  deform         CycleFC by paddle.vision.ops.deform_conv2d in the official computation, as
+                 every earlier Paddle port computes it
+  none           the shifts removed (CycleFC becomes a plain channel FC) in the official
+                 computation: the ceiling of index-plain
 
 Runs are interleaved (one step of each implementation in turn, repeated), so that drift in a
 shared machine's speed hits all alike; the median of the repetitions is reported. Peak memory
@@ -15,8 +17,8 @@ and the peak of what Paddle allocated; GPU: paddle's peak allocated memory).
 
 Deployed inference (unless --skip-deploy): the model exported by export.py (run as a user runs
 it), timed at batch 1 and 16 in eager Paddle, Paddle Inference's predictor (oneDNN off, the
-fastest correct Config here, and the default Config) and ONNX Runtime, interleaved, with the
-same thread count.
+fastest correct Config here, and the default Config) and ONNX Runtime, with export.py's runners,
+interleaved, with the same thread count.
 """
 import argparse
 import json
@@ -27,66 +29,73 @@ import tempfile
 import time
 from typing import Callable, Dict, List
 
-import cpu_setup  # first: sets up the CPU before Paddle loads (threads, MKL, memory)
+import cli  # first: imports Paddle without its import-time notices
+import cpu_setup
 import numpy as np
 import paddle
+import paddle.nn as nn
 import paddle.nn.functional as F
 
-import cyclemlp
+import export
+import fast_layers
+from cli import bounded
 from cycle_fc import CycleFC
-from data import INPUT_SIZE_RANGE, bounded
+from cyclemlp import ARCHITECTURES, CycleMLP
+from data import INPUT_SIZE_RANGE
 from weights import write_weights
+from zoo import create_model, numpy_state
 
-IMPLS = ['index', 'index-unfused', 'deform', 'none']
+IMPLS = ['index', 'index-plain', 'deform', 'none']
 DEPLOY_BATCHES = (1, 16)
 LAYER_SIZES = {'stage1': (56, 64), 'stage3': (14, 320)}   # (H = W, C) of B1's stages at 224
 
 
-class DeformCycleFC(CycleFC):
-    """CycleFC as earlier ports compute it: deform_conv2d on NCHW maps with tiled offsets."""
+class DeformCycleFC(nn.Layer):
+    """A CycleFC's parameters and offsets, computed as earlier ports compute it: deform_conv2d
+    on NCHW maps with the offsets tiled over the map."""
+
+    def __init__(self, layer: CycleFC):
+        super().__init__()
+        self.layer = layer
 
     def forward(self, x):
         batch, height, width, channels = x.shape
-        offset = self.offset.expand([batch, 2 * channels, height, width])
-        out = paddle.vision.ops.deform_conv2d(x.transpose([0, 3, 1, 2]), offset, self.weight, self.bias,
-                                              deformable_groups=channels)
+        offset = self.layer.offset.expand([batch, 2 * channels, height, width])
+        out = paddle.vision.ops.deform_conv2d(x.transpose([0, 3, 1, 2]), offset, self.layer.weight,
+                                              self.layer.bias, deformable_groups=channels)
         return out.transpose([0, 2, 3, 1])                               # (B, C, H, W) -> (B, H, W, C)
 
 
-class PlainFC(CycleFC):
-    """The ceiling: CycleFC without its shift, a channel FC."""
+class PlainFC(nn.Layer):
+    """The ceiling: a CycleFC's parameters without its shift, a channel FC."""
+
+    def __init__(self, layer: CycleFC):
+        super().__init__()
+        self.layer = layer
 
     def forward(self, x):
-        return paddle.matmul(x, self.weight.reshape([self.out_channels, -1]), transpose_y=True) + self.bias
+        weight = self.layer.weight.reshape([self.layer.out_channels, self.layer.in_channels])
+        return paddle.matmul(x, weight, transpose_y=True) + self.layer.bias
 
 
-CYCLE_FC_CLASSES = {'index': CycleFC, 'index-unfused': CycleFC, 'deform': DeformCycleFC, 'none': PlainFC}
+WRAPPERS = {'deform': DeformCycleFC, 'none': PlainFC}
 
 
-class PlainMlp(cyclemlp.Mlp):
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
-# The earlier port's layers: Paddle's own, without this repo's CPU backward (cyclemlp.Linear, ...).
-PLAIN_LAYERS = {cyclemlp.Linear: paddle.nn.Linear, cyclemlp.LayerNorm: paddle.nn.LayerNorm,
-                cyclemlp.Mlp: PlainMlp}
-
-
-def apply_impl(model: paddle.nn.Layer, impl: str) -> paddle.nn.Layer:
-    """Switch a model to an implementation in place; parameters and weights stay the same.
-    'deform' also takes Paddle's own Linear, LayerNorm and MLP, as the earlier port has them."""
-    if impl == 'index':
-        return model
-    layer_class = CYCLE_FC_CLASSES[impl]
-    for layer in model.sublayers():
-        if isinstance(layer, cyclemlp.CycleMLP):
-            layer.fuse = False                  # the official branch-by-branch forward
-        elif isinstance(layer, CycleFC):
-            layer.__class__ = layer_class
-        elif impl == 'deform' and type(layer) in PLAIN_LAYERS:
-            layer.__class__ = PLAIN_LAYERS[type(layer)]
+def with_cycle_fc(model: nn.Layer, impl: str) -> nn.Layer:
+    """model with each CycleFC computed by `impl`'s wrapper (same parameters), in place."""
+    if impl in WRAPPERS:
+        for mixer in model.sublayers():
+            if isinstance(mixer, CycleMLP):
+                mixer.sfc_h, mixer.sfc_w = WRAPPERS[impl](mixer.sfc_h), WRAPPERS[impl](mixer.sfc_w)
     return model
+
+
+def as_impl(impl: str, step: Callable[[], None]) -> Callable[[], None]:
+    """step, run with fast_layers on for 'index' and off (the official computation) otherwise."""
+    def run():
+        fast_layers.ENABLED = impl == 'index'
+        step()
+    return run
 
 
 def synchronize() -> None:
@@ -97,7 +106,7 @@ def synchronize() -> None:
 def make_steps(args, impl: str) -> Dict[str, Callable[[], None]]:
     """One inference call and one training step (forward, backward, AdamW) of a fresh model."""
     paddle.seed(0)
-    model = apply_impl(cyclemlp.create_model(args.model), impl)
+    model = with_cycle_fc(create_model(args.model), impl)
     images = paddle.randn([args.batch_size, 3, args.input_size, args.input_size])
     labels = paddle.randint(0, model.num_classes, [args.batch_size])
     optimizer = paddle.optimizer.AdamW(learning_rate=1e-4, parameters=model.parameters())
@@ -114,14 +123,14 @@ def make_steps(args, impl: str) -> Dict[str, Callable[[], None]]:
         optimizer.step()
         optimizer.clear_grad()
 
-    return {'infer': infer, 'train': train}
+    return {'infer': as_impl(impl, infer), 'train': as_impl(impl, train)}
 
 
 def make_layer_steps(args, impl: str, size: int, channels: int) -> Dict[str, Callable[[], None]]:
     """Forward, and forward + backward, of one CycleFC (1, 3) at a stage's size."""
     paddle.seed(0)
     layer = CycleFC(channels, channels, (1, 3))
-    layer.__class__ = CYCLE_FC_CLASSES[impl]
+    layer = WRAPPERS[impl](layer) if impl in WRAPPERS else layer
     x = paddle.randn([args.batch_size, size, size, channels])
     x.stop_gradient = False
 
@@ -190,58 +199,32 @@ def memory_probe(args) -> None:
     print(after - before, allocated)
 
 
-def deployed_runners(args, directory: str) -> Dict[str, Callable[[np.ndarray], None]]:
+def deployed_runners(args, directory: str) -> Dict[str, Callable[[np.ndarray], np.ndarray]]:
     """name -> run(batch) for eager Paddle and each runtime, on the model export.py wrote to
-    directory from the same weights; set up as deployments do, with the eager thread count."""
+    directory from the same weights; export.py's runners, with the eager thread count."""
     paddle.seed(0)
-    model = cyclemlp.create_model(args.model)
+    model = create_model(args.model)
     model.eval()
     threads = cpu_setup.current_threads()
     weights = os.path.join(directory, 'weights.pdparams')
-    write_weights(weights, cyclemlp.numpy_state(model))
+    write_weights(weights, numpy_state(model))
     output = os.path.join(directory, 'exported')
     command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'export.py'),
-               '--weights', weights, '--output', output, '--input-size', str(args.input_size)]
+               '--weights', weights, '--output', output, '--input-size', str(args.input_size),
+               '--threads', str(threads)]
     onnx = subprocess.run(command + ['--onnx'], capture_output=True).returncode == 0
     if not onnx:
         subprocess.run(command, capture_output=True, check=True)
 
-    def paddle_inference(onednn: bool):
-        model_file = next(os.path.join(output, name) for name in ('model.json', 'model.pdmodel')
-                          if os.path.isfile(os.path.join(output, name)))
-        config = paddle.inference.Config(model_file, os.path.join(output, 'model.pdiparams'))
-        config.disable_gpu()
-        config.disable_glog_info()
-        config.set_cpu_math_library_num_threads(threads)
-        if not onednn:
-            config.disable_mkldnn()
-        predictor = paddle.inference.create_predictor(config)
-        images = predictor.get_input_handle(predictor.get_input_names()[0])
-        logits = predictor.get_output_handle(predictor.get_output_names()[0])
-
-        def run(batch):
-            images.reshape(batch.shape)
-            images.copy_from_cpu(batch)
-            predictor.run()
-            logits.copy_to_cpu()
-        return run
-
+    @paddle.no_grad()
     def eager(batch):
-        cpu_setup.set_threads(threads)   # a predictor's run leaves this thread with its own count
-        with paddle.no_grad():
-            model(paddle.to_tensor(batch)).numpy()
+        paddle.base.core.set_num_threads(threads)   # a predictor's run leaves this thread with its own count
+        return model(paddle.to_tensor(batch)).numpy()
 
-    runners = {'eager': eager, 'paddle-inference': paddle_inference(onednn=False),
-               'paddle-inference-onednn': paddle_inference(onednn=True)}
+    runners = {'eager': eager, 'paddle-inference': export.paddle_runner(output, onednn=False),
+               'paddle-inference-onednn': export.paddle_runner(output, onednn=None)}
     if onnx:
-        import onnxruntime
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        # Its threads would otherwise spin after each run, taking the cores from the next runtime.
-        options.add_session_config_entry('session.intra_op.allow_spinning', '0')
-        session = onnxruntime.InferenceSession(os.path.join(output, 'model.onnx'), options,
-                                               providers=['CPUExecutionProvider'])
-        runners['onnxruntime'] = lambda batch: session.run(None, {'images': batch})
+        runners['onnxruntime'] = export.onnx_runner(output)
     return runners
 
 
@@ -263,12 +246,12 @@ def deployed_inference(args) -> List[dict]:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser('CycleMLP benchmark', description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--model', default='CycleMLP_B1', choices=list(cyclemlp.ARCHITECTURES),
+    parser.add_argument('--model', default='CycleMLP_B1', choices=list(ARCHITECTURES),
                         help='model to measure (default: CycleMLP_B1)')
     parser.add_argument('--batch-size', default=16, type=bounded(int, 1), help='images per step (default: 16)')
     parser.add_argument('--input-size', default=224, type=bounded(int, *INPUT_SIZE_RANGE),
                         help='image height and width (default: 224)')
-    parser.add_argument('--threads', default=None, type=bounded(int, 1),
+    parser.add_argument('--threads', default=None, type=bounded(int, 1, cpu_setup.MAX_THREADS),
                         help='CPU threads (default: as every command: OMP_NUM_THREADS if set, else '
                              f'every core this process may use, {cpu_setup.available_cores()} here)')
     parser.add_argument('--impls', default=','.join(IMPLS),
@@ -293,7 +276,7 @@ def ratio(results: List[dict], key: str, a: str, b: str) -> float:
 
 def main(args: argparse.Namespace) -> dict:
     impls = [impl for impl in args.impls.split(',') if impl]
-    cpu_setup.set_threads(args.threads)   # every implementation gets the same count
+    settings = cpu_setup.configure(args.threads)   # every implementation gets the same count
     if args.memory_probe:
         memory_probe(args)
         return {}
@@ -312,7 +295,7 @@ def main(args: argparse.Namespace) -> dict:
     if not args.skip_layer:
         for stage, (size, channels) in LAYER_SIZES.items():
             layer_times = time_interleaved({impl: make_layer_steps(args, impl, size, channels)
-                                            for impl in impls if impl != 'index-unfused'},
+                                            for impl in impls if impl != 'index-plain'},
                                            args.warmup + 1, args.repeats * 2)
             for impl, modes in layer_times.items():
                 layers.append({'layer': stage, 'shape': [args.batch_size, size, size, channels], 'impl': impl,
@@ -321,19 +304,19 @@ def main(args: argparse.Namespace) -> dict:
     report = {
         'device': paddle.get_device(), 'paddle': paddle.__version__,
         'threads': cpu_setup.current_threads(),
-        'mkl_avx2_on_amd': cpu_setup.amd_mkl_path, 'freed_memory_kept': cpu_setup.freed_memory_kept,
+        'mkl_avx2_on_amd': settings.amd_mkl_path, 'freed_memory_kept': settings.freed_memory_kept,
         'model': args.model, 'batch_size': args.batch_size, 'input_size': args.input_size,
         'results': results, 'layers': layers, 'deployed': deployed,
         'ratios': {f'{key}_{a}/{b}': ratio(results, key, a, b)
                    for key in ('train_img_s', 'infer_img_s') for a, b in
-                   (('index', 'deform'), ('index', 'none'), ('index-unfused', 'none'))},
+                   (('index', 'deform'), ('index-plain', 'deform'), ('index-plain', 'none'))},
     }
     if args.json:
         print(json.dumps(report))
         return report
     print(f'{args.model}, batch {args.batch_size}, {args.input_size}x{args.input_size}, '
           f'device {report["device"]}, Paddle {report["paddle"]}, {report["threads"]} threads, '
-          f'MKL AVX2 path on AMD: {"yes" if cpu_setup.amd_mkl_path else "no"}, '
+          f'MKL AVX2 path on AMD: {"yes" if settings.amd_mkl_path else "no"}, '
           f'median of {args.repeats} interleaved rounds')
     print(f'{"impl":<14} {"infer img/s":>12} {"train img/s":>12} {"peak MB":>9} {"allocated MB":>13}')
     for r in results:
@@ -361,10 +344,8 @@ if __name__ == '__main__':
     if unknown:
         argument_parser.error(f'--impls: unknown {sorted(unknown)}; choose from {IMPLS}')
     try:
-        main(arguments)
+        cli.run(main, arguments)
     except subprocess.CalledProcessError as error:   # a memory probe or export.py failed
         stderr = error.stderr if isinstance(error.stderr, str) else (error.stderr or b'').decode()
         reason = stderr.strip().splitlines()[-1] if stderr.strip() else f'exit status {error.returncode}'
         sys.exit(f'error: {os.path.basename(error.cmd[1])} failed: {reason}')
-    except KeyboardInterrupt:
-        sys.exit('interrupted')

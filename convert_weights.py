@@ -10,11 +10,12 @@ The output records the model name, so later commands need only the file. Reading
 code from the file (see weights.py), so untrusted downloads are safe to convert.
 """
 import argparse
-import sys
 
-import cpu_setup  # noqa: F401  (first: sets up the CPU before Paddle loads)
-from cyclemlp import ARCHITECTURES, count_parameters, load_model, numpy_state
-from weights import WeightsError, write_weights
+import cli  # first: imports Paddle without its import-time notices
+import cpu_setup
+from cyclemlp import ARCHITECTURES
+from weights import write_weights
+from zoo import count_parameters, load_model, numpy_state, variant_name
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -34,18 +35,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
+    cpu_setup.configure()
     model, meta = load_model(args.src, args.model, ema=args.ema)
     state = numpy_state(model)
-    write_weights(args.dst, state, {**meta, **({'model_name': model.name} if model.name else {})})
-    print(f'converted {model.name or "a custom CycleNet"}: {len(state)} tensors '
+    name = variant_name(model.config)
+    write_weights(args.dst, state, {**meta, **({'model_name': name} if name else {})})
+    print(f'converted {name or "a custom CycleNet"}: {len(state)} tensors '
           f'({count_parameters(model):,} parameters) from {args.src} to {args.dst}')
 
 
 if __name__ == '__main__':
-    arguments = get_args_parser().parse_args()
-    try:
-        main(arguments)
-    except (WeightsError, OSError) as error:
-        sys.exit(f'error: {error}')
-    except KeyboardInterrupt:
-        sys.exit('interrupted')
+    cli.run(main, get_args_parser().parse_args())

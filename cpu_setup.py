@@ -1,34 +1,64 @@
-"""Make Paddle use the whole CPU. Imported before Paddle by every script and by cyclemlp.py.
+"""What the commands set up for the CPU: `configure()`, called from their main(), never on import.
 
-Three settings, each made only on a CPU device and never over one the user made:
+Importing this module (or any library module of the repo) changes nothing in the process. A
+command calls `configure(threads)` before it computes anything, and it makes three settings,
+each only on a CPU device and never over one the user made:
 
-threads   Paddle's CPU kernels use one thread unless OMP_NUM_THREADS is set (PyTorch uses
-          every core by default). Use every core this process may run on
-          (os.sched_getaffinity), shared among the ranks `paddle.distributed.launch` starts on
-          this machine; `set_threads(n)` is what the scripts' --threads flag calls.
+threads   Paddle's CPU kernels use one thread unless told otherwise (PyTorch uses every
+          core by default). configure() uses the user's choice: --threads, else the
+          OMP_NUM_THREADS the process was started with, else every core this process may run
+          on (os.sched_getaffinity), shared among the ranks `paddle.distributed.launch` starts
+          on this machine. The count is always set through Paddle (never left to the
+          environment), so results do not depend on where it came from.
 MKL       The MKL in Paddle's CPU wheel picks its code path by processor vendor and takes a
           generic SSE path on AMD processors. MKL_DEBUG_CPU_TYPE=5 selects its AVX2 code,
-          about twice as fast on AMD EPYC. It must be set before MKL is first used, so this
-          module is imported first; it is set on AMD x86-64 only (on Intel it would turn
-          AVX-512 off). It changes rounding only (tested).
+          about twice as fast on AMD EPYC; MKL reads it at its first use, which is after
+          configure(). It is set on AMD x86-64 only (on Intel it would turn AVX-512 off). It
+          changes rounding only (tested).
 memory    glibc serves a large allocation with a fresh mmap and returns it to the system on
           free. Paddle's CPU allocator frees every temporary, so each large op had its output
           page-faulted in and zeroed anew: most of a training step's time went to the kernel.
           Raising glibc's mmap and trim thresholds keeps freed memory for reuse: a B1
           training step 1.3x faster, for about 6% more peak resident memory.
+
+Why the start environment: importing Paddle sets OMP_NUM_THREADS to '1' when it is unset, so
+after that import os.environ cannot tell a user's '1' from no setting. On Linux the variables a
+process was started with stay readable in /proc/self/environ; the launcher's ranks inherit the
+launcher's (which imported Paddle), so for them it is the launcher's start environment.
 """
 import ctypes
 import os
 import platform
-import sys
-import warnings
-from typing import Optional
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import paddle
 
 AMD_MKL_VARIABLE, AMD_MKL_VALUE = 'MKL_DEBUG_CPU_TYPE', '5'
+THREADS_VARIABLE = 'OMP_NUM_THREADS'
+# More threads than this fail to start on ordinary machines (OpenMP aborts the process), and
+# more threads than cores never help.
+MAX_THREADS = 1024
+LAUNCHER_VARIABLE = 'PADDLE_LOCAL_SIZE'   # set by paddle.distributed.launch in the ranks it starts
 # mallopt parameters (malloc.h); blocks up to 1 GiB come from the heap and stay there when freed.
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 HEAP_LIMIT = 1 << 30
 USER_MALLOC_SETTINGS = ('MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_', 'GLIBC_TUNABLES')
+
+
+class ThreadSettingError(ValueError):
+    """OMP_NUM_THREADS holds something no thread count can be."""
+
+
+@dataclass
+class CpuSettings:
+    """What configure() set: None where it left Paddle as it was (on GPU)."""
+    threads: Optional[int] = None
+    amd_mkl_path: bool = False
+    freed_memory_kept: bool = False
+
+
+settings = CpuSettings()
 
 
 def is_amd_x86(cpuinfo_path: str = '/proc/cpuinfo') -> bool:
@@ -45,15 +75,51 @@ def is_amd_x86(cpuinfo_path: str = '/proc/cpuinfo') -> bool:
     return 'AuthenticAMD' in platform.processor()
 
 
+def on_cpu() -> bool:
+    return paddle.get_device() == 'cpu'
+
+
+def start_environment(pid='self') -> Optional[Dict[str, str]]:
+    """The environment process pid was started with (Linux), or None where it cannot be read."""
+    try:
+        with open(f'/proc/{pid}/environ', 'rb') as file:
+            entries = file.read().split(b'\0')
+    except OSError:
+        return None
+    return dict(entry.decode('utf-8', 'replace').split('=', 1) for entry in entries if b'=' in entry)
+
+
+def user_threads_setting() -> Optional[str]:
+    """The OMP_NUM_THREADS the user set for this process (see the module doc), or None."""
+    environment = start_environment()
+    if environment is not None and LAUNCHER_VARIABLE in environment:
+        environment = start_environment(os.getppid())
+    if environment is None:           # no /proc: the best this platform offers
+        environment = dict(os.environ)
+    return environment.get(THREADS_VARIABLE)
+
+
+def user_threads() -> Optional[int]:
+    """user_threads_setting() as a count, or ThreadSettingError naming what is wrong with it."""
+    value = user_threads_setting()
+    if value is None or value.strip() == '':
+        return None
+    if not value.strip().isdigit() or not 1 <= int(value) <= MAX_THREADS:
+        raise ThreadSettingError(f'{THREADS_VARIABLE}={value[:40]!r} in the environment: expected '
+                                 f'a thread count in [1, {MAX_THREADS}]')
+    return int(value)
+
+
 def available_cores() -> int:
     """Cores this process may run on, shared among the launcher's ranks on this machine."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
-    local_ranks = os.environ.get('PADDLE_LOCAL_SIZE', '1')
+    local_ranks = os.environ.get(LAUNCHER_VARIABLE, '1')
     return max(1, cores // max(1, int(local_ranks) if local_ranks.isdigit() else 1))
 
 
 def keep_freed_memory() -> bool:
-    """Raise glibc's mmap and trim thresholds (see the module doc); False where not glibc."""
+    """Raise glibc's mmap and trim thresholds (see the module doc); False where not glibc or
+    where the user tuned the allocator."""
     if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc' or any(
             name in os.environ for name in USER_MALLOC_SETTINGS):
         return False
@@ -61,50 +127,29 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(M_MMAP_THRESHOLD, HEAP_LIMIT) and libc.mallopt(M_TRIM_THRESHOLD, HEAP_LIMIT))
 
 
-# What the user asked for, read before Paddle's import sets OMP_NUM_THREADS to '1' when unset.
-# A '1' seen after that import (or inherited from the launcher, which imported Paddle) is
-# Paddle's default, not a choice.
-_paddle_imported_first = 'paddle' in sys.modules or 'PADDLE_LOCAL_SIZE' in os.environ
-_user_threads = os.environ.get('OMP_NUM_THREADS')
-if _paddle_imported_first and _user_threads == '1':
-    _user_threads = None
-amd_mkl_path = is_amd_x86() and AMD_MKL_VARIABLE not in os.environ
-if amd_mkl_path:
-    os.environ[AMD_MKL_VARIABLE] = AMD_MKL_VALUE
-
-warnings.filterwarnings('ignore', message='No ccache found')  # printed by Paddle 3 on import; irrelevant here
-import paddle  # noqa: E402  (after the environment above)
-
-on_cpu = paddle.get_device() == 'cpu'
-freed_memory_kept = on_cpu and keep_freed_memory()
-threads: Optional[int] = None   # the compute threads set here; None: left to OMP_NUM_THREADS
+def configure(threads: Optional[int] = None) -> CpuSettings:
+    """Set up this process's CPU for the commands (see the module doc): threads (`threads`,
+    else the user's OMP_NUM_THREADS, else every available core), MKL's code path on AMD, and
+    glibc's allocator. Does nothing on GPU. Returns what it set (also in `settings`)."""
+    if not on_cpu():
+        return settings
+    settings.threads = threads or user_threads() or available_cores()
+    paddle.base.core.set_num_threads(settings.threads)
+    if is_amd_x86() and AMD_MKL_VARIABLE not in os.environ:
+        os.environ[AMD_MKL_VARIABLE] = AMD_MKL_VALUE
+        settings.amd_mkl_path = True
+    if not settings.freed_memory_kept:
+        settings.freed_memory_kept = keep_freed_memory()
+    return settings
 
 
 def current_threads() -> int:
-    """The compute threads in use: set here, else the user's OMP_NUM_THREADS, else Paddle's 1."""
-    if threads:
-        return threads
-    try:
-        return max(1, int(os.environ.get('OMP_NUM_THREADS') or 1))
-    except ValueError:
-        return 1
-
-
-def set_threads(count: Optional[int] = None) -> None:
-    """Use `count` CPU threads for Paddle's kernels; None: OMP_NUM_THREADS if the user set it,
-    else every available core. Does nothing on GPU."""
-    global threads
-    if not on_cpu or (count is None and _user_threads is not None):
-        return
-    threads = count or available_cores()
-    paddle.base.core.set_num_threads(threads)
+    """The compute threads in use: what configure() set, else Paddle's default of one."""
+    return settings.threads or 1
 
 
 def default_num_workers() -> int:
     """DataLoader processes per rank: the official 10 on GPU (at most one per core); on CPU a
     quarter of the cores, at least 1, since the compute threads already use every core."""
     cores = available_cores()
-    return min(10, cores) if not on_cpu else max(1, cores // 4)
-
-
-set_threads()
+    return min(10, cores) if not on_cpu() else max(1, cores // 4)

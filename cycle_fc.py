@@ -18,9 +18,8 @@ bilinear weights and an im2col buffer for every pixel and is several times slowe
 stands for, and which does not export cleanly to ONNX. Here the shift is one gather over a
 precomputed flat index, and the FC is one matmul, both on channel-last tensors.
 """
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Sequence, Tuple
 
-import cpu_setup  # noqa: F401  (first: sets up the CPU before Paddle loads: threads, MKL, memory)
 import numpy as np
 import paddle
 import paddle.nn as nn
@@ -46,31 +45,40 @@ def gather_columns(x: paddle.Tensor, index: paddle.Tensor) -> paddle.Tensor:
     return _GATHER(x, index, axis=1)
 
 
-def cached_index(owner: nn.Layer, key: Tuple, build: Callable[[], paddle.Tensor]) -> paddle.Tensor:
-    """Build a gather index once per input size and device and reuse it (eager mode only).
+class IndexCache:
+    """Gather indices built once per input size and device, and reused (eager mode only).
 
-    Under paddle.jit.to_static the sizes may be symbolic, so the index is built in the graph.
+    Under paddle.jit.to_static the sizes may be symbolic, so there the index is built in the graph.
     """
-    if not paddle.in_dynamic_mode():
-        return build()
-    key = key + (str(paddle.get_device()),)
-    if key not in owner.index_cache:
-        if len(owner.index_cache) >= MAX_CACHED_SIZES:
-            owner.index_cache.clear()
-        owner.index_cache[key] = build()
-    return owner.index_cache[key]
+
+    def __init__(self) -> None:
+        self._indices: Dict[Tuple, paddle.Tensor] = {}
+
+    def get(self, key: Tuple, build: Callable[[], paddle.Tensor]) -> paddle.Tensor:
+        if not paddle.in_dynamic_mode():
+            return build()
+        key = key + (str(paddle.get_device()),)
+        if key not in self._indices:
+            if len(self._indices) >= MAX_CACHED_SIZES:
+                self._indices.clear()
+            self._indices[key] = build()
+        return self._indices[key]
+
+    def __len__(self) -> int:
+        return len(self._indices)
 
 
-def shifted_positions(height, width, channels: int, row_shifts: Optional[np.ndarray] = None,
-                      col_shifts: Optional[np.ndarray] = None, outside=None) -> paddle.Tensor:
-    """Flat position in a channel-last (H, W, C) map of pixel (h + dy(c), w + dx(c)), channel c.
+def shifted_positions(height, width, channels: int, shifts: np.ndarray, along_width: bool,
+                      outside=None) -> paddle.Tensor:
+    """Flat position in a channel-last (H, W, C) map of the pixel channel c of output (h, w)
+    reads: (h, w + shifts[c]) along the width, else (h + shifts[c], w).
 
     Reads that leave the map point at `outside` (default H*W*C, the slot just past the data,
     where the caller appends a zero: zero padding, no wrap-around). Returns an int64 tensor
     (H, W, C). Built from Paddle ops, so height and width may be symbolic when the model is
     exported with dynamic input sizes.
 
-    The shifts are added after the strides are applied (position + shift * stride, not
+    The shift is added after the strides are applied (position + shift * stride, not
     (row + shift) * stride): no integer sum is ever multiplied by a constant. Paddle Inference's
     oneDNN pass operator_scale_onednn_fuse_pass folds such a multiplication into the add as an
     output scale that its int64 kernel then ignores (Paddle 3.3, the default CPU Config), which
@@ -79,15 +87,14 @@ def shifted_positions(height, width, channels: int, row_shifts: Optional[np.ndar
     row_stride = width * channels                                   # elements per image row
     rows = paddle.arange(height, dtype='int64').reshape([-1, 1, 1])                 # (H, 1, 1)
     cols = paddle.arange(width, dtype='int64').reshape([1, -1, 1])                  # (1, W, 1)
+    shift = paddle.to_tensor(shifts.astype(np.int64)).reshape([1, 1, -1])           # (1, 1, C)
     position = rows * row_stride + cols * channels + paddle.arange(channels, dtype='int64')
-    if row_shifts is not None:
-        shifts = paddle.to_tensor(row_shifts.astype(np.int64)).reshape([1, 1, -1])  # (1, 1, C)
-        rows = rows + shifts
-        position = position + shifts * row_stride
-    if col_shifts is not None:
-        shifts = paddle.to_tensor(col_shifts.astype(np.int64)).reshape([1, 1, -1])
-        cols = cols + shifts
-        position = position + shifts * channels
+    if along_width:
+        cols = cols + shift
+        position = position + shift * channels
+    else:
+        rows = rows + shift
+        position = position + shift * row_stride
     inside = paddle.logical_and(paddle.logical_and(rows >= 0, rows < height),
                                 paddle.logical_and(cols >= 0, cols < width))
     outside = height * row_stride if outside is None else outside
@@ -99,53 +106,41 @@ def shifted_positions(height, width, channels: int, row_shifts: Optional[np.ndar
 class CycleFC(nn.Layer):
     """A channel FC applied after shifting input channel c by `channel_shifts(C, K)[c]` pixels.
 
-    Args mirror the official layer so that its checkpoints load unchanged: weight
-    [out_channels, in_channels // groups, 1, 1], bias [out_channels], and the `offset` buffer
+    The state matches the official layer's, so its checkpoints load unchanged: weight
+    [out_channels, in_channels, 1, 1], bias [out_channels], and the `offset` buffer
     [1, 2 * in_channels, 1, 1] holding (dy, dx) per channel. The offset buffer is kept only for
     that compatibility (and to check a loaded checkpoint against it); the shift itself is
-    computed from `kernel_size`. `dilation` has no effect: it spaces the taps of the sampling
-    kernel, and the sampling kernel is 1x1 (as in the official deformable convolution).
+    computed from `kernel_size`. The official layer's other arguments are left out: CycleMLP
+    calls it with stride 1, padding 0, dilation 1, groups 1 and a bias, and the deformable
+    convolution admits no other stride or padding.
 
     forward takes and returns channel-last tensors (B, H, W, C), the layout of CycleMLP blocks.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: Union[int, Sequence[int]],
-                 stride: int = 1, padding: int = 0, dilation: int = 1, groups: int = 1,
-                 bias: bool = True):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Sequence[int]):
         super().__init__()
-        if isinstance(kernel_size, int):
-            kernel_size = (kernel_size, kernel_size)
-        kernel_size = tuple(kernel_size)
-        if (len(kernel_size) != 2 or not all(isinstance(k, int) and k >= 1 for k in kernel_size)
-                or min(kernel_size) != 1):
-            raise ValueError(f'CycleFC supports kernel_size (1, K) or (K, 1) with K >= 1, '
-                             f'got {kernel_size}')
-        if stride not in (1, (1, 1)):
-            raise ValueError(f'CycleFC supports only stride 1, got {stride}')
-        if padding not in (0, (0, 0)):
-            raise ValueError(f'CycleFC supports only padding 0, got {padding}')
-        if groups < 1 or in_channels % groups or out_channels % groups:
-            raise ValueError(f'CycleFC needs in_channels ({in_channels}) and out_channels '
-                             f'({out_channels}) divisible by groups ({groups})')
-        if dilation not in (1, (1, 1)) and not (isinstance(dilation, int) and dilation >= 1):
-            raise ValueError(f'CycleFC needs an integer dilation >= 1, got {dilation}')
+        kernel_size = tuple(kernel_size) if isinstance(kernel_size, (tuple, list)) else kernel_size
+        if not (isinstance(kernel_size, tuple) and len(kernel_size) == 2 and min(kernel_size) == 1
+                and all(type(k) is int and k >= 1 for k in kernel_size)):
+            raise ValueError(f'CycleFC: kernel_size must be (1, K) or (K, 1) with an integer K >= 1, '
+                             f'got {kernel_size!r}')
+        for name, value in (('in_channels', in_channels), ('out_channels', out_channels)):
+            if type(value) is not int or value < 1:
+                raise ValueError(f'CycleFC: {name} must be a positive integer, got {value!r}')
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = kernel_size
-        self.groups = groups
         # Kernel (1, K) shifts along W (axis 2 of B, H, W, C); kernel (K, 1) shifts along H.
         self.along_width = kernel_size[0] == 1
         self.shifts = channel_shifts(in_channels, max(kernel_size))
 
         # The official reset_parameters: kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), ..).
-        bound = 1.0 / np.sqrt(in_channels // groups)
+        bound = 1.0 / np.sqrt(in_channels)
         init = nn.initializer.Uniform(-bound, bound)
-        self.weight = self.create_parameter([out_channels, in_channels // groups, 1, 1],
-                                            default_initializer=init)
-        self.bias = (self.create_parameter([out_channels], is_bias=True, default_initializer=init)
-                     if bias else None)
+        self.weight = self.create_parameter([out_channels, in_channels, 1, 1], default_initializer=init)
+        self.bias = self.create_parameter([out_channels], is_bias=True, default_initializer=init)
         self.register_buffer('offset', paddle.to_tensor(self.official_offset()), persistable=True)
-        self.index_cache: Dict[Tuple, paddle.Tensor] = {}
+        self._index_cache = IndexCache()
 
     def official_offset(self) -> np.ndarray:
         """The official `offset` buffer: (dy, dx) per input channel, shape [1, 2C, 1, 1]."""
@@ -155,13 +150,12 @@ class CycleFC(nn.Layer):
 
     def source_index(self, height, width, outside=None) -> paddle.Tensor:
         """Where output (h, w, c) reads from in the flattened input; see `shifted_positions`."""
-        shifts = {'col_shifts' if self.along_width else 'row_shifts': self.shifts}
-        return shifted_positions(height, width, self.in_channels, outside=outside, **shifts)
+        return shifted_positions(height, width, self.in_channels, self.shifts, self.along_width, outside)
 
     def shift(self, x: paddle.Tensor) -> paddle.Tensor:
         """Shift each channel of channel-last x by its offset: (B, H, W, C) -> (B, H, W, C)."""
         _, height, width, channels = x.shape
-        index = cached_index(self, (height, width), lambda: self.source_index(height, width).flatten())
+        index = self._index_cache.get((height, width), lambda: self.source_index(height, width).flatten())
         # Speed: a gather along one flat axis is the fastest copy Paddle has on CPU here
         # (index_select and take_along_axis were 3-5x slower). The zero appended to each image
         # is what reads outside the map get.
@@ -170,21 +164,8 @@ class CycleFC(nn.Layer):
         return gather_columns(flat, index).reshape([0, height, width, channels])
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        shifted = self.shift(x)
-        weight = self.weight.reshape([self.out_channels, -1])            # (C_out, C_in / groups)
-        if self.groups == 1:
-            out = paddle.matmul(shifted, weight, transpose_y=True)
-        else:
-            g, per_in, per_out = self.groups, self.in_channels // self.groups, self.out_channels // self.groups
-            # (B, H, W, C_in) -> (g, B*H*W, C_in/g), one matmul per group, then back to channel-last.
-            grouped = shifted.reshape([-1, g, per_in]).transpose([1, 0, 2])
-            out = paddle.bmm(grouped, weight.reshape([g, per_out, per_in]).transpose([0, 2, 1]))
-            out = out.transpose([1, 0, 2]).reshape(x.shape[:-1] + [self.out_channels])
-        if self.bias is not None:
-            out = out + self.bias
-        return out
+        weight = self.weight.reshape([self.out_channels, self.in_channels])    # (C_out, C_in)
+        return paddle.matmul(self.shift(x), weight, transpose_y=True) + self.bias
 
     def extra_repr(self) -> str:
-        extra = f', groups={self.groups}' if self.groups != 1 else ''
-        extra += ', bias=False' if self.bias is None else ''
-        return f'{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}{extra}'
+        return f'{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}'

@@ -18,15 +18,15 @@ import sys
 import time
 from typing import Callable, Dict, Optional
 
-import cpu_setup  # first: sets up the CPU before Paddle loads (threads, MKL, memory)
+import cli  # first: imports Paddle without its import-time notices
+import cpu_setup
 import paddle
 import paddle.distributed as dist
 import paddle.nn.functional as F
 
-from cyclemlp import load_model
-from data import (DatasetError, build_dataset, build_loader, iterate, loader_args_parser,
-                  model_args_parser, resolve_data_config)
-from weights import WeightsError
+from cli import held_signals, init_distributed, loader_args_parser, model_args_parser, resolve_data_config
+from data import DatasetError, build_dataset, build_loader, eval_transform, iterate
+from zoo import load_model
 
 TOP_K = 5
 
@@ -76,7 +76,7 @@ def evaluate(model: paddle.nn.Layer, loader, print_freq: int = 10,
     images = 0
     start = time.time()
     for step, (batch, labels) in enumerate(iterate(loader)):
-        with paddle.amp.auto_cast(enable=amp_dtype is not None, dtype=amp_dtype or 'float16'):
+        with held_signals(), paddle.amp.auto_cast(enable=amp_dtype is not None, dtype=amp_dtype or 'float16'):
             logits = model(batch)
         logits = logits.astype('float32')
         labels = labels.reshape([-1, 1]).astype('int64')
@@ -136,13 +136,11 @@ def check_classes(model, class_names: Optional[list], dataset, args) -> Optional
 
 
 def main(args: argparse.Namespace) -> Dict[str, float]:
-    cpu_setup.set_threads(args.threads)
-    if dist.get_world_size() > 1:
-        dist.init_parallel_env()
-    rank, world_size = dist.get_rank(), dist.get_world_size()
+    cpu_setup.configure(args.threads)
+    rank, world_size = init_distributed()
     model, meta = load_model(args.weights, args.model, ema=args.ema)
     resolve_data_config(args, meta.get('data_config'), args.weights)
-    dataset = build_dataset(is_train=False, args=args)
+    dataset = build_dataset(False, args, eval_transform(args.input_size, args.crop_pct, args.eval_interpolation))
     warning = check_classes(model, meta.get('class_names'), dataset, args)
     if warning and rank == 0:
         print(warning, file=sys.stderr)
@@ -160,10 +158,4 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
 
 
 if __name__ == '__main__':
-    arguments = parse_args()
-    try:
-        main(arguments)
-    except (WeightsError, DatasetError, OSError) as error:
-        sys.exit(f'error: {error}')
-    except KeyboardInterrupt:
-        sys.exit('interrupted')
+    cli.run(main, parse_args())

@@ -24,19 +24,20 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import warnings
 from typing import Callable, List, Optional, Sequence
 
-import cpu_setup  # first: sets up the CPU before Paddle loads (threads, MKL, memory)
+import cli  # first: imports Paddle without its import-time notices
+import cpu_setup
 import numpy as np
 import paddle
 
-from cyclemlp import CycleNet, load_model
-from data import (IMAGENET_MEAN, IMAGENET_STD, DatasetError, bounded, check_data_config,
-                  model_args_parser, resolve_data_config)
+from cli import bounded, held_signals, model_args_parser, resolve_data_config
+from cyclemlp import CycleNet
+from data import IMAGENET_MEAN, IMAGENET_STD, check_data_config
 from weights import WeightsError, describe
+from zoo import load_model, variant_name
 
 IMAGENET_CLASSES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'imagenet_classes.txt')
 IMAGENET_NUM_CLASSES = 1000
@@ -158,6 +159,8 @@ def onnx_runner(directory: str) -> Callable[[np.ndarray], np.ndarray]:
         raise WeightsError('--runtime onnx needs onnxruntime: pip install onnxruntime') from None
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = cpu_setup.current_threads()
+    # Without this its threads spin after each run, taking the cores from whatever runs next.
+    options.add_session_config_entry('session.intra_op.allow_spinning', '0')
     try:
         session = onnxruntime.InferenceSession(path, options, providers=['CPUExecutionProvider'])
     except Exception as error:  # onnxruntime's own exception types
@@ -238,7 +241,7 @@ def check_parity(model: CycleNet, run: Callable[[np.ndarray], np.ndarray], sizes
     rng = np.random.default_rng(0)
     for height, width in sizes:
         images = rng.standard_normal((CHECK_BATCH, 3, height, width)).astype(np.float32)
-        with paddle.no_grad():
+        with held_signals(), paddle.no_grad():
             expected = model(paddle.to_tensor(images)).numpy()
         difference = float(np.abs(run(images) - expected).max() / max(np.abs(expected).max(), 1e-12))
         if not difference <= PARITY_TOLERANCE:
@@ -269,7 +272,7 @@ def replace_folder(temporary: str, output: str) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    cpu_setup.set_threads(args.threads)
+    cpu_setup.configure(args.threads)
     if args.onnx:
         try:  # checked before the slow export starts
             import onnx  # noqa: F401
@@ -288,13 +291,14 @@ def main(args: argparse.Namespace) -> None:
         sizes.append((args.input_size - 32 if args.input_size > 64 else args.input_size + 32, args.input_size))
     temporary = tempfile.mkdtemp(prefix=f'.{os.path.basename(output)}.', dir=os.path.dirname(output))
     try:
-        export_paddle(model, temporary, None if args.dynamic_size else args.input_size)
+        with held_signals():     # tracing runs the model's code: Ctrl-C there would be Paddle's error
+            export_paddle(model, temporary, None if args.dynamic_size else args.input_size)
         checks = {'paddle_inference_default_config': check_parity(
             model, paddle_runner(temporary, onednn=None), sizes, 'Paddle Inference (default Config)')}
         if args.onnx:
             export_onnx(temporary, args.opset)
             checks['onnxruntime'] = check_parity(model, onnx_runner(temporary), sizes, 'ONNX Runtime')
-        meta = dict(model_name=model.name, model_args=model.config, num_classes=model.num_classes,
+        meta = dict(model_name=variant_name(model.config), model_args=model.config, num_classes=model.num_classes,
                     input_size=args.input_size, dynamic_size=args.dynamic_size,
                     crop_pct=args.crop_pct, interpolation=args.eval_interpolation,
                     mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), input_name=INPUT_NAME,
@@ -304,7 +308,8 @@ def main(args: argparse.Namespace) -> None:
                     parity={'tolerance': PARITY_TOLERANCE, 'sizes': sizes, 'max_difference': checks})
         with open(os.path.join(temporary, META_FILE), 'w', encoding='utf-8') as file:
             json.dump(meta, file, indent=2)
-        replace_folder(temporary, output)
+        with held_signals():
+            replace_folder(temporary, output)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     shape = 'N x 3 x H x W' if args.dynamic_size else f'N x 3 x {args.input_size} x {args.input_size}'
@@ -313,10 +318,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == '__main__':
-    arguments = get_args_parser().parse_args()
-    try:
-        main(arguments)
-    except (WeightsError, DatasetError, OSError) as error:
-        sys.exit(f'error: {error}')
-    except KeyboardInterrupt:
-        sys.exit('interrupted')
+    cli.run(main, get_args_parser().parse_args())

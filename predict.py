@@ -1,9 +1,6 @@
 """Classify images with a CycleMLP checkpoint or an exported model: images in, class names out.
 
     python predict.py cat.jpg photos/ --weights CycleMLP_B1.pth --topk 3
-    cat.jpg
-        0.6205  281  tabby, tabby cat
-        ...
     python predict.py cat.jpg --inference-model exported/                  # Paddle Inference
     python predict.py cat.jpg --inference-model exported/ --runtime onnx   # ONNX Runtime
 
@@ -31,17 +28,18 @@ import os
 import sys
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
-import cpu_setup  # first: sets up the CPU before Paddle loads (threads, MKL, memory)
+import cli  # first: imports Paddle without its import-time notices
+import cpu_setup
 import numpy as np
 import paddle
 import paddle.nn.functional as F
 from PIL import Image, ImageOps
 
 import export
-from cyclemlp import load_model
-from data import (IMAGE_EXTENSIONS, UNREADABLE_IMAGE_ERRORS, DatasetError, bounded, eval_transform,
-                  is_regular_file, load_image, model_args_parser, resolve_data_config)
+from cli import bounded, held_signals, model_args_parser, resolve_data_config
+from data import IMAGE_EXTENSIONS, UNREADABLE_IMAGE_ERRORS, eval_transform, is_regular_file, load_image
 from weights import WeightsError
+from zoo import load_model
 
 DEFAULT_TOPK = 5
 DEFAULT_BATCH_SIZE = 16
@@ -147,7 +145,8 @@ class Predictor:
         return self.transform(image)
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        logits = self.forward(batch)
+        with held_signals():     # Ctrl-C inside a Paddle op would become Paddle's own error
+            logits = self.forward(batch)
         return F.softmax(paddle.to_tensor(logits, dtype='float32'), axis=-1).numpy()
 
 
@@ -224,7 +223,7 @@ def format_result(result: dict) -> str:
 
 def main(args: argparse.Namespace) -> int:
     """Print predictions; return 0, or FAILED if any image could not be predicted."""
-    cpu_setup.set_threads(args.threads)
+    cpu_setup.configure(args.threads)
     predictor = exported_predictor(args) if args.inference_model else eager_predictor(args)
     failed = 0
     for result in predict(predictor, args.images, args.topk, args.batch_size):
@@ -244,9 +243,4 @@ if __name__ == '__main__':
         argument_parser.error('--runtime applies to --inference-model')
     if arguments.inference_model and (arguments.model or arguments.ema):
         argument_parser.error('--model and --ema apply to --weights; an export is one model')
-    try:
-        sys.exit(main(arguments))
-    except (WeightsError, DatasetError, OSError) as error:
-        sys.exit(f'error: {error}')
-    except KeyboardInterrupt:
-        sys.exit('interrupted')
+    cli.run(main, arguments)

@@ -29,25 +29,26 @@ import importlib.util
 import json
 import math
 import os
-import signal
-import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional
 
-import cpu_setup  # first: sets up the CPU before Paddle loads (threads, MKL, memory)
+import cli  # first: imports Paddle without its import-time notices
+import cpu_setup
 import numpy as np
 import paddle
 import paddle.distributed as dist
 import paddle.nn.functional as F
 
-from cyclemlp import CycleNet, count_flops, count_parameters, create_model, load_state, numpy_state, read_state
-from data import (SEED_RANK_STRIDE, DatasetError, Mixup, bounded, build_dataset, build_loader, iterate,
-                  loader_args_parser, model_args_parser, rand_augment, set_loader_epoch,
-                  smooth_one_hot)
+from augment import Mixup, rand_augment, smooth_one_hot, train_transform
+from cli import bounded, held_signals, init_distributed, loader_args_parser, model_args_parser
+from cyclemlp import CycleNet
+from data import (SEED_RANK_STRIDE, DatasetError, ImageDataset, build_dataset, build_loader,
+                  eval_transform, iterate, set_loader_epoch)
 from evaluate import evaluate
 from weights import (WeightsError, atomic_save, check_state, describe, read_checkpoint,
                      remove_stale_temporaries, write_weights)
+from zoo import count_flops, count_parameters, create_model, load_state, numpy_state, read_state, variant_name
 
 LR_REFERENCE_BATCH = 512  # the base lr is the lr of a global batch of this many images
 INIT_LOSS_SCALE = 2.0 ** 16  # timm's NativeScaler (torch.cuda.amp.GradScaler) starts here
@@ -74,7 +75,8 @@ DEMO_PRESET = dict(
 )
 # The official main.py's flags that change nothing in this recipe: accepted so that an official
 # command line runs, but only with a value that means what this repo does (None: any value).
-# flag: (default, accepted values, what it is); the type is the default's.
+# flag or (flag, alias): (default, accepted values, what it is); the type is the default's, a
+# bool default makes a switch.
 OFFICIAL_NO_EFFECT = {
     '--drop': (0.0, None, 'dropout rate, which the official CycleMLP model ignores'),
     '--model-ema-force-cpu': (False, None, 'EMA placement'),
@@ -87,7 +89,7 @@ OFFICIAL_NO_EFFECT = {
     '--decay-epochs': (30.0, None, 'step schedule interval'),
     '--cooldown-epochs': (10, None, 'cooldown, which the official run never reaches'),
     '--patience-epochs': (10, None, 'plateau schedule patience'),
-    '--decay-rate': (0.1, None, 'step schedule rate'),
+    ('--decay-rate', '--dr'): (0.1, None, 'step schedule rate'),
     '--resplit': (False, None, 'erasing of augmentation splits, which this recipe has none of'),
     '--cutmix-minmax': ([], ([],), 'CutMix box bounds, not implemented'),
     '--mixup-mode': ('batch', ('batch',), 'Mixup mode; this recipe mixes per batch'),
@@ -105,6 +107,7 @@ OFFICIAL_NO_EFFECT = {
     '--dist-eval': (False, None, 'distributed evaluation, which evaluation here always is (each '
                     'image once)'),
     '--pin-mem': (True, None, 'pinned loader memory'),
+    '--no-pin-mem': (False, None, 'unpinned loader memory'),
     '--world_size': (1, None, 'process count; the launcher sets it'),
     '--dist_url': ('env://', None, 'rendezvous; the launcher sets it'),
 }
@@ -238,17 +241,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     group = parser.add_argument_group('official main.py flags with no effect here (accepted so '
                                       'that an official command line runs)')
-    for flag, (default, accepted, what) in OFFICIAL_NO_EFFECT.items():
+    for names, (default, accepted, what) in OFFICIAL_NO_EFFECT.items():
+        names = (names,) if isinstance(names, str) else names
         only = '' if accepted is None else f'; only {" or ".join(map(str, accepted))} is accepted'
         help_text = f'{what}{only} (default: {default})'
-        names = [flag] + (['--dr'] if flag == '--decay-rate' else [])
         if isinstance(default, bool):
             group.add_argument(*names, action='store_true', default=default, help=help_text)
         elif isinstance(default, list):
             group.add_argument(*names, type=float, nargs='+', default=default, help=help_text)
         else:
             group.add_argument(*names, type=type(default), default=default, help=help_text)
-    group.add_argument('--no-pin-mem', action='store_false', dest='pin_mem', help='the same (default: off)')
     return parser
 
 
@@ -260,7 +262,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.demo:
         parser.set_defaults(**DEMO_PRESET)
         args = parser.parse_args(argv)
-    for flag, (_, accepted, what) in OFFICIAL_NO_EFFECT.items():
+    for names, (_, accepted, what) in OFFICIAL_NO_EFFECT.items():
+        flag = names if isinstance(names, str) else names[0]
         value = getattr(args, flag.lstrip('-').replace('-', '_'))
         if accepted is not None and value not in accepted:
             parser.error(f'{flag} {value}: {what}; only {" or ".join(map(str, accepted))} is accepted')
@@ -365,6 +368,19 @@ class ModelEma:
             paddle.assign(average * self.decay + param * (1.0 - self.decay), output=average)
 
 
+class Run(NamedTuple):
+    """What a training run holds: the data, the model and what trains it."""
+    train_set: ImageDataset
+    train_loader: object
+    val_loader: object
+    model: CycleNet
+    ema: Optional[ModelEma]
+    optimizer: paddle.optimizer.AdamW
+    scaler: Optional[paddle.amp.GradScaler]
+    amp_dtype: Optional[str]
+    base_lr: float
+
+
 def build_model(args: argparse.Namespace, num_classes: int, log: Callable[[str], None]) -> CycleNet:
     """The named variant or the --layers shape, optionally started from --finetune weights."""
     if args.layers:
@@ -451,7 +467,34 @@ def model_meta(model: CycleNet, args: argparse.Namespace, class_names: List[str]
     """What evaluate.py, predict.py and export.py need besides the weights."""
     meta = dict(class_names=list(class_names), data_config=dict(
         input_size=args.input_size, crop_pct=args.crop_pct, interpolation=args.eval_interpolation))
-    return {**meta, 'model_name': model.name} if model.name else meta   # custom shapes: from the file
+    name = variant_name(model.config)
+    return {**meta, 'model_name': name} if name else meta   # custom shapes: from the file
+
+
+def train_step(model: paddle.nn.Layer, ema: Optional[ModelEma], optimizer, scaler: Optional[paddle.amp.GradScaler],
+               mixup: Optional[Mixup], images: paddle.Tensor, labels: paddle.Tensor, smoothing: float,
+               amp_dtype: Optional[str]) -> paddle.Tensor:
+    """One optimizer step on a batch (Mixup, forward, loss, backward, update, EMA); its loss."""
+    if mixup is not None:
+        images, targets = mixup(images, labels)
+    with paddle.amp.auto_cast(enable=amp_dtype is not None, dtype=amp_dtype or 'float16'):
+        logits = model(images)
+    # Both losses compute in float32; with Mixup the label smoothing is in the targets.
+    if mixup is not None:
+        loss = soft_target_cross_entropy(logits, targets)
+    else:
+        loss = label_smoothing_cross_entropy(logits, labels, smoothing)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    optimizer.clear_grad()
+    if ema is not None:
+        ema.update()
+    return loss.detach()
 
 
 def train_one_epoch(model: paddle.nn.Layer, ema: Optional[ModelEma], loader, optimizer,
@@ -469,29 +512,11 @@ def train_one_epoch(model: paddle.nn.Layer, ema: Optional[ModelEma], loader, opt
     loss_sum = paddle.zeros([], dtype='float32')
     start = time.time()
     for step, (images, labels) in enumerate(iterate(loader)):
-        if mixup is not None:
-            images, targets = mixup(images, labels)
-        with paddle.amp.auto_cast(enable=amp_dtype is not None, dtype=amp_dtype or 'float16'):
-            logits = model(images)
-        # Both losses compute in float32; with Mixup the label smoothing is in the targets.
-        if mixup is not None:
-            loss = soft_target_cross_entropy(logits, targets)
-        else:
-            loss = label_smoothing_cross_entropy(logits, labels, args.smoothing)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        optimizer.clear_grad()
-        if ema is not None:
-            ema.update()
-        check_stop()
-        loss_sum = loss_sum + loss.detach()
+        with held_signals():   # Ctrl-C inside Paddle's backward would become Paddle's own error
+            loss = train_step(model, ema, optimizer, scaler, mixup, images, labels, args.smoothing, amp_dtype)
+        loss_sum = loss_sum + loss
         if step % args.print_freq == 0 or step == total_steps - 1:
-            current = paddle.stack([loss.detach(), loss_sum])
+            current = paddle.stack([loss, loss_sum])
             if world_size > 1:  # every rank sees the same values, so all stop together
                 dist.all_reduce(current)
             loss_value, running_sum = (current.numpy() / world_size).tolist()
@@ -509,20 +534,18 @@ def train_one_epoch(model: paddle.nn.Layer, ema: Optional[ModelEma], loader, opt
     return dict(loss=running_sum / total_steps, lr=optimizer.get_lr())
 
 
-def save_checkpoint(path: str, model: CycleNet, ema: Optional[ModelEma], optimizer,
-                    scaler: Optional[paddle.amp.GradScaler], epoch: int, best_acc1: float,
-                    args: argparse.Namespace, class_names: List[str]) -> None:
+def save_checkpoint(path: str, run: Run, epoch: int, best_acc1: float, args: argparse.Namespace) -> None:
     """Everything resuming needs. The lr schedule is a function of `epoch`; the random state
     is reseeded from (seed, epoch, rank) every epoch, so neither needs saving."""
     atomic_save({
-        'model': numpy_state(model),
-        'model_ema': numpy_state(ema.module) if ema is not None else None,
-        'optimizer': optimizer_state(optimizer, model),
-        'scaler': to_numpy(scaler.state_dict()) if scaler is not None else None,
+        'model': numpy_state(run.model),
+        'model_ema': numpy_state(run.ema.module) if run.ema is not None else None,
+        'optimizer': optimizer_state(run.optimizer, run.model),
+        'scaler': to_numpy(run.scaler.state_dict()) if run.scaler is not None else None,
         'epoch': epoch,
         'best_acc1': best_acc1,
         'args': vars(args),
-        **model_meta(model, args, class_names),
+        **model_meta(run.model, args, run.train_set.classes),
     }, path)
 
 
@@ -583,24 +606,11 @@ def json_line(entry: dict) -> str:
                        for key, value in entry.items()}, allow_nan=False)
 
 
-def main(args: argparse.Namespace) -> Dict[str, float]:
-    """Train (or with --eval only evaluate); returns the last epoch's log entry."""
-    cpu_setup.set_threads(args.threads)
-    if dist.get_world_size() > 1:
-        dist.init_parallel_env()
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    is_main = rank == 0
-    log = print if is_main else (lambda line: None)
-    writes_files = is_main and bool(args.output_dir) and not args.eval
-    resume = resolve_resume(args) if args.resume else None
-
-    on_gpu = paddle.get_device().startswith('gpu')
-    amp_dtype = args.amp_dtype if on_gpu and not args.no_amp else None
-    paddle.seed(args.seed)  # the same initial weights on every rank
-
-    train_set = build_dataset(is_train=True, args=args)
-    val_set = build_dataset(is_train=False, args=args)
-    num_classes = len(train_set.classes)
+def build_run(args: argparse.Namespace, rank: int, world_size: int, log: Callable[[str], None]) -> Run:
+    """The datasets and loaders of this rank, the model (from --finetune weights if given), its
+    EMA, AdamW at the scaled lr and, for float16 AMP on GPU, the loss scaler."""
+    train_set = build_dataset(True, args, train_transform(args))
+    val_set = build_dataset(False, args, eval_transform(args.input_size, args.crop_pct, args.eval_interpolation))
     try:
         train_loader = build_loader(train_set, is_train=True, batch_size=args.batch_size,
                                     num_workers=args.num_workers, num_replicas=world_size,
@@ -610,115 +620,108 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
     val_loader = build_loader(val_set, is_train=False, batch_size=args.batch_size,
                               num_workers=args.num_workers, num_replicas=world_size, rank=rank,
                               seed=args.seed)
-
-    model = build_model(args, num_classes, log)
-    ema = ModelEma(model, args.model_ema_decay) if args.model_ema else None
+    on_gpu = paddle.get_device().startswith('gpu')
+    amp_dtype = args.amp_dtype if on_gpu and not args.no_amp else None
+    paddle.seed(args.seed)  # the same initial weights on every rank
+    model = build_model(args, len(train_set.classes), log)
     # Linear scaling rule: lr = base_lr * global batch / 512 (global batch = per-device batch x ranks).
     base_lr = args.lr * args.batch_size * world_size / LR_REFERENCE_BATCH
-    optimizer = build_optimizer(model, args, base_lr)
-    scaler = paddle.amp.GradScaler(init_loss_scaling=INIT_LOSS_SCALE) if amp_dtype == 'float16' else None
-    n_parameters = count_parameters(model)
-    log(f'{model.name or "CycleNet"} {model.config}: {n_parameters:,} '
+    run = Run(train_set, train_loader, val_loader, model,
+              ModelEma(model, args.model_ema_decay) if args.model_ema else None,
+              build_optimizer(model, args, base_lr),
+              paddle.amp.GradScaler(init_loss_scaling=INIT_LOSS_SCALE) if amp_dtype == 'float16' else None,
+              amp_dtype, base_lr)
+    log(f'{variant_name(model.config) or "CycleNet"} {model.config}: {count_parameters(model):,} '
         f'parameters; {len(train_set)} training images, {len(val_set)} validation images, '
-        f'{num_classes} classes; {world_size} process{"es" if world_size > 1 else ""}, '
+        f'{len(train_set.classes)} classes; {world_size} process{"es" if world_size > 1 else ""}, '
         f'global batch {args.batch_size * world_size}, lr {base_lr:.3g}, '
         f'{"AMP " + amp_dtype if amp_dtype else "float32"}')
+    return run
+
+
+def evaluate_run(run: Run, args: argparse.Namespace, log: Callable[[str], None]) -> Dict[str, float]:
+    """test_acc1, test_acc5, test_loss of the model and, with an EMA, the same of the EMA
+    (keys ending in _ema)."""
+    stats = {f'test_{key}': value for key, value in evaluate(
+        run.model, run.val_loader, args.print_freq, run.amp_dtype, log).items() if key != 'images'}
+    if run.ema is not None:
+        stats.update({f'test_{key}_ema': value for key, value in evaluate(
+            run.ema.module, run.val_loader, args.print_freq, run.amp_dtype, log,
+            header='Test (EMA):').items() if key != 'images'})
+    return stats
+
+
+def main(args: argparse.Namespace) -> Dict[str, float]:
+    """Train (or with --eval only evaluate); returns the last epoch's log entry."""
+    cpu_setup.configure(args.threads)
+    rank, world_size = init_distributed()
+    log = print if rank == 0 else (lambda line: None)
+    writes_files = rank == 0 and bool(args.output_dir) and not args.eval
+    resume = resolve_resume(args) if args.resume else None
+    run = build_run(args, rank, world_size, log)
 
     start_epoch, best_acc1 = 0, 0.0
     if resume:
-        checkpoint = load_checkpoint(resume, model, ema, optimizer, scaler)
+        checkpoint = load_checkpoint(resume, run.model, run.ema, run.optimizer, run.scaler)
         start_epoch, best_acc1 = checkpoint['epoch'], checkpoint['best_acc1']
         log(f'resumed from {resume} after epoch {start_epoch}')
     elif args.resume:
         log(f'no {CHECKPOINT_FILE} in {args.output_dir} yet: starting from scratch')
-
-    parallel_model = paddle.DataParallel(model) if world_size > 1 else model
     if args.eval:
         if not (resume or args.finetune):
             raise WeightsError(f'--eval --resume auto: no {CHECKPOINT_FILE} in {args.output_dir} to evaluate')
-        stats = {f'test_{k}': v for k, v in evaluate(model, val_loader, args.print_freq, amp_dtype, log).items()}
-        if ema is not None and resume:
-            stats.update({f'test_{k}_ema': v for k, v in evaluate(
-                ema.module, val_loader, args.print_freq, amp_dtype, log, header='Test (EMA):').items()})
-        return stats
+        return evaluate_run(run._replace(ema=run.ema if resume else None), args, log)
 
     # Only now, with the data, the model and any checkpoint read, is an old run replaced.
     if writes_files:
         prepare_output_dir(args)
     visualdl = open_visualdl(args) if writes_files and args.visualdl else None
-    mixup_active = args.mixup > 0 or args.cutmix > 0
+    parallel_model = paddle.DataParallel(run.model) if world_size > 1 else run.model
+    num_classes = len(run.train_set.classes)
     entry: Dict[str, float] = {}
     for epoch in range(start_epoch, args.epochs):
         epoch_start = time.time()
         # Everything random in this epoch depends on (seed, epoch, rank) only: exact resumes.
         seed = epoch_seed(args.seed, rank, epoch)
         paddle.seed(seed)  # drop path
-        set_loader_epoch(train_loader, epoch)
+        set_loader_epoch(run.train_loader, epoch)
         mixup = Mixup(num_classes, args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob,
-                      args.smoothing, seed=seed) if mixup_active else None
-        optimizer.set_lr(scheduled_lr(epoch, base_lr, args.epochs, args.warmup_epochs,
-                                      args.warmup_lr, args.min_lr))
-        train_stats = train_one_epoch(parallel_model, ema, train_loader, optimizer, scaler, mixup,
-                                      epoch, args, amp_dtype, log)
+                      args.smoothing, seed=seed) if args.mixup > 0 or args.cutmix > 0 else None
+        run.optimizer.set_lr(scheduled_lr(epoch, run.base_lr, args.epochs, args.warmup_epochs,
+                                          args.warmup_lr, args.min_lr))
+        train_stats = train_one_epoch(parallel_model, run.ema, run.train_loader, run.optimizer, run.scaler,
+                                      mixup, epoch, args, run.amp_dtype, log)
         entry = dict(epoch=epoch + 1, lr=train_stats['lr'], train_loss=train_stats['loss'])
-        if train_set.skipped:
-            entry['skipped_images'] = train_set.skipped
-            log(f'{train_set.skipped} unreadable training image(s) skipped so far')
-        last = epoch == args.epochs - 1
-        if (epoch + 1) % args.eval_interval == 0 or last:
-            test_stats = evaluate(model, val_loader, args.print_freq, amp_dtype, log)
-            entry.update(test_acc1=test_stats['acc1'], test_acc5=test_stats['acc5'],
-                         test_loss=test_stats['loss'])
-            if ema is not None:
-                ema_stats = evaluate(ema.module, val_loader, args.print_freq, amp_dtype, log,
-                                     header='Test (EMA):')
-                entry.update(test_acc1_ema=ema_stats['acc1'], test_acc5_ema=ema_stats['acc5'],
-                             test_loss_ema=ema_stats['loss'])
-            if test_stats['acc1'] >= best_acc1:  # ties: the later epoch
-                best_acc1 = test_stats['acc1']
-                if writes_files:
-                    write_weights(os.path.join(args.output_dir, BEST_FILE), numpy_state(model),
-                                  model_meta(model, args, train_set.classes))
+        if run.train_set.skipped:
+            entry['skipped_images'] = run.train_set.skipped
+            log(f'{run.train_set.skipped} unreadable training image(s) skipped so far')
+        improved = False
+        if (epoch + 1) % args.eval_interval == 0 or epoch == args.epochs - 1:
+            entry.update(evaluate_run(run, args, log))
+            improved = entry['test_acc1'] >= best_acc1     # ties: the later epoch
+            best_acc1 = max(best_acc1, entry['test_acc1'])
             log(f'best acc1 {best_acc1:.2f}%')
-        entry.update(n_parameters=n_parameters, epoch_time=time.time() - epoch_start)
+        entry.update(n_parameters=count_parameters(run.model), epoch_time=time.time() - epoch_start)
         if writes_files:
-            save_checkpoint(os.path.join(args.output_dir, CHECKPOINT_FILE), model, ema, optimizer,
-                            scaler, epoch + 1, best_acc1, args, train_set.classes)
-            with open(os.path.join(args.output_dir, LOG_FILE), 'a') as log_file:
-                log_file.write(json_line(entry) + '\n')
-            if visualdl is not None:
-                for key, value in entry.items():
-                    visualdl.add_scalar(tag=key, value=value, step=epoch + 1)
-        check_stop()
+            with held_signals():       # the epoch's files, all of them or none
+                if improved:
+                    write_weights(os.path.join(args.output_dir, BEST_FILE), numpy_state(run.model),
+                                  model_meta(run.model, args, run.train_set.classes))
+                save_checkpoint(os.path.join(args.output_dir, CHECKPOINT_FILE), run, epoch + 1, best_acc1, args)
+                with open(os.path.join(args.output_dir, LOG_FILE), 'a') as log_file:
+                    log_file.write(json_line(entry) + '\n')
+                if visualdl is not None:
+                    for key, value in entry.items():
+                        visualdl.add_scalar(tag=key, value=value, step=epoch + 1)
     return entry
 
 
-def request_stop(signum, frame):
-    """SIGINT or SIGTERM: stop after the current step (check_stop), not inside it, where
-    Paddle's backward would turn the KeyboardInterrupt into its own error; a second one stops
-    at once."""
-    if stop_requested:
-        raise KeyboardInterrupt
-    stop_requested.append(signum)
-
-
-def check_stop() -> None:
-    if stop_requested:
-        raise KeyboardInterrupt
-
-
-stop_requested: List[int] = []
+def interrupted_message(args: argparse.Namespace) -> str:
+    saved = os.path.join(args.output_dir, CHECKPOINT_FILE) if args.output_dir else ''
+    return 'interrupted' + (f'; {saved} holds the last complete epoch (--resume auto continues)'
+                            if saved and os.path.isfile(saved) else '')
 
 
 if __name__ == '__main__':
     arguments = parse_args()
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-    try:
-        main(arguments)
-    except (WeightsError, DatasetError, FloatingPointError, OSError) as error:
-        sys.exit(f'error: {error}')
-    except KeyboardInterrupt:
-        saved = os.path.join(arguments.output_dir, CHECKPOINT_FILE) if arguments.output_dir else ''
-        sys.exit('interrupted' + (f'; {saved} holds the last complete epoch (--resume auto continues)'
-                                  if saved and os.path.isfile(saved) else ''))
+    cli.run(main, arguments, lambda: interrupted_message(arguments))

@@ -1,7 +1,7 @@
 """Tests of data.py on tiny real image files written with Pillow.
 
-Expected values come from independent recomputations (numpy, plain Pillow calls, timm's
-formulas written out here), never from data.py itself.
+Expected values come from independent recomputations (numpy, plain Pillow calls), never from
+data.py itself.
 """
 
 import logging
@@ -12,47 +12,31 @@ import threading
 from types import SimpleNamespace
 
 import numpy as np
-import paddle
 import pytest
 from PIL import Image
 
+import augment
 import data
 from conftest import photo_like_array, write_image
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
-FILL = (124, 116, 104)  # round(255 * ImageNet mean)
-
-TIMM_INCREASING_OPS = [
-    "AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
-    "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
-    "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel",
-]
-TIMM_PLAIN_OPS = [
-    "AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd",
-    "Color", "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY",
-    "TranslateXRel", "TranslateYRel",
-]
-
-
-class FixedDraw:
-    """Stands in for the generator where only the random-sign draw matters."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def random(self):
-        return self.value
 
 
 def make_args(data_path, **overrides):
     args = dict(
         data_path=data_path, train_list=None, val_list=None, input_size=16,
         aa="rand-m9-mstd0.5-inc1", color_jitter=0.4, train_interpolation="bicubic",
-        reprob=0.25, remode="pixel", recount=1,
+        reprob=0.25, remode="pixel", recount=1, scale=(0.08, 1.0), hflip=0.5,
     )
     args.update(overrides)
     return SimpleNamespace(**args)
+
+
+def build(is_train, args):
+    """data.build_dataset with the transform train.py gives it."""
+    transform = augment.train_transform(args) if is_train else data.eval_transform(args.input_size)
+    return data.build_dataset(is_train, args, transform)
 
 
 def photo(width=32, height=24, seed=0):
@@ -135,8 +119,8 @@ def test_image_folder_classes_and_samples(make_image_folder):
     write_image(os.path.join(root, "train", "ant", "upper.PNG"))
     open(os.path.join(root, "train", "ant", "notes.txt"), "w").close()
 
-    train = data.build_dataset(True, make_args(root))
-    val = data.build_dataset(False, make_args(root))
+    train = build(True, make_args(root))
+    val = build(False, make_args(root))
 
     assert train.classes == ["ant", "cat", "zebra"] and val.classes == train.classes
     assert len(train) == 7 and len(val) == 3
@@ -158,7 +142,7 @@ def test_unreadable_training_images_are_skipped_and_counted(make_image_folder, c
     fake = os.path.join(root, "train", "b", "b_0.JPEG")
     with open(fake, "w") as target:
         target.write("this is not an image")
-    dataset = data.build_dataset(True, make_args(root))
+    dataset = build(True, make_args(root))
     paths = [path for path, _ in dataset.samples]
 
     with caplog.at_level(logging.WARNING, logger="data"):
@@ -179,7 +163,7 @@ def test_unreadable_counted_across_loader_workers(make_image_folder):
     for name in ("a/a_1.JPEG", "b/b_2.JPEG"):
         with open(os.path.join(root, "train", name), "w") as target:
             target.write("not a jpeg")
-    dataset = data.build_dataset(True, make_args(root))
+    dataset = build(True, make_args(root))
     # Without repeated augmentation every index is visited once per epoch.
     loader = data.build_loader(dataset, True, batch_size=2, num_workers=2, repeated_aug=False)
 
@@ -192,7 +176,7 @@ def test_unreadable_counted_across_loader_workers(make_image_folder):
 def test_each_worker_has_its_own_augmentation_seed(tmp_path):
     for index in range(4):  # identical images: only the augmentation tells batches apart
         write_image(tmp_path / "train" / "only" / f"{index}.png", seed=0)
-    dataset = data.build_dataset(True, make_args(str(tmp_path)))
+    dataset = build(True, make_args(str(tmp_path)))
 
     def batches(num_workers):
         loader = data.build_loader(dataset, True, batch_size=1, num_workers=num_workers,
@@ -209,7 +193,7 @@ def test_unreadable_validation_image_raises(make_image_folder):
     bad = os.path.join(root, "val", "a", "a_1.png")
     with open(bad, "w") as target:
         target.write("broken")
-    dataset = data.build_dataset(False, make_args(root))
+    dataset = build(False, make_args(root))
     with pytest.raises(data.DatasetError, match="a_1.png"):
         dataset[1]
 
@@ -232,22 +216,22 @@ def test_unreadable_validation_image_raises(make_image_folder):
 def test_folder_errors_name_the_path(make_image_folder, tmp_path):
     missing = os.path.join("missing", "train") + " does not exist"
     with pytest.raises(data.DatasetError, match=missing):
-        data.build_dataset(True, make_args(str(tmp_path / "missing")))
+        build(True, make_args(str(tmp_path / "missing")))
 
     root = make_image_folder(classes=("a", "b"))
     os.makedirs(os.path.join(root, "train", "empty"))
     with pytest.raises(data.DatasetError, match="empty holds no images"):
-        data.build_dataset(True, make_args(root))
+        build(True, make_args(root))
 
     flat = tmp_path / "flat"
     write_image(flat / "train" / "loose.jpg")
     with pytest.raises(data.DatasetError, match="no class folders"):
-        data.build_dataset(True, make_args(str(flat)))
+        build(True, make_args(str(flat)))
 
     mismatched = make_image_folder(classes=("a", "b"), root=tmp_path / "mismatch")
     os.rename(os.path.join(mismatched, "val", "b"), os.path.join(mismatched, "val", "c"))
     with pytest.raises(data.DatasetError, match=r"only in val \['c'\], only in train \['b'\]"):
-        data.build_dataset(False, make_args(mismatched))
+        build(False, make_args(mismatched))
 
 
 def test_list_files(tmp_path):
@@ -259,8 +243,8 @@ def test_list_files(tmp_path):
     args = make_args(str(tmp_path), train_list=str(tmp_path / "train.txt"),
                      val_list=str(tmp_path / "val.txt"))
 
-    train = data.build_dataset(True, args)
-    val = data.build_dataset(False, args)
+    train = build(True, args)
+    val = build(False, args)
 
     assert train.classes == ["0", "1", "2"] and val.classes == ["0", "1", "2"]
     assert [label for _, label in train.samples] == [0, 2, 1]
@@ -269,257 +253,17 @@ def test_list_files(tmp_path):
 
     (tmp_path / "missing.txt").write_text("images/img 0.jpg 0\nimages/gone.jpg 1\n")
     with pytest.raises(data.DatasetError, match=r"missing.txt:2: image .*gone.jpg does not exist"):
-        data.build_dataset(True, make_args(str(tmp_path), train_list=str(tmp_path / "missing.txt")))
+        build(True, make_args(str(tmp_path), train_list=str(tmp_path / "missing.txt")))
 
     (tmp_path / "malformed.txt").write_text("images/img 0.jpg 0\nimages/img 1.jpg one\n")
     with pytest.raises(data.DatasetError, match="malformed.txt:2: expected"):
-        data.build_dataset(
+        build(
             True, make_args(str(tmp_path), train_list=str(tmp_path / "malformed.txt")))
 
     (tmp_path / "val_extra.txt").write_text("images/img 3.jpg 7\n")
     with pytest.raises(data.DatasetError, match="label 7 .* not a training class"):
-        data.build_dataset(False, make_args(str(tmp_path), train_list=str(tmp_path / "train.txt"),
+        build(False, make_args(str(tmp_path), train_list=str(tmp_path / "train.txt"),
                                             val_list=str(tmp_path / "val_extra.txt")))
-
-
-def test_rand_augment_policy_parsing():
-    official = data.rand_augment("rand-m9-mstd0.5-inc1")
-    assert official.num_ops == 2
-    assert [op.name for op in official.ops] == TIMM_INCREASING_OPS
-    for op in official.ops:
-        assert (op.magnitude, op.magnitude_std, op.magnitude_max, op.prob) == (9, 0.5, 10, 0.5)
-        assert op.fill == FILL
-
-    other = data.rand_augment("rand-m7-n3-mstd101-mmax20-inc0-p0.3")
-    assert other.num_ops == 3
-    assert [op.name for op in other.ops] == TIMM_PLAIN_OPS
-    assert {(op.magnitude, op.magnitude_std, op.magnitude_max, op.prob) for op in other.ops} == {
-        (7, math.inf, 20, 0.3)}
-
-    assert {op.magnitude for op in data.rand_augment("rand").ops} == {10}
-    assert data.rand_augment("none") is None and data.rand_augment("") is None
-    for bad in ("auto-m9", "rand-q3", "rand-mx", "rand-m9.5"):
-        with pytest.raises(ValueError):
-            data.rand_augment(bad)
-
-
-@pytest.mark.parametrize("magnitude", [0, 3, 5.5, 9, 10])
-@pytest.mark.parametrize("sign_draw", [0.2, 0.8])
-def test_magnitude_to_op_arguments_match_timm(magnitude, sign_draw):
-    # timm's level functions, written out; timm negates when random() > 0.5.
-    sign = -1 if sign_draw > 0.5 else 1
-    level = magnitude / 10.0
-    expected = {
-        "Rotate": (sign * level * 30.0,),
-        "ShearX": (sign * level * 0.3,),
-        "TranslateYRel": (sign * level * 0.45,),
-        "Posterize": (int(level * 4),),
-        "PosterizeIncreasing": (4 - int(level * 4),),
-        "Solarize": (min(256, int(level * 256)),),
-        "SolarizeIncreasing": (256 - min(256, int(level * 256)),),
-        "SolarizeAdd": (min(128, int(level * 110)),),
-        "Contrast": (level * 1.8 + 0.1,),
-        "BrightnessIncreasing": (max(0.1, 1.0 + sign * level * 0.9),),
-        "Invert": (),
-    }
-    for name, arguments in expected.items():
-        computed = data.op_arguments(name, magnitude, FixedDraw(sign_draw))
-        assert computed == pytest.approx(arguments), name
-
-
-def test_magnitude_noise_and_clipping():
-    rng = np.random.default_rng(0)
-    noisy = data.AugmentOp("Invert", 9, magnitude_std=5.0)
-    drawn = np.array([noisy.sample_magnitude(rng) for _ in range(2000)])
-    assert drawn.min() == 0.0 and drawn.max() == 10.0  # clipped at 0 and at mmax 10
-    assert abs(np.median(drawn) - 9) < 0.5 and 0.2 < np.mean(drawn == 10.0) < 0.5
-
-    uniform = data.AugmentOp("Invert", 9, magnitude_std=math.inf)
-    drawn = np.array([uniform.sample_magnitude(rng) for _ in range(2000)])
-    assert 0 <= drawn.min() < 0.1 and 8.9 < drawn.max() <= 9 and abs(drawn.mean() - 4.5) < 0.3
-
-    wide = data.AugmentOp("Invert", 15, magnitude_std=1.0, magnitude_max=20)
-    assert 14 < np.mean([wide.sample_magnitude(rng) for _ in range(500)]) < 16
-    assert data.AugmentOp("Invert", 9).sample_magnitude(rng) == 9  # no noise: exact
-
-
-def _apply(name, magnitude, sign_draw=0.2, interpolation="nearest", img=None):
-    """Apply one op with certainty at an exact magnitude and a chosen sign."""
-    op = data.AugmentOp(name, magnitude, prob=1.0, fill=FILL, interpolation=interpolation)
-    # prob 1, no magnitude noise and a fixed filter leave the sign as the only draw
-    return op(img if img is not None else photo(), FixedDraw(sign_draw))
-
-
-def test_pixel_ops_on_a_real_image():
-    img = photo(32, 24, seed=5)
-    x = pixels(img)
-
-    assert np.array_equal(pixels(_apply("Invert", 9, img=img)), 255 - x)
-    posterized = pixels(_apply("PosterizeIncreasing", 9, img=img))
-    assert np.array_equal(posterized, x & 0b10000000)  # 1 bit kept
-    assert np.array_equal(pixels(_apply("Posterize", 9, img=img)), x & 0b11100000)  # 3 bits
-    assert (pixels(_apply("PosterizeIncreasing", 10, img=img)) == 0).all()  # 0 bits: black
-    assert np.array_equal(pixels(_apply("SolarizeIncreasing", 9, img=img)),
-                          np.where(x >= 26, 255 - x, x))  # threshold 256 - 230
-    assert np.array_equal(pixels(_apply("SolarizeAdd", 9, img=img)),
-                          np.where(x < 128, np.minimum(255, x + 99), x))  # add 99 below 128
-
-    dull = Image.fromarray((100 + photo_like_array(32, 24, 1) // 8).astype(np.uint8))
-    d = pixels(dull)
-    for name in ("AutoContrast", "Equalize"):
-        out = pixels(_apply(name, 9, img=dull))
-        assert out.min() <= 10 and out.max() >= 245, name  # the range is stretched
-        for channel in range(3):  # monotonic: order of grey levels kept
-            order = np.argsort(d[..., channel], axis=None, kind="stable")
-            assert (np.diff(out[..., channel].reshape(-1)[order]) >= 0).all(), name
-
-    brighter = pixels(_apply("BrightnessIncreasing", 10, sign_draw=0.2, img=img))
-    assert np.abs(brighter - np.clip(x * 1.9, 0, 255)).max() <= 1
-    grey = pixels(img.convert("L").convert("RGB"))
-    desaturated = pixels(_apply("ColorIncreasing", 10, sign_draw=0.8, img=img))  # factor 0.1
-    assert np.abs(desaturated - (grey + 0.1 * (x - grey))).max() <= 1.5
-    flat = pixels(_apply("ContrastIncreasing", 10, sign_draw=0.8, img=img))
-    assert flat.std() < 0.2 * x.std()
-
-    def edge_energy(a):
-        a = a.astype(float)
-        return np.abs(np.diff(a, axis=0)).sum() + np.abs(np.diff(a, axis=1)).sum()
-    assert edge_energy(pixels(_apply("SharpnessIncreasing", 10, 0.2, img=img))) > edge_energy(x)
-    assert edge_energy(pixels(_apply("SharpnessIncreasing", 10, 0.8, img=img))) < edge_energy(x)
-
-
-@pytest.mark.parametrize("name", sorted(set(TIMM_INCREASING_OPS + TIMM_PLAIN_OPS)))
-def test_every_op_runs_across_the_magnitude_range(name):
-    img = photo(12, 10)
-    for magnitude in (0, 5, 10, 20):
-        for sign_draw in (0.2, 0.8):
-            op = data.AugmentOp(name, magnitude, prob=1.0, magnitude_max=20)
-            out = op(img, FixedDraw(sign_draw))
-            assert out.mode == "RGB" and out.size == img.size
-
-
-def test_rotate_turns_counter_clockwise():
-    spot = np.zeros((41, 41, 3), np.uint8)
-    spot[19:22, 29:32] = 255  # 3x3 spot centred 10 px right of the centre
-    rotated = pixels(_apply("Rotate", 10, sign_draw=0.2, img=Image.fromarray(spot)))  # +30 deg
-    ys, xs = np.nonzero(rotated[..., 0] > 128)
-    center = 20.5  # Pillow rotates about (width / 2, height / 2) in pixel-edge coordinates
-    assert np.mean(xs) + 0.5 == pytest.approx(center + 10 * math.cos(math.radians(30)), abs=1)
-    assert np.mean(ys) + 0.5 == pytest.approx(center - 10 * math.sin(math.radians(30)), abs=1)
-    corner = rotated[0, 0]
-    assert tuple(corner) == FILL  # uncovered corner filled with the mean colour
-
-
-def _affine_nearest(x, a, b, c, d, e, f):
-    """Output pixel (col, row) reads input at (a*X + b*Y + c, d*X + e*Y + f), X, Y = centres."""
-    height, width = x.shape[:2]
-    out = np.empty_like(x)
-    for row in range(height):
-        for col in range(width):
-            sx = a * (col + 0.5) + b * (row + 0.5) + c
-            sy = d * (col + 0.5) + e * (row + 0.5) + f
-            inside = 0 <= sx < width and 0 <= sy < height
-            out[row, col] = x[int(sy), int(sx)] if inside else FILL
-    return out
-
-
-def test_geometric_ops_against_numpy():
-    img = photo(20, 16, seed=2)
-    x = pixels(img)
-    sheared = pixels(_apply("ShearX", 10, 0.2, img=img))
-    assert np.array_equal(sheared, _affine_nearest(x, 1, 0.3, 0, 0, 1, 0))
-    sheared = pixels(_apply("ShearY", 10, 0.8, img=img))
-    assert np.array_equal(sheared, _affine_nearest(x, 1, 0, 0, -0.3, 1, 0))
-    shifted = pixels(_apply("TranslateXRel", 10, 0.2, img=img))  # 0.45 * 20 = 9 px left
-    assert np.array_equal(shifted[:, :11], x[:, 9:]) and (shifted[:, 11:] == FILL).all()
-    shifted = pixels(_apply("TranslateYRel", 10, 0.8, img=photo(20, 20, seed=2)))  # 9 px down
-    assert np.array_equal(shifted[9:], pixels(photo(20, 20, seed=2))[:11])
-    assert (shifted[:9] == FILL).all()
-
-
-def test_rand_augment_applies_n_ops_with_probability():
-    img = photo()
-    never = data.rand_augment("rand-m9-p0")
-    assert np.array_equal(pixels(never(img, np.random.default_rng(0))), pixels(img))
-    invert_twice = data.RandAugment([data.AugmentOp("Invert", 9, prob=1.0)], num_ops=2)
-    assert np.array_equal(pixels(invert_twice(img, np.random.default_rng(0))), pixels(img))
-    invert_thrice = data.RandAugment([data.AugmentOp("Invert", 9, prob=1.0)], num_ops=3)
-    assert np.array_equal(pixels(invert_thrice(img, np.random.default_rng(0))), 255 - pixels(img))
-
-
-def test_random_resized_crop_box_bounds():
-    rng = np.random.default_rng(0)
-    for _ in range(500):
-        top, left, height, width = data.random_resized_crop_box(200, 150, rng)
-        assert 0 <= top and top + height <= 150 and 0 <= left and left + width <= 200
-        # area within scale (0.08, 1) and aspect within (3/4, 4/3), up to rounding to pixels
-        assert 0.08 * 200 * 150 * 0.97 <= height * width <= 200 * 150
-        assert 0.75 * 0.97 <= width / height <= 4 / 3 * 1.03
-    # A 1000x10 strip fits no crop of >= 8% area and aspect <= 4/3: the central fallback.
-    assert data.random_resized_crop_box(1000, 10, rng) == (0, (1000 - 13) // 2, 10, 13)
-    assert data.random_resized_crop_box(10, 1000, rng) == ((1000 - 13) // 2, 0, 13, 10)
-
-
-def test_crop_scale_and_flip_probability_are_honoured():
-    rng = np.random.default_rng(0)
-    areas = [h * w / (200 * 150) for _, _, h, w in
-             (data.random_resized_crop_box(200, 150, rng, (0.5, 1.0)) for _ in range(300))]
-    assert 0.5 * 0.97 <= min(areas) < 0.6 and max(areas) <= 1.0
-    half = np.zeros((32, 32, 3), np.uint8)
-    half[:, 16:] = 255                      # dark left half, bright right half
-    img = Image.fromarray(half)
-    left_is_dark = {}
-    for hflip in (0.0, 1.0):
-        transform = data.TrainTransform(32, None, 0.0, erase_prob=0.0, crop_scale=(1.0, 1.0), hflip=hflip)
-        outputs = [transform(img, np.random.default_rng(seed)) for seed in range(20)]
-        left_is_dark[hflip] = {bool(out[:, :, :8].mean() < out[:, :, -8:].mean()) for out in outputs}
-    assert left_is_dark == {0.0: {True}, 1.0: {False}}
-
-
-def test_color_jitter_scales_brightness_within_strength():
-    grey = Image.new("RGB", (8, 8), (100, 100, 100))  # contrast and saturation change nothing
-    values = [pixels(data.color_jitter(grey, 0.4, np.random.default_rng(seed)))[0, 0, 0]
-              for seed in range(40)]
-    assert 60 <= min(values) and max(values) <= 140
-    assert max(values) - min(values) > 40
-
-
-def test_random_erase_pixel_mode():
-    erased = data.random_erase(np.zeros((3, 64, 64), np.float32), np.random.default_rng(1), 1.0)
-    mask = (erased != 0).any(axis=0)
-    rows, cols = np.nonzero(mask)
-    height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
-    assert mask.sum() == height * width  # one solid box
-    assert 0.015 <= height * width / 64 ** 2 <= 0.36
-    assert 0.25 <= height / width <= 4
-    noise = erased[:, mask]
-    assert abs(noise.mean()) < 0.2 and 0.8 < noise.std() < 1.2
-    assert len(np.unique(noise)) > noise.size // 2  # per pixel, not per box
-    erased_count = sum(
-        data.random_erase(np.zeros((3, 8, 8), np.float32), np.random.default_rng(seed), 0.25).any()
-        for seed in range(400))
-    assert 0.18 < erased_count / 400 < 0.32  # probability 0.25
-    for seed in range(100):  # boxes never cover a whole side of a tiny image
-        erased = data.random_erase(
-            np.zeros((3, 4, 4), np.float32), np.random.default_rng(seed), 1.0)
-        mask = (erased != 0).any(axis=0)
-        assert not mask.all(axis=0).any() and not mask.all(axis=1).any()
-
-
-def test_train_transform_is_seeded_and_uses_jitter_only_without_rand_augment():
-    img = photo(60, 45, seed=4)
-    transform = data.build_transform(True, make_args("unused", input_size=24))
-    first = transform(img, np.random.default_rng(7))
-    assert first.shape == (3, 24, 24) and first.dtype == np.float32
-    assert np.array_equal(first, transform(img, np.random.default_rng(7)))
-    assert not np.array_equal(first, transform(img, np.random.default_rng(8)))
-    assert transform.rand_augment is not None and transform.color_jitter_strength == 0
-
-    random_filter = data.build_transform(True, make_args("unused", train_interpolation="random"))
-    assert random_filter(img, np.random.default_rng(7)).shape == (3, 16, 16)
-
-    plain = data.build_transform(True, make_args("unused", aa="none"))
-    assert plain.rand_augment is None and plain.color_jitter_strength == 0.4
 
 
 def test_eval_transform_matches_pillow_and_numpy():
@@ -537,56 +281,6 @@ def test_eval_transform_matches_pillow_and_numpy():
     assert not np.allclose(data.eval_transform(32, interpolation="nearest")(img), out)
     with pytest.raises(ValueError):
         data.eval_transform(32, interpolation="lanczos")
-
-
-def _batch(batch_size=4, size=8):
-    images = np.random.default_rng(3).normal(size=(batch_size, 3, size, size)).astype(np.float32)
-    labels = np.arange(batch_size, dtype=np.int64) % 5
-    return images, paddle.to_tensor(images), paddle.to_tensor(labels)
-
-
-def test_mixup_is_a_convex_mix_with_matching_targets():
-    images, images_t, labels_t = _batch()
-    for seed in range(3):
-        mixup = data.Mixup(num_classes=5, mixup_alpha=0.8, cutmix_alpha=0.0, seed=seed)
-        mixed, targets = (t.numpy() for t in mixup(images_t, labels_t))
-        np.testing.assert_allclose(targets.sum(axis=1), 1.0, rtol=1e-6)
-        lam = (targets[0, 0] - 0.02) / 0.9  # smoothing 0.1 over 5 classes: on 0.92, off 0.02
-        assert 0 < lam < 1
-        np.testing.assert_allclose(targets[0, 3], 0.02 + 0.9 * (1 - lam), atol=1e-6)
-        np.testing.assert_allclose(mixed, lam * images + (1 - lam) * images[::-1], atol=1e-5)
-
-
-def test_cutmix_pastes_an_area_matching_lambda():
-    images, images_t, labels_t = _batch(size=16)
-    for seed in range(5):
-        mixup = data.Mixup(num_classes=5, mixup_alpha=0.0, cutmix_alpha=1.0, seed=seed)
-        mixed, targets = (t.numpy() for t in mixup(images_t, labels_t))
-        from_self = mixed == images
-        from_mirror = mixed == images[::-1]
-        assert (from_self | from_mirror).all()  # every pixel copied from one of the two
-        pasted = from_mirror[0, 0].mean()
-        lam = (targets[0, 0] - 0.02) / 0.9
-        assert pasted == pytest.approx(1 - lam, abs=1e-6)
-        np.testing.assert_allclose(targets.sum(axis=1), 1.0, rtol=1e-6)
-
-
-def test_mixup_switches_modes_and_checks_batch_size():
-    mixup = data.Mixup(num_classes=5, seed=0)
-    modes = {mixup.draw()[1] for _ in range(30)}
-    assert modes == {True, False}
-    never = data.Mixup(num_classes=5, prob=0.0)
-    images, images_t, labels_t = _batch()
-    mixed, targets = never(images_t, labels_t)
-    assert np.array_equal(mixed.numpy(), images)
-    np.testing.assert_allclose(targets.numpy()[1], [0.02, 0.92, 0.02, 0.02, 0.02], rtol=1e-6)
-    with pytest.raises(ValueError, match="even batch size"):
-        mixup(paddle.zeros([3, 3, 4, 4]), paddle.to_tensor(np.zeros(3, np.int64)))
-
-
-def _log_softmax(z):
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
 def test_repeated_aug_sampler_deals_three_copies_to_different_ranks():
@@ -637,7 +331,7 @@ def test_loaders_batches_seeds_and_epochs(make_image_folder):
     args = make_args(root)
 
     def first_batch(rank=0, epoch=0, seed=0):
-        dataset = data.build_dataset(True, args)
+        dataset = build(True, args)
         loader = data.build_loader(
             dataset, True, batch_size=2, num_replicas=2, rank=rank, seed=seed)
         data.set_loader_epoch(loader, epoch)
@@ -651,14 +345,14 @@ def test_loaders_batches_seeds_and_epochs(make_image_folder):
     assert not np.array_equal(first_batch(epoch=1)[0], images)
     assert not np.array_equal(first_batch(rank=1)[0], images)
 
-    val = data.build_dataset(False, args)
+    val = build(False, args)
     seen = []
     for rank in range(2):
         loader = data.build_loader(val, False, batch_size=2, num_replicas=2, rank=rank)
         seen += [int(label) for _, batch_labels in loader for label in batch_labels.numpy()]
     assert sorted(seen) == [0, 0, 0, 1, 1, 1]  # every validation image exactly once
 
-    dataset = data.build_dataset(True, args)
+    dataset = build(True, args)
     data.build_loader(dataset, True, batch_size=2, seed=3)
     epoch0 = dataset[0][0]
     dataset.set_epoch(1)
@@ -667,14 +361,14 @@ def test_loaders_batches_seeds_and_epochs(make_image_folder):
     assert np.array_equal(dataset[0][0], epoch0)
 
     with pytest.raises(ValueError, match="fewer than the batch size"):
-        data.build_loader(data.build_dataset(True, args), True, batch_size=16)
+        data.build_loader(build(True, args), True, batch_size=16)
 
 
 def test_demo_data_is_a_valid_image_folder():
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo_data")
     args = make_args(root, input_size=32)
-    train = data.build_dataset(True, args)
-    val = data.build_dataset(False, args)
+    train = build(True, args)
+    val = build(False, args)
     assert train.classes == [str(digit) for digit in range(10)]
     assert (len(train), len(val)) == (1442, 355)
     image, label = val[0]

@@ -13,7 +13,7 @@ import pytest
 
 import evaluate
 from conftest import REPO_ROOT, tiny_state
-from cyclemlp import create_model
+from zoo import create_model
 from data import eval_transform, load_image, scan_image_folder
 from data import DatasetError
 from weights import WeightsError, atomic_save
@@ -148,9 +148,8 @@ def test_loop_on_fewer_than_five_classes_restores_training_mode(val_folder, make
     from data import build_dataset, build_loader
     model = create_model(weights=make_tiny_weights())
     model.train()
-    args = argparse.Namespace(data_path=val_folder, val_list=None, train_list=None,
-                              input_size=INPUT_SIZE, crop_pct=0.875, eval_interpolation="bicubic")
-    loader = build_loader(build_dataset(False, args), is_train=False, batch_size=4)
+    args = argparse.Namespace(data_path=val_folder, val_list=None, train_list=None)
+    loader = build_loader(build_dataset(False, args, eval_transform(INPUT_SIZE)), is_train=False, batch_size=4)
     lines = []
     stats = evaluate.evaluate(model, loader, print_freq=1, log=lines.append)
     assert model.training

@@ -16,7 +16,7 @@ from PIL import Image
 import export
 import predict
 from conftest import REPO_ROOT, photo_like_array
-from cyclemlp import create_model
+from zoo import create_model
 from weights import WeightsError
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")

@@ -13,7 +13,7 @@ from PIL import Image
 
 import predict
 from conftest import REPO_ROOT, photo_like_array
-from cyclemlp import create_model
+from zoo import create_model
 from data import ImageDataset, eval_transform, load_image
 from weights import WeightsError
 

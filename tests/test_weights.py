@@ -18,8 +18,10 @@ import paddle
 import pytest
 
 import convert_weights
+import torch_files
 import weights
 from conftest import TINY_CONFIG
+from torch_files import pickle_global, pickle_str, tensor_pickle
 from weights import WeightsError, read_checkpoint, read_weights, torch_to_paddle, write_weights
 
 REPO = Path(__file__).resolve().parent.parent
@@ -119,35 +121,13 @@ def test_torch_storage_dtypes_and_strided_views():
 
 # --- hand-built torch archives: big-endian data, lying geometry, hostile globals ------------------
 
-def _pickle_str(text: str) -> bytes:
-    data = text.encode()
-    return b'X' + struct.pack('<I', len(data)) + data
-
-
-def _pickle_global(module: str, name: str) -> bytes:
-    return f'c{module}\n{name}\n'.encode()
-
-
-def _pickle_int_tuple(values) -> bytes:
-    return b'(' + b''.join(b'J' + struct.pack('<i', v) for v in values) + b't'
-
-
 def torch_tensor_pickle(offset: int, size, stride, numel: int) -> bytes:
     """Protocol-2 opcodes as torch.save writes them for {'w': tensor} on one FloatStorage."""
-    storage = (b'(' + _pickle_str('storage') + _pickle_global('torch', 'FloatStorage')
-               + _pickle_str('0') + _pickle_str('cpu') + b'J' + struct.pack('<i', numel) + b'tQ')
-    hooks = _pickle_global('collections', 'OrderedDict') + b')R'
-    args = (b'(' + storage + b'J' + struct.pack('<i', offset) + _pickle_int_tuple(size)
-            + _pickle_int_tuple(stride) + b'\x89' + hooks + b't')
-    tensor = _pickle_global('torch._utils', '_rebuild_tensor_v2') + args + b'R'
-    return b'\x80\x02}(' + _pickle_str('w') + tensor + b'u.'
+    return b'\x80\x02}(' + pickle_str('w') + tensor_pickle('0', offset, size, stride, numel) + b'u.'
 
 
 def write_torch_zip(path: Path, data_pkl: bytes, storage: bytes = b'', byteorder: bytes = b'little'):
-    with zipfile.ZipFile(path, 'w') as archive:
-        archive.writestr('archive/data.pkl', data_pkl)
-        archive.writestr('archive/byteorder', byteorder)
-        archive.writestr('archive/data/0', storage)
+    torch_files.write_torch_zip(path, data_pkl, {'0': storage}, byteorder)
 
 
 def test_big_endian_archive(tmp_path):
@@ -364,18 +344,18 @@ def test_broken_files_name_the_path(tmp_path):
 def _pickle_namespace_class_build(attribute: str, value: str) -> bytes:
     """The argparse.Namespace *class* (not an instance) with BUILD (None, {attribute: value}):
     unchecked, this sets a class attribute that every later Namespace would show."""
-    return (_pickle_global('argparse', 'Namespace') + b'N}' + _pickle_str(attribute)
-            + _pickle_str(value) + b's\x86b')
+    return (pickle_global('argparse', 'Namespace') + b'N}' + pickle_str(attribute)
+            + pickle_str(value) + b's\x86b')
 
 
 def test_a_file_cannot_modify_a_class_or_a_shared_stand_in(tmp_path):
     import argparse
     weight = torch_tensor_pickle(0, (2,), (1,), 2)[len(b'\x80\x02}('):-2]   # "'w': tensor"
     for name, target in (('namespace', _pickle_namespace_class_build('resume', 'evil.pth')),
-                         ('storage', _pickle_global('torch', 'FloatStorage') + b'N}'
-                          + _pickle_str('numpy_dtype') + _pickle_str('O') + b's\x86b')):
+                         ('storage', pickle_global('torch', 'FloatStorage') + b'N}'
+                          + pickle_str('numpy_dtype') + pickle_str('O') + b's\x86b')):
         path = tmp_path / f'{name}.pth'
-        write_torch_zip(path, b'\x80\x02}(' + weight + _pickle_str('args') + target + b'u.',
+        write_torch_zip(path, b'\x80\x02}(' + weight + pickle_str('args') + target + b'u.',
                         np.zeros(2, np.float32).tobytes())
         with pytest.raises(WeightsError, match='refusing to set the state of'):
             read_weights(path)
@@ -436,21 +416,6 @@ def test_huge_or_deep_structures_end_in_one_short_error(tmp_path):
     with pytest.raises(WeightsError) as error:
         read_weights(path)
     assert len(str(error.value)) < len(str(path)) + 120
-
-
-def test_the_state_dict_structure_is_checked_before_a_model_is_built(tmp_path):
-    import cyclemlp
-    state = {k: v.numpy() for k, v in cyclemlp.CycleNet(**TINY).state_dict().items()}
-    for change, message in (
-            ({'network.0.9999999.norm1.weight': np.ones(8, np.float32)}, 'the blocks of network.0 are not numbered 0..n-1'),
-            ({'network.2.0.norm1.weight': np.array(1.0, np.float32)}, 'network.2.0.norm1.weight has shape [], expected a non-empty vector'),
-            ({'head.bias': np.zeros(0, np.float32)}, 'head.bias has shape [0], expected a non-empty vector'),
-            ({'network.0.0.mlp.fc1.bias': np.zeros(10**6, np.float32)}, 'more parameters than the file holds'),
-            ({'network.2.0.norm1.weight': np.ones(2, np.float32)}, 'a CycleNet needs stages of at least 1 block, 4 channels')):
-        path = tmp_path / 'odd.pdparams'
-        write_weights(path, {**state, **change})
-        with pytest.raises(WeightsError, match=re.escape(f'{path}: ') + '.*' + re.escape(message)):
-            cyclemlp.load_model(str(path))
 
 
 def _zip_variant(tmp_path, name, change) -> Path:
@@ -594,31 +559,3 @@ def test_convert_error_is_one_line_from_the_command_line(tmp_path):
     assert result.returncode == 1 and result.stdout == ''
     assert result.stderr == f'error: {missing}: no such file\n'
     assert not (tmp_path / 'out.pdparams').exists()
-
-
-# --- end to end against the official model -------------------------------------------------------
-
-def test_official_logits_from_paddle_model():
-    import cyclemlp
-    io_arrays = np.load(OFFICIAL_IO)
-    images = paddle.to_tensor(io_arrays['input'].astype(np.float32))
-    for ema, logits_key in ((False, 'logits'), (True, 'logits_ema')):
-        state, _, layout = read_weights(OFFICIAL, ema=ema)
-        assert layout == 'torch'
-        model = cyclemlp.CycleNet(**TINY)
-        model.set_state_dict({k: paddle.to_tensor(v) for k, v in torch_to_paddle(state).items()})
-        model.eval()
-        with paddle.no_grad():
-            stages = model.forward_stages(images)
-            logits = model(images).numpy()
-        np.testing.assert_allclose(logits, io_arrays[logits_key], atol=1e-4, rtol=0)
-        if not ema:
-            for index, stage in enumerate(stages):
-                # The residual stream reaches hundreds here: compare relative to its scale.
-                desired = io_arrays[f'stage{index}']
-                np.testing.assert_allclose(stage.numpy(), desired, rtol=0,
-                                           atol=1e-5 * np.abs(desired).max())
-        created = cyclemlp.create_model(None, weights=str(OFFICIAL), ema=ema)
-        created.eval()
-        with paddle.no_grad():
-            np.testing.assert_allclose(created(images).numpy(), io_arrays[logits_key], atol=1e-4, rtol=0)

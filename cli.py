@@ -1,0 +1,204 @@
+"""What every command shares: the flags of the model and its data, the distributed set-up,
+and one way to end.
+
+Imported first by every command (train, evaluate, predict, export, convert_weights, benchmark),
+it imports Paddle without Paddle's import-time notices (see `_import_paddle_quietly`). Each
+command's main() sets the CPU up first (cpu_setup.configure), and its `__main__` calls
+`run(main, args)`, which ends every user error (a file, the data, the environment) as one line
+on stderr with exit code 1, and Ctrl-C or SIGTERM as one line with 128 + the signal's number
+(temporary files are removed on the way out; `held_signals` keeps a write whole). Flags out of
+range are argparse's errors (exit code 2).
+"""
+import argparse
+import contextlib
+import io
+import math
+import signal
+import sys
+import warnings
+from typing import Callable, List, Optional
+
+# Notices Paddle prints on import that say nothing to a user of the commands: its warning that
+# OMP_NUM_THREADS is above 1 (the commands honour that setting; see cpu_setup.py), and Paddle 3's
+# note that ccache, a compiler cache for building C++ extensions, is missing.
+PADDLE_IMPORT_NOISE = ('WARNING: OMP_NUM_THREADS set to', 'PLEASE USE OMP_NUM_THREADS WISELY.')
+PADDLE_IMPORT_WARNING = 'No ccache found'
+
+
+def _import_paddle_quietly() -> None:
+    """Import Paddle with the notices above dropped and anything else it prints passed on."""
+    if 'paddle' in sys.modules:
+        return
+    printed = io.StringIO()
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(printed):
+        warnings.simplefilter('always')
+        import paddle  # noqa: F401
+    for line in printed.getvalue().splitlines(keepends=True):
+        if not line.startswith(PADDLE_IMPORT_NOISE):
+            sys.stderr.write(line)
+    for warning in caught:
+        if PADDLE_IMPORT_WARNING not in str(warning.message):
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+
+_import_paddle_quietly()
+
+import paddle.distributed as dist  # noqa: E402
+
+import cpu_setup  # noqa: E402
+from cyclemlp import ARCHITECTURES  # noqa: E402
+from data import (CROP_PCT_RANGE, DEFAULT_CROP_PCT, EVAL_DEFAULTS, INPUT_SIZE_RANGE, INTERPOLATIONS,  # noqa: E402
+                  DatasetError, check_data_config)
+from weights import WeightsError  # noqa: E402
+
+# The errors a command reports as one line: what the user gave is wrong, or the system refused.
+USER_ERRORS = (WeightsError, DatasetError, OSError, cpu_setup.ThreadSettingError, FloatingPointError)
+
+
+# Flags
+
+def bounded(kind: type, low=None, high=None, low_open: bool = False, high_open: bool = False):
+    """An argparse type: `kind` (int or float) parsed, finite and within [low, high] (an open
+    end excludes it); out of range is argparse's own error, naming the flag."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            expected = 'an integer' if kind is int else 'a number'
+            raise argparse.ArgumentTypeError(f'expected {expected}, got {text!r}') from None
+        if not math.isfinite(value) or (low is not None and (value <= low if low_open else value < low)) \
+                or (high is not None and (value >= high if high_open else value > high)):
+            interval = ('(' if low_open else '[') + f'{low if low is not None else "-inf"}, ' \
+                       f'{high if high is not None else "inf"}' + (')' if high_open else ']')
+            raise argparse.ArgumentTypeError(f'expected a value in {interval}, got {text}')
+        return value
+    parse.__name__ = kind.__name__   # argparse names the type in its messages
+    return parse
+
+
+def model_args_parser(training: bool = False) -> argparse.ArgumentParser:
+    """The model, its evaluation transform and the CPU threads: every command's flags.
+
+    For evaluation, prediction and export the defaults are None, meaning "what the weights
+    file records" (resolve_data_config); for training, the model to train and EVAL_DEFAULTS.
+    """
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    group = parser.add_argument_group('model and evaluation transform')
+    recorded = '' if training else 'as recorded in the weights, else '
+    group.add_argument('--model', default='CycleMLP_B1' if training else None,
+                       choices=list(ARCHITECTURES), metavar='NAME',
+                       help=f'architecture, one of {", ".join(ARCHITECTURES)} (default: '
+                            + ('CycleMLP_B1)' if training else 'the one the weights file records)'))
+    group.add_argument('--input-size', '--input_size', type=bounded(int, *INPUT_SIZE_RANGE),
+                       default=EVAL_DEFAULTS['input_size'] if training else None,
+                       help=f'side of the square image the model sees, in {list(INPUT_SIZE_RANGE)} '
+                            f'(default: {recorded}{EVAL_DEFAULTS["input_size"]})')
+    group.add_argument('--crop-pct', '--crop_pct', type=bounded(float, *CROP_PCT_RANGE),
+                       default=DEFAULT_CROP_PCT if training else None,
+                       help='evaluation resizes the shorter side to input_size / crop_pct, then '
+                            f'center-crops input_size; in {list(CROP_PCT_RANGE)} (default: '
+                            f'{recorded}{DEFAULT_CROP_PCT})')
+    # dest is the name the evaluation transform reads; train.py has its own --train-interpolation.
+    group.add_argument('--interpolation', '--eval-interpolation', dest='eval_interpolation',
+                       default='bicubic' if training else None, choices=list(INTERPOLATIONS),
+                       help=f'resampling of the evaluation resize (default: {recorded}bicubic)')
+    group.add_argument('--threads', type=bounded(int, 1, cpu_setup.MAX_THREADS), default=None,
+                       help='CPU threads of the compute kernels; no effect on GPU (default: '
+                            'OMP_NUM_THREADS if set, else every core this process may use, '
+                            f'{cpu_setup.available_cores()} here)')
+    return parser
+
+
+def loader_args_parser() -> argparse.ArgumentParser:
+    """The data and loader flags train.py and evaluate.py share."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    group = parser.add_argument_group('data')
+    group.add_argument('--data-path', '--data_path', default=None,
+                       help='dataset root holding train/<class>/ and val/<class>/, or the root '
+                            'the list files are relative to (default: None)')
+    group.add_argument('--train-list', '--train_list', default=None,
+                       help='PaddleClas-style list file "relative/path label" of the training '
+                            'set (default: None, use DATA/train/<class>/)')
+    group.add_argument('--val-list', '--val_list', default=None,
+                       help='list file of the validation set (default: None, use DATA/val/<class>/)')
+    group.add_argument('--batch-size', '--batch_size', type=bounded(int, 1), default=64,
+                       help='images per batch on each device (default: 64)')
+    workers = cpu_setup.default_num_workers()
+    group.add_argument('--num-workers', '--num_workers', type=bounded(int, 0), default=workers,
+                       help='data loading processes per device; 10 on GPU as in the official '
+                            f'main.py, on CPU a quarter of the cores, at least 1 (default: {workers} here)')
+    group.add_argument('--seed', type=bounded(int, 0, 2**31 - 1), default=0,
+                       help='random seed (default: 0)')
+    group.add_argument('--print-freq', '--print_freq', type=bounded(int, 1), default=10,
+                       help='log every this many iterations (default: 10)')
+    return parser
+
+
+def resolve_data_config(args: argparse.Namespace, recorded: Optional[dict], source: str) -> None:
+    """Fill the evaluation-transform flags left unset (None) with what `source` recorded (a
+    checkpoint's data_config, from train.py), else EVAL_DEFAULTS; explicit flags win."""
+    recorded = check_data_config(recorded or {}, source)
+    for dest, key in (('input_size', 'input_size'), ('crop_pct', 'crop_pct'),
+                      ('eval_interpolation', 'interpolation')):
+        if getattr(args, dest) is None:
+            setattr(args, dest, recorded.get(key, EVAL_DEFAULTS[key]))
+
+
+# Distributed set-up
+
+def init_distributed() -> tuple:
+    """(rank, world size), joining the launcher's process group when there is one."""
+    if dist.get_world_size() > 1:
+        dist.init_parallel_env()
+    return dist.get_rank(), dist.get_world_size()
+
+
+# Stopping: Ctrl-C and SIGTERM end a command at once, but not in the middle of a write
+
+stop_requested: List[int] = []
+_held = False
+
+
+def request_stop(signum, frame) -> None:
+    """SIGINT or SIGTERM: raise KeyboardInterrupt now, or at the end of a held_signals() block."""
+    stop_requested.append(signum)
+    if not _held:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def held_signals():
+    """Let Ctrl-C and SIGTERM wait until the block has run: what it writes is written whole."""
+    global _held
+    previous, _held = _held, True
+    try:
+        yield
+    finally:
+        _held = previous
+    if stop_requested and not _held:
+        raise KeyboardInterrupt
+
+
+def run(main: Callable[[argparse.Namespace], object], args: argparse.Namespace,
+        interrupted: Callable[[], str] = lambda: 'interrupted') -> None:
+    """Run a command's main(args) as its __main__ does, and exit: with main's return value if
+    that is an exit status, else 0; one line `error: ...` and 1 for a user error; the line
+    interrupted() returns and 128 + the signal's number after Ctrl-C or SIGTERM, whatever
+    exception the interruption became inside Paddle. Paddle's own handler for SIGTERM (a C++
+    stack dump) is replaced."""
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        status = main(args)
+    except Exception as error:
+        if not stop_requested and isinstance(error, USER_ERRORS):
+            print(f'error: {error}', file=sys.stderr)
+            sys.exit(1)
+        if not stop_requested:
+            raise
+    except KeyboardInterrupt:
+        pass
+    else:
+        sys.exit(status if type(status) is int else 0)
+    print(interrupted(), file=sys.stderr)
+    sys.exit(128 + stop_requested[0])
