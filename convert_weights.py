@@ -22,7 +22,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], allow_abbrev=False)
     parser.add_argument('src', metavar='SRC',
                         help='weights to read: torch.save zip (.pth), .pdparams, .pdckpt or '
-                             '.safetensors (default: none, required)')
+                             '.safetensors, or a model name (CycleMLP_B1 ..) for its official '
+                             'weights, downloaded once (default: none, required)')
     parser.add_argument('dst', metavar='DST',
                         help='file to write, .pdparams or .safetensors (default: none, required)')
     parser.add_argument('--model', default=None, choices=list(ARCHITECTURES),

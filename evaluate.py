@@ -37,7 +37,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         description='Top-1 / top-5 accuracy and loss of a CycleMLP checkpoint on a validation set.')
     group = parser.add_argument_group('weights and output')
     group.add_argument('--weights', required=True,
-                       help='.pth, .pdparams, .safetensors or training checkpoint (.pdckpt) '
+                       help='.pth, .pdparams, .safetensors or training checkpoint (.pdckpt), or a '
+                            'model name (CycleMLP_B1 ..) for its official weights, downloaded once '
                             '(default: required)')
     group.add_argument('--ema', action='store_true',
                        help="evaluate a training checkpoint's EMA weights (default: off)")

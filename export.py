@@ -57,7 +57,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         'CycleMLP export', parents=[model_args_parser()], allow_abbrev=False,
         description='Write a Paddle inference model (and optionally ONNX) of a checkpoint.')
     parser.add_argument('--weights', required=True,
-                        help='.pth, .pdparams, .safetensors or training checkpoint (default: required)')
+                        help='.pth, .pdparams, .safetensors or training checkpoint, or a model name '
+                             '(CycleMLP_B1 ..) for its official weights, downloaded once (default: required)')
     parser.add_argument('--ema', action='store_true',
                         help="export a training checkpoint's EMA weights (default: off)")
     parser.add_argument('--output', required=True, metavar='DIR',
@@ -252,9 +253,7 @@ def check_parity(model: CycleNet, run: Callable[[np.ndarray], np.ndarray], sizes
 
 
 def check_output(output: str) -> None:
-    """--output may be new, empty or an earlier export, in an existing folder."""
-    if not os.path.isdir(os.path.dirname(output)):
-        raise WeightsError(f'{output}: its folder {os.path.dirname(output)} does not exist')
+    """--output may be new, empty or an earlier export; the folders above it are created."""
     if os.path.exists(output) and (not os.path.isdir(output) or (
             os.listdir(output) and not os.path.isfile(os.path.join(output, META_FILE)))):
         raise WeightsError(f'{output}: exists and is not an export; choose a new --output')
@@ -289,6 +288,7 @@ def main(args: argparse.Namespace) -> None:
     sizes = [(args.input_size, args.input_size)]
     if args.dynamic_size:
         sizes.append((args.input_size - 32 if args.input_size > 64 else args.input_size + 32, args.input_size))
+    os.makedirs(os.path.dirname(output), exist_ok=True)
     temporary = tempfile.mkdtemp(prefix=f'.{os.path.basename(output)}.', dir=os.path.dirname(output))
     try:
         with held_signals():     # tracing runs the model's code: Ctrl-C there would be Paddle's error

@@ -1,6 +1,7 @@
 """Classify images with a CycleMLP checkpoint or an exported model: images in, class names out.
 
-    python predict.py cat.jpg photos/ --weights CycleMLP_B1.pth --topk 3
+    python predict.py cat.jpg                       # CycleMLP_B1's official weights, downloaded once
+    python predict.py cat.jpg photos/ --weights out/b1/best.pdparams --topk 3
     python predict.py cat.jpg --inference-model exported/                  # Paddle Inference
     python predict.py cat.jpg --inference-model exported/ --runtime onnx   # ONNX Runtime
 
@@ -41,6 +42,7 @@ from data import IMAGE_EXTENSIONS, UNREADABLE_IMAGE_ERRORS, eval_transform, is_r
 from weights import WeightsError
 from zoo import load_model
 
+DEFAULT_WEIGHTS = 'CycleMLP_B1'   # the official weights of the model the earlier Paddle port trained
 DEFAULT_TOPK = 5
 DEFAULT_BATCH_SIZE = 16
 LARGE_IMAGE_FACTOR = 4   # --fast-decode: shorter side >= 4x the resize target is shrunk cheaply first
@@ -54,9 +56,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         description='Top-k classes of each image. Input size, crop_pct and interpolation default '
                     'to the values the weights file or export.py recorded.')
     parser.add_argument('images', nargs='+', help='image files or folders (searched recursively)')
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument('--weights', help='.pth, .pdparams, .safetensors or training checkpoint '
-                                          '(default: None; this or --inference-model is required)')
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument('--weights', help='.pth, .pdparams, .safetensors or training checkpoint, or '
+                                          'a model name for its official ImageNet-1k weights, '
+                                          'downloaded once (default: CycleMLP_B1, without --inference-model)')
     source.add_argument('--inference-model', metavar='DIR',
                         help='a folder written by export.py (default: None)')
     parser.add_argument('--runtime', choices=export.RUNTIMES, default='paddle',
@@ -151,9 +154,9 @@ class Predictor:
 
 
 def eager_predictor(args) -> Predictor:
-    model, meta = load_model(args.weights, args.model, ema=args.ema)
+    model, meta = load_model(args.weights or DEFAULT_WEIGHTS, args.model, ema=args.ema)
     model.eval()
-    resolve_data_config(args, meta.get('data_config'), args.weights)
+    resolve_data_config(args, meta.get('data_config'), args.weights or DEFAULT_WEIGHTS)
 
     @paddle.no_grad()
     def forward(batch: np.ndarray) -> np.ndarray:

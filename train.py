@@ -131,8 +131,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--mlp-ratios', type=bounded(float, 0.0, 64.0, low_open=True), nargs=4,
                        default=None, metavar='R', help='MLP expansion ratios of a --layers model (default: None)')
     group.add_argument('--finetune', default=None, metavar='PATH',
-                       help='start from these weights (any file load_model reads); a head of '
-                            'another class count is replaced (default: None)')
+                       help='start from these weights (any file load_model reads, or a model name '
+                            'for its official ImageNet-1k weights); a head of another class count '
+                            'is replaced (default: None)')
 
     # Optimizer: AdamW without weight decay on biases and 1-D parameters.
     group = parser.add_argument_group('optimizer')

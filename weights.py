@@ -557,6 +557,7 @@ def torch_to_paddle(state: dict) -> dict:
 
 def _temporary_path(path: str) -> str:
     directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)   # the folders a command writes into are made, as mkdir -p
     handle, temporary = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.',
                                          suffix='.tmp')
     os.close(handle)

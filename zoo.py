@@ -2,19 +2,26 @@
 
     from zoo import create_model, load_model
     model = create_model('CycleMLP_B1', num_classes=1000, drop_path_rate=0.1)   # fresh weights
+    model = create_model('CycleMLP_B1', pretrained=True)   # the official ImageNet-1k weights
     model, meta = load_model('CycleMLP_B1.pth')     # any weights file; meta: what it records
+
+Wherever weights are accepted, a variant name (CycleMLP_B1 .. CycleMLP_B5) means its official
+release file, downloaded once into a cache folder and checked (download.py); an existing path
+always means the file.
 
 A weights file decides the size of the model built from it, so its structure is checked before
 anything is built: the architecture is read off its tensor shapes (or the name it records), and
 its keys and shapes are compared with that architecture's on a model built without memory
 (paddle.LazyGuard); only a file that fits becomes a model.
 """
+import os
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import paddle
 import paddle.nn as nn
 
+import download
 from cyclemlp import ARCHITECTURES, CycleNet, check_arguments
 from weights import WeightsError, describe, read_weights, torch_to_paddle
 
@@ -76,9 +83,30 @@ def config_from_state(state: Dict[str, np.ndarray], source: str = 'weights') -> 
     return config
 
 
+def weights_file(weights: str) -> str:
+    """The file `weights` means: an existing path, else the cached official weights of the
+    variant it names (downloaded and checked once), else WeightsError."""
+    weights = str(weights)
+    if os.path.exists(weights) or weights not in download.RELEASES:
+        if not os.path.lexists(weights):
+            raise WeightsError(f'{weights}: no such file (and not a model name: '
+                               f'{", ".join(download.RELEASES)})')
+        return weights
+    return download.official_weights(weights, lambda path: check_official(path, weights))
+
+
+def check_official(path: str, name: str) -> None:
+    """WeightsError unless path holds the weights of variant `name` with ImageNet-1k's 1000
+    classes, key for key and shape for shape (read safely; nothing is built but shapes)."""
+    state, _ = read_state(path)
+    with paddle.LazyGuard():
+        fitting_state(CycleNet(**ARCHITECTURES[name]), state, path)
+
+
 def read_state(path: str, ema: bool = False) -> Tuple[Dict[str, np.ndarray], dict]:
-    """(Paddle-layout state dict, meta) of any weights file weights.read_weights reads."""
-    state, meta, layout = read_weights(path, ema=ema)
+    """(Paddle-layout state dict, meta) of any weights file weights.read_weights reads, or of
+    the official weights a variant name means (weights_file)."""
+    state, meta, layout = read_weights(weights_file(path), ema=ema)
     return (torch_to_paddle(state) if layout == 'torch' else state), meta
 
 
@@ -139,10 +167,16 @@ def check_name(name: Optional[str]) -> None:
         raise ValueError(f'unknown model {describe(name)}; choose one of {", ".join(ARCHITECTURES)}')
 
 
-def create_model(name: Optional[str] = None, weights: Optional[str] = None, ema: bool = False,
-                 drop_head: bool = False, **kwargs) -> CycleNet:
-    """Build a model by name (a key of ARCHITECTURES), optionally with weights from any
-    supported file (see load_model, which also returns what the file records)."""
+def create_model(name: Optional[str] = None, pretrained: bool = False, weights: Optional[str] = None,
+                 ema: bool = False, drop_head: bool = False, **kwargs) -> CycleNet:
+    """Build a model by name (a key of ARCHITECTURES): fresh, with the official ImageNet-1k
+    weights (pretrained), or with weights from any supported file (see load_model, which also
+    returns what the file records). drop_head leaves a head of another class count fresh."""
+    if pretrained and weights is not None:
+        raise ValueError('create_model: pretrained means the official weights; give weights or pretrained')
+    if pretrained:
+        check_name(name)
+        weights = name
     if weights is not None:
         return load_model(weights, name, ema, drop_head, **kwargs)[0]
     if name is None:
@@ -155,8 +189,8 @@ def load_model(weights: str, name: Optional[str] = None, ema: bool = False, drop
                **kwargs) -> Tuple[CycleNet, dict]:
     """(model, meta) from a weights file: an official PyTorch release or training checkpoint
     (.pth), a .pdparams (this repo's or the earlier PaddleClas-layout reproduction's), a
-    .safetensors file or this repo's training checkpoint (.pdckpt); ema picks the EMA weights
-    of a training checkpoint. When name is None the architecture is the one the file records
+    .safetensors file or this repo's training checkpoint (.pdckpt), or a variant name for its
+    official weights (weights_file); ema picks the EMA weights of a training checkpoint. When name is None the architecture is the one the file records
     or, for foreign files, the one its tensor shapes describe. num_classes defaults to the
     file's class count. meta is what the file records besides weights (class_names,
     data_config; {} for files from elsewhere), for the commands to use.

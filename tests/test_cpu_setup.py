@@ -14,7 +14,7 @@ from conftest import REPO_ROOT
 
 USER_VARIABLES = ('OMP_NUM_THREADS', 'MKL_DEBUG_CPU_TYPE', 'PADDLE_LOCAL_SIZE', 'GLIBC_TUNABLES',
                   'MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_')
-LIBRARY = ('cycle_fc', 'fast_layers', 'cyclemlp', 'zoo', 'weights', 'data', 'augment', 'export')
+LIBRARY = ('cycle_fc', 'fast_layers', 'cyclemlp', 'zoo', 'download', 'weights', 'data', 'augment', 'export')
 
 
 def run_python(code, cores=None, **variables):

@@ -557,5 +557,6 @@ def test_convert_error_is_one_line_from_the_command_line(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / 'convert_weights.py'), str(missing),
                              str(tmp_path / 'out.pdparams')], capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and result.stdout == ''
-    assert result.stderr == f'error: {missing}: no such file\n'
+    assert result.stderr == (f'error: {missing}: no such file (and not a model name: CycleMLP_B1, CycleMLP_B2, '
+                             'CycleMLP_B3, CycleMLP_B4, CycleMLP_B5)\n')
     assert not (tmp_path / 'out.pdparams').exists()

@@ -1,0 +1,337 @@
+"""The official weights by name (download.py, zoo.weights_file), against a real HTTP server on
+127.0.0.1 that serves a B1-sized file in the official release layout, and misbehaves on demand:
+a truncated body, 404/403/500, an HTML page, bytes that are not weights, the weights of another
+model, a redirect loop, an answer that never comes, a slow body to kill a download in."""
+import hashlib
+import http.server
+import os
+import resource
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import paddle
+import pytest
+from PIL import Image
+
+import download
+import zoo
+from conftest import REPO_ROOT, photo_like_array, tiny_state
+from cyclemlp import CycleMLP_B1
+from torch_files import paddle_to_torch, write_release
+from weights import WeightsError, read_weights
+
+NAME, FILE = 'CycleMLP_B1', 'CycleMLP_B1.pth'
+SLOW_CHUNK, SLOW_PAUSE = 1 << 20, 0.015
+
+
+@pytest.fixture(scope='module')
+def release(tmp_path_factory):
+    """CycleMLP_B1.pth as the official release holds it ({'model': state dict}, PyTorch layout),
+    with random weights, and a tiny model's file in the same layout (another model)."""
+    root = tmp_path_factory.mktemp('release')
+    paddle.seed(0)
+    path = root / FILE
+    write_release(path, paddle_to_torch(zoo.numpy_state(CycleMLP_B1())))
+    other = root / 'other.pth'
+    write_release(other, paddle_to_torch(tiny_state(0, 1000)))
+    return dict(path=path, data=path.read_bytes(), other=other.read_bytes())
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """GET /<behaviour>/<file>: what the behaviour sends (see `behaviours`)."""
+
+    def do_GET(self):
+        behaviour, _, file = self.path.strip('/').partition('/')
+        self.server.requests.append(self.path)
+        self.server.behaviours[behaviour](self, file)
+
+    def send_body(self, body: bytes, content_type='application/octet-stream', length=None, pause=0.0):
+        self.send_response(200)
+        self.send_header('Content-Type', content_type)
+        self.send_header('Content-Length', str(len(body) if length is None else length))
+        self.end_headers()
+        for start in range(0, len(body), SLOW_CHUNK):
+            self.wfile.write(body[start:start + SLOW_CHUNK])
+            time.sleep(pause)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope='module')
+def server(release):
+    data = release['data']
+
+    def good(handler, file):
+        if file == FILE:
+            handler.send_body(data)
+        else:
+            handler.send_error(404)
+
+    behaviours = {
+        'good': good,
+        'slow': lambda handler, file: handler.send_body(data, pause=SLOW_PAUSE),
+        'truncated': lambda handler, file: handler.send_body(data[:len(data) // 2], length=len(data)),
+        'missing': lambda handler, file: handler.send_error(404),
+        'forbidden': lambda handler, file: handler.send_error(403),
+        'broken': lambda handler, file: handler.send_error(500),
+        'html': lambda handler, file: handler.send_body(b'<html><body>Sign in</body></html>', 'text/html'),
+        'garbage': lambda handler, file: handler.send_body(os.urandom(4096)),
+        'other': lambda handler, file: handler.send_body(release['other']),
+        'hang': lambda handler, file: time.sleep(3),
+        'loop': lambda handler, file: (handler.send_response(302), handler.send_header('Location', handler.path),
+                                       handler.end_headers()),
+    }
+    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+    httpd.daemon_threads = True
+    httpd.behaviours, httpd.requests = behaviours, []
+    thread = threading.Thread(target=httpd.serve_forever, kwargs=dict(poll_interval=0.05), daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture
+def cache(tmp_path, server, monkeypatch):
+    """An empty cache folder and the mirror variable pointing at the server's 'good' files;
+    returns (folder, set_behaviour)."""
+    folder = tmp_path / 'cache'
+    monkeypatch.setenv(download.CACHE_VARIABLE, str(folder))
+    monkeypatch.setenv(download.TIMEOUT_VARIABLE, '0.2')
+    server.requests.clear()
+
+    def behave(behaviour):
+        monkeypatch.setenv(download.MIRROR_VARIABLE, f'http://127.0.0.1:{server.server_port}/{behaviour}')
+    behave('good')
+    return folder, behave
+
+
+def url(server, behaviour):
+    return f'http://127.0.0.1:{server.server_port}/{behaviour}/{FILE}'
+
+
+def environment(folder, server, behaviour='good'):
+    env = {key: value for key, value in os.environ.items() if not key.startswith('CYCLEMLP_')}
+    return {**env, download.CACHE_VARIABLE: str(folder), download.TIMEOUT_VARIABLE: '2',
+            download.MIRROR_VARIABLE: f'http://127.0.0.1:{server.server_port}/{behaviour}',
+            'PYTHONPATH': str(REPO_ROOT)}
+
+
+def test_first_use_downloads_once_and_later_uses_read_the_cache(cache, server, release):
+    folder, _ = cache
+    path = zoo.weights_file(NAME)
+    assert path == str(folder / FILE) and server.requests == [f'/good/{FILE}']
+    assert Path(path).read_bytes() == release['data']
+    digest = hashlib.sha256(release['data']).hexdigest()
+    assert (folder / f'{FILE}.sha256').read_text() == f'{digest}  {FILE}\n'    # sha256sum's format
+    assert sorted(os.listdir(folder)) == [f'.{FILE}.lock', FILE, f'{FILE}.sha256']
+    model = zoo.create_model(NAME, pretrained=True)
+    assert server.requests == [f'/good/{FILE}']                                # no second request
+    expected, _ = zoo.read_state(str(release['path']))
+    for key, value in model.state_dict().items():
+        np.testing.assert_array_equal(value.numpy(), expected[key], err_msg=key)
+
+
+def test_predict_with_no_weights_flag_uses_the_official_b1(cache, server, tmp_path):
+    folder, _ = cache
+    photo = tmp_path / 'photo.jpg'
+    Image.fromarray(photo_like_array(120, 90, 3)).save(photo)
+    result = subprocess.run([sys.executable, str(REPO_ROOT / 'predict.py'), str(photo), '--topk', '2'],
+                            capture_output=True, text=True, env=environment(folder, server), timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == str(photo) and len(lines) == 3
+    names = open(REPO_ROOT / 'imagenet_classes.txt').read().splitlines()
+    for line in lines[1:]:
+        probability, index, label = re.fullmatch(r' {4}(\d\.\d{4}) +(\d+)  (.+)', line).groups()
+        assert names[int(index)] == label
+    assert server.requests == [f'/good/{FILE}'] and (folder / FILE).is_file()
+    assert result.stderr == ''                   # no progress bar when stderr is not a terminal
+
+
+@pytest.mark.parametrize('behaviour, problem', [
+    ('truncated', r'the connection broke after \d+ bytes \(IncompleteRead|the download ended after \d+ of \d+ bytes'),
+    ('missing', 'HTTP 404 Not Found'),
+    ('forbidden', 'HTTP 403 Forbidden'),
+    ('broken', 'HTTP 500 Internal Server Error'),
+    ('html', 'the server sent a web page, not a weights file'),
+    ('garbage', r"not CycleMLP_B1's weights \(the file: not a weights file"),
+    ('other', r"not CycleMLP_B1's weights \(the file does not fit CycleNet \[2, 2, 4, 2\] .*missing keys"),
+    ('loop', r'HTTP 302 The HTTP server returned a redirect error that would lead to an infinite loop'),
+    ('hang', r'no data for 0.2 s after 0 bytes|cannot connect \(no answer within 0.2 s\)'),
+])
+def test_each_failure_is_one_line_and_leaves_nothing(cache, server, behaviour, problem):
+    folder, behave = cache
+    behave(behaviour)
+    with pytest.raises(download.DownloadError) as error:
+        zoo.weights_file(NAME)
+    message = str(error.value)
+    assert '\n' not in message
+    assert re.fullmatch(re.escape(f'{url(server, behaviour)}: ') + f'(?:{problem}).*'
+                        + re.escape(f'; download {url(server, behaviour)} by hand and put it at {folder / FILE}'),
+                        message), message
+    assert os.listdir(folder) == [f'.{FILE}.lock']          # no partial file, no record
+
+
+def test_no_server_is_one_line_from_the_command_line(tmp_path, server):
+    """Offline: nothing listens on the mirror's port. The command prints one line, exit code 1."""
+    closed = http.server.HTTPServer(('127.0.0.1', 0), Handler)
+    port = closed.server_port
+    closed.server_close()
+    env = environment(tmp_path / 'cache', server)
+    env[download.MIRROR_VARIABLE] = f'http://127.0.0.1:{port}'
+    result = subprocess.run([sys.executable, str(REPO_ROOT / 'convert_weights.py'), NAME, str(tmp_path / 'b1.pdparams')],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 1 and result.stdout == ''
+    assert re.fullmatch(rf'error: http://127.0.0.1:{port}/{FILE}: cannot connect \(.*refused\); download '
+                        rf'.* by hand and put it at {re.escape(str(tmp_path / "cache" / FILE))}\n', result.stderr)
+
+
+def test_a_damaged_cache_is_downloaded_again(cache, server, capsys):
+    folder, behave = cache
+    path = Path(zoo.weights_file(NAME))
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1                            # one bit flipped in a weight
+    path.write_bytes(bytes(data))
+    assert zoo.weights_file(NAME) == str(path)
+    assert server.requests == [f'/good/{FILE}'] * 2
+    assert 'does not match its recorded sha256 (damaged): downloading it again' in capsys.readouterr().err
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == (folder / f'{FILE}.sha256').read_text().split()[0]
+    path.write_bytes(bytes(data))                         # damaged again, and now offline
+    behave('missing')
+    with pytest.raises(download.DownloadError, match=f'HTTP 404 .* put it at {re.escape(str(path))}'):
+        zoo.weights_file(NAME)
+    assert not path.exists()
+
+
+def test_a_file_put_into_the_cache_by_hand_is_checked_and_recorded(cache, server, release):
+    folder, _ = cache
+    folder.mkdir()
+    (folder / FILE).write_bytes(release['data'])
+    assert zoo.weights_file(NAME) == str(folder / FILE) and server.requests == []
+    assert (folder / f'{FILE}.sha256').read_text().startswith(hashlib.sha256(release['data']).hexdigest())
+    (folder / f'{FILE}.sha256').unlink()
+    (folder / FILE).write_bytes(release['other'])           # another model, put there by hand
+    with pytest.raises(download.DownloadError, match=f'{re.escape(str(folder / FILE))} does not fit CycleNet.*; '
+                                                     f'delete {re.escape(str(folder / FILE))} to download it again'):
+        zoo.weights_file(NAME)
+
+
+def test_a_cache_folder_that_cannot_be_written(cache, server, release, tmp_path, monkeypatch):
+    monkeypatch.setenv(download.CACHE_VARIABLE, str(REPO_ROOT / 'README.md' / 'cache'))   # under a file
+    with pytest.raises(download.DownloadError, match=r'cache folder .*README.md/cache: Not a directory; set '
+                                                     r'CYCLEMLP_CACHE to a writable folder, or download .* by hand'):
+        zoo.weights_file(NAME)
+    folder = tmp_path / 'read-only'
+    folder.mkdir()
+    monkeypatch.setenv(download.CACHE_VARIABLE, str(folder))
+    with read_only(folder):
+        with pytest.raises(download.DownloadError, match=r'cache folder .*read-only: (Permission denied|Operation not permitted)'):
+            zoo.weights_file(NAME)
+    (folder / FILE).write_bytes(release['data'])
+    with read_only(folder):                               # a read-only cache with the file: used
+        assert zoo.weights_file(NAME) == str(folder / FILE)
+    assert server.requests == []
+
+
+class read_only:
+    """The folder read-only, for root too: the immutable attribute (chattr +i) as root, else
+    its mode."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def __enter__(self):
+        if os.geteuid() == 0:
+            subprocess.run(['chattr', '+i', str(self.folder)], check=True)
+        else:
+            self.folder.chmod(0o555)
+
+    def __exit__(self, *exc):
+        if os.geteuid() == 0:
+            subprocess.run(['chattr', '-i', str(self.folder)], check=True)
+        else:
+            self.folder.chmod(0o755)
+
+
+# A process that needs the official weights; the check is the safe reader's (no Paddle import).
+FETCH = '''
+import sys, download, weights
+try:
+    print(download.official_weights(sys.argv[1], lambda path: weights.read_weights(path)), flush=True)
+except download.DownloadError as error:
+    sys.exit(f'error: {error}')
+'''
+
+
+def test_processes_that_need_the_file_at_once_download_it_once(tmp_path, server):
+    env = environment(tmp_path / 'cache', server, 'slow')
+    processes = [subprocess.Popen([sys.executable, '-c', FETCH, NAME], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [process.communicate(timeout=60) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], outputs
+    assert [out.strip() for out, _ in outputs] == [str(tmp_path / 'cache' / FILE)] * 2
+    assert server.requests == [f'/slow/{FILE}']
+
+
+@pytest.mark.parametrize('stop', [signal.SIGKILL, signal.SIGINT], ids=['kill -9', 'Ctrl-C'])
+def test_a_download_stopped_midway_never_becomes_the_file(tmp_path, server, stop):
+    folder = tmp_path / 'cache'
+    process = subprocess.Popen([sys.executable, '-c', FETCH, NAME], env=environment(folder, server, 'slow'),
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while not any(name.endswith('.part') and (folder / name).stat().st_size > 0
+                  for name in (os.listdir(folder) if folder.exists() else [])) and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(stop)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == -stop or (stop == signal.SIGINT and 'KeyboardInterrupt' in stderr)
+    left = [name for name in os.listdir(folder) if name.endswith('.part')]
+    assert FILE not in os.listdir(folder) and len(left) == (1 if stop == signal.SIGKILL else 0)
+    result = subprocess.run([sys.executable, '-c', FETCH, NAME], env=environment(folder, server),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(folder)) == [f'.{FILE}.lock', FILE, f'{FILE}.sha256']   # the stale part is gone
+    read_weights(folder / FILE)
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, server):
+    """A file size limit of 1 MiB (ulimit -f; SIGXFSZ ignored, so the write fails as on a full disk)."""
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+    folder = tmp_path / 'cache'
+    result = subprocess.run([sys.executable, '-c', FETCH, NAME], env=environment(folder, server), preexec_fn=limit,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert re.fullmatch(rf'error: {re.escape(str(folder))}/\.{FILE}\.\d+\.part: cannot write the download '
+                        rf'\(File too large\); download .* by hand and put it at {re.escape(str(folder / FILE))}\n',
+                        result.stderr), result.stderr
+    assert os.listdir(folder) == [f'.{FILE}.lock']
+
+
+def test_names_and_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(WeightsError, match=r"CycleMLP_B9: no such file \(and not a model name: CycleMLP_B1, "):
+        zoo.weights_file('CycleMLP_B9')
+    Path(NAME).write_bytes(b'')                     # an existing path always means the file
+    assert zoo.weights_file(NAME) == NAME
+    monkeypatch.delenv(download.CACHE_VARIABLE, raising=False)
+    monkeypatch.setenv('PADDLE_HOME', str(tmp_path / 'paddle'))
+    assert download.cache_folder() == str(tmp_path / 'paddle' / 'cyclemlp')
+    monkeypatch.delenv('PADDLE_HOME')
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))
+    assert download.cache_folder() == str(tmp_path / 'xdg' / 'paddle' / 'cyclemlp')
+    monkeypatch.delenv('XDG_CACHE_HOME')
+    assert download.cache_folder() == os.path.expanduser('~/.cache/paddle/cyclemlp')
+    monkeypatch.delenv(download.MIRROR_VARIABLE, raising=False)
+    assert download.release_url('CycleMLP_B5') == 'https://github.com/ShoufaChen/CycleMLP/releases/download/v0.1/CycleMLP_B5.pth'
+    with pytest.raises(ValueError, match='pretrained means the official weights'):
+        zoo.create_model(NAME, pretrained=True, weights='x.pth')
