@@ -11,8 +11,10 @@ range are argparse's errors (exit code 2).
 """
 import argparse
 import contextlib
+import fcntl
 import io
 import math
+import os
 import signal
 import sys
 import warnings
@@ -49,10 +51,8 @@ import cpu_setup  # noqa: E402
 from cyclemlp import ARCHITECTURES  # noqa: E402
 from data import (CROP_PCT_RANGE, DEFAULT_CROP_PCT, EVAL_DEFAULTS, INPUT_SIZE_RANGE, INTERPOLATIONS,  # noqa: E402
                   DatasetError, check_data_config)
-from weights import WeightsError  # noqa: E402
+from weights import WeightsError, printable  # noqa: E402
 
-# The errors a command reports as one line: what the user gave is wrong, or the system refused.
-USER_ERRORS = (WeightsError, DatasetError, OSError, cpu_setup.ThreadSettingError, FloatingPointError)
 
 
 # Flags
@@ -144,6 +144,30 @@ def resolve_data_config(args: argparse.Namespace, recorded: Optional[dict], sour
             setattr(args, dest, recorded.get(key, EVAL_DEFAULTS[key]))
 
 
+class InUseError(Exception):
+    """An output folder another process is writing."""
+
+
+@contextlib.contextmanager
+def locked(folder: str, flag: str, wait: bool = False):
+    """Hold an exclusive lock on the folder itself while the block runs; if another process
+    holds it, wait for it, or with wait False raise InUseError at once. The kernel releases the
+    lock when the process ends, however it ends, and nothing is left in the folder."""
+    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise InUseError(f'{flag} {folder} is in use by another run; wait for it to end') from None
+        yield
+    finally:
+        os.close(descriptor)
+
+
+# The errors a command reports as one line: what the user gave is wrong, or the system refused.
+USER_ERRORS = (WeightsError, DatasetError, OSError, InUseError, cpu_setup.ThreadSettingError, FloatingPointError)
+
+
 # Distributed set-up
 
 def init_distributed() -> tuple:
@@ -192,7 +216,7 @@ def run(main: Callable[[argparse.Namespace], object], args: argparse.Namespace,
         status = main(args)
     except Exception as error:
         if not stop_requested and isinstance(error, USER_ERRORS):
-            print(f'error: {error}', file=sys.stderr)
+            print(f'error: {printable(error)}', file=sys.stderr)
             sys.exit(1)
         if not stop_requested:
             raise

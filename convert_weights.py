@@ -10,11 +10,12 @@ The output records the model name, so later commands need only the file. Reading
 code from the file (see weights.py), so untrusted downloads are safe to convert.
 """
 import argparse
+import os
 
 import cli  # first: imports Paddle without its import-time notices
 import cpu_setup
 from cyclemlp import ARCHITECTURES
-from weights import write_weights
+from weights import WeightsError, printable, write_weights
 from zoo import count_parameters, load_model, numpy_state, variant_name
 
 
@@ -29,6 +30,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--model', default=None, choices=list(ARCHITECTURES),
                         help='check the weights against this variant (default: the one the file '
                              'records, else the one its shapes describe)')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='replace DST if it exists (default: off: an existing DST is refused)')
     parser.add_argument('--ema', action='store_true',
                         help="convert the checkpoint's 'model_ema' weights instead of 'model' "
                              '(default: False)')
@@ -37,12 +40,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> None:
     cpu_setup.configure()
+    if os.path.lexists(args.dst) and not args.overwrite:
+        raise WeightsError(f'{args.dst}: exists; choose another destination or pass --overwrite')
     model, meta = load_model(args.src, args.model, ema=args.ema)
     state = numpy_state(model)
     name = variant_name(model.config)
     write_weights(args.dst, state, {**meta, **({'model_name': name} if name else {})})
     print(f'converted {name or "a custom CycleNet"}: {len(state)} tensors '
-          f'({count_parameters(model):,} parameters) from {args.src} to {args.dst}')
+          f'({count_parameters(model):,} parameters) from {printable(args.src)} to {printable(args.dst)}')
 
 
 if __name__ == '__main__':

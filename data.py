@@ -29,7 +29,7 @@ import numpy as np
 import paddle
 from PIL import Image, ImageOps
 
-from weights import WeightsError, describe
+from weights import WeightsError, describe, printable
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -144,13 +144,11 @@ class ImageDataset(paddle.io.Dataset):
             sample_index = (index + attempt) % len(self.samples)
             path, label = self.samples[sample_index]
             try:
-                img = load_image(path)
-            except UNREADABLE_IMAGE_ERRORS as error:
+                return self.transform(load_image(path), self.rng), np.int64(label)
+            except UNREADABLE_IMAGE_ERRORS as error:   # a broken file, or one too elongated to resize
                 if not self.skip_unreadable:
                     raise DatasetError(f'cannot read image {path}: {error}') from error
                 self._report_unreadable(sample_index, path, error)
-                continue
-            return self.transform(img, self.rng), np.int64(label)
         raise DatasetError(
             f'{attempts} consecutive images from {self.samples[index][0]} on cannot be read; '
             'check the dataset'
@@ -159,7 +157,7 @@ class ImageDataset(paddle.io.Dataset):
     def _report_unreadable(self, index: int, path: str, error: Exception) -> None:
         if not self._unreadable_flags[index]:
             self._unreadable_flags[index] = 1
-            logger.warning('skipping unreadable image %s (%s); using the next one', path, error)
+            logger.warning('skipping unreadable image %s (%s); using the next one', printable(path), printable(error))
 
     @property
     def skipped(self) -> int:
@@ -332,17 +330,23 @@ def to_normalized_array(img: Image.Image, mean: Sequence[float] = IMAGENET_MEAN,
 
 
 
-def resize_shorter_side(img: Image.Image, size: int, resample: int) -> Image.Image:
-    """torchvision's Resize(int): shorter side to `size`, longer side int(size * long / short);
-    an image already at that size is returned unchanged."""
-    width, height = img.size
-    if min(width, height) == size:
-        return img
+def shorter_side_target(width: int, height: int, size: int) -> Tuple[int, int]:
+    """torchvision's Resize(int) of a width x height image: shorter side to `size`, longer side
+    int(size * long / short); ValueError when that is more pixels than Pillow allows (an extreme
+    aspect ratio, e.g. 20000000 x 1)."""
     target = (size, int(size * height / width)) if width <= height else (int(size * width / height), size)
-    if target[0] * target[1] > Image.MAX_IMAGE_PIXELS:   # an extreme aspect ratio, e.g. 20000000 x 1
+    if target[0] * target[1] > Image.MAX_IMAGE_PIXELS:
         raise ValueError(f'a {width}x{height} image resizes to {target[0]}x{target[1]}, over '
                          f'Pillow\'s MAX_IMAGE_PIXELS ({Image.MAX_IMAGE_PIXELS})')
-    return img.resize(target, resample)
+    return target
+
+
+def resize_shorter_side(img: Image.Image, size: int, resample: int) -> Image.Image:
+    """torchvision's Resize(int) (shorter_side_target); an image already at that size is
+    returned unchanged."""
+    if min(img.size) == size:
+        return img
+    return img.resize(shorter_side_target(*img.size, size), resample)
 
 
 def center_crop(img: Image.Image, size: int) -> Image.Image:
@@ -366,6 +370,22 @@ class EvalTransform:
         return to_normalized_array(center_crop(img, self.input_size))
 
 
+def check_image_headers(dataset: ImageDataset) -> None:
+    """Read every image's header (not its pixels) and check that the evaluation transform can
+    take its size: a file that is not an image, or one too elongated to resize, is a DatasetError
+    naming it before any time is spent (a truncated file shows only when it is decoded, and is
+    then a DatasetError as well)."""
+    size = dataset.transform.resize_size
+    for path, _ in dataset.samples:
+        try:
+            if not is_regular_file(path):
+                raise ValueError('not a regular file')
+            with Image.open(path) as img:
+                shorter_side_target(*img.size, size)
+        except UNREADABLE_IMAGE_ERRORS as error:
+            raise DatasetError(f'cannot read image {path}: {error}') from None
+
+
 def eval_transform(input_size: int = EVAL_DEFAULTS['input_size'], crop_pct: float = DEFAULT_CROP_PCT,
                    interpolation: str = EVAL_DEFAULTS['interpolation']) -> EvalTransform:
     """The evaluation / inference transform: PIL RGB image -> float32 (3, S, S) array."""
@@ -380,7 +400,7 @@ def check_data_config(config, source: str) -> dict:
     WeightsError naming the file and the value otherwise."""
     checks = {'input_size': lambda v: type(v) is int and INPUT_SIZE_RANGE[0] <= v <= INPUT_SIZE_RANGE[1],
               'crop_pct': lambda v: type(v) in (int, float) and CROP_PCT_RANGE[0] <= v <= CROP_PCT_RANGE[1],
-              'interpolation': lambda v: v in INTERPOLATIONS}
+              'interpolation': lambda v: isinstance(v, str) and v in INTERPOLATIONS}
     expected = {'input_size': f'an integer in {list(INPUT_SIZE_RANGE)}',
                 'crop_pct': f'a number in {list(CROP_PCT_RANGE)}',
                 'interpolation': f'one of {", ".join(INTERPOLATIONS)}'}

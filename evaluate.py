@@ -25,7 +25,8 @@ import paddle.distributed as dist
 import paddle.nn.functional as F
 
 from cli import held_signals, init_distributed, loader_args_parser, model_args_parser, resolve_data_config
-from data import DatasetError, build_dataset, build_loader, eval_transform, iterate
+from data import DatasetError, build_dataset, build_loader, check_image_headers, eval_transform, iterate
+from weights import printable
 from zoo import load_model
 
 TOP_K = 5
@@ -73,7 +74,8 @@ def evaluate(model: paddle.nn.Layer, loader, print_freq: int = 10,
     model.eval()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     total_steps = len(loader)
-    correct1 = correct5 = loss_sum = None
+    # On the device: correct top-1, correct top-k, summed loss, images with non-finite logits.
+    sums = paddle.zeros([4], dtype='float64')
     images = 0
     start = time.time()
     for step, (batch, labels) in enumerate(iterate(loader)):
@@ -82,33 +84,28 @@ def evaluate(model: paddle.nn.Layer, loader, print_freq: int = 10,
         logits = logits.astype('float32')
         labels = labels.reshape([-1, 1]).astype('int64')
         top = paddle.topk(logits, k=min(TOP_K, logits.shape[-1]), axis=1)[1]   # (B, k)
-        hits = (top == labels).astype('int64')
-        batch_correct1 = hits[:, 0].sum()
-        batch_correct5 = hits.sum()
-        batch_loss = F.cross_entropy(logits, labels, reduction='sum').astype('float64')
-        if correct1 is None:
-            correct1, correct5, loss_sum = batch_correct1, batch_correct5, batch_loss
-        else:
-            correct1, correct5, loss_sum = (correct1 + batch_correct1, correct5 + batch_correct5,
-                                            loss_sum + batch_loss)
+        hits = (top == labels).astype('float64')
+        nonfinite = paddle.logical_not(paddle.isfinite(logits).all(axis=1)).astype('float64')
+        loss = F.cross_entropy(logits, labels, reduction='sum').astype('float64')
+        sums = sums + paddle.concat([part.sum().reshape([1]) for part in (hits[:, 0], hits, loss, nonfinite)])
         images += labels.shape[0]
         if rank == 0 and (step % print_freq == 0 or step == total_steps - 1):
             elapsed = time.time() - start
             eta = elapsed / (step + 1) * (total_steps - step - 1)
+            correct1, correct5, loss_sum, _ = sums.numpy().tolist()
             log(f'{header} [{step + 1:>{len(str(total_steps))}}/{total_steps}] eta {datetime.timedelta(seconds=int(eta))} '
-                f'acc1 {100.0 * float(correct1) / images:.3f} acc5 {100.0 * float(correct5) / images:.3f} '
-                f'loss {float(loss_sum) / images:.4f} {images / max(elapsed, 1e-9):.0f} img/s')
-    if correct1 is None:  # this rank had no images (more ranks than images)
-        correct1 = correct5 = paddle.zeros([], dtype='int64')
-        loss_sum = paddle.zeros([], dtype='float64')
-    totals = paddle.concat([paddle.stack([correct1, correct5]).astype('float64'),
-                            loss_sum.reshape([1]), paddle.to_tensor([images], dtype='float64')])
+                f'acc1 {100.0 * correct1 / images:.3f} acc5 {100.0 * correct5 / images:.3f} '
+                f'loss {loss_sum / images:.4f} {images / max(elapsed, 1e-9):.0f} img/s')
+    totals = paddle.concat([sums, paddle.to_tensor([images], dtype='float64')])
     if world_size > 1:
         dist.all_reduce(totals)
-    correct1, correct5, loss_sum, images = totals.numpy().tolist()
+    correct1, correct5, loss_sum, nonfinite, images = totals.numpy().tolist()
     images = int(images)
     if images == 0:
         raise DatasetError('the validation loader yielded no images')
+    if nonfinite:
+        raise FloatingPointError(f'the model\'s logits are not finite (NaN or infinite) for {int(nonfinite)} of '
+                                 f'{images} images: no accuracy is reported')
     stats = dict(acc1=100.0 * correct1 / images, acc5=100.0 * correct5 / images,
                  loss=loss_sum / images, images=images)
     if rank == 0:
@@ -142,15 +139,16 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
     model, meta = load_model(args.weights, args.model, ema=args.ema)
     resolve_data_config(args, meta.get('data_config'), args.weights)
     dataset = build_dataset(False, args, eval_transform(args.input_size, args.crop_pct, args.eval_interpolation))
+    check_image_headers(dataset)
     warning = check_classes(model, meta.get('class_names'), dataset, args)
     if warning and rank == 0:
-        print(warning, file=sys.stderr)
+        print(printable(warning), file=sys.stderr)
     loader = build_loader(dataset, is_train=False, batch_size=args.batch_size,
                           num_workers=args.num_workers, num_replicas=world_size, rank=rank,
                           seed=args.seed)
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else print
     if rank == 0:
-        log(f'{args.weights}{" (EMA)" if args.ema else ""}: {len(dataset)} images, '
+        log(f'{printable(args.weights)}{" (EMA)" if args.ema else ""}: {len(dataset)} images, '
             f'{model.num_classes} classes, {world_size} process{"es" if world_size > 1 else ""}')
     stats = evaluate(model, loader, print_freq=args.print_freq, log=log)
     if args.json and rank == 0:

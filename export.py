@@ -21,9 +21,15 @@ This exports cleanly because CycleFC is plain gather and matmul ops; ports that 
 deformable convolution have no ONNX equivalent for it.
 """
 import argparse
+import contextlib
+import glob
+import hashlib
 import json
 import os
+import secrets
 import shutil
+import stat
+import sys
 import tempfile
 import warnings
 from typing import Callable, List, Optional, Sequence
@@ -33,11 +39,11 @@ import cpu_setup
 import numpy as np
 import paddle
 
-from cli import bounded, held_signals, model_args_parser, resolve_data_config
-from cyclemlp import CycleNet
+from cli import bounded, held_signals, locked, model_args_parser, resolve_data_config
+from cyclemlp import MAX_CLASSES, CycleNet
 from data import IMAGENET_MEAN, IMAGENET_STD, check_data_config
-from weights import WeightsError, describe
-from zoo import load_model, variant_name
+from weights import WeightsError, describe, printable
+from zoo import count_parameters, load_model, variant_name
 
 IMAGENET_CLASSES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'imagenet_classes.txt')
 IMAGENET_NUM_CLASSES = 1000
@@ -45,11 +51,17 @@ MODEL_FILES = ('model.json', 'model.pdmodel')   # what paddle.jit.save writes: P
 PARAMS_FILE = 'model.pdiparams'
 ONNX_FILE = 'model.onnx'
 META_FILE = 'meta.json'
+EXPORT_FILES = MODEL_FILES + (PARAMS_FILE, ONNX_FILE)   # meta.json records their sha256
+MAX_META_BYTES = 16 << 20   # 100,000 class names of 100 characters would be 10 MiB
 RUNTIMES = ('paddle', 'onnx')
 DEFAULT_OPSET = 13
 INPUT_NAME = 'images'
 PARITY_TOLERANCE = 1e-4    # of the largest eager logit
 CHECK_BATCH = 2
+# What Paddle and paddle2onnx print from C++ while a model is exported and checked, which tells a
+# user nothing: Paddle 3.3 logs "not support input out tensor" on a model's first export, its
+# oneDNN passes print ReduceMeanCheckIfOneDNNSupport (on stdout), paddle2onnx its progress.
+NATIVE_NOISE = (b'not support input out tensor', b'ReduceMeanCheckIfOneDNNSupport', b'[Paddle2ONNX]')
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -62,8 +74,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--ema', action='store_true',
                         help="export a training checkpoint's EMA weights (default: off)")
     parser.add_argument('--output', required=True, metavar='DIR',
-                        help='folder to write; an earlier export there is replaced once the new '
-                             'one is complete (default: required)')
+                        help='folder to write (created with its parents); an earlier export there is '
+                             'replaced once the new one is complete, other files stay (default: required)')
     parser.add_argument('--dynamic-size', action='store_true',
                         help='accept any input height and width, not only --input-size (default: off)')
     parser.add_argument('--onnx', action='store_true',
@@ -84,46 +96,109 @@ def default_class_names(stored: Optional[Sequence[str]], num_classes: int) -> Op
     return None
 
 
-# Reading an export
+# Reading an export: an untrusted folder. meta.json is read with bounds and its values checked;
+# the model files must be the ones whose sha256 it records, and the model must take the input
+# and give the classes it describes.
 
-def exported_model_file(directory: str) -> str:
-    """DIR/model.json (Paddle 3) or DIR/model.pdmodel (Paddle 2.x), whichever export wrote."""
-    for name in MODEL_FILES:
-        path = os.path.join(directory, name)
-        if os.path.isfile(path):
-            return path
-    raise WeightsError(f'{directory}: no exported model ({" or ".join(MODEL_FILES)}); '
-                       'expected a folder written by export.py')
+def read_regular_file(path: str, limit: int) -> bytes:
+    """The bytes of a regular file no larger than limit; WeightsError for anything else (a FIFO
+    would block the read forever, /dev/zero would fill the memory)."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as error:
+        raise WeightsError(f'{path}: cannot read ({error.strerror}); expected a folder written by '
+                           'export.py') from None
+    with os.fdopen(descriptor, 'rb') as file:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise WeightsError(f'{path}: not a regular file')
+        data = file.read(limit + 1)
+    if len(data) > limit:
+        raise WeightsError(f'{path}: larger than the {limit >> 20} MiB export.py ever writes')
+    return data
+
+
+def sha256_of(path: str) -> str:
+    """The sha256 of a regular file (WeightsError for a FIFO, device or folder)."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as error:
+        raise WeightsError(f'{path}: cannot read ({error.strerror}); export again') from None
+    digest = hashlib.sha256()
+    with os.fdopen(descriptor, 'rb') as file:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise WeightsError(f'{path}: not a regular file')
+        for chunk in iter(lambda: file.read(1 << 20), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_meta(directory: str) -> dict:
     """DIR/meta.json, checked: num_classes, input_size, dynamic_size, crop_pct, interpolation,
-    class_names (a list of num_classes strings, or null)."""
+    class_names (a list of num_classes strings, or null) and files (name: sha256)."""
     path = os.path.join(directory, META_FILE)
+    data = read_regular_file(path, MAX_META_BYTES)
     try:
-        with open(path, encoding='utf-8') as file:
-            meta = json.load(file)
-    except (OSError, ValueError) as error:
-        raise WeightsError(f'{path}: cannot read ({error}); expected the meta.json export.py '
-                           'writes') from None
-    checks = {'num_classes': lambda v: type(v) is int and v >= 1,
-              'dynamic_size': lambda v: isinstance(v, bool),
-              'class_names': lambda v: v is None or (isinstance(v, list) and all(isinstance(n, str) for n in v)
-                                                     and len(v) == meta.get('num_classes'))}
+        meta = json.loads(data)
+    except (ValueError, RecursionError):
+        raise WeightsError(f'{path}: not JSON of sane depth; expected the meta.json export.py writes') from None
     if not isinstance(meta, dict):
         raise WeightsError(f'{path}: expected a JSON object, found {describe(meta)}')
+    checks = {'num_classes': lambda v: type(v) is int and 1 <= v <= MAX_CLASSES,
+              'dynamic_size': lambda v: isinstance(v, bool),
+              'class_names': lambda v: v is None or (isinstance(v, list) and len(v) == meta.get('num_classes')
+                                                     and all(isinstance(n, str) and len(n) < 1000 for n in v)),
+              'files': lambda v: isinstance(v, dict) and PARAMS_FILE in v and set(v) <= set(EXPORT_FILES)
+              and sum(name in v for name in MODEL_FILES) == 1 and all(
+                  isinstance(h, str) and len(h) == 64 and set(h) <= set('0123456789abcdef') for h in v.values())}
     for key, valid in checks.items():
         if key not in meta or not valid(meta[key]):
-            raise WeightsError(f'{path}: {key} is {describe(meta.get(key))}, not what export.py writes')
+            raise WeightsError(f'{path}: {key} is {describe(meta.get(key))}, not what export.py writes'
+                               + ('; export again with this version' if key == 'files' else ''))
     check_data_config({key: meta.get(key) for key in ('input_size', 'crop_pct', 'interpolation')}, path)
     return meta
+
+
+def checked_file(directory: str, meta: dict, name: str) -> str:
+    """DIR/name, once it is the file meta.json records (same sha256): not another export's file
+    copied in, not a damaged one."""
+    path = os.path.join(directory, name)
+    if name not in meta['files']:
+        raise WeightsError(f'{directory}: this export has no {name}'
+                           + ('; export with --onnx' if name == ONNX_FILE else ''))
+    if sha256_of(path) != meta['files'][name]:
+        raise WeightsError(f'{path}: not the file meta.json records (another export\'s, or damaged); '
+                           'export again')
+    return path
+
+
+def model_file(meta: dict) -> str:
+    """model.json (Paddle 3) or model.pdmodel (Paddle 2.x), whichever the export wrote."""
+    return next(name for name in MODEL_FILES if name in meta['files'])
+
+
+def probed(run: Callable[[np.ndarray], np.ndarray], directory: str, meta: dict,
+           runtime: str) -> Callable[[np.ndarray], np.ndarray]:
+    """run, once the model has taken an image of the size meta.json records and given its
+    class count."""
+    size = meta['input_size']
+    try:
+        logits = run(np.zeros((1, 3, size, size), np.float32))
+    except Exception as error:   # the runtimes' own error types
+        raise WeightsError(f'{directory}: the model does not run in {runtime} on the {size}x{size} '
+                           f'images meta.json records ({" ".join(str(error).split())[:160]})') from None
+    if logits.shape != (1, meta['num_classes']):
+        raise WeightsError(f'{directory}: the model gives {list(logits.shape)[1:]} outputs per image, '
+                           f'meta.json records {meta["num_classes"]} classes')
+    return run
 
 
 def paddle_runner(directory: str, onednn: Optional[bool] = False) -> Callable[[np.ndarray], np.ndarray]:
     """Logits of a batch from Paddle Inference's predictor (GPU if there is one). On CPU oneDNN
     is off by default, which is faster for this model (README: Deployment); None keeps the
     default Config (oneDNN on), True turns it on. All give the eager logits."""
-    config = paddle.inference.Config(exported_model_file(directory), os.path.join(directory, PARAMS_FILE))
+    meta = read_meta(directory)
+    config = paddle.inference.Config(checked_file(directory, meta, model_file(meta)),
+                                     checked_file(directory, meta, PARAMS_FILE))
     config.disable_glog_info()
     if paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
         config.enable_use_gpu(256, 0)
@@ -146,14 +221,13 @@ def paddle_runner(directory: str, onednn: Optional[bool] = False) -> Callable[[n
         predictor.run()
         return logits.copy_to_cpu()
 
-    return run
+    return probed(run, directory, meta, 'Paddle Inference')
 
 
 def onnx_runner(directory: str) -> Callable[[np.ndarray], np.ndarray]:
     """Logits of a batch from ONNX Runtime on DIR/model.onnx."""
-    path = os.path.join(directory, ONNX_FILE)
-    if not os.path.isfile(path):
-        raise WeightsError(f'{directory}: no {ONNX_FILE}; export with --onnx')
+    meta = read_meta(directory)
+    path = checked_file(directory, meta, ONNX_FILE)
     try:
         import onnxruntime
     except ImportError:
@@ -166,7 +240,8 @@ def onnx_runner(directory: str) -> Callable[[np.ndarray], np.ndarray]:
         session = onnxruntime.InferenceSession(path, options, providers=['CPUExecutionProvider'])
     except Exception as error:  # onnxruntime's own exception types
         raise WeightsError(f'{path}: ONNX Runtime cannot load it ({" ".join(str(error).split())[:200]})') from None
-    return lambda batch: session.run(None, {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+    run = lambda batch: session.run(None, {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})[0]  # noqa: E731
+    return probed(run, directory, meta, 'ONNX Runtime')
 
 
 def load_runner(directory: str, runtime: str) -> Callable[[np.ndarray], np.ndarray]:
@@ -221,7 +296,7 @@ def export_onnx(output: str, opset: int) -> None:
     """Convert output's Paddle inference model to output/model.onnx with paddle2onnx."""
     import onnx
     import paddle2onnx
-    model_file = exported_model_file(output)
+    model_file = next(os.path.join(output, name) for name in MODEL_FILES if os.path.isfile(os.path.join(output, name)))
     # save_file=None returns the bytes; passing a path would also run paddle2onnx's optional
     # polygraphy pass, which tries to pip-install onnx_graphsurgeon when it is missing.
     try:
@@ -233,6 +308,40 @@ def export_onnx(output: str, opset: int) -> None:
     model = onnx.load_from_string(onnx_bytes)
     without_dead_nodes(model)
     onnx.save(model, os.path.join(output, ONNX_FILE))
+
+
+def write_meta(folder: str, meta: dict) -> None:
+    """meta.json, with the sha256 of every model file in folder, so that a reader can tie them
+    to each other and to it."""
+    meta['files'] = {name: sha256_of(os.path.join(folder, name)) for name in EXPORT_FILES
+                     if os.path.exists(os.path.join(folder, name))}
+    with open(os.path.join(folder, META_FILE), 'w', encoding='utf-8') as file:
+        json.dump(meta, file, indent=2)
+
+
+@contextlib.contextmanager
+def native_noise_dropped():
+    """Run the block with file descriptors 1 and 2 (where C++ code prints) going to a temporary
+    file; afterwards pass every line on to stderr but NATIVE_NOISE. stdout stays for results."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as captured:
+        try:
+            os.dup2(captured.fileno(), 1)
+            os.dup2(captured.fileno(), 2)
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for descriptor, original in zip((1, 2), saved):
+                os.dup2(original, descriptor)
+                os.close(original)
+            captured.seek(0)
+            for line in captured:
+                if not any(noise in line for noise in NATIVE_NOISE):
+                    sys.stderr.buffer.write(line)
+            sys.stderr.flush()
 
 
 def check_parity(model: CycleNet, run: Callable[[np.ndarray], np.ndarray], sizes, name: str) -> float:
@@ -252,22 +361,65 @@ def check_parity(model: CycleNet, run: Callable[[np.ndarray], np.ndarray], sizes
     return worst
 
 
-def check_output(output: str) -> None:
-    """--output may be new, empty or an earlier export; the folders above it are created."""
-    if os.path.exists(output) and (not os.path.isdir(output) or (
-            os.listdir(output) and not os.path.isfile(os.path.join(output, META_FILE)))):
-        raise WeightsError(f'{output}: exists and is not an export; choose a new --output')
-
-
-def replace_folder(temporary: str, output: str) -> None:
-    """Move the finished export to output; an earlier export there goes only after that."""
+def earlier_export(output: str) -> List[str]:
+    """The files an earlier export in output wrote (its model files and meta.json), which a new
+    export may replace; WeightsError if output holds files of those names that export.py did not
+    write, or is not a folder. Anything else in the folder is left alone."""
     if not os.path.exists(output):
-        os.replace(temporary, output)
-        return
-    old = tempfile.mkdtemp(prefix=f'.{os.path.basename(output)}.old.', dir=os.path.dirname(output))
-    os.replace(output, os.path.join(old, 'export'))
-    os.replace(temporary, output)
-    shutil.rmtree(old)
+        return []
+    if not os.path.isdir(output):
+        raise WeightsError(f'{output}: exists and is not a folder; choose another --output')
+    present = [name for name in EXPORT_FILES + (META_FILE,) if os.path.lexists(os.path.join(output, name))]
+    if not present:
+        return []
+    try:
+        meta = json.loads(read_regular_file(os.path.join(output, META_FILE), MAX_META_BYTES))
+        ours = isinstance(meta, dict) and {'num_classes', 'input_size', 'parity'} <= set(meta)
+    except (WeightsError, ValueError, RecursionError):
+        ours = False
+    if not ours:
+        raise WeightsError(f'{output}: holds {", ".join(present)}, which export.py did not write; '
+                           'choose another --output')
+    return present
+
+
+def install(temporary: str, output: str, earlier: List[str]) -> None:
+    """Move the new export's files from temporary into output, meta.json last, and remove the
+    earlier export's files that the new one does not have. No other file is touched."""
+    new = [name for name in EXPORT_FILES if os.path.exists(os.path.join(temporary, name))]
+    for name in new:
+        os.replace(os.path.join(temporary, name), os.path.join(output, name))
+    for name in set(earlier) - set(new) - {META_FILE}:
+        os.remove(os.path.join(output, name))
+    os.replace(os.path.join(temporary, META_FILE), os.path.join(output, META_FILE))
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:        # alive, someone else's
+        pass
+    return True
+
+
+def write_failure(folder: str, size: int) -> Optional[str]:
+    """The OS's reason why size bytes cannot be written in folder, or None if they can.
+    paddle.jit.save reports no write error (found here: on a full disk it leaves a truncated
+    model file, and Paddle Inference then reports a parse error), so a failed export asks the
+    file system directly."""
+    probe = os.path.join(folder, f'.probe.{secrets.token_hex(4)}')
+    try:
+        with open(probe, 'wb', buffering=0) as file:
+            for _ in range(size >> 20):
+                file.write(bytes(1 << 20))
+        return None
+    except OSError as error:
+        return error.strerror or str(error)
+    finally:
+        if os.path.exists(probe):
+            os.remove(probe)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -281,40 +433,55 @@ def main(args: argparse.Namespace) -> None:
             raise WeightsError('--onnx needs paddle2onnx, an optional dependency: '
                                'pip install paddle2onnx onnxruntime') from None
     output = os.path.abspath(args.output)
-    check_output(output)
+    earlier_export(output)          # refused before the slow work, and again at the end
     model, recorded = load_model(args.weights, args.model, ema=args.ema)
     model.eval()
     resolve_data_config(args, recorded.get('data_config'), args.weights)
     sizes = [(args.input_size, args.input_size)]
     if args.dynamic_size:
         sizes.append((args.input_size - 32 if args.input_size > 64 else args.input_size + 32, args.input_size))
-    os.makedirs(os.path.dirname(output), exist_ok=True)
-    temporary = tempfile.mkdtemp(prefix=f'.{os.path.basename(output)}.', dir=os.path.dirname(output))
+    parent, name = os.path.split(output)
+    os.makedirs(parent, exist_ok=True)
+    for stale in glob.glob(os.path.join(parent, f'.{name}.*.export.tmp')):   # what a killed export left
+        if not process_alive(int(stale.rsplit('.', 3)[1])):
+            shutil.rmtree(stale, ignore_errors=True)
+    temporary = os.path.join(parent, f'.{name}.{os.getpid()}.export.tmp')
+    os.mkdir(temporary)             # with the umask's mode, as the files in it (mkdtemp's is 0700)
     try:
-        with held_signals():     # tracing runs the model's code: Ctrl-C there would be Paddle's error
-            export_paddle(model, temporary, None if args.dynamic_size else args.input_size)
-        checks = {'paddle_inference_default_config': check_parity(
-            model, paddle_runner(temporary, onednn=None), sizes, 'Paddle Inference (default Config)')}
-        if args.onnx:
-            export_onnx(temporary, args.opset)
-            checks['onnxruntime'] = check_parity(model, onnx_runner(temporary), sizes, 'ONNX Runtime')
-        meta = dict(model_name=variant_name(model.config), model_args=model.config, num_classes=model.num_classes,
-                    input_size=args.input_size, dynamic_size=args.dynamic_size,
-                    crop_pct=args.crop_pct, interpolation=args.eval_interpolation,
-                    mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), input_name=INPUT_NAME,
+        meta = dict(model_name=variant_name(model.config), model_args=model.config,
+                    num_classes=model.num_classes, input_size=args.input_size,
+                    dynamic_size=args.dynamic_size, crop_pct=args.crop_pct,
+                    interpolation=args.eval_interpolation, mean=list(IMAGENET_MEAN),
+                    std=list(IMAGENET_STD), input_name=INPUT_NAME,
                     class_names=default_class_names(recorded.get('class_names'), model.num_classes),
                     weights=os.path.basename(args.weights), ema=args.ema,
-                    paddle_version=paddle.__version__,
-                    parity={'tolerance': PARITY_TOLERANCE, 'sizes': sizes, 'max_difference': checks})
-        with open(os.path.join(temporary, META_FILE), 'w', encoding='utf-8') as file:
-            json.dump(meta, file, indent=2)
-        with held_signals():
-            replace_folder(temporary, output)
+                    paddle_version=paddle.__version__, parity={})
+        try:
+            with native_noise_dropped():
+                with held_signals():   # tracing runs the model's code: Ctrl-C there would be Paddle's error
+                    export_paddle(model, temporary, None if args.dynamic_size else args.input_size)
+                write_meta(temporary, meta)
+                checks = {'paddle_inference_default_config': check_parity(
+                    model, paddle_runner(temporary, onednn=None), sizes, 'Paddle Inference (default Config)')}
+                if args.onnx:
+                    export_onnx(temporary, args.opset)
+                    write_meta(temporary, meta)
+                    checks['onnxruntime'] = check_parity(model, onnx_runner(temporary), sizes, 'ONNX Runtime')
+            meta['parity'] = {'tolerance': PARITY_TOLERANCE, 'sizes': sizes, 'max_difference': checks}
+            write_meta(temporary, meta)
+        except (WeightsError, OSError):
+            problem = write_failure(temporary, 4 * count_parameters(model) + (16 << 20))
+            if problem:
+                raise WeightsError(f'{output}: cannot write the export ({problem})') from None
+            raise
+        os.makedirs(output, exist_ok=True)
+        with locked(output, '--output', wait=True), held_signals():
+            install(temporary, output, earlier_export(output))
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     shape = 'N x 3 x H x W' if args.dynamic_size else f'N x 3 x {args.input_size} x {args.input_size}'
-    print(f'exported {args.weights} ({shape} -> N x {model.num_classes}) to {args.output}: '
-          + ', '.join(sorted(os.listdir(output))))
+    print(f'exported {printable(args.weights)} ({shape} -> N x {model.num_classes}) to {printable(args.output)}: '
+          + ', '.join(sorted(meta['files']) + [META_FILE]))
 
 
 if __name__ == '__main__':

@@ -39,7 +39,7 @@ from PIL import Image, ImageOps
 import export
 from cli import bounded, held_signals, model_args_parser, resolve_data_config
 from data import IMAGE_EXTENSIONS, UNREADABLE_IMAGE_ERRORS, eval_transform, is_regular_file, load_image
-from weights import WeightsError
+from weights import WeightsError, printable
 from zoo import load_model
 
 DEFAULT_WEIGHTS = 'CycleMLP_B1'   # the official weights of the model the earlier Paddle port trained
@@ -128,7 +128,10 @@ def describe_error(path: str, error: Exception) -> str:
         return f'refused by Pillow\'s decompression-bomb guard ({error})'
     if os.path.isfile(path) and os.path.getsize(path) == 0:
         return 'file is empty'
-    message = str(error).replace(f"'{path}'", '').replace(path, '').strip() or type(error).__name__
+    message = str(error)
+    for form in (repr(path), f"'{path}'", path):      # Pillow names the file, quoted or as a repr
+        message = message.replace(form, '')
+    message = message.strip() or type(error).__name__
     return 'cannot read image: ' + ' '.join(message.split())
 
 
@@ -187,39 +190,41 @@ def top_predictions(probabilities: np.ndarray, topk: int, class_names: Optional[
 
 def predict(predictor: Predictor, paths: Sequence[str], topk: int = DEFAULT_TOPK,
             batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[dict]:
-    """{'image', 'predictions'} or {'image', 'error'} per image, in input order, batch by batch."""
-    pending: List[Tuple[str, Optional[np.ndarray], Optional[str]]] = []
+    """{'image', 'predictions'} or {'image', 'error'} per image, in input order, batch by batch.
+    An error is given as soon as it is found (the images before it are predicted first); the
+    model's output for an image must be finite, or that image gets an error."""
+    pending: List[Tuple[str, np.ndarray]] = []
 
     def flush():
-        arrays = [array for _, array, _ in pending if array is not None]
-        probabilities = iter(predictor.probabilities(np.stack(arrays)) if arrays else [])
-        for path, array, error in pending:
-            if error is not None:
-                yield dict(image=path, error=error)
+        probabilities = predictor.probabilities(np.stack([array for _, array in pending])) if pending else []
+        for (path, _), row in zip(pending, probabilities):
+            if np.isfinite(row).all():
+                yield dict(image=path, predictions=top_predictions(row, topk, predictor.class_names))
             else:
-                yield dict(image=path, predictions=top_predictions(next(probabilities), topk,
-                                                                   predictor.class_names))
+                yield dict(image=path, error='the model\'s output is not finite (NaN or infinite)')
         pending.clear()
 
     for path, error in expand_inputs(paths):
-        array = None
         if error is None:
             try:
-                array = predictor.load(path)
+                pending.append((path, predictor.load(path)))
             except UNREADABLE_IMAGE_ERRORS as exception:
                 error = describe_error(path, exception)
-        pending.append((path, array, error))
-        if sum(item[1] is not None for item in pending) >= batch_size:
+        if error is not None:
+            yield from flush()
+            yield dict(image=path, error=error)
+        elif len(pending) >= batch_size:
             yield from flush()
     yield from flush()
 
 
 def format_result(result: dict) -> str:
+    """The text output of one result; names from files and folders are printed escaped (weights.printable)."""
     if 'error' in result:
-        return f'error: {result["image"]}: {result["error"]}'
-    lines = [result['image']]
+        return f'error: {printable(result["image"])}: {printable(result["error"])}'
+    lines = [printable(result['image'])]
     for prediction in result['predictions']:
-        label = f'  {prediction["label"]}' if prediction['label'] is not None else ''
+        label = f'  {printable(prediction["label"])}' if prediction['label'] is not None else ''
         lines.append(f'    {prediction["probability"]:.4f}  {prediction["class_id"]:>4}{label}')
     return '\n'.join(lines)
 

@@ -41,12 +41,12 @@ import paddle.distributed as dist
 import paddle.nn.functional as F
 
 from augment import Mixup, rand_augment, smooth_one_hot, train_transform
-from cli import bounded, held_signals, init_distributed, loader_args_parser, model_args_parser
+from cli import bounded, held_signals, init_distributed, loader_args_parser, locked, model_args_parser
 from cyclemlp import CycleNet
 from data import (SEED_RANK_STRIDE, DatasetError, ImageDataset, build_dataset, build_loader,
-                  eval_transform, iterate, set_loader_epoch)
+                  check_image_headers, eval_transform, iterate, set_loader_epoch)
 from evaluate import evaluate
-from weights import (WeightsError, atomic_save, check_state, describe, read_checkpoint,
+from weights import (WeightsError, atomic_save, check_state, describe, printable, read_checkpoint,
                      remove_stale_temporaries, write_weights)
 from zoo import count_flops, count_parameters, create_model, load_state, numpy_state, read_state, variant_name
 
@@ -218,6 +218,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--resume', default=None, metavar='PATH',
                        help=f'continue from a {CHECKPOINT_FILE}; "auto" takes OUTPUT/{CHECKPOINT_FILE} '
                             f'when it exists (default: None)')
+    group.add_argument('--allow-changes', action='store_true',
+                       help='resume even though the input size, evaluation transform or class '
+                            'names differ from the checkpoint\'s (default: off)')
     group.add_argument('--overwrite', action='store_true',
                        help='start a new run in an --output-dir that holds one, deleting its '
                             f'{", ".join(RUN_FILES)} (default: off)')
@@ -612,6 +615,7 @@ def build_run(args: argparse.Namespace, rank: int, world_size: int, log: Callabl
     EMA, AdamW at the scaled lr and, for float16 AMP on GPU, the loss scaler."""
     train_set = build_dataset(True, args, train_transform(args))
     val_set = build_dataset(False, args, eval_transform(args.input_size, args.crop_pct, args.eval_interpolation))
+    check_image_headers(val_set)      # a broken validation image found before an epoch is spent
     try:
         train_loader = build_loader(train_set, is_train=True, batch_size=args.batch_size,
                                     num_workers=args.num_workers, num_replicas=world_size,
@@ -652,12 +656,39 @@ def evaluate_run(run: Run, args: argparse.Namespace, log: Callable[[str], None])
     return stats
 
 
+def changes(checkpoint: dict, args: argparse.Namespace, class_names: List[str]) -> List[str]:
+    """How this run's meaning differs from the checkpoint's: its input size, evaluation
+    transform and class names (a model of other shapes does not load at all)."""
+    recorded = checkpoint.get('data_config') or {}
+    asked = dict(input_size=args.input_size, crop_pct=args.crop_pct, interpolation=args.eval_interpolation)
+    differences = [f'{key} {asked[key]} (the checkpoint: {value})' for key, value in recorded.items()
+                   if key in asked and asked[key] != value]
+    recorded_names, names = checkpoint.get('class_names'), list(class_names)
+    recorded_names = recorded_names if isinstance(recorded_names, list) else None
+    if recorded_names not in (None, names):
+        if len(recorded_names) != len(names):
+            differences.append(f'{len(names)} classes (the checkpoint: {len(recorded_names)})')
+        else:
+            index = next(i for i, (a, b) in enumerate(zip(names, recorded_names)) if a != b)
+            differences.append(f'class {index} is {describe(names[index])} (the checkpoint: '
+                               f'{describe(recorded_names[index])})')
+    return differences
+
+
 def main(args: argparse.Namespace) -> Dict[str, float]:
-    """Train (or with --eval only evaluate); returns the last epoch's log entry."""
+    """Train (or with --eval only evaluate); returns the last epoch's log entry. Rank 0 holds
+    --output-dir's lock for the whole run: a second run into it stops at once."""
     cpu_setup.configure(args.threads)
     rank, world_size = init_distributed()
+    if rank != 0 or not args.output_dir or args.eval:
+        return train(args, rank, world_size, writes_files=False)
+    os.makedirs(args.output_dir, exist_ok=True)
+    with locked(args.output_dir, '--output-dir'):
+        return train(args, rank, world_size, writes_files=True)
+
+
+def train(args: argparse.Namespace, rank: int, world_size: int, writes_files: bool) -> Dict[str, float]:
     log = print if rank == 0 else (lambda line: None)
-    writes_files = rank == 0 and bool(args.output_dir) and not args.eval
     resume = resolve_resume(args) if args.resume else None
     run = build_run(args, rank, world_size, log)
 
@@ -665,7 +696,11 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
     if resume:
         checkpoint = load_checkpoint(resume, run.model, run.ema, run.optimizer, run.scaler)
         start_epoch, best_acc1 = checkpoint['epoch'], checkpoint['best_acc1']
-        log(f'resumed from {resume} after epoch {start_epoch}')
+        differences = changes(checkpoint, args, run.train_set.classes)
+        if differences and not (args.eval or args.allow_changes):
+            raise WeightsError(f'{resume}: this run differs from the one the checkpoint continues: '
+                               + '; '.join(differences) + '. Resume with --allow-changes to go on anyway')
+        log(f'resumed from {printable(resume)} after epoch {start_epoch}')
     elif args.resume:
         log(f'no {CHECKPOINT_FILE} in {args.output_dir} yet: starting from scratch')
     if args.eval:

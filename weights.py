@@ -34,8 +34,9 @@ import math
 import os
 import pickle
 import reprlib
+import secrets
 import struct
-import tempfile
+import unicodedata
 import zipfile
 import zlib
 
@@ -63,6 +64,14 @@ ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, Run
 _short_repr = reprlib.Repr()
 _short_repr.maxlevel, _short_repr.maxstring, _short_repr.maxother = 1, 40, 40
 _short_repr.maxlist = _short_repr.maxtuple = _short_repr.maxdict = _short_repr.maxset = 3
+
+
+def printable(text) -> str:
+    """text with every control and format character (newlines, terminal escapes, bidi
+    overrides) written as an escape, so that a name from a file or a folder prints as one line
+    that says what it holds."""
+    return ''.join(character if unicodedata.category(character) not in ('Cc', 'Cf')
+                   else repr(character)[1:-1] for character in str(text))
 
 
 def describe(value) -> str:
@@ -414,8 +423,9 @@ def _load_safetensors(path: str) -> tuple:
         if key in header:
             try:
                 meta[key] = json.loads(header[key])
-            except ValueError:
-                raise WeightsError(f'{path}: metadata {key!r} is not JSON: {describe(header[key])}') from None
+            except (ValueError, RecursionError):
+                raise WeightsError(f'{path}: metadata {key!r} is not JSON of sane depth: '
+                                   f'{describe(header[key])}') from None
     # Files that safetensors.torch wrote say so with format 'pt'; our own files record the layout.
     layout = header.get('layout', 'torch' if header.get('format') == 'pt' else 'paddle')
     return state, meta, layout
@@ -556,12 +566,11 @@ def torch_to_paddle(state: dict) -> dict:
 
 
 def _temporary_path(path: str) -> str:
+    """A new name beside path for a write in progress. The file is not created here: the writer
+    creates it, with the mode the umask gives (mkstemp's would be 0600 whatever the umask)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)   # the folders a command writes into are made, as mkdir -p
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.',
-                                         suffix='.tmp')
-    os.close(handle)
-    return temporary
+    return os.path.join(directory, f'.{os.path.basename(path)}.{secrets.token_hex(6)}.tmp')
 
 
 def remove_stale_temporaries(path: str) -> list[str]:
@@ -575,6 +584,17 @@ def remove_stale_temporaries(path: str) -> list[str]:
     return stale
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux); else set and put back."""
+    try:
+        with open('/proc/self/status') as status:
+            return int(next(line for line in status if line.startswith('Umask:')).split()[1], 8)
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
 def _write_atomically(path: str, write) -> None:
     """Call write(temporary path), then move the result onto path; on any failure remove it."""
     try:
@@ -583,12 +603,13 @@ def _write_atomically(path: str, write) -> None:
         raise WeightsError(f'{path}: cannot write ({error.strerror})') from None
     try:
         write(temporary)
+        os.chmod(temporary, 0o666 & ~_umask())     # safetensors writes 0600 whatever the umask
         os.replace(temporary, path)
     except BaseException as error:
         if os.path.exists(temporary):
             os.remove(temporary)
         if isinstance(error, OSError):
-            raise WeightsError(f'{path}: cannot write ({error})') from None
+            raise WeightsError(f'{path}: cannot write ({error.strerror or error})') from None
         raise
 
 

@@ -117,7 +117,8 @@ def numpy_state(model: nn.Layer) -> Dict[str, np.ndarray]:
 def fitting_state(model: CycleNet, state: Dict[str, np.ndarray], source: str = 'weights',
                   drop_head: bool = False) -> Dict[str, np.ndarray]:
     """The entries of state to load into model, or WeightsError listing every mismatch:
-    missing and unexpected keys, other shapes, CycleFC offsets other than the official pattern.
+    missing and unexpected keys, other shapes, CycleFC offsets other than the official pattern,
+    values that are not finite.
     With drop_head, a classifier of another class count is left out (fine-tuning on a new label
     set); otherwise a different class count is an error. Reads only shapes and the offset
     buffers, so model may be built under paddle.LazyGuard."""
@@ -142,6 +143,8 @@ def fitting_state(model: CycleNet, state: Dict[str, np.ndarray], source: str = '
             problems.append(f'{key}: shape {got} in the file, {want} in the model')
         elif key.endswith('.offset') and not np.array_equal(state[key], expected[key].numpy()):
             problems.append(f'{key}: offsets differ from the CycleFC pattern this layer computes')
+        elif not np.isfinite(state[key]).all():     # weights, not a metric: NaN logits follow
+            problems.append(f'{key}: holds NaN or infinite values')
         if len(problems) > 2 + MAX_LISTED:
             problems.append('...')
             break

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import paddle
 import pytest
+from PIL import Image
 
 import evaluate
 from conftest import REPO_ROOT, tiny_state
@@ -155,3 +156,25 @@ def test_loop_on_fewer_than_five_classes_restores_training_mode(val_folder, make
     assert model.training
     assert stats["images"] == 9 and stats["acc5"] == 100.0
     assert len(lines) == 4 and lines[-1].startswith("* Acc@1")
+
+
+def test_logits_that_are_not_finite_are_an_error_not_a_metric(tmp_path, val_folder):
+    """Finite weights whose logits overflow: no accuracy (the argmax of NaN logits would be class 0)."""
+    state = tiny_state(0)
+    state["head.weight"] = np.full_like(state["head.weight"], 3e38)
+    weights = str(tmp_path / "overflow.pdparams")
+    atomic_save({"model": state, "class_names": list(CLASSES)}, weights)
+    with pytest.raises(FloatingPointError, match=r"logits are not finite \(NaN or infinite\) for 9 of 9 images: "
+                                                 "no accuracy is reported"):
+        evaluate_in_process(weights, val_folder)
+
+
+def test_an_image_too_elongated_to_resize_is_found_before_evaluating(val_folder, make_tiny_weights, monkeypatch):
+    line = os.path.join(val_folder, "val", "cat", "line.png")
+    Image.new("RGB", (1, 100_000)).save(line)
+    evaluated = []
+    monkeypatch.setattr(evaluate, "evaluate", lambda *args, **kwargs: evaluated.append(1))
+    with pytest.raises(DatasetError, match=re.escape(f"cannot read image {line}: a 1x100000 image resizes to "
+                                                     "36x3600000, over Pillow's MAX_IMAGE_PIXELS")):
+        evaluate_in_process(make_tiny_weights(), val_folder)
+    assert evaluated == []

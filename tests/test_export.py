@@ -51,7 +51,8 @@ def eager_logits(model, images):
 def paddle_inference(directory, onednn=None):
     """Paddle Inference's predictor, set up as deployments do: the default CPU Config (oneDNN
     on), or with oneDNN explicitly on (True) or off (False); returns run(images) -> logits."""
-    model_file = export.exported_model_file(str(directory))
+    model_file = next(os.path.join(str(directory), name) for name in export.MODEL_FILES
+                      if os.path.isfile(os.path.join(str(directory), name)))
     config = paddle.inference.Config(model_file, os.path.join(str(directory), "model.pdiparams"))
     config.disable_gpu()
     config.disable_glog_info()
@@ -183,13 +184,24 @@ def test_a_failed_export_writes_nothing_and_keeps_the_earlier_one(exports, tmp_p
     assert sorted(os.listdir(tmp_path)) == ["exported", "tiny.pdparams"]
 
 
-def test_export_refuses_to_replace_a_folder_that_is_not_an_export(tmp_path, make_tiny_weights):
+def test_export_writes_beside_other_files_and_never_over_them(exports, tmp_path, make_tiny_weights):
+    """The user's files in --output stay, through a first export and a re-export; files named like
+    an export's that export.py did not write are refused, not replaced."""
     output = tmp_path / "results"
     output.mkdir()
     (output / "notes.txt").write_text("keep me")
-    with pytest.raises(WeightsError, match="is not an export"):
-        export_in_process(make_tiny_weights(), output, "--input-size", "32")
-    assert os.listdir(output) == ["notes.txt"]
+    weights = output / "my.pdparams"
+    shutil.copy(make_tiny_weights(), weights)
+    for _ in range(2):
+        export_in_process(str(weights), output, "--input-size", "32")
+        assert {"notes.txt", "my.pdparams", "meta.json", "model.pdiparams"} <= set(os.listdir(output))
+    assert (output / "notes.txt").read_text() == "keep me"
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "model.pdiparams").write_bytes(b"someone else's")
+    with pytest.raises(WeightsError, match="holds model.pdiparams, which export.py did not write"):
+        export_in_process(str(weights), foreign, "--input-size", "32")
+    assert os.listdir(foreign) == ["model.pdiparams"]
 
 
 def test_onnx_without_paddle2onnx_is_a_clear_error(tmp_path, make_tiny_weights, monkeypatch):
@@ -197,3 +209,96 @@ def test_onnx_without_paddle2onnx_is_a_clear_error(tmp_path, make_tiny_weights, 
     with pytest.raises(WeightsError, match="pip install paddle2onnx"):
         export_in_process(make_tiny_weights(), tmp_path / "out", "--onnx")
     assert not (tmp_path / "out").exists()
+
+
+def edit_meta(folder, **changes):
+    meta = json.loads((folder / "meta.json").read_text())
+    meta.update(changes)
+    (folder / "meta.json").write_text(json.dumps(meta))
+
+
+def replace_with(folder, name, make):
+    (folder / name).unlink()
+    make(folder / name)
+
+
+HOSTILE_EXPORTS = {   # what is done to a copy of the fixed export: the error it must give
+    "interpolation []": (lambda folder, exports: edit_meta(folder, interpolation=[]),
+                         "data_config 'interpolation' is a list, expected one of bicubic"),
+    "class names too few": (lambda folder, exports: edit_meta(folder, class_names=["cat"]),
+                            "class_names is a list, not what export.py writes"),
+    "1000 classes, no names": (lambda folder, exports: edit_meta(folder, num_classes=1000, class_names=None),
+                               r"gives \[3\] outputs per image, meta.json records 1000 classes"),
+    "another input size": (lambda folder, exports: edit_meta(folder, input_size=48),
+                           "does not run in Paddle Inference on the 48x48 images meta.json records"),
+    "another export's model": (lambda folder, exports: [shutil.copy(exports["dynamic"] / name, folder)
+                                                        for name in export.MODEL_FILES if (folder / name).exists()],
+                               "not the file meta.json records"),
+    "parameters deleted": (lambda folder, exports: (folder / "model.pdiparams").unlink(),
+                           r"model.pdiparams: cannot read \(No such file or directory\)"),
+    "meta.json a FIFO": (lambda folder, exports: replace_with(folder, "meta.json", os.mkfifo), "meta.json: not a regular file"),
+    "meta.json to /dev/zero": (lambda folder, exports: replace_with(folder, "meta.json", lambda path: path.symlink_to("/dev/zero")),
+                               "meta.json: not a regular file"),
+    "meta.json 100k deep": (lambda folder, exports: (folder / "meta.json").write_text("[" * 100_000 + "]" * 100_000),
+                            "meta.json: not JSON of sane depth"),
+    "meta.json of 20 MiB": (lambda folder, exports: (folder / "meta.json").write_text(" " * (20 << 20)),
+                            "meta.json: larger than the 16 MiB export.py ever writes"),
+    "an old export": (lambda folder, exports: edit_meta(folder, files=None), "files is None, not what export.py writes; export again"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_EXPORTS)
+def test_a_doctored_export_is_refused_with_one_line(exports, tmp_path, case):
+    """An export folder is an untrusted input: meta.json read with bounds and checked, the model
+    files tied to it by their sha256, the model run once on the size and classes it records."""
+    folder = tmp_path / "fixed"
+    shutil.copytree(exports["fixed"], folder)
+    change, message = HOSTILE_EXPORTS[case]
+    change(folder, exports)
+    with pytest.raises(WeightsError, match=message) as error:
+        export.load_runner(str(folder), "paddle")
+    assert "\n" not in str(error.value)
+
+
+def test_a_doctored_export_from_the_command_line(exports, tmp_path):
+    folder = tmp_path / "fixed"
+    shutil.copytree(exports["fixed"], folder)
+    (folder / "meta.json").unlink()
+    os.mkfifo(folder / "meta.json")
+    image = tmp_path / "photo.png"
+    Image.fromarray(photo_like_array(40, 30, 1)).save(image)
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "predict.py"), str(image), "--inference-model",
+                             str(folder), "--runtime", "onnx"], capture_output=True, text=True, env=ENV, timeout=60)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == f"error: {folder / 'meta.json'}: not a regular file\n"
+
+
+def test_exports_follow_the_umask_and_keep_the_folders_mode(exports, tmp_path):
+    output = tmp_path / "shared"
+    output.mkdir(mode=0o755)
+    output.chmod(0o755)
+    old = os.umask(0o022)
+    try:
+        export_in_process(exports["weights"], output, "--input-size", "32")
+    finally:
+        os.umask(old)
+    modes = {name: (output / name).stat().st_mode & 0o777 for name in os.listdir(output)}
+    assert set(modes.values()) == {0o644} and (output.stat().st_mode & 0o777) == 0o755, modes
+
+
+def test_a_full_disk_names_the_os_error(exports, tmp_path):
+    """paddle.jit.save reports no write error (it leaves a truncated model); the export says what
+    the file system said. ulimit -f stands for the full disk (SIGXFSZ ignored: writes fail)."""
+    import resource
+    import signal
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+    output = tmp_path / "exported"
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "export.py"), "--weights", exports["weights"],
+                             "--output", str(output), "--input-size", "32"], preexec_fn=limit,
+                            capture_output=True, text=True, env=ENV, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr == f"error: {output}: cannot write the export (File too large)\n"
+    assert sorted(os.listdir(tmp_path)) == []

@@ -223,3 +223,45 @@ def test_decompression_bombs_are_refused_per_image(tmp_path, monkeypatch):
                                   0.875, "bicubic")
     [result] = predict.predict(predictor, [image])
     assert "decompression-bomb" in result["error"]
+
+
+def test_names_are_escaped_and_errors_come_at_once(tmp_path, make_tiny_weights, capsys):
+    """A file name or class name with a newline or a terminal escape prints as one line, escaped;
+    an unreadable file's error comes before the images after it are decoded."""
+    weights = make_tiny_weights(class_names=("cat\nerror: forged", "dog\x1b[2J", "fox"))
+    folder = tmp_path / "in\x1b[31mbox"
+    folder.mkdir()
+    good = folder / "a\nb.png"
+    Image.fromarray(photo_like_array(40, 30, 1)).save(good)
+    broken = folder / "broken.png"
+    broken.write_bytes(b"not a png")
+    status = predict.main(predict.get_args_parser().parse_args(
+        [str(good), str(broken), str(good), "--weights", weights, "--input-size", str(INPUT_SIZE), "--topk", "3"]))
+    output = capsys.readouterr()
+    lines = output.out.splitlines()
+    assert status == 1
+    escaped = str(good).replace("\n", "\\n").replace("\x1b", "\\x1b")
+    assert output.err.splitlines() == [f"error: {str(broken)}: cannot read image: cannot identify image file"
+                                       .replace("\x1b", "\\x1b")]
+    assert lines[0] == escaped and lines[4] == escaped and len(lines) == 8
+    labels = {line.split(maxsplit=2)[2] for line in lines[1:4]}
+    assert labels == {"cat\\nerror: forged", "dog\\x1b[2J", "fox"}
+    assert all("\x1b" not in line for line in lines)
+    loads = []
+    predictor = predict.Predictor(lambda batch: loads.append("forward") or np.zeros((len(batch), 3)), None,
+                                  INPUT_SIZE, 0.875, "bicubic")
+    original = predictor.load
+    predictor.load = lambda path: loads.append(os.path.basename(path)) or original(path)
+    results = predict.predict(predictor, [str(good), str(broken), str(good)], batch_size=16)
+    assert next(results)["image"] == str(good) and loads == ["a\nb.png", "broken.png", "forward"]
+    assert "error" in next(results) and loads == ["a\nb.png", "broken.png", "forward"]
+
+
+def test_an_output_that_is_not_finite_is_an_error_not_a_prediction(tmp_path):
+    image = str(tmp_path / "photo.png")
+    Image.fromarray(photo_like_array(40, 30, 1)).save(image)
+    nan_in_row_0 = lambda batch: np.array([[np.nan, 0, 0]] + [[1.0, 0, 0]] * (len(batch) - 1))  # noqa: E731
+    predictor = predict.Predictor(nan_in_row_0, None, INPUT_SIZE, 0.875, "bicubic")
+    first, second = predict.predict(predictor, [image, image])
+    assert first == dict(image=image, error="the model's output is not finite (NaN or infinite)")
+    assert second["predictions"][0]["class_id"] == 0

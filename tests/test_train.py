@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import cpu_setup
 import train
@@ -449,3 +451,69 @@ def test_two_processes_keep_equal_parameters(tmp_path):
     np.testing.assert_array_equal(ranks[0]['_layers.head.weight'], saved['head.weight'])
     [entry] = read_log(output)  # rank 0 alone writes
     assert entry['test_acc1'] * 6 / 100 == pytest.approx(round(entry['test_acc1'] * 6 / 100))
+
+
+def test_a_second_run_into_the_same_output_dir_stops_at_once(tmp_path):
+    """Two runs into one --output-dir: the second ends at once with one line (no interleaved
+    log, no checkpoint of whichever wrote last)."""
+    data = write_image_folder(tmp_path / 'data', train_per_class=6, val_per_class=1)
+    output = tmp_path / 'out'
+    first = subprocess.Popen([sys.executable, TRAIN_SCRIPT, '--data-path', data, '--output-dir', str(output),
+                              '--epochs', '100', *TINY], env=RUN_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
+    deadline = time.time() + 60
+    while not (output / 'log.txt').exists() and time.time() < deadline:
+        time.sleep(0.05)
+    second = run_train('--data-path', data, '--output-dir', output, '--epochs', '100', '--resume', 'auto', *TINY,
+                       check=False)
+    first.send_signal(signal.SIGINT)
+    first.communicate(timeout=60)
+    assert first.returncode == 128 + signal.SIGINT
+    assert second.returncode == 1 and second.stdout == ''
+    assert second.stderr == f'error: --output-dir {output} is in use by another run; wait for it to end\n'
+    epochs = [entry['epoch'] for entry in read_log(output)]
+    assert epochs == list(range(1, len(epochs) + 1))
+
+
+def test_resume_refuses_a_run_of_another_meaning(trained, tmp_path):
+    output = tmp_path / 'run'
+    shutil.copytree(trained['output'], output)
+    flags = ['--data-path', trained['data'], '--output-dir', output, '--epochs', '2', '--no-repeated-aug',
+             '--resume', 'auto', *TINY]
+    with pytest.raises(WeightsError, match=r'checkpoint.pdckpt: this run differs from the one the checkpoint '
+                                           r'continues: input_size 40 \(the checkpoint: 32\).*--allow-changes'):
+        train_in_process(*flags, '--input-size', '40')
+    renamed = tmp_path / 'renamed'
+    shutil.copytree(trained['data'], renamed)
+    for split in ('train', 'val'):
+        (renamed / split / 'dog').rename(renamed / split / 'wolf')
+    flags[1] = renamed
+    with pytest.raises(WeightsError, match=r"class 1 is 'wolf' \(the checkpoint: 'dog'\)"):
+        train_in_process(*flags)
+    assert read_checkpoint(output / 'checkpoint.pdckpt')['epoch'] == 1          # nothing was rewritten
+    assert train_in_process(*flags, '--allow-changes')['entry']['epoch'] == 2
+
+
+def test_a_broken_validation_image_is_found_before_an_epoch_is_spent(tmp_path):
+    data = write_image_folder(tmp_path / 'data', train_per_class=6, val_per_class=1)
+    line = Path(data, 'val', 'cat', 'line.png')
+    Image.new('RGB', (1, 100_000)).save(line)
+    started = []
+    original = train.train_one_epoch
+    with pytest.raises(DatasetError, match=re.escape(f'cannot read image {line}: a 1x100000 image resizes to')):
+        train.train_one_epoch = lambda *args: started.append(1) or original(*args)
+        try:
+            train_in_process('--data-path', data, '--output-dir', tmp_path / 'out', '--epochs', '1', *TINY)
+        finally:
+            train.train_one_epoch = original
+    assert started == [] and not (tmp_path / 'out' / 'checkpoint.pdckpt').exists()
+
+
+def test_checkpoints_follow_the_umask(trained):
+    for name in ('checkpoint.pdckpt', 'best.pdparams', 'log.txt'):
+        assert (trained['output'] / name).stat().st_mode & 0o777 == 0o666 & ~current_umask(), name
+
+
+def current_umask() -> int:
+    with open('/proc/self/status') as status:
+        return int(next(line for line in status if line.startswith('Umask:')).split()[1], 8)

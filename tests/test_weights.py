@@ -560,3 +560,35 @@ def test_convert_error_is_one_line_from_the_command_line(tmp_path):
     assert result.stderr == (f'error: {missing}: no such file (and not a model name: CycleMLP_B1, CycleMLP_B2, '
                              'CycleMLP_B3, CycleMLP_B4, CycleMLP_B5)\n')
     assert not (tmp_path / 'out.pdparams').exists()
+
+
+def test_convert_never_replaces_a_file_without_being_asked(tmp_path, capsys):
+    destination = tmp_path / 'deep' / 'er' / 'tiny.pdparams'            # its folders are made
+    convert(capsys, OFFICIAL, destination)
+    first = destination.read_bytes()
+    error = convert(capsys, OFFICIAL, destination, '--ema')
+    assert str(error) == f'{destination}: exists; choose another destination or pass --overwrite'
+    assert destination.read_bytes() == first
+    convert(capsys, OFFICIAL, destination, '--ema', '--overwrite')
+    assert destination.read_bytes() != first
+
+
+@pytest.mark.parametrize('suffix', ['.pdparams', '.safetensors'])
+def test_written_files_follow_the_umask(tmp_path, suffix):
+    path = tmp_path / f'w{suffix}'
+    old = os.umask(0o027)
+    try:
+        write_weights(path, {'w': np.ones(2, np.float32)})
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o640
+
+
+def test_safetensors_metadata_is_checked_like_any_other(tmp_path):
+    import safetensors.numpy
+    path = tmp_path / 'odd.safetensors'
+    for metadata, message in (({'data_config': '[' * 100_000 + ']' * 100_000}, 'not JSON of sane depth'),
+                              ({'class_names': '"cat"'}, "class_names is 'cat', expected a list")):
+        safetensors.numpy.save_file({'w': np.ones(2, np.float32)}, str(path), metadata=metadata)
+        with pytest.raises(WeightsError, match=message):
+            read_weights(path)

@@ -145,3 +145,15 @@ def test_arguments_are_checked_before_the_file_is_read(tmp_path):
         zoo.create_model('CycleMLP_B1', num_classes='10')
     with pytest.raises(ValueError, match='unknown model'):
         zoo.load_model(os.devnull, 'B1')
+
+
+def test_weights_that_are_not_finite_are_refused(tiny_file, tmp_path):
+    _, state, _ = tiny_file
+    for key, value in (('head.bias', np.nan), ('network.2.0.attn.proj.weight', np.inf)):
+        changed = dict(state)
+        changed[key] = changed[key].copy()
+        changed[key].flat[0] = value
+        path = str(tmp_path / 'odd.pdparams')
+        write_weights(path, changed)
+        with pytest.raises(WeightsError, match=f'{re.escape(key)}: holds NaN or infinite values'):
+            zoo.load_model(path)
