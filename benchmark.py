@@ -43,11 +43,11 @@ from cycle_fc import CycleFC
 from cyclemlp import ARCHITECTURES, CycleMLP
 from data import INPUT_SIZE_RANGE
 from weights import write_weights
-from zoo import create_model, numpy_state
+from zoo import create_backbone, create_model, numpy_state
 
 IMPLS = ['index', 'index-plain', 'deform', 'none']
+DENSE_SIZE, DENSE_BATCH = 512, 2
 DEPLOY_BATCHES = (1, 16)
-LAYER_SIZES = {'stage1': (56, 64), 'stage3': (14, 320)}   # (H = W, C) of B1's stages at 224
 
 
 class DeformCycleFC(nn.Layer):
@@ -104,12 +104,17 @@ def synchronize() -> None:
 
 
 def make_steps(args, impl: str) -> Dict[str, Callable[[], None]]:
-    """One inference call and one training step (forward, backward, AdamW) of a fresh model."""
+    """One inference call and one training step (forward, backward, AdamW) of a fresh model: the
+    classifier, or with --dense the feature backbone (its loss: the mean of every map)."""
     paddle.seed(0)
-    model = with_cycle_fc(create_model(args.model), impl)
+    model = create_backbone(args.model)[0] if args.dense else create_model(args.model)
+    model = with_cycle_fc(model, impl)
     images = paddle.randn([args.batch_size, 3, args.input_size, args.input_size])
     labels = paddle.randint(0, model.num_classes, [args.batch_size])
     optimizer = paddle.optimizer.AdamW(learning_rate=1e-4, parameters=model.parameters())
+
+    def loss_of(outputs):
+        return sum(map(paddle.mean, outputs)) if args.dense else F.cross_entropy(outputs, labels)
 
     def infer():
         model.eval()
@@ -118,7 +123,7 @@ def make_steps(args, impl: str) -> Dict[str, Callable[[], None]]:
 
     def train():
         model.train()
-        loss = F.cross_entropy(model(images), labels)
+        loss = loss_of(model(images))
         loss.backward()
         optimizer.step()
         optimizer.clear_grad()
@@ -166,7 +171,7 @@ def peak_memory_mb(args, impl: str) -> List[float]:
     state after one step)."""
     command = [sys.executable, os.path.abspath(__file__), '--memory-probe', impl, '--model', args.model,
                '--batch-size', str(args.batch_size), '--input-size', str(args.input_size)]
-    command += ['--threads', str(args.threads)] if args.threads else []
+    command += (['--threads', str(args.threads)] if args.threads else []) + (['--dense'] if args.dense else [])
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return [float(value) for value in result.stdout.strip().splitlines()[-1].split()]
 
@@ -248,9 +253,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--model', default='CycleMLP_B1', choices=list(ARCHITECTURES),
                         help='model to measure (default: CycleMLP_B1)')
-    parser.add_argument('--batch-size', default=16, type=bounded(int, 1), help='images per step (default: 16)')
-    parser.add_argument('--input-size', default=224, type=bounded(int, *INPUT_SIZE_RANGE),
-                        help='image height and width (default: 224)')
+    parser.add_argument('--dense', action='store_true',
+                        help='time the feature backbone for dense prediction (zoo.create_backbone) at '
+                             f'{DENSE_SIZE}x{DENSE_SIZE}, batch {DENSE_BATCH}, instead of the classifier; no '
+                             'deployment table (default: off)')
+    parser.add_argument('--batch-size', default=None, type=bounded(int, 1),
+                        help=f'images per step (default: 16, with --dense {DENSE_BATCH})')
+    parser.add_argument('--input-size', default=None, type=bounded(int, *INPUT_SIZE_RANGE),
+                        help=f'image height and width (default: 224, with --dense {DENSE_SIZE}, the ADE20K crop)')
     parser.add_argument('--threads', default=None, type=bounded(int, 1, cpu_setup.MAX_THREADS),
                         help='CPU threads (default: as every command: OMP_NUM_THREADS if set, else '
                              f'every core this process may use, {cpu_setup.available_cores()} here)')
@@ -276,6 +286,8 @@ def ratio(results: List[dict], key: str, a: str, b: str) -> float:
 
 def main(args: argparse.Namespace) -> dict:
     impls = [impl for impl in args.impls.split(',') if impl]
+    args.batch_size = args.batch_size or (DENSE_BATCH if args.dense else 16)
+    args.input_size = args.input_size or (DENSE_SIZE if args.dense else 224)
     settings = cpu_setup.configure(args.threads)   # every implementation gets the same count
     if args.memory_probe:
         memory_probe(args)
@@ -293,19 +305,20 @@ def main(args: argparse.Namespace) -> dict:
         })
     layers = []
     if not args.skip_layer:
-        for stage, (size, channels) in LAYER_SIZES.items():
+        for stage, (size, channels) in {'stage1': (args.input_size // 4, 64), 'stage3': (args.input_size // 16, 320)}.items():
             layer_times = time_interleaved({impl: make_layer_steps(args, impl, size, channels)
                                             for impl in impls if impl != 'index-plain'},
                                            args.warmup + 1, args.repeats * 2)
             for impl, modes in layer_times.items():
                 layers.append({'layer': stage, 'shape': [args.batch_size, size, size, channels], 'impl': impl,
                                'forward_ms': modes['infer'] * 1e3, 'forward_backward_ms': modes['train'] * 1e3})
-    deployed = [] if args.skip_deploy else deployed_inference(args)
+    deployed = [] if args.skip_deploy or args.dense else deployed_inference(args)
     report = {
         'device': paddle.get_device(), 'paddle': paddle.__version__,
         'threads': cpu_setup.current_threads(),
         'mkl_avx2_on_amd': settings.amd_mkl_path, 'freed_memory_kept': settings.freed_memory_kept,
-        'model': args.model, 'batch_size': args.batch_size, 'input_size': args.input_size,
+        'model': args.model + ('_feat' if args.dense else ''), 'batch_size': args.batch_size,
+        'input_size': args.input_size,
         'results': results, 'layers': layers, 'deployed': deployed,
         'ratios': {f'{key}_{a}/{b}': ratio(results, key, a, b)
                    for key in ('train_img_s', 'infer_img_s') for a, b in
@@ -314,7 +327,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.json:
         print(json.dumps(report))
         return report
-    print(f'{args.model}, batch {args.batch_size}, {args.input_size}x{args.input_size}, '
+    print(f'{report["model"]}, batch {args.batch_size}, {args.input_size}x{args.input_size}, '
           f'device {report["device"]}, Paddle {report["paddle"]}, {report["threads"]} threads, '
           f'MKL AVX2 path on AMD: {"yes" if settings.amd_mkl_path else "no"}, '
           f'median of {args.repeats} interleaved rounds')

@@ -128,21 +128,30 @@ class Downsample(nn.Layer):
 
 
 class CycleNet(nn.Layer):
-    """CycleMLP backbone and classifier.
+    """CycleMLP backbone and classifier, or with fork_feat the feature backbone for dense
+    prediction (the official CycleMLP_Bx_feat).
 
     `network` alternates stages and downsampling layers (indices 0, 2, 4, 6 are stages), as in
-    the official model, so that parameter names match its checkpoints.
+    the official model, so that parameter names match its checkpoints. With fork_feat there is no
+    classifier: forward returns each stage's map after a LayerNorm of its own (norm0, norm2,
+    norm4, norm6, named after the stage's index), (B, C_i, H_i, W_i) at strides 4, 8, 16 and 32.
+    fork_last3 is the official FORK_LAST3=1 (RetinaNet starts at the second stage): the first
+    norm is an identity.
     """
 
     def __init__(self, layers: Sequence[int], embed_dims: Sequence[int], mlp_ratios: Sequence[float],
-                 num_classes: int = 1000, drop_path_rate: float = 0.0):
+                 num_classes: int = 1000, drop_path_rate: float = 0.0, fork_feat: bool = False,
+                 fork_last3: bool = False):
         super().__init__()
-        check_arguments(layers, embed_dims, mlp_ratios, num_classes, drop_path_rate)
+        check_arguments(layers, embed_dims, mlp_ratios, num_classes, drop_path_rate, fork_feat, fork_last3)
         layers, embed_dims = [int(n) for n in layers], [int(n) for n in embed_dims]
         mlp_ratios = [int(r) if float(r).is_integer() else float(r) for r in mlp_ratios]
         self.num_classes = int(num_classes)
+        self.fork_feat = fork_feat
         self.config = dict(layers=layers, embed_dims=embed_dims, mlp_ratios=mlp_ratios,
                            num_classes=self.num_classes)
+        if fork_feat:
+            self.config.update(fork_feat=True, fork_last3=fork_last3)
         self.patch_embed = PatchEmbed(embed_dims[0])
         total_blocks, block_index = sum(layers), 0
         network = []
@@ -157,8 +166,14 @@ class CycleNet(nn.Layer):
             if stage < len(layers) - 1:
                 network.append(Downsample(dim, embed_dims[stage + 1]))
         self.network = nn.LayerList(network)
-        self.norm = LayerNorm(embed_dims[-1], epsilon=LAYER_NORM_EPSILON)
-        self.head = Linear(embed_dims[-1], self.num_classes)
+        if fork_feat:
+            self.feat_channels = embed_dims          # the maps' widths (PaddleSeg's attribute name)
+            for stage, dim in enumerate(embed_dims):
+                self.add_sublayer(f'norm{2 * stage}', nn.Identity() if fork_last3 and stage == 0
+                                  else LayerNorm(dim, epsilon=LAYER_NORM_EPSILON))
+        else:
+            self.norm = LayerNorm(embed_dims[-1], epsilon=LAYER_NORM_EPSILON)
+            self.head = Linear(embed_dims[-1], self.num_classes)
         self.apply(init_weights)
 
     def forward_stages(self, images: paddle.Tensor) -> List[paddle.Tensor]:
@@ -172,16 +187,19 @@ class CycleNet(nn.Layer):
         return stages
 
     def forward_features(self, images: paddle.Tensor) -> List[paddle.Tensor]:
-        """The four stage maps (B, C_i, H_i, W_i) at strides 4, 8, 16 and 32."""
+        """The four stage maps (B, C_i, H_i, W_i) at strides 4, 8, 16 and 32, before any norm."""
         return [x.transpose([0, 3, 1, 2]) for x in self.forward_stages(images)]  # (B,H,W,C) -> (B,C,H,W)
 
     def forward_head(self, x: paddle.Tensor) -> paddle.Tensor:
         """Logits from the last stage map (B, C, H, W), as forward_features returns it."""
         return self.head(self.norm(x.transpose([0, 2, 3, 1])).mean(axis=[1, 2]))  # (B,C,H,W) -> (B,H,W,C)
 
-    def forward(self, images: paddle.Tensor) -> paddle.Tensor:
+    def forward(self, images: paddle.Tensor):
+        stages = self.forward_stages(images)
+        if self.fork_feat:                   # the normed stage maps, (B, H, W, C) -> (B, C, H, W)
+            return [getattr(self, f'norm{2 * stage}')(x).transpose([0, 3, 1, 2]) for stage, x in enumerate(stages)]
         # forward_head(forward_features(images)[-1]), transposing only the last map.
-        return self.forward_head(self.forward_stages(images)[-1].transpose([0, 3, 1, 2]))
+        return self.forward_head(stages[-1].transpose([0, 3, 1, 2]))
 
 
 def init_weights(layer: nn.Layer) -> None:
@@ -232,7 +250,8 @@ MAX_MLP_RATIO = 64
 MAX_CLASSES = 100_000
 
 
-def check_arguments(layers, embed_dims, mlp_ratios, num_classes, drop_path_rate) -> None:
+def check_arguments(layers, embed_dims, mlp_ratios, num_classes, drop_path_rate, fork_feat=False,
+                    fork_last3=False) -> None:
     """Raise ValueError naming the argument unless each has the type and range a CycleNet needs."""
     def integer(value) -> bool:
         return isinstance(value, numbers.Integral) and not isinstance(value, bool)
@@ -256,3 +275,8 @@ def check_arguments(layers, embed_dims, mlp_ratios, num_classes, drop_path_rate)
                          f'got {num_classes!r}'[:300])
     if not (number(drop_path_rate) and 0 <= drop_path_rate < 1):
         raise ValueError(f'CycleNet: drop_path_rate must be a number in [0, 1), got {drop_path_rate!r}'[:300])
+    for name, value in (('fork_feat', fork_feat), ('fork_last3', fork_last3)):
+        if not isinstance(value, bool):
+            raise ValueError(f'CycleNet: {name} must be True or False, got {value!r}'[:300])
+    if fork_last3 and not fork_feat:
+        raise ValueError('CycleNet: fork_last3 applies to the feature backbone (fork_feat=True)')

@@ -115,12 +115,12 @@ def numpy_state(model: nn.Layer) -> Dict[str, np.ndarray]:
 
 
 def fitting_state(model: CycleNet, state: Dict[str, np.ndarray], source: str = 'weights',
-                  drop_head: bool = False) -> Dict[str, np.ndarray]:
+                  drop_head: bool = False, fresh: Sequence[str] = ()) -> Dict[str, np.ndarray]:
     """The entries of state to load into model, or WeightsError listing every mismatch:
     missing and unexpected keys, other shapes, CycleFC offsets other than the official pattern,
-    values that are not finite.
-    With drop_head, a classifier of another class count is left out (fine-tuning on a new label
-    set); otherwise a different class count is an error. Reads only shapes and the offset
+    values that are not finite. With drop_head, a classifier of another class count is left out
+    (fine-tuning on a new label set); otherwise a different class count is an error. The model's
+    keys in `fresh` may be missing from state (they keep their initialisation). Reads only shapes and the offset
     buffers, so model may be built under paddle.LazyGuard."""
     expected = model.state_dict()
     file_classes = state['head.bias'].shape[0] if 'head.bias' in state else None
@@ -132,7 +132,7 @@ def fitting_state(model: CycleNet, state: Dict[str, np.ndarray], source: str = '
         state = {key: value for key, value in state.items() if not key.startswith('head.')}
         expected = {key: value for key, value in expected.items() if not key.startswith('head.')}
     problems = []
-    for kind, keys in (('missing', sorted(set(expected) - set(state))),
+    for kind, keys in (('missing', sorted(set(expected) - set(state) - set(fresh))),
                        ('unexpected', sorted(set(state) - set(expected)))):
         if keys:
             problems.append(f'{kind} keys ({len(keys)}): {", ".join(map(describe, keys[:MAX_LISTED]))}'
@@ -155,10 +155,10 @@ def fitting_state(model: CycleNet, state: Dict[str, np.ndarray], source: str = '
 
 
 def load_state(model: CycleNet, state: Dict[str, np.ndarray], source: str = 'weights',
-               drop_head: bool = False) -> Optional[int]:
+               drop_head: bool = False, fresh: Sequence[str] = ()) -> Optional[int]:
     """Load a Paddle-layout state dict into model (see fitting_state); returns the class count
     of a head left out with drop_head, else None."""
-    loaded = fitting_state(model, state, source, drop_head)
+    loaded = fitting_state(model, state, source, drop_head, fresh)
     parameters = model.state_dict()
     for key, value in loaded.items():
         parameters[key].set_value(paddle.to_tensor(value, dtype=parameters[key].dtype))
@@ -212,6 +212,40 @@ def load_model(weights: str, name: Optional[str] = None, ema: bool = False, drop
     model = CycleNet(**architecture, **kwargs)
     load_state(model, state, source=weights, drop_head=drop_head)
     return model, meta
+
+
+def create_backbone(name: str, weights: Optional[str] = None, fork_last3: bool = False,
+                    drop_path_rate: float = 0.0) -> Tuple[CycleNet, str]:
+    """(model, what was loaded) for the official feature backbone of variant `name` (the
+    official CycleMLP_Bx_feat: CycleNet(fork_feat=True), see cyclemlp.py), for detection and
+    segmentation. weights: none (fresh), ImageNet weights (any file load_model reads, or a
+    variant name for the official ones: the classifier and its norm are dropped, the four output
+    norms start fresh), or a dense checkpoint of the official backbone (an mmseg/mmdet file,
+    whose 'state_dict' holds it under 'backbone.'; its neck and head are left out)."""
+    check_name(name)
+    model = CycleNet(**ARCHITECTURES[name], drop_path_rate=drop_path_rate, fork_feat=True, fork_last3=fork_last3)
+    return model, 'fresh' if weights is None else load_backbone(model, weights)
+
+
+def load_backbone(model: CycleNet, weights: str) -> str:
+    """Load weights into a feature backbone (create_backbone); returns what was loaded and what
+    was left out, in words."""
+    state, _ = read_state(weights)
+    notes = []
+    if any(key.startswith('backbone.') for key in state):
+        others = sorted({key.split('.')[0] for key in state if not key.startswith('backbone.')})
+        state = {key[len('backbone.'):]: value for key, value in state.items() if key.startswith('backbone.')}
+        notes.append('its backbone' + (f' (left out: {", ".join(map(describe, others))})' if others else ''))
+    classifier = sorted(key for key in state if key.split('.')[0] in ('head', 'norm'))
+    output_norms = [key for key in model.state_dict() if key.split('.')[0] in ('norm0', 'norm2', 'norm4', 'norm6')]
+    if classifier:
+        state = {key: value for key, value in state.items() if key not in classifier}
+        notes.append(f'dropped {", ".join(classifier)} (the classifier)')
+    fresh = [key for key in output_norms if key not in state]
+    load_state(model, state, weights, fresh=fresh)
+    if fresh:
+        notes.append(f'{", ".join(sorted({key.split(".")[0] for key in fresh}))} start fresh')
+    return f'{weights}: ' + '; '.join(notes or ['every tensor'])
 
 
 def count_parameters(model: nn.Layer) -> int:

@@ -1,0 +1,64 @@
+"""CycleMLP's feature backbones for PaddleDetection: importing this module registers the backbone
+class CycleMLPFeat with PaddleDetection (it imports ppdet; nothing else in this repo does).
+
+    # in PaddleDetection's tools/train.py (or your script), before the config is read:
+    import paddledet_backbone  # noqa: F401
+
+    architecture: RetinaNet
+    RetinaNet:
+      backbone: CycleMLPFeat
+      neck: FPN
+      head: RetinaHead
+    CycleMLPFeat:
+      variant: CycleMLP_B1
+      pretrained: CycleMLP_B1       # ImageNet weights: a file, or the official ones by name
+      fork_last3: true              # RetinaNet uses strides 8, 16, 32 (the official FORK_LAST3=1)
+      return_idx: [1, 2, 3]
+    FPN:
+      out_channel: 256
+      spatial_scales: [0.125, 0.0625, 0.03125]
+      extra_stage: 2
+      has_extra_convs: true
+      use_c5: false
+
+The backbone wraps zoo.create_backbone's model (the official feature model); `out_shape` gives
+PaddleDetection the channels and stride of each returned map, forward reads inputs['image'].
+Tested with PaddleDetection 2.6.0 on Paddle 2.6.2 (tests/test_dense_toolkits.py).
+"""
+from typing import List, Optional, Sequence
+
+import paddle.nn as nn
+from ppdet.core.workspace import register, serializable
+from ppdet.modeling.shape_spec import ShapeSpec
+from ppdet.utils.logger import setup_logger
+
+import zoo
+
+STRIDES = (4, 8, 16, 32)
+logger = setup_logger(__name__)
+
+
+@register
+@serializable
+class CycleMLPFeat(nn.Layer):
+    """The feature maps of stages `return_idx` (0..3, strides 4..32) of a CycleMLP variant."""
+    __shared__ = []
+
+    def __init__(self, variant: str = 'CycleMLP_B1', pretrained: Optional[str] = None,
+                 fork_last3: bool = True, return_idx: Sequence[int] = (1, 2, 3), drop_path_rate: float = 0.0):
+        super().__init__()
+        if not (return_idx and all(index in range(4) for index in return_idx)):
+            raise ValueError(f'CycleMLPFeat: return_idx must be stage indices in 0..3, got {return_idx!r}')
+        self.body, loaded = zoo.create_backbone(variant, pretrained, fork_last3, drop_path_rate)
+        if pretrained is not None:
+            logger.info(f'CycleMLPFeat: {loaded}')
+        self.return_idx = list(return_idx)
+
+    def forward(self, inputs: dict) -> List:
+        maps = self.body(inputs['image'])
+        return [maps[index] for index in self.return_idx]
+
+    @property
+    def out_shape(self) -> List[ShapeSpec]:
+        return [ShapeSpec(channels=self.body.feat_channels[index], stride=STRIDES[index])
+                for index in self.return_idx]

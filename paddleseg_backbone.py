@@ -1,0 +1,42 @@
+"""CycleMLP's feature backbones for PaddleSeg: importing this module registers CycleMLP_B1_feat ..
+CycleMLP_B5_feat as PaddleSeg backbones (it imports PaddleSeg; nothing else in this repo does).
+
+    # in PaddleSeg's tools/train.py (or your script), before the config is read:
+    import paddleseg_backbone  # noqa: F401
+
+    model:                              # the paper's segmentation model is Semantic FPN;
+      type: PFPNNet                     # PaddleSeg's PFPNNet is the same FPN head
+      backbone:
+        type: CycleMLP_B1_feat
+        pretrained: CycleMLP_B1         # ImageNet weights: a file, or the official ones by name
+      backbone_indices: [0, 1, 2, 3]
+      fpn_inplanes: [64, 128, 320, 512]
+      channels: 256
+      num_classes: 150
+
+A backbone is zoo.create_backbone's model: the official feature model (CycleNet(fork_feat=True)),
+`feat_channels` the widths of its four maps, forward returning them as a list of (B, C, H, W).
+Tested with PaddleSeg 2.8.0 on Paddle 2.6.2 (tests/test_dense_toolkits.py).
+"""
+from typing import Optional
+
+from paddleseg.cvlibs import manager
+from paddleseg.utils import logger
+
+import zoo
+from cyclemlp import ARCHITECTURES, CycleNet
+
+
+def backbone_factory(name: str):
+    def build(pretrained: Optional[str] = None, drop_path_rate: float = 0.0) -> CycleNet:
+        model, loaded = zoo.create_backbone(name, pretrained, drop_path_rate=drop_path_rate)
+        if pretrained is not None:
+            logger.info(f'{name}_feat: {loaded}')
+        return model
+    build.__name__ = f'{name}_feat'      # the name a config's `type:` gives
+    build.__doc__ = f'{name}\'s feature backbone for PaddleSeg (see the module doc).'
+    return build
+
+
+for variant in ARCHITECTURES:
+    manager.BACKBONES.add_component(backbone_factory(variant))
