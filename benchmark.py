@@ -91,10 +91,14 @@ def with_cycle_fc(model: nn.Layer, impl: str) -> nn.Layer:
 
 
 def as_impl(impl: str, step: Callable[[], None]) -> Callable[[], None]:
-    """step, run with fast_layers on for 'index' and off (the official computation) otherwise."""
+    """step, run with fast_layers on for 'index' and off (the official computation) otherwise;
+    the switch is put back afterwards (the deployed eager model runs as shipped)."""
     def run():
-        fast_layers.ENABLED = impl == 'index'
-        step()
+        shipped, fast_layers.ENABLED = fast_layers.ENABLED, impl == 'index'
+        try:
+            step()
+        finally:
+            fast_layers.ENABLED = shipped
     return run
 
 

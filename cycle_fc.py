@@ -64,9 +64,6 @@ class IndexCache:
             self._indices[key] = build()
         return self._indices[key]
 
-    def __len__(self) -> int:
-        return len(self._indices)
-
 
 def shifted_positions(height, width, channels: int, shifts: np.ndarray, along_width: bool,
                       outside=None) -> paddle.Tensor:
