@@ -38,6 +38,7 @@ NOT_RUN = {
     'pip install -r requirements.txt': 'CI has installed it',
     'python -m pytest -q tests': 'this is it',
     'python benchmark.py': 'minutes of timing, not a test',
+    'python benchmark.py --dense': 'the same',
     'python export.py --weights CycleMLP_B1 --output exported/b1 --onnx': 'the demo export runs the same code, '
                                                                           'at B1 it takes half a minute',
     'python export.py --weights CycleMLP_B1 --output exported/b1_any --dynamic-size': 'the same',
