@@ -158,8 +158,9 @@ def _checked(path: str, published: Optional[str], check: Callable[[str], None], 
 
 
 def _write_record(path: str, digest: str) -> None:
+    folder, file_name = os.path.split(path)
     record = path + '.sha256'
-    temporary = f'{record}.{os.getpid()}{TEMPORARY_SUFFIX}'
+    temporary = os.path.join(folder, f'.{file_name}.sha256.{os.getpid()}{TEMPORARY_SUFFIX}')   # removed if stale
     with open(temporary, 'w', encoding='ascii') as file:
         file.write(f'{digest}  {os.path.basename(path)}\n')
     os.replace(temporary, record)
