@@ -24,11 +24,9 @@ import paddle
 import paddle.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
 
-from data import IMAGENET_MEAN, INTERPOLATIONS, check_interpolation, to_normalized_array
+from data import _RESAMPLING, IMAGENET_MEAN, INTERPOLATIONS, check_interpolation, to_normalized_array
 
-# Pillow renamed its enums in 9.1; the old module-level names are gone in some versions.
-_RESAMPLING = getattr(Image, 'Resampling', Image)
-_TRANSFORM = getattr(Image, 'Transform', Image)
+_TRANSFORM = getattr(Image, 'Transform', Image)   # Pillow 9.1 renamed its enums (see data._RESAMPLING)
 # timm's 'random' interpolation draws one of these per call.
 RANDOM_INTERPOLATIONS = (_RESAMPLING.BILINEAR, _RESAMPLING.BICUBIC)
 

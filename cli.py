@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import fcntl
 import io
+import logging
 import math
 import os
 import signal
@@ -32,12 +33,19 @@ def _import_paddle_quietly() -> None:
     if 'paddle' in sys.modules:
         return
     printed = io.StringIO()
-    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(printed):
-        warnings.simplefilter('always')
-        import paddle  # noqa: F401
-    for line in printed.getvalue().splitlines(keepends=True):
-        if not line.startswith(PADDLE_IMPORT_NOISE):
-            sys.stderr.write(line)
+    try:
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(printed):
+            warnings.simplefilter('always')
+            import paddle  # noqa: F401
+    finally:
+        # Paddle's loggers made their StreamHandlers during the import, on the stderr of then.
+        for logger in [logging.getLogger()] + list(logging.Logger.manager.loggerDict.values()):
+            for handler in getattr(logger, 'handlers', []):
+                if isinstance(handler, logging.StreamHandler) and handler.stream is printed:
+                    handler.setStream(sys.stderr)
+        for line in printed.getvalue().splitlines(keepends=True):
+            if not line.startswith(PADDLE_IMPORT_NOISE):
+                sys.stderr.write(line)
     for warning in caught:
         if PADDLE_IMPORT_WARNING not in str(warning.message):
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
@@ -52,7 +60,6 @@ from cyclemlp import ARCHITECTURES  # noqa: E402
 from data import (CROP_PCT_RANGE, DEFAULT_CROP_PCT, EVAL_DEFAULTS, INPUT_SIZE_RANGE, INTERPOLATIONS,  # noqa: E402
                   DatasetError, check_data_config)
 from weights import WeightsError, printable  # noqa: E402
-
 
 
 # Flags
@@ -184,9 +191,10 @@ _held = False
 
 
 def request_stop(signum, frame) -> None:
-    """SIGINT or SIGTERM: raise KeyboardInterrupt now, or at the end of a held_signals() block."""
+    """SIGINT or SIGTERM: raise KeyboardInterrupt now, or at the end of a held_signals() block;
+    a second signal raises at once."""
     stop_requested.append(signum)
-    if not _held:
+    if not _held or len(stop_requested) > 1:
         raise KeyboardInterrupt
 
 

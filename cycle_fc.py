@@ -117,8 +117,8 @@ class CycleFC(nn.Layer):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Sequence[int]):
         super().__init__()
         kernel_size = tuple(kernel_size) if isinstance(kernel_size, (tuple, list)) else kernel_size
-        if not (isinstance(kernel_size, tuple) and len(kernel_size) == 2 and min(kernel_size) == 1
-                and all(type(k) is int and k >= 1 for k in kernel_size)):
+        if not (isinstance(kernel_size, tuple) and len(kernel_size) == 2
+                and all(type(k) is int and k >= 1 for k in kernel_size) and min(kernel_size) == 1):
             raise ValueError(f'CycleFC: kernel_size must be (1, K) or (K, 1) with an integer K >= 1, '
                              f'got {kernel_size!r}')
         for name, value in (('in_channels', in_channels), ('out_channels', out_channels)):

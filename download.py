@@ -35,7 +35,7 @@ import urllib.error
 import urllib.request
 from typing import Callable, Optional
 
-from weights import WeightsError
+from weights import WeightsError, one_line, printable, sha256_of
 
 RELEASE_URL = 'https://github.com/ShoufaChen/CycleMLP/releases/download/v0.1'
 # name: (release file, its published sha256; None: the release publishes none)
@@ -84,14 +84,6 @@ def timeout() -> float:
     return seconds
 
 
-def sha256_of(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as file:
-        for chunk in iter(lambda: file.read(CHUNK), b''):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def official_weights(name: str, check: Callable[[str], None]) -> str:
     """The path of the cached official weights of variant `name`, downloading them first if the
     cache lacks them or holds a damaged copy. check(path) raises WeightsError unless the file
@@ -107,17 +99,17 @@ def official_weights(name: str, check: Callable[[str], None]) -> str:
         lock = open(os.path.join(folder, f'.{file_name}.lock'), 'a')
     except OSError as error:
         if os.path.isfile(path):             # a read-only cache: its file, checked, unrecorded
-            return _checked(path, published, check, record=False)
+            return _checked(path, _verified(path, published), check, record=False)
         raise DownloadError(f'cache folder {folder}: {error.strerror}; set {CACHE_VARIABLE} to a '
                             f'writable folder, or {by_hand}') from None
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)    # another process may be downloading it: wait for it
+        verified = _verified(path, published) if os.path.isfile(path) else False
+        if verified is not False:
+            return _checked(path, verified, check, record=True)
         if os.path.isfile(path):
-            if _verified(path, published) is not False:
-                return _checked(path, published, check, record=True)
-            print(f'{path} does not match its {"published" if published else "recorded"} sha256 '
-                  '(damaged): downloading it again', file=sys.stderr)
-            os.remove(path)
+            print(f'{printable(path)} does not match its {"published" if published else "recorded"} '
+                  'sha256 (damaged): downloading it again', file=sys.stderr)   # it is replaced once the new one is checked
         for entry in os.listdir(folder):    # what downloads killed before their end left
             if entry.startswith(f'.{file_name}.') and entry.endswith(TEMPORARY_SUFFIX):
                 os.remove(os.path.join(folder, entry))
@@ -141,9 +133,9 @@ def _recorded(path: str) -> Optional[str]:
     return digest if len(digest) == 64 and all(c in '0123456789abcdef' for c in digest) else None
 
 
-def _checked(path: str, published: Optional[str], check: Callable[[str], None], record: bool) -> str:
-    """path, once it matches its sha256 or, unrecorded, passes check (and is then recorded)."""
-    verified = _verified(path, published)
+def _checked(path: str, verified: Optional[bool], check: Callable[[str], None], record: bool) -> str:
+    """path, once it matched its sha256 (verified, from _verified) or, unrecorded (None), passes
+    check (and is then recorded)."""
     if verified is False:
         raise DownloadError(f'{path} is damaged (it does not match its sha256); delete it to '
                             'download it again')
@@ -159,11 +151,16 @@ def _checked(path: str, published: Optional[str], check: Callable[[str], None], 
 
 def _write_record(path: str, digest: str) -> None:
     folder, file_name = os.path.split(path)
-    record = path + '.sha256'
     temporary = os.path.join(folder, f'.{file_name}.sha256.{os.getpid()}{TEMPORARY_SUFFIX}')   # removed if stale
-    with open(temporary, 'w', encoding='ascii') as file:
-        file.write(f'{digest}  {os.path.basename(path)}\n')
-    os.replace(temporary, record)
+    try:
+        with open(temporary, 'w', encoding='ascii') as file:
+            file.write(f'{digest}  {file_name}\n')
+        os.replace(temporary, path + '.sha256')
+    except OSError as error:
+        raise DownloadError(f'{path}.sha256: cannot write ({error.strerror})') from None
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
 
 
 def _download(name: str, path: str, published: Optional[str], check: Callable[[str], None],
@@ -190,8 +187,11 @@ def _download(name: str, path: str, published: Optional[str], check: Callable[[s
 def _fetch(url: str, temporary: str, by_hand: str) -> str:
     """Stream url into temporary; its sha256, or DownloadError."""
     seconds = timeout()
-    request = urllib.request.Request(url, headers={'User-Agent': 'cyclemlp-paddle'})
     written = 0
+    try:
+        request = urllib.request.Request(url, headers={'User-Agent': 'cyclemlp-paddle'})
+    except ValueError as error:     # a mirror that is not a URL
+        raise DownloadError(f'{printable(url)}: not a URL ({one_line(error)}); check {MIRROR_VARIABLE}') from None
     try:
         with urllib.request.urlopen(request, timeout=seconds) as response:
             if 'html' in response.headers.get('Content-Type', ''):
@@ -200,13 +200,15 @@ def _fetch(url: str, temporary: str, by_hand: str) -> str:
             expected = int(length) if length and length.isdigit() else None
             digest = hashlib.sha256()
             progress = Progress(os.path.basename(url), expected)
-            with open_for_writing(temporary, by_hand) as file:
-                for chunk in iter(lambda: response.read(CHUNK), b''):
-                    write(file, chunk, by_hand)
-                    digest.update(chunk)
-                    written += len(chunk)
-                    progress.update(written)
-            progress.close()
+            try:
+                with open_for_writing(temporary, by_hand) as file:
+                    for chunk in iter(lambda: response.read(CHUNK), b''):
+                        write(file, chunk, by_hand)
+                        digest.update(chunk)
+                        written += len(chunk)
+                        progress.update(written)
+            finally:
+                progress.close()        # so that an error starts on a line of its own
     except DownloadError:
         raise
     except urllib.error.HTTPError as error:
@@ -224,10 +226,6 @@ def _fetch(url: str, temporary: str, by_hand: str) -> str:
     if expected is not None and written != expected:
         raise DownloadError(f'{url}: the download ended after {written} of {expected} bytes; {by_hand}')
     return digest.hexdigest()
-
-
-def one_line(text) -> str:
-    return ' '.join(str(text).split())[:200]
 
 
 def open_for_writing(path: str, by_hand: str):

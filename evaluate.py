@@ -4,7 +4,7 @@
     ...
     * Acc@1 78.900 Acc@5 94.500 loss 0.912
 
-The weights may be anything `cyclemlp.load_model` reads (the official .pth release, a
+The weights may be anything `zoo.load_model` reads (the official .pth release, a
 .pdparams, a .safetensors file, a training checkpoint; `--ema` for its EMA weights); the model
 name and evaluation transform are taken from the file when it records them. Images are read as
 the official loader reads them (data.load_image: no EXIF rotation). Under

@@ -2,20 +2,23 @@
 
     python export.py --weights CycleMLP_B1.pth --output exported/ [--dynamic-size] [--onnx]
 
-writes the folder
+writes into the folder
     model.json (Paddle 3) or model.pdmodel (Paddle 2.x), model.pdiparams   for Paddle Inference
     model.onnx           with --onnx, converted by paddle2onnx (pip install paddle2onnx onnxruntime)
-    meta.json            model, input size, crop_pct, interpolation, mean, std, class names, checks
+    meta.json            model, input size, crop_pct, interpolation, mean, std, class names,
+                         the checks, and the sha256 of each file above
 The input is float32 'images' (N, 3, S, S) normalised as data.eval_transform does, N free;
 with --dynamic-size H and W are free too (the CycleFC gather indices are built in the graph
 from the input size). The output is the logits (N, classes).
 
-Nothing is trusted unchecked: before the folder is put in place, the Paddle model runs in Paddle
+Nothing is trusted unchecked: before the files are put in place, the Paddle model runs in Paddle
 Inference's predictor with its default CPU Config (oneDNN on, as deployments run it) and
 model.onnx in ONNX Runtime, and each must give the eager model's logits within 1e-4 of the
-largest logit (at a non-square size too, for --dynamic-size). meta.json records the check. The
-folder is written beside the target and renamed into place, so a failed or interrupted export
-leaves no partial folder and an earlier export stays intact until the new one is complete.
+largest logit (at a non-square size too, for --dynamic-size). meta.json records the check and
+the sha256 of every model file, which a reader checks (read_meta, checked_file). The export is
+built in a temporary folder inside the output and its files replace an earlier export's only
+once it is complete; files export.py did not write are never touched, and --output is locked
+while an export writes into it.
 
 This exports cleanly because CycleFC is plain gather and matmul ops; ports that compute it with
 deformable convolution have no ONNX equivalent for it.
@@ -23,7 +26,6 @@ deformable convolution have no ONNX equivalent for it.
 import argparse
 import contextlib
 import glob
-import hashlib
 import json
 import os
 import secrets
@@ -42,7 +44,7 @@ import paddle
 from cli import bounded, held_signals, locked, model_args_parser, resolve_data_config
 from cyclemlp import MAX_CLASSES, CycleNet
 from data import IMAGENET_MEAN, IMAGENET_STD, check_data_config
-from weights import WeightsError, describe, printable
+from weights import WeightsError, describe, one_line, printable, sha256_of
 from zoo import count_parameters, load_model, variant_name
 
 IMAGENET_CLASSES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'imagenet_classes.txt')
@@ -117,21 +119,6 @@ def read_regular_file(path: str, limit: int) -> bytes:
     return data
 
 
-def sha256_of(path: str) -> str:
-    """The sha256 of a regular file (WeightsError for a FIFO, device or folder)."""
-    try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError as error:
-        raise WeightsError(f'{path}: cannot read ({error.strerror}); export again') from None
-    digest = hashlib.sha256()
-    with os.fdopen(descriptor, 'rb') as file:
-        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-            raise WeightsError(f'{path}: not a regular file')
-        for chunk in iter(lambda: file.read(1 << 20), b''):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def read_meta(directory: str) -> dict:
     """DIR/meta.json, checked: num_classes, input_size, dynamic_size, crop_pct, interpolation,
     class_names (a list of num_classes strings, or null) and files (name: sha256)."""
@@ -185,7 +172,7 @@ def probed(run: Callable[[np.ndarray], np.ndarray], directory: str, meta: dict,
         logits = run(np.zeros((1, 3, size, size), np.float32))
     except Exception as error:   # the runtimes' own error types
         raise WeightsError(f'{directory}: the model does not run in {runtime} on the {size}x{size} '
-                           f'images meta.json records ({" ".join(str(error).split())[:160]})') from None
+                           f'images meta.json records ({one_line(error)})') from None
     if logits.shape != (1, meta['num_classes']):
         raise WeightsError(f'{directory}: the model gives {list(logits.shape)[1:]} outputs per image, '
                            f'meta.json records {meta["num_classes"]} classes')
@@ -210,8 +197,7 @@ def paddle_runner(directory: str, onednn: Optional[bool] = False) -> Callable[[n
     try:
         predictor = paddle.inference.create_predictor(config)
     except Exception as error:  # Paddle raises its own C++ error types for a damaged model
-        raise WeightsError(f'{directory}: Paddle Inference cannot load the model '
-                           f'({" ".join(str(error).split())[:200]})') from None
+        raise WeightsError(f'{directory}: Paddle Inference cannot load the model ({one_line(error)})') from None
     images = predictor.get_input_handle(predictor.get_input_names()[0])
     logits = predictor.get_output_handle(predictor.get_output_names()[0])
 
@@ -239,7 +225,7 @@ def onnx_runner(directory: str) -> Callable[[np.ndarray], np.ndarray]:
     try:
         session = onnxruntime.InferenceSession(path, options, providers=['CPUExecutionProvider'])
     except Exception as error:  # onnxruntime's own exception types
-        raise WeightsError(f'{path}: ONNX Runtime cannot load it ({" ".join(str(error).split())[:200]})') from None
+        raise WeightsError(f'{path}: ONNX Runtime cannot load it ({one_line(error)})') from None
     run = lambda batch: session.run(None, {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})[0]  # noqa: E731
     return probed(run, directory, meta, 'ONNX Runtime')
 
@@ -293,18 +279,19 @@ def without_dead_nodes(model) -> None:
 
 
 def export_onnx(output: str, opset: int) -> None:
-    """Convert output's Paddle inference model to output/model.onnx with paddle2onnx."""
+    """Convert output's Paddle inference model (meta.json written) to output/model.onnx with
+    paddle2onnx."""
     import onnx
     import paddle2onnx
-    model_file = next(os.path.join(output, name) for name in MODEL_FILES if os.path.isfile(os.path.join(output, name)))
+    graph = os.path.join(output, model_file(read_meta(output)))
     # save_file=None returns the bytes; passing a path would also run paddle2onnx's optional
     # polygraphy pass, which tries to pip-install onnx_graphsurgeon when it is missing.
     try:
-        onnx_bytes = paddle2onnx.export(model_file, os.path.join(output, PARAMS_FILE), None, opset_version=opset)
+        onnx_bytes = paddle2onnx.export(graph, os.path.join(output, PARAMS_FILE), None, opset_version=opset)
     except Exception as error:  # paddle2onnx wraps its C++ errors in whatever it meets first
-        raise WeightsError(f'paddle2onnx could not convert {model_file}: {error}') from None
+        raise WeightsError(f'paddle2onnx could not convert {graph}: {one_line(error)}') from None
     if not onnx_bytes:
-        raise WeightsError(f'paddle2onnx could not convert {model_file} (see its log above)')
+        raise WeightsError(f'paddle2onnx could not convert {graph}')
     model = onnx.load_from_string(onnx_bytes)
     without_dead_nodes(model)
     onnx.save(model, os.path.join(output, ONNX_FILE))
@@ -313,7 +300,8 @@ def export_onnx(output: str, opset: int) -> None:
 def write_meta(folder: str, meta: dict) -> None:
     """meta.json, with the sha256 of every model file in folder, so that a reader can tie them
     to each other and to it."""
-    meta['files'] = {name: sha256_of(os.path.join(folder, name)) for name in EXPORT_FILES
+    known = meta.get('files', {})
+    meta['files'] = {name: known.get(name) or sha256_of(os.path.join(folder, name)) for name in EXPORT_FILES
                      if os.path.exists(os.path.join(folder, name))}
     with open(os.path.join(folder, META_FILE), 'w', encoding='utf-8') as file:
         json.dump(meta, file, indent=2)
@@ -332,16 +320,21 @@ def native_noise_dropped():
             os.dup2(captured.fileno(), 2)
             yield
         finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            for descriptor, original in zip((1, 2), saved):
-                os.dup2(original, descriptor)
-                os.close(original)
+            with held_signals():        # a Ctrl-C must not leave stdout and stderr in the file
+                sys.stdout.flush()
+                sys.stderr.flush()
+                for descriptor, original in zip((1, 2), saved):
+                    os.dup2(original, descriptor)
+                    os.close(original)
             captured.seek(0)
             for line in captured:
                 if not any(noise in line for noise in NATIVE_NOISE):
                     sys.stderr.buffer.write(line)
             sys.stderr.flush()
+
+
+class ParityError(WeightsError):
+    """An export that runs but does not give the eager model's logits."""
 
 
 def check_parity(model: CycleNet, run: Callable[[np.ndarray], np.ndarray], sizes, name: str) -> float:
@@ -355,16 +348,17 @@ def check_parity(model: CycleNet, run: Callable[[np.ndarray], np.ndarray], sizes
             expected = model(paddle.to_tensor(images)).numpy()
         difference = float(np.abs(run(images) - expected).max() / max(np.abs(expected).max(), 1e-12))
         if not difference <= PARITY_TOLERANCE:
-            raise WeightsError(f'{name} gives logits {difference:.2g} (relative) away from the eager '
+            raise ParityError(f'{name} gives logits {difference:.2g} (relative) away from the eager '
                                f'model at {height}x{width}; the export was not written')
         worst = max(worst, difference)
     return worst
 
 
 def earlier_export(output: str) -> List[str]:
-    """The files an earlier export in output wrote (its model files and meta.json), which a new
-    export may replace; WeightsError if output holds files of those names that export.py did not
-    write, or is not a folder. Anything else in the folder is left alone."""
+    """The files of an earlier export in output (those its meta.json lists, and meta.json),
+    which a new export may replace; WeightsError if output holds a file of an export's name that
+    no meta.json of export.py lists (the user's own), or is not a folder. Anything else in the
+    folder is left alone."""
     if not os.path.exists(output):
         return []
     if not os.path.isdir(output):
@@ -374,34 +368,27 @@ def earlier_export(output: str) -> List[str]:
         return []
     try:
         meta = json.loads(read_regular_file(os.path.join(output, META_FILE), MAX_META_BYTES))
-        ours = isinstance(meta, dict) and {'num_classes', 'input_size', 'parity'} <= set(meta)
-    except (WeightsError, ValueError, RecursionError):
-        ours = False
-    if not ours:
-        raise WeightsError(f'{output}: holds {", ".join(present)}, which export.py did not write; '
+        listed = set(meta['files']) | {META_FILE}
+    except (ValueError, RecursionError, TypeError, KeyError):   # no meta.json of this version's export
+        listed = set()
+    foreign = [name for name in present if name not in listed]
+    if foreign:
+        raise WeightsError(f'{output}: holds {", ".join(foreign)}, which export.py did not write; '
                            'choose another --output')
     return present
 
 
 def install(temporary: str, output: str, earlier: List[str]) -> None:
-    """Move the new export's files from temporary into output, meta.json last, and remove the
-    earlier export's files that the new one does not have. No other file is touched."""
+    """Move the new export's files from temporary into output, meta.json first, and remove the
+    earlier export's files that the new one does not have; no other file is touched. While the
+    files change a reader refuses the folder (they do not match meta.json), and an install killed
+    midway leaves a folder the next export replaces."""
     new = [name for name in EXPORT_FILES if os.path.exists(os.path.join(temporary, name))]
+    os.replace(os.path.join(temporary, META_FILE), os.path.join(output, META_FILE))
     for name in new:
         os.replace(os.path.join(temporary, name), os.path.join(output, name))
     for name in set(earlier) - set(new) - {META_FILE}:
         os.remove(os.path.join(output, name))
-    os.replace(os.path.join(temporary, META_FILE), os.path.join(output, META_FILE))
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:        # alive, someone else's
-        pass
-    return True
 
 
 def write_failure(folder: str, size: int) -> Optional[str]:
@@ -422,31 +409,12 @@ def write_failure(folder: str, size: int) -> Optional[str]:
             os.remove(probe)
 
 
-def main(args: argparse.Namespace) -> None:
-    cpu_setup.configure(args.threads)
-    if args.onnx:
-        try:  # checked before the slow export starts
-            import onnx  # noqa: F401
-            import onnxruntime  # noqa: F401
-            import paddle2onnx  # noqa: F401
-        except ImportError:
-            raise WeightsError('--onnx needs paddle2onnx, an optional dependency: '
-                               'pip install paddle2onnx onnxruntime') from None
-    output = os.path.abspath(args.output)
-    earlier_export(output)          # refused before the slow work, and again at the end
-    model, recorded = load_model(args.weights, args.model, ema=args.ema)
-    model.eval()
-    resolve_data_config(args, recorded.get('data_config'), args.weights)
-    sizes = [(args.input_size, args.input_size)]
-    if args.dynamic_size:
-        sizes.append((args.input_size - 32 if args.input_size > 64 else args.input_size + 32, args.input_size))
-    parent, name = os.path.split(output)
-    os.makedirs(parent, exist_ok=True)
-    for stale in glob.glob(os.path.join(parent, f'.{name}.*.export.tmp')):   # what a killed export left
-        if not process_alive(int(stale.rsplit('.', 3)[1])):
-            shutil.rmtree(stale, ignore_errors=True)
-    temporary = os.path.join(parent, f'.{name}.{os.getpid()}.export.tmp')
-    os.mkdir(temporary)             # with the umask's mode, as the files in it (mkdtemp's is 0700)
+def build_export(model: CycleNet, output: str, args: argparse.Namespace, recorded: dict, sizes,
+                 earlier: List[str]) -> dict:
+    """Write the export into a temporary folder inside output, check it, install it; its meta."""
+    for stale in glob.glob(os.path.join(glob.escape(output), '.export.*.tmp')):   # what a killed export left
+        shutil.rmtree(stale, ignore_errors=True)     # (no other export runs: output is locked)
+    temporary = tempfile.mkdtemp(prefix='.export.', suffix='.tmp', dir=output)
     try:
         meta = dict(model_name=variant_name(model.config), model_args=model.config,
                     num_classes=model.num_classes, input_size=args.input_size,
@@ -469,16 +437,47 @@ def main(args: argparse.Namespace) -> None:
                     checks['onnxruntime'] = check_parity(model, onnx_runner(temporary), sizes, 'ONNX Runtime')
             meta['parity'] = {'tolerance': PARITY_TOLERANCE, 'sizes': sizes, 'max_difference': checks}
             write_meta(temporary, meta)
-        except (WeightsError, OSError):
-            problem = write_failure(temporary, 4 * count_parameters(model) + (16 << 20))
+        except (WeightsError, OSError) as error:
+            # A write paddle.jit.save did not report shows as a model that cannot be read back.
+            problem = None if isinstance(error, ParityError) else write_failure(
+                temporary, 4 * count_parameters(model) + (16 << 20))
             if problem:
                 raise WeightsError(f'{output}: cannot write the export ({problem})') from None
             raise
-        os.makedirs(output, exist_ok=True)
-        with locked(output, '--output', wait=True), held_signals():
-            install(temporary, output, earlier_export(output))
+        with held_signals():
+            install(temporary, output, earlier)
+        return meta
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
+
+
+def main(args: argparse.Namespace) -> None:
+    cpu_setup.configure(args.threads)
+    if args.onnx:
+        try:  # checked before the slow export starts
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+            import paddle2onnx  # noqa: F401
+        except ImportError:
+            raise WeightsError('--onnx needs paddle2onnx, an optional dependency: '
+                               'pip install paddle2onnx onnxruntime') from None
+    output = os.path.abspath(args.output)
+    earlier_export(output)          # refused before the slow work, and again at the end
+    model, recorded = load_model(args.weights, args.model, ema=args.ema)
+    model.eval()
+    resolve_data_config(args, recorded.get('data_config'), args.weights)
+    sizes = [(args.input_size, args.input_size)]
+    if args.dynamic_size:
+        sizes.append((args.input_size - 32 if args.input_size > 64 else args.input_size + 32, args.input_size))
+    created = not os.path.exists(output)
+    os.makedirs(output, exist_ok=True)
+    with locked(output, '--output', wait=True):     # another export into it: this one waits
+        try:
+            meta = build_export(model, output, args, recorded, sizes, earlier_export(output))
+        except BaseException:
+            if created and not os.listdir(output):
+                os.rmdir(output)
+            raise
     shape = 'N x 3 x H x W' if args.dynamic_size else f'N x 3 x {args.input_size} x {args.input_size}'
     print(f'exported {printable(args.weights)} ({shape} -> N x {model.num_classes}) to {printable(args.output)}: '
           + ', '.join(sorted(meta['files']) + [META_FILE]))

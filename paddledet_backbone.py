@@ -33,6 +33,7 @@ from ppdet.modeling.shape_spec import ShapeSpec
 from ppdet.utils.logger import setup_logger
 
 import zoo
+from weights import printable
 
 STRIDES = (4, 8, 16, 32)
 logger = setup_logger(__name__)
@@ -51,7 +52,7 @@ class CycleMLPFeat(nn.Layer):
             raise ValueError(f'CycleMLPFeat: return_idx must be stage indices in 0..3, got {return_idx!r}')
         self.body, loaded = zoo.create_backbone(variant, pretrained, fork_last3, drop_path_rate)
         if pretrained is not None:
-            logger.info(f'CycleMLPFeat: {loaded}')
+            logger.info(f'CycleMLPFeat: {printable(loaded)}')
         self.return_idx = list(return_idx)
 
     def forward(self, inputs: dict) -> List:

@@ -25,13 +25,14 @@ from paddleseg.utils import logger
 
 import zoo
 from cyclemlp import ARCHITECTURES, CycleNet
+from weights import printable
 
 
 def backbone_factory(name: str):
     def build(pretrained: Optional[str] = None, drop_path_rate: float = 0.0) -> CycleNet:
         model, loaded = zoo.create_backbone(name, pretrained, drop_path_rate=drop_path_rate)
         if pretrained is not None:
-            logger.info(f'{name}_feat: {loaded}')
+            logger.info(f'{name}_feat: {printable(loaded)}')
         return model
     build.__name__ = f'{name}_feat'      # the name a config's `type:` gives
     build.__doc__ = f'{name}\'s feature backbone for PaddleSeg (see the module doc).'

@@ -754,7 +754,7 @@ def train(args: argparse.Namespace, rank: int, world_size: int, writes_files: bo
 
 def interrupted_message(args: argparse.Namespace) -> str:
     saved = os.path.join(args.output_dir, CHECKPOINT_FILE) if args.output_dir else ''
-    return 'interrupted' + (f'; {saved} holds the last complete epoch (--resume auto continues)'
+    return 'interrupted' + (f'; {printable(saved)} holds the last complete epoch (--resume auto continues)'
                             if saved and os.path.isfile(saved) else '')
 
 

@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import argparse
 import collections
+import hashlib
 import json
 import math
 import os
 import pickle
 import reprlib
 import secrets
+import stat
 import struct
 import unicodedata
 import zipfile
@@ -72,6 +74,27 @@ def printable(text) -> str:
     that says what it holds."""
     return ''.join(character if unicodedata.category(character) not in ('Cc', 'Cf')
                    else repr(character)[1:-1] for character in str(text))
+
+
+def one_line(text, limit: int = 200) -> str:
+    """A message from elsewhere (a C++ error, a server), on one line, printable, bounded."""
+    return printable(' '.join(str(text).split()))[:limit]
+
+
+def sha256_of(path: str) -> str:
+    """The sha256 of a regular file; WeightsError for a FIFO, device or folder (it would block
+    or never end) or one that cannot be read."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as error:
+        raise WeightsError(f'{path}: cannot read ({error.strerror})') from None
+    digest = hashlib.sha256()
+    with os.fdopen(descriptor, 'rb') as file:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise WeightsError(f'{path}: not a regular file')
+        for chunk in iter(lambda: file.read(1 << 20), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def describe(value) -> str:

@@ -154,14 +154,19 @@ def fitting_state(model: CycleNet, state: Dict[str, np.ndarray], source: str = '
     return state
 
 
+def assign(model: nn.Layer, state: Dict[str, np.ndarray]) -> None:
+    """Set the model's tensors to state's arrays (checked by fitting_state)."""
+    parameters = model.state_dict()
+    for key, value in state.items():
+        parameters[key].set_value(paddle.to_tensor(value, dtype=parameters[key].dtype))
+
+
 def load_state(model: CycleNet, state: Dict[str, np.ndarray], source: str = 'weights',
                drop_head: bool = False, fresh: Sequence[str] = ()) -> Optional[int]:
     """Load a Paddle-layout state dict into model (see fitting_state); returns the class count
     of a head left out with drop_head, else None."""
     loaded = fitting_state(model, state, source, drop_head, fresh)
-    parameters = model.state_dict()
-    for key, value in loaded.items():
-        parameters[key].set_value(paddle.to_tensor(value, dtype=parameters[key].dtype))
+    assign(model, loaded)
     return state['head.bias'].shape[0] if 'head.bias' in state and 'head.bias' not in loaded else None
 
 
@@ -208,9 +213,9 @@ def load_model(weights: str, name: Optional[str] = None, ema: bool = False, drop
     kwargs.setdefault('num_classes', config['num_classes'])
     architecture = ARCHITECTURES[name] if name else {key: config[key] for key in ARCHITECTURE_KEYS}
     with paddle.LazyGuard():          # shapes only: a file must fit before memory is spent on it
-        fitting_state(CycleNet(**architecture, **kwargs), state, weights, drop_head)
+        loaded = fitting_state(CycleNet(**architecture, **kwargs), state, weights, drop_head)
     model = CycleNet(**architecture, **kwargs)
-    load_state(model, state, source=weights, drop_head=drop_head)
+    assign(model, loaded)
     return model, meta
 
 

@@ -61,7 +61,7 @@ def test_sigterm_mid_work_is_one_line_and_leaves_nothing(tmp_path):
     first_lines['evaluate'] += started['evaluate'].stdout.readline()     # its first step: the loop runs
     assert len(processes_mentioning(data)) == 2                           # the command and its worker
     deadline = time.time() + 60       # the export is mid-work once its temporary folder is there
-    while not list(tmp_path.glob('.exported.*.export.tmp')) and time.time() < deadline:
+    while not list(tmp_path.glob('exported/.export.*.tmp')) and time.time() < deadline:
         time.sleep(0.01)
     for process in started.values():
         process.send_signal(signal.SIGTERM)

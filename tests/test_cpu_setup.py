@@ -34,7 +34,7 @@ def run_python(code, cores=None, **variables):
 # and glibc's allocator; both are recorded. The allocator is also checked by what it does: 256
 # MiB allocated and freed go back to the system.
 HOST = '''
-import ctypes, importlib, json, os, sys, warnings
+import ctypes, importlib, json, logging, os, signal, sys, warnings
 import numpy as np
 import paddle
 calls = []
@@ -53,8 +53,13 @@ def freed_memory_returned():
     return rss_mib() - start < 64
 
 def state():
+    handlers = [(name, repr(handler), getattr(handler, 'stream', None) in (None, sys.stderr, sys.stdout))
+                for name, logger in logging.Logger.manager.loggerDict.items()
+                for handler in getattr(logger, 'handlers', [])]
     return dict(environ=dict(os.environ), filters=[str(f) for f in warnings.filters],
-                freed_memory_returned=freed_memory_returned())
+                freed_memory_returned=freed_memory_returned(), handlers=handlers,
+                signals=[str(signal.getsignal(s)) for s in (signal.SIGINT, signal.SIGTERM)],
+                streams=[id(sys.stdout), id(sys.stderr)])
 
 before = state()
 for name in sys.argv[1:]:
@@ -78,6 +83,16 @@ def test_importing_the_library_changes_nothing_in_the_process(tmp_path, threads)
     assert report['calls'] == []
     assert report['imported'] == list(LIBRARY)
     assert report['after'] == report['before'] and report['before']['freed_memory_returned']
+
+
+def test_importing_the_commands_support_first_keeps_paddles_loggers_on_stderr():
+    """export imports cli, which imports Paddle with its notices filtered: the log handlers Paddle
+    makes during that import must write to the real stderr afterwards."""
+    code = ('import json, logging, sys, export, paddle; print(json.dumps([h.stream in (sys.stderr, sys.stdout) '
+            'for logger in logging.Logger.manager.loggerDict.values() for h in getattr(logger, "handlers", []) '
+            'if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]))')
+    streams = run_python(code)
+    assert streams and all(streams)
 
 
 CONFIGURE = ('import json, os, cpu_setup; s = cpu_setup.configure(); '

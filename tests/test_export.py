@@ -194,6 +194,10 @@ def test_export_writes_beside_other_files_and_never_over_them(exports, tmp_path,
         export_in_process(str(weights), output, "--input-size", "32")
         assert {"notes.txt", "my.pdparams", "meta.json", "model.pdiparams"} <= set(os.listdir(output))
     assert (output / "notes.txt").read_text() == "keep me"
+    (output / "model.onnx").write_bytes(b"the user's own model")   # a name export.py uses, not written by it
+    with pytest.raises(WeightsError, match="holds model.onnx, which export.py did not write"):
+        export_in_process(str(weights), output, "--input-size", "32")
+    assert (output / "model.onnx").read_bytes() == b"the user's own model"
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "model.pdiparams").write_bytes(b"someone else's")

@@ -91,3 +91,8 @@ def test_the_fast_path_is_float32_on_the_cpu_in_eager_mode_only():
     assert fast_layers.on_fast_cpu_path(x)
     assert not fast_layers.on_fast_cpu_path(x.astype('float64'))
     assert not fast_layers.on_fast_cpu_path(x.astype('float16'))
+    fast_layers.ENABLED = False
+    try:
+        assert not fast_layers.on_fast_cpu_path(x)
+    finally:
+        fast_layers.ENABLED = True
