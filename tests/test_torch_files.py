@@ -24,3 +24,5 @@ def test_a_written_release_reads_like_one_torch_wrote(tmp_path):
     with zipfile.ZipFile(OFFICIAL_RELEASE_LAYOUT) as real, zipfile.ZipFile(path) as ours:
         assert {info.compress_type for info in ours.infolist()} == {info.compress_type for info in real.infolist()}
         assert sum(name.count('/data/') for name in ours.namelist()) == len(state)
+        records = lambda archive: {name.split('/', 1)[1] for name in archive.namelist() if '/data/' not in name}  # noqa: E731
+        assert records(ours) <= records(real)            # data.pkl, byteorder, version: torch.load needs them

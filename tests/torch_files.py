@@ -4,8 +4,9 @@ official layout that cannot be committed (hostile ones, or a release-sized one).
 What torch.save writes, as the real files in tests/fixtures/ show: a zip archive, every member
 stored uncompressed, holding <root>/data.pkl (a protocol-2 pickle in which each tensor is
 torch._utils._rebuild_tensor_v2 of a persistent id ('storage', torch.FloatStorage, key,
-'cpu', numel)), <root>/data/<key> (the storage bytes, little-endian) and <root>/byteorder.
-tests/test_torch_files.py checks that a file written here reads back like the real fixture.
+'cpu', numel)), <root>/data/<key> (the storage bytes, little-endian), <root>/byteorder and
+<root>/version. tests/test_torch_files.py checks that a file written here reads back like the
+real fixture; real torch.load (weights_only=True) reads it too (checked by hand, torch 2.14.1).
 """
 import struct
 import zipfile
@@ -51,6 +52,7 @@ def write_torch_zip(path: Path, data_pkl: bytes, storages: dict, byteorder: byte
         archive.writestr(f'{root}/byteorder', byteorder)
         for key, raw in storages.items():
             archive.writestr(f'{root}/data/{key}', raw)
+        archive.writestr(f'{root}/version', '3\n')       # torch.load requires it
 
 
 def write_release(path: Path, torch_state: dict) -> None:
