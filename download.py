@@ -35,7 +35,7 @@ import urllib.error
 import urllib.request
 from typing import Callable, Optional
 
-from weights import WeightsError, one_line, printable, sha256_of
+from weights import WeightsError, one_line, printable, remove_stale_temporaries, sha256_of
 
 RELEASE_URL = 'https://github.com/ShoufaChen/CycleMLP/releases/download/v0.1'
 # name: (release file, its published sha256; None: the release publishes none)
@@ -52,7 +52,7 @@ TIMEOUT_VARIABLE = 'CYCLEMLP_TIMEOUT'
 DEFAULT_TIMEOUT = 30.0           # seconds to connect, and for each read
 CHUNK = 1 << 20
 PROGRESS_INTERVAL = 0.2          # seconds between progress bar updates
-TEMPORARY_SUFFIX = '.part'
+TEMPORARY_SUFFIX = '.tmp'   # as weights.py's writes: remove_stale_temporaries finds them
 
 
 class DownloadError(WeightsError):
@@ -110,9 +110,7 @@ def official_weights(name: str, check: Callable[[str], None]) -> str:
         if os.path.isfile(path):
             print(f'{printable(path)} does not match its {"published" if published else "recorded"} '
                   'sha256 (damaged): downloading it again', file=sys.stderr)   # it is replaced once the new one is checked
-        for entry in os.listdir(folder):    # what downloads killed before their end left
-            if entry.startswith(f'.{file_name}.') and entry.endswith(TEMPORARY_SUFFIX):
-                os.remove(os.path.join(folder, entry))
+        remove_stale_temporaries(path)      # what downloads killed before their end left
         _download(name, path, published, check, by_hand)
     return path
 

@@ -30,7 +30,6 @@ import json
 import os
 import secrets
 import shutil
-import stat
 import sys
 import tempfile
 import warnings
@@ -44,7 +43,7 @@ import paddle
 from cli import bounded, held_signals, locked, model_args_parser, resolve_data_config
 from cyclemlp import MAX_CLASSES, CycleNet
 from data import IMAGENET_MEAN, IMAGENET_STD, check_data_config
-from weights import WeightsError, describe, one_line, printable, sha256_of
+from weights import WeightsError, describe, one_line, open_regular_file, printable, sha256_of
 from zoo import count_parameters, load_model, variant_name
 
 IMAGENET_CLASSES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'imagenet_classes.txt')
@@ -105,14 +104,7 @@ def default_class_names(stored: Optional[Sequence[str]], num_classes: int) -> Op
 def read_regular_file(path: str, limit: int) -> bytes:
     """The bytes of a regular file no larger than limit; WeightsError for anything else (a FIFO
     would block the read forever, /dev/zero would fill the memory)."""
-    try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError as error:
-        raise WeightsError(f'{path}: cannot read ({error.strerror}); expected a folder written by '
-                           'export.py') from None
-    with os.fdopen(descriptor, 'rb') as file:
-        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-            raise WeightsError(f'{path}: not a regular file')
+    with open_regular_file(path) as file:
         data = file.read(limit + 1)
     if len(data) > limit:
         raise WeightsError(f'{path}: larger than the {limit >> 20} MiB export.py ever writes')
@@ -123,6 +115,9 @@ def read_meta(directory: str) -> dict:
     """DIR/meta.json, checked: num_classes, input_size, dynamic_size, crop_pct, interpolation,
     class_names (a list of num_classes strings, or null) and files (name: sha256)."""
     path = os.path.join(directory, META_FILE)
+    if not os.path.lexists(path):
+        raise WeightsError(f'{path}: cannot read (No such file or directory); expected a folder written '
+                           'by export.py')
     data = read_regular_file(path, MAX_META_BYTES)
     try:
         meta = json.loads(data)

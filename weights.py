@@ -81,17 +81,25 @@ def one_line(text, limit: int = 200) -> str:
     return printable(' '.join(str(text).split()))[:limit]
 
 
-def sha256_of(path: str) -> str:
-    """The sha256 of a regular file; WeightsError for a FIFO, device or folder (it would block
-    or never end) or one that cannot be read."""
+def open_regular_file(path: str):
+    """path opened for reading if it is a regular file; WeightsError for a FIFO, device or
+    folder (a read would block forever or never end) or a file that cannot be opened. Opened
+    without blocking, then checked, so that a FIFO swapped in after a check cannot hang it."""
     try:
         descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as error:
         raise WeightsError(f'{path}: cannot read ({error.strerror})') from None
+    file = os.fdopen(descriptor, 'rb')
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        file.close()
+        raise WeightsError(f'{path}: not a regular file')
+    return file
+
+
+def sha256_of(path: str) -> str:
+    """The sha256 of a regular file (open_regular_file)."""
     digest = hashlib.sha256()
-    with os.fdopen(descriptor, 'rb') as file:
-        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-            raise WeightsError(f'{path}: not a regular file')
+    with open_regular_file(path) as file:
         for chunk in iter(lambda: file.read(1 << 20), b''):
             digest.update(chunk)
     return digest.hexdigest()

@@ -292,7 +292,7 @@ def test_a_download_stopped_midway_never_becomes_the_file(tmp_path, server, stop
                if stop == signal.SIGTERM else [sys.executable, '-c', FETCH, NAME])
     process = subprocess.Popen(command, env=environment(folder, server, 'slow'), stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 30
-    while not any(name.endswith('.part') and (folder / name).stat().st_size > 0
+    while not any(name.endswith('.tmp') and (folder / name).stat().st_size > 0
                   for name in (os.listdir(folder) if folder.exists() else [])) and time.time() < deadline:
         time.sleep(0.02)
     process.send_signal(stop)
@@ -301,7 +301,7 @@ def test_a_download_stopped_midway_never_becomes_the_file(tmp_path, server, stop
         assert (process.returncode, stderr) == (128 + signal.SIGTERM, 'interrupted\n')
     else:
         assert process.returncode == -stop or (stop == signal.SIGINT and 'KeyboardInterrupt' in stderr)
-    left = [name for name in os.listdir(folder) if name.endswith('.part')]
+    left = [name for name in os.listdir(folder) if name.endswith('.tmp')]
     assert FILE not in os.listdir(folder) and len(left) == (1 if stop == signal.SIGKILL else 0)
     result = subprocess.run([sys.executable, '-c', FETCH, NAME], env=environment(folder, server),
                             capture_output=True, text=True, timeout=60)
@@ -319,7 +319,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, server):
     result = subprocess.run([sys.executable, '-c', FETCH, NAME], env=environment(folder, server), preexec_fn=limit,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
-    assert re.fullmatch(rf'error: {re.escape(str(folder))}/\.{FILE}\.\d+\.part: cannot write the download '
+    assert re.fullmatch(rf'error: {re.escape(str(folder))}/\.{FILE}\.\d+\.tmp: cannot write the download '
                         rf'\(File too large\); download .* by hand and put it at {re.escape(str(folder / FILE))}\n',
                         result.stderr), result.stderr
     assert os.listdir(folder) == [f'.{FILE}.lock']
