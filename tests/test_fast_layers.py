@@ -65,6 +65,9 @@ def test_fused_mixer_is_used_unless_maps_are_small(monkeypatch):
     mixer(paddle.zeros([1, 2, 4, 24]))     # 3 * 8 pixels >= 24 channels: fused
     mixer(paddle.zeros([1, 1, 7, 24]))     # 3 * 7 < 24: the official forward
     assert calls == [[1, 2, 4, 24]]
+    mixer.to(dtype='float64')               # off the float32 CPU path (as on GPU or under AMP)
+    mixer(paddle.zeros([1, 2, 4, 24], dtype='float64'))
+    assert calls == [[1, 2, 4, 24]]
 
 
 def test_the_switch_leaves_the_official_computation(monkeypatch):
