@@ -13,6 +13,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+# The test process computes as every command does (threads, and MKL's code path on AMD, which
+# MKL fixes at its first use): results of a command run in a subprocess and of the same code run
+# in this process are then equal on every processor, whatever test ran first.
+import cpu_setup  # noqa: E402
+
+cpu_setup.configure()
+
 # Base colour per class, so images of different classes really differ.
 CLASS_COLOURS = ((200, 40, 40), (40, 160, 60), (50, 70, 210), (190, 170, 30), (120, 40, 160))
 
