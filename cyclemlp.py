@@ -23,6 +23,7 @@ import math
 import numbers
 from typing import List, Sequence
 
+import zlib  # noqa: F401  before Paddle: Paddle 2.6 bundles a zlib that crashes one loaded after it
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
@@ -203,7 +204,10 @@ class CycleNet(nn.Layer):
 
 
 def init_weights(layer: nn.Layer) -> None:
-    """The official init: Linear and CycleFC weights N(0, .02), biases 0, LayerNorm 1 and 0."""
+    """The official init: Linear and CycleFC weights N(0, .02) (timm's trunc_normal_ cuts at
+    +-2, 100 std away), biases 0, LayerNorm 1 and 0. The official code leaves its Conv2d layers
+    (stem and downsamples) at PyTorch's default, kaiming_uniform(a=sqrt(5)): weight and bias
+    uniform in +-1/sqrt(fan_in), fan_in = in_channels * kernel area; Paddle's default differs."""
     if isinstance(layer, (nn.Linear, CycleFC)):
         TRUNC_NORMAL(layer.weight)
         if layer.bias is not None:
@@ -211,6 +215,10 @@ def init_weights(layer: nn.Layer) -> None:
     elif isinstance(layer, nn.LayerNorm):
         ONES(layer.weight)
         ZEROS(layer.bias)
+    elif isinstance(layer, nn.Conv2D):
+        bound = 1.0 / math.sqrt(math.prod(layer.weight.shape[1:]))
+        nn.initializer.Uniform(-bound, bound)(layer.weight)
+        nn.initializer.Uniform(-bound, bound)(layer.bias)
 
 
 # The five variants of the paper's Table 1 (the official factories' arguments).
