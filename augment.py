@@ -20,6 +20,7 @@ import re
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
+import zlib  # noqa: F401  before Paddle: Paddle 2.6 bundles a zlib that crashes one loaded after it
 import paddle
 import paddle.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps

@@ -32,6 +32,7 @@ def _import_paddle_quietly() -> None:
     """Import Paddle with the notices above dropped and anything else it prints passed on."""
     if 'paddle' in sys.modules:
         return
+    import zlib  # noqa: F401  before Paddle: Paddle 2.6 bundles a zlib that crashes one loaded after it
     printed = io.StringIO()
     try:
         with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(printed):

@@ -32,6 +32,7 @@ import platform
 from dataclasses import dataclass
 from typing import Dict, Optional
 
+import zlib  # noqa: F401  before Paddle: Paddle 2.6 bundles a zlib that crashes one loaded after it
 import paddle
 
 AMD_MKL_VARIABLE, AMD_MKL_VALUE = 'MKL_DEBUG_CPU_TYPE', '5'

@@ -21,6 +21,7 @@ precomputed flat index, and the FC is one matmul, both on channel-last tensors.
 from typing import Callable, Dict, Sequence, Tuple
 
 import numpy as np
+import zlib  # noqa: F401  before Paddle: Paddle 2.6 bundles a zlib that crashes one loaded after it
 import paddle
 import paddle.nn as nn
 

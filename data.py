@@ -26,6 +26,7 @@ import threading
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import zlib  # noqa: F401  before Paddle: Paddle 2.6 bundles a zlib that crashes one loaded after it
 import paddle
 from PIL import Image, ImageOps
 

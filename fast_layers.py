@@ -36,6 +36,7 @@ Two kinds of speed-up:
   largest map of each block); per-image weights are built from expanded operands (Paddle's
   broadcasting multiply is 20x slower than on equal shapes).
 """
+import zlib  # noqa: F401  before Paddle: Paddle 2.6 bundles a zlib that crashes one loaded after it
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
