@@ -84,6 +84,15 @@ def bounded(kind: type, low=None, high=None, low_open: bool = False, high_open: 
     return parse
 
 
+def device_name(text: str) -> str:
+    """An argparse type: a device as Paddle names it ('cpu', 'gpu', 'gpu:N'), from that or from
+    PyTorch's name ('cuda', 'cuda:N')."""
+    name = 'gpu' + text[len('cuda'):] if text.startswith('cuda') else text
+    if not (name in ('cpu', 'gpu') or (name.startswith('gpu:') and name[4:].isdigit() and len(name) < 10)):
+        raise argparse.ArgumentTypeError(f'expected cpu, gpu, gpu:N, cuda or cuda:N, got {text[:40]!r}')
+    return name
+
+
 def model_args_parser(training: bool = False) -> argparse.ArgumentParser:
     """The model, its evaluation transform and the CPU threads: every command's flags.
 
@@ -110,6 +119,10 @@ def model_args_parser(training: bool = False) -> argparse.ArgumentParser:
     group.add_argument('--interpolation', '--eval-interpolation', dest='eval_interpolation',
                        default='bicubic' if training else None, choices=list(INTERPOLATIONS),
                        help=f'resampling of the evaluation resize (default: {recorded}bicubic)')
+    group.add_argument('--device', type=device_name, default=None,
+                       help='cpu, gpu (under the launcher: each rank\'s own GPU) or gpu:N; cuda and '
+                            'cuda:N, the official spellings, are the same (default: Paddle\'s '
+                            'default device, a GPU when Paddle has CUDA and one is visible)')
     group.add_argument('--threads', type=bounded(int, 1, cpu_setup.MAX_THREADS), default=None,
                        help='CPU threads of the compute kernels; no effect on GPU (default: '
                             'OMP_NUM_THREADS if set, else every core this process may use, '
@@ -173,7 +186,8 @@ def locked(folder: str, flag: str, wait: bool = False):
 
 
 # The errors a command reports as one line: what the user gave is wrong, or the system refused.
-USER_ERRORS = (WeightsError, DatasetError, OSError, InUseError, cpu_setup.ThreadSettingError, FloatingPointError)
+USER_ERRORS = (WeightsError, DatasetError, OSError, InUseError, cpu_setup.ThreadSettingError,
+               cpu_setup.DeviceError, FloatingPointError)
 
 
 # Distributed set-up

@@ -128,10 +128,29 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(M_MMAP_THRESHOLD, HEAP_LIMIT) and libc.mallopt(M_TRIM_THRESHOLD, HEAP_LIMIT))
 
 
-def configure(threads: Optional[int] = None) -> CpuSettings:
-    """Set up this process's CPU for the commands (see the module doc): threads (`threads`,
-    else the user's OMP_NUM_THREADS, else every available core), MKL's code path on AMD, and
-    glibc's allocator. Does nothing on GPU. Returns what it set (also in `settings`)."""
+class DeviceError(ValueError):
+    """A --device this Paddle cannot run on."""
+
+
+def select_device(device: str) -> None:
+    """paddle.set_device(device) ('cpu', 'gpu' or 'gpu:N'; the launcher's ranks take their own
+    GPU with 'gpu'), or DeviceError saying what is missing."""
+    if device.startswith('gpu') and not paddle.device.is_compiled_with_cuda():
+        raise DeviceError(f'--device {device}: this Paddle {paddle.__version__} was built without '
+                          'CUDA; install paddlepaddle-gpu (pip install -r requirements-gpu.txt)')
+    try:
+        paddle.set_device(device)
+    except (ValueError, RuntimeError) as error:   # no such GPU on this machine
+        raise DeviceError(f'--device {device}: {" ".join(str(error).split())[:200]}') from None
+
+
+def configure(threads: Optional[int] = None, device: Optional[str] = None) -> CpuSettings:
+    """Set up this process for the commands: the --device if given (else Paddle's default), and
+    on a CPU device (see the module doc) threads (`threads`, else the user's OMP_NUM_THREADS,
+    else every available core), MKL's code path on AMD, and glibc's allocator. Returns what it
+    set (also in `settings`)."""
+    if device is not None:
+        select_device(device)
     if not on_cpu():
         return settings
     settings.threads = threads or user_threads() or available_cores()

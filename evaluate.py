@@ -134,7 +134,7 @@ def check_classes(model, class_names: Optional[list], dataset, args) -> Optional
 
 
 def main(args: argparse.Namespace) -> Dict[str, float]:
-    cpu_setup.configure(args.threads)
+    cpu_setup.configure(args.threads, args.device)
     rank, world_size = init_distributed()
     model, meta = load_model(args.weights, args.model, ema=args.ema)
     resolve_data_config(args, meta.get('data_config'), args.weights)

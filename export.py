@@ -447,7 +447,7 @@ def build_export(model: CycleNet, output: str, args: argparse.Namespace, recorde
 
 
 def main(args: argparse.Namespace) -> None:
-    cpu_setup.configure(args.threads)
+    cpu_setup.configure(args.threads, args.device)
     if args.onnx:
         try:  # checked before the slow export starts
             import onnx  # noqa: F401

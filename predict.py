@@ -231,7 +231,7 @@ def format_result(result: dict) -> str:
 
 def main(args: argparse.Namespace) -> int:
     """Print predictions; return 0, or FAILED if any image could not be predicted."""
-    cpu_setup.configure(args.threads)
+    cpu_setup.configure(args.threads, args.device)
     predictor = exported_predictor(args) if args.inference_model else eager_predictor(args)
     failed = 0
     for result in predict(predictor, args.images, args.topk, args.batch_size):

@@ -101,8 +101,6 @@ OFFICIAL_NO_EFFECT = {
     '--data-set': ('IMNET', ('IMNET',), 'dataset; class folders or list files are read'),
     '--mcloader': (False, (False,), 'memcached loader, not implemented'),
     '--inat-category': ('name', None, 'iNaturalist granularity'),
-    '--device': ('cuda', None, 'device; Paddle runs on its default device (CUDA_VISIBLE_DEVICES, '
-                 'the launcher\'s --devices)'),
     '--start_epoch': (0, (0,), 'first epoch; --resume sets it'),
     '--dist-eval': (False, None, 'distributed evaluation, which evaluation here always is (each '
                     'image once)'),
@@ -580,11 +578,26 @@ def load_checkpoint(path: str, model: CycleNet, ema: Optional[ModelEma], optimiz
     return checkpoint
 
 
-def resolve_resume(args: argparse.Namespace) -> Optional[str]:
-    if args.resume != 'auto':
-        return args.resume
-    path = os.path.join(args.output_dir, CHECKPOINT_FILE)
-    return path if os.path.isfile(path) else None
+def resolve_resume(args: argparse.Namespace, world_size: int) -> Optional[str]:
+    """The checkpoint every rank resumes from: --resume, or for 'auto' OUTPUT/checkpoint.pdckpt
+    if rank 0 sees it. Rank 0 decides for all (the ranks must start at one epoch, or their
+    collective calls wait for each other forever), and a rank that cannot read the file rank 0
+    chose stops every rank with one line (machines without a shared --output-dir)."""
+    path = args.resume
+    if path == 'auto':
+        path = os.path.join(args.output_dir, CHECKPOINT_FILE)
+        found = paddle.to_tensor([int(os.path.isfile(path))])
+        if world_size > 1:
+            dist.broadcast(found, src=0)
+        if not found.item():
+            return None
+    if world_size > 1:
+        missing = paddle.to_tensor([int(not os.path.isfile(path))])
+        dist.all_reduce(missing)
+        if missing.item():
+            raise WeightsError(f'{path}: rank 0 resumes from it but {missing.item()} of {world_size} ranks '
+                               'cannot read it; put --output-dir on a file system every machine shares')
+    return path
 
 
 def prepare_output_dir(args: argparse.Namespace) -> None:
@@ -678,7 +691,7 @@ def changes(checkpoint: dict, args: argparse.Namespace, class_names: List[str]) 
 def main(args: argparse.Namespace) -> Dict[str, float]:
     """Train (or with --eval only evaluate); returns the last epoch's log entry. Rank 0 holds
     --output-dir's lock for the whole run: a second run into it stops at once."""
-    cpu_setup.configure(args.threads)
+    cpu_setup.configure(args.threads, args.device)
     rank, world_size = init_distributed()
     if rank != 0 or not args.output_dir or args.eval:
         return train(args, rank, world_size, writes_files=False)
@@ -689,7 +702,7 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
 
 def train(args: argparse.Namespace, rank: int, world_size: int, writes_files: bool) -> Dict[str, float]:
     log = print if rank == 0 else (lambda line: None)
-    resume = resolve_resume(args) if args.resume else None
+    resume = resolve_resume(args, world_size) if args.resume else None
     run = build_run(args, rank, world_size, log)
 
     start_epoch, best_acc1 = 0, 0.0

@@ -517,3 +517,29 @@ def test_checkpoints_follow_the_umask(trained):
 def current_umask() -> int:
     with open('/proc/self/status') as status:
         return int(next(line for line in status if line.startswith('Umask:')).split()[1], 8)
+
+
+def test_rank_0_decides_the_resume_point_for_every_rank(tmp_path, monkeypatch):
+    """--resume auto under the launcher: this process plays a rank whose view differs from rank
+    0's (the broadcast carries rank 0's), as on machines without a shared --output-dir."""
+    import argparse
+    import paddle
+    args = argparse.Namespace(resume='auto', output_dir=str(tmp_path))
+    rank_0_found = paddle.to_tensor([1])
+    monkeypatch.setattr(train.dist, 'broadcast', lambda tensor, src: paddle.assign(rank_0_found, tensor))
+    monkeypatch.setattr(train.dist, 'all_reduce', lambda tensor: None)     # one rank's count
+    with pytest.raises(WeightsError, match='rank 0 resumes from it but 1 of 2 ranks cannot read it'):
+        train.resolve_resume(args, world_size=2)
+    (tmp_path / 'checkpoint.pdckpt').write_bytes(b'')
+    assert train.resolve_resume(args, world_size=2) == str(tmp_path / 'checkpoint.pdckpt')
+    rank_0_found = paddle.to_tensor([0])     # rank 0 has none: no rank resumes, whatever it sees
+    assert train.resolve_resume(args, world_size=2) is None
+
+
+@pytest.mark.skipif(cpu_setup.paddle.device.is_compiled_with_cuda(), reason='this Paddle has CUDA')
+def test_a_gpu_device_without_cuda_is_one_line(tmp_path):
+    data = write_image_folder(tmp_path / 'data')
+    result = subprocess.run([sys.executable, TRAIN_SCRIPT, '--data-path', data, '--device', 'cuda', *TINY],
+                            env=RUN_ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stdout == ''
+    assert result.stderr.startswith('error: --device gpu: this Paddle') and result.stderr.count('\n') == 1
