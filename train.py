@@ -352,22 +352,23 @@ def label_smoothing_cross_entropy(logits: paddle.Tensor, labels: paddle.Tensor,
 class ModelEma:
     """timm's ModelEma: after every step ema = decay * ema + (1 - decay) * param.
 
-    The average lives on the training device and is updated with device ops, so it costs no
-    host synchronisation. Only parameters are averaged; the buffers are CycleFC's constant
-    offsets, which must stay exact integers.
+    The average lives on the training device and is updated in place, one lerp kernel per
+    parameter (ema += (1 - decay) * (param - ema)), with no host synchronisation. Only
+    parameters are averaged; the buffers are CycleFC's constant offsets, which must stay exact
+    integers.
     """
 
     def __init__(self, model: CycleNet, decay: float) -> None:
-        self.decay = decay
         self.module = CycleNet(**model.config)
         self.module.set_state_dict(model.state_dict())
         self.module.eval()
         self.pairs = list(zip(self.module.parameters(), model.parameters()))
+        self.rate = paddle.full([1], 1.0 - decay, dtype='float32')   # made once, on the device
 
     @paddle.no_grad()
     def update(self) -> None:
         for average, param in self.pairs:
-            paddle.assign(average * self.decay + param * (1.0 - self.decay), output=average)
+            average.lerp_(param, self.rate)
 
 
 class Run(NamedTuple):

@@ -543,3 +543,15 @@ def test_a_gpu_device_without_cuda_is_one_line(tmp_path):
                             env=RUN_ENV, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and result.stdout == ''
     assert result.stderr.startswith('error: --device gpu: this Paddle') and result.stderr.count('\n') == 1
+
+
+def test_the_ema_moves_each_parameter_by_one_minus_decay():
+    from cyclemlp import CycleNet
+    model = CycleNet(**TINY_CONFIG, num_classes=3)
+    ema = train.ModelEma(model, decay=0.75)
+    before = {name: param.numpy() for name, param in ema.module.named_parameters()}
+    for param in model.parameters():
+        param.set_value(param + 1.0)
+    ema.update()
+    for name, param in ema.module.named_parameters():
+        np.testing.assert_allclose(param.numpy(), before[name] + 0.25, rtol=1e-6, atol=1e-6, err_msg=name)
