@@ -54,6 +54,7 @@ def _import_paddle_quietly() -> None:
 
 _import_paddle_quietly()
 
+import paddle  # noqa: E402
 import paddle.distributed as dist  # noqa: E402
 
 import cpu_setup  # noqa: E402
@@ -152,7 +153,17 @@ def loader_args_parser() -> argparse.ArgumentParser:
                        help='random seed (default: 0)')
     group.add_argument('--print-freq', '--print_freq', type=bounded(int, 1), default=10,
                        help='log every this many iterations (default: 10)')
+    group.add_argument('--to-static', '--to_static', action='store_true',
+                       help='run the model\'s forward as a static graph (paddle.jit.to_static), '
+                            'as PaddleClas and PaddleSeg name it; on GPU the road to fused kernels '
+                            '(default: off)')
     return parser
+
+
+def static_if(to_static: bool, model: paddle.nn.Layer) -> paddle.nn.Layer:
+    """model, its forward converted by paddle.jit.to_static when to_static (--to-static). The
+    static graph computes the official layers (fast_layers' eager CPU rules do not apply)."""
+    return paddle.jit.to_static(model, full_graph=True) if to_static else model
 
 
 def resolve_data_config(args: argparse.Namespace, recorded: Optional[dict], source: str) -> None:

@@ -24,7 +24,7 @@ import paddle
 import paddle.distributed as dist
 import paddle.nn.functional as F
 
-from cli import held_signals, init_distributed, loader_args_parser, model_args_parser, resolve_data_config
+from cli import held_signals, init_distributed, loader_args_parser, model_args_parser, resolve_data_config, static_if
 from data import DatasetError, build_dataset, build_loader, check_image_headers, eval_transform, iterate
 from weights import printable
 from zoo import load_model
@@ -150,7 +150,7 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
     if rank == 0:
         log(f'{printable(args.weights)}{" (EMA)" if args.ema else ""}: {len(dataset)} images, '
             f'{model.num_classes} classes, {world_size} process{"es" if world_size > 1 else ""}')
-    stats = evaluate(model, loader, print_freq=args.print_freq, log=log)
+    stats = evaluate(static_if(args.to_static, model), loader, print_freq=args.print_freq, log=log)
     if args.json and rank == 0:
         print(json.dumps(stats), flush=True)
     return stats

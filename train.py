@@ -41,7 +41,8 @@ import paddle.distributed as dist
 import paddle.nn.functional as F
 
 from augment import Mixup, rand_augment, smooth_one_hot, train_transform
-from cli import bounded, held_signals, init_distributed, loader_args_parser, locked, model_args_parser
+from cli import (bounded, held_signals, init_distributed, loader_args_parser, locked, model_args_parser,
+                 static_if)
 from cyclemlp import CycleNet
 from data import (SEED_RANK_STRIDE, DatasetError, ImageDataset, build_dataset, build_loader,
                   check_image_headers, eval_transform, iterate, set_loader_epoch)
@@ -645,8 +646,10 @@ def build_run(args: argparse.Namespace, rank: int, world_size: int, log: Callabl
     model = build_model(args, len(train_set.classes), log)
     # Linear scaling rule: lr = base_lr * global batch / 512 (global batch = per-device batch x ranks).
     base_lr = args.lr * args.batch_size * world_size / LR_REFERENCE_BATCH
-    run = Run(train_set, train_loader, val_loader, model,
-              ModelEma(model, args.model_ema_decay) if args.model_ema else None,
+    ema = ModelEma(model, args.model_ema_decay) if args.model_ema else None
+    if ema is not None:
+        ema.module = static_if(args.to_static, ema.module)
+    run = Run(train_set, train_loader, val_loader, static_if(args.to_static, model), ema,
               build_optimizer(model, args, base_lr),
               paddle.amp.GradScaler(init_loss_scaling=INIT_LOSS_SCALE) if amp_dtype == 'float16' else None,
               amp_dtype, base_lr)

@@ -555,3 +555,36 @@ def test_the_ema_moves_each_parameter_by_one_minus_decay():
     ema.update()
     for name, param in ema.module.named_parameters():
         np.testing.assert_allclose(param.numpy(), before[name] + 0.25, rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+def test_a_to_static_step_equals_the_eager_step():
+    """--to-static: forward, loss and one AdamW step of the static graph equal eager's (the
+    eager model computes by fast_layers, the static one by Paddle's layers: rounding only)."""
+    import paddle
+    from cli import static_if
+    from cyclemlp import CycleNet
+    results = []
+    for to_static in (False, True):
+        paddle.seed(3)
+        model = static_if(to_static, CycleNet(**TINY_CONFIG, num_classes=3))
+        optimizer = paddle.optimizer.AdamW(learning_rate=0.01, parameters=model.parameters())
+        images, labels = paddle.to_tensor(np.random.default_rng(0).normal(size=(4, 3, 64, 64)).astype('float32')), \
+            paddle.to_tensor([0, 1, 2, 1])
+        logits = model(images)
+        loss = train.label_smoothing_cross_entropy(logits, labels)
+        loss.backward()
+        optimizer.step()
+        results.append([logits.numpy(), loss.numpy()] + [param.numpy() for param in model.parameters()])
+    assert len(results[0]) == len(results[1]) > 40
+    for eager, static in zip(results[0][:2], results[1][:2]):      # logits and loss
+        np.testing.assert_allclose(static, eager, rtol=1e-5, atol=1e-6)
+    for eager, static in zip(results[0][2:], results[1][2:]):      # parameters after a step of lr 0.01
+        np.testing.assert_allclose(static, eager, rtol=0, atol=1e-5)
+
+
+def test_training_and_evaluating_to_static(tmp_path):
+    data = write_image_folder(tmp_path / 'data')
+    eager = train_in_process('--data-path', data, '--epochs', '1', *TINY, '--seed', '1')['entry']
+    static = train_in_process('--data-path', data, '--epochs', '1', *TINY, '--seed', '1', '--to_static')['entry']
+    for key in ('train_loss', 'test_loss', 'test_loss_ema'):
+        assert abs(static[key] - eager[key]) < 1e-4 * abs(eager[key]), key
