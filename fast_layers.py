@@ -154,7 +154,7 @@ class Linear(nn.Linear):
 
     def forward(self, x):
         if self.bias is None or not on_fast_cpu_path(x):
-            return super().forward(x)
+            return nn.Linear.forward(self, x)   # not super(): Paddle 2.6's to_static cannot convert it
         return LinearFunction.apply(x, self.weight, self.bias)
 
 
@@ -164,7 +164,7 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, x):
         if not on_fast_cpu_path(x):
-            return super().forward(x)
+            return nn.LayerNorm.forward(self, x)
         return LayerNormFunction.apply(x, self.weight, self.bias, self._epsilon)
 
 
