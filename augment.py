@@ -4,13 +4,14 @@ The official code (ShoufaChen/CycleMLP `datasets.py`, `main.py`) builds its trai
 timm's create_transform and Mixup, as DeiT does:
 
     image  RandomResizedCrop (bicubic) -> horizontal flip -> RandAugment rand-m9-mstd0.5-inc1
-           (or colour jitter 0.4 without RandAugment) -> normalise -> random erasing p=0.25
-    batch  Mixup 0.8 / CutMix 1.0 with label smoothing 0.1 -> soft targets
+           (or colour jitter 0.4 without RandAugment), in the loader's workers
+    batch  normalise -> random erasing p=0.25 (as timm's PrefetchLoader does it, on the device)
+           -> Mixup 0.8 / CutMix 1.0 with label smoothing 0.1 -> soft targets
 
 Each piece here computes what timm's does (the tests check them against timm's formulas), without
 timm: per-image work is plain numpy and Pillow, and every transform takes an explicit
 `numpy.random.Generator`, so a seeded generator reproduces an augmentation exactly. The batch
-mixing is Paddle ops on the device.
+work is Paddle ops on the device.
 
 Not reproduced: timm's AutoAugment/AugMix policies, and Mixup's per-element and per-pair modes
 (the recipe uses mode 'batch').
@@ -25,7 +26,7 @@ import paddle
 import paddle.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
 
-from data import _RESAMPLING, IMAGENET_MEAN, INTERPOLATIONS, check_interpolation, to_normalized_array
+from data import _RESAMPLING, IMAGENET_MEAN, INTERPOLATIONS, check_interpolation, to_chw
 
 _TRANSFORM = getattr(Image, 'Transform', Image)   # Pillow 9.1 renamed its enums (see data._RESAMPLING)
 # timm's 'random' interpolation draws one of these per call.
@@ -299,20 +300,16 @@ def rand_augment(policy: Optional[str], interpolation: str = 'bicubic',
     return RandAugment(ops, num_ops)
 
 
-def random_erase(array: np.ndarray, rng: np.random.Generator, prob: float, mode: str = 'pixel',
-                 max_count: int = 1) -> np.ndarray:
-    """timm's RandomErasing on a normalised (C, H, W) array, in place; returns the array.
-
-    With probability `prob`, 1..max_count boxes, each of area fraction uniform in ERASE_AREA
-    (divided by the count) and log-uniform aspect ratio in [0.3, 1/0.3], ten tries each; filled
-    with per-pixel standard normal noise ('pixel'), one normal value per channel ('rand') or 0
-    ('const').
-    """
+def erase_boxes(rng: np.random.Generator, height: int, width: int, prob: float,
+                max_count: int = 1) -> List[Tuple[int, int, int, int]]:
+    """timm's RandomErasing boxes (top, left, height, width) for one image: with probability
+    `prob`, 1..max_count boxes, each of area fraction uniform in ERASE_AREA (divided by the count)
+    and log-uniform aspect ratio in [0.3, 1/0.3], ten tries each."""
     if rng.random() > prob:
-        return array
-    channels, height, width = array.shape
+        return []
     count = max_count if max_count == 1 else int(rng.integers(1, max_count + 1))
     log_aspect = (math.log(ERASE_MIN_ASPECT), math.log(1.0 / ERASE_MIN_ASPECT))
+    boxes = []
     for _ in range(count):
         for _ in range(ERASE_ATTEMPTS):
             target_area = rng.uniform(*ERASE_AREA) * height * width / count
@@ -320,40 +317,52 @@ def random_erase(array: np.ndarray, rng: np.random.Generator, prob: float, mode:
             box_height = int(round(math.sqrt(target_area * aspect)))
             box_width = int(round(math.sqrt(target_area / aspect)))
             if box_width < width and box_height < height:
-                top = int(rng.integers(0, height - box_height + 1))
-                left = int(rng.integers(0, width - box_width + 1))
-                array[:, top:top + box_height, left:left + box_width] = _erase_values(
-                    mode, (channels, box_height, box_width), rng)
+                boxes.append((int(rng.integers(0, height - box_height + 1)),
+                              int(rng.integers(0, width - box_width + 1)), box_height, box_width))
                 break
-    return array
+    return boxes
 
 
-def _erase_values(mode: str, shape: Tuple[int, int, int], rng: np.random.Generator):
-    if mode == 'pixel':
-        return rng.standard_normal(shape, dtype=np.float32)
-    if mode == 'rand':
-        return rng.standard_normal((shape[0], 1, 1), dtype=np.float32)
-    return 0.0
+class RandomErasing:
+    """timm's RandomErasing on a normalised batch on the device, as timm's PrefetchLoader applies
+    it: boxes drawn per image on the host (erase_boxes, numpy seeded with `seed`), filled on the
+    device with per-pixel standard normal noise ('pixel'), one normal value per channel ('rand')
+    or 0 ('const'), from Paddle's generator (paddle.seed)."""
+
+    def __init__(self, prob: float, mode: str = 'pixel', max_count: int = 1, seed: int = 0) -> None:
+        if mode not in ('pixel', 'rand', 'const'):
+            raise ValueError(f'random erasing mode {mode!r} is not pixel, rand or const')
+        self.prob, self.mode, self.max_count = prob, mode, max_count
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, images: paddle.Tensor) -> paddle.Tensor:
+        """images (B, C, H, W), erased in place; returns it."""
+        batch, channels, height, width = images.shape
+        for index in range(batch):
+            for top, left, box_height, box_width in erase_boxes(self.rng, height, width, self.prob,
+                                                                self.max_count):
+                if self.mode == 'pixel':
+                    fill = paddle.randn([channels, box_height, box_width], images.dtype)
+                elif self.mode == 'rand':
+                    fill = paddle.randn([channels, 1, 1], images.dtype).expand([channels, box_height, box_width])
+                else:
+                    fill = paddle.zeros([channels, box_height, box_width], images.dtype)
+                images[index, :, top:top + box_height, left:left + box_width] = fill
+        return images
 
 
 class TrainTransform:
     """timm's ImageNet training transform (create_transform with is_training=True)."""
 
     def __init__(self, input_size: int, auto_augment: Optional[str], color_jitter_strength: float,
-                 interpolation: str = 'bicubic', erase_prob: float = 0.25,
-                 erase_mode: str = 'pixel', erase_count: int = 1,
-                 crop_scale: Tuple[float, float] = RRC_SCALE, hflip: float = HFLIP_PROB) -> None:
+                 interpolation: str = 'bicubic', crop_scale: Tuple[float, float] = RRC_SCALE,
+                 hflip: float = HFLIP_PROB) -> None:
         check_interpolation(interpolation, allow_random=True)
-        if erase_mode not in ('pixel', 'rand', 'const'):
-            raise ValueError(f'random erasing mode {erase_mode!r} is not pixel, rand or const')
         self.input_size = input_size
         self.interpolation = interpolation
         self.rand_augment = rand_augment(auto_augment, interpolation)
         # As in timm, colour jitter is only used when RandAugment is off.
         self.color_jitter_strength = 0.0 if self.rand_augment is not None else color_jitter_strength
-        self.erase_prob = erase_prob
-        self.erase_mode = erase_mode
-        self.erase_count = erase_count
         self.crop_scale = tuple(crop_scale)
         self.hflip = hflip
 
@@ -368,19 +377,16 @@ class TrainTransform:
             img = self.rand_augment(img, rng)
         elif self.color_jitter_strength > 0:
             img = color_jitter(img, self.color_jitter_strength, rng)
-        array = to_normalized_array(img)
-        if self.erase_prob > 0:
-            random_erase(array, rng, self.erase_prob, self.erase_mode, self.erase_count)
-        return array
+        return to_chw(img)   # normalised, then erased (RandomErasing), on the device
 
 
 
 def train_transform(args) -> TrainTransform:
     """TrainTransform from timm's flags, as train.py has them: `input_size`, `aa`,
-    `color_jitter`, `train_interpolation`, `reprob`, `remode`, `recount`, `scale` (the crop's
-    area range) and `hflip` (the flip probability)."""
+    `color_jitter`, `train_interpolation`, `scale` (the crop's area range) and `hflip` (the flip
+    probability). Random erasing (`reprob`, `remode`, `recount`) follows on the batch."""
     return TrainTransform(args.input_size, args.aa, args.color_jitter, args.train_interpolation,
-                          args.reprob, args.remode, args.recount, args.scale, args.hflip)
+                          args.scale, args.hflip)
 
 
 def smooth_one_hot(labels: paddle.Tensor, num_classes: int, smoothing: float) -> paddle.Tensor:

@@ -64,7 +64,6 @@ MAX_CONSECUTIVE_UNREADABLE = 100
 # Repeated augmentation (DeiT's RASampler).
 RA_REPEATS = 3
 RA_EPOCH_MULTIPLE = 256  # DeiT rounds the number of samples per epoch down to a multiple of this
-SEED_RANK_STRIDE = 1000  # augmentation seed = seed + rank * SEED_RANK_STRIDE + worker_id
 
 logger = logging.getLogger(__name__)
 
@@ -111,10 +110,12 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 class ImageDataset(paddle.io.Dataset):
-    """(path, label) samples decoded with `load_image` and passed through `transform`.
+    """Samples (path, label) decoded with `load_image` and passed through `transform`.
 
-    `transform(img, rng)` gets the dataset's numpy Generator `rng`; it is reseeded per epoch and
-    per DataLoader worker (see `build_loader`). Returns (float32 CHW array, int64 label).
+    An item is asked for by its index, or for training by (index, seed) as SeededBatchSampler
+    gives it: `transform(img, rng)` then draws from numpy's Generator seeded with `seed`, so each
+    sample's augmentation depends only on (run seed, rank, epoch, position in the epoch), never
+    on which worker process loads it or how many there are. Returns (uint8 CHW array, int64 label).
 
     With `skip_unreadable` (training) a file that cannot be decoded is reported once with a
     warning naming it and the next index is used instead, so the batch keeps its size. The flags
@@ -123,8 +124,7 @@ class ImageDataset(paddle.io.Dataset):
     DatasetError, because a metric that silently drops images is wrong.
     """
 
-    def __init__(self, samples: List[Tuple[str, int]], classes: List[str],
-                 transform: Callable[[Image.Image, np.random.Generator], np.ndarray],
+    def __init__(self, samples: List[Tuple[str, int]], classes: List[str], transform: Callable,
                  skip_unreadable: bool) -> None:
         super().__init__()
         self.samples = samples
@@ -132,20 +132,19 @@ class ImageDataset(paddle.io.Dataset):
         self.transform = transform
         self.skip_unreadable = skip_unreadable
         self._unreadable_flags = multiprocessing.RawArray('b', len(samples))
-        self.augmentation_seed = 0
-        self.epoch = 0
-        self.reseed()
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> Tuple[np.ndarray, np.int64]:
+    def __getitem__(self, key) -> Tuple[np.ndarray, np.int64]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        rng = np.random.default_rng(seed) if seed is not None else None
         attempts = min(len(self.samples), MAX_CONSECUTIVE_UNREADABLE)
         for attempt in range(attempts):
             sample_index = (index + attempt) % len(self.samples)
             path, label = self.samples[sample_index]
             try:
-                return self.transform(load_image(path), self.rng), np.int64(label)
+                return self.transform(load_image(path), rng), np.int64(label)
             except UNREADABLE_IMAGE_ERRORS as error:   # a broken file, or one too elongated to resize
                 if not self.skip_unreadable:
                     raise DatasetError(f'cannot read image {path}: {error}') from error
@@ -164,20 +163,6 @@ class ImageDataset(paddle.io.Dataset):
     def skipped(self) -> int:
         """Number of distinct files found unreadable so far, across all workers."""
         return int(np.count_nonzero(np.frombuffer(self._unreadable_flags, dtype=np.int8)))
-
-    def set_augmentation_seed(self, seed: int) -> None:
-        """Base seed of this process's augmentations (build_loader passes seed + rank * 1000)."""
-        self.augmentation_seed = seed
-        self.reseed()
-
-    def set_epoch(self, epoch: int) -> None:
-        """Reseed for `epoch`; DataLoader workers started afterwards inherit the new epoch."""
-        self.epoch = epoch
-        self.reseed()
-
-    def reseed(self, worker_id: int = 0) -> None:
-        # The main process (num_workers=0) draws what worker 0 would draw.
-        self.rng = np.random.default_rng([self.augmentation_seed + worker_id, self.epoch])
 
 
 def build_dataset(is_train: bool, args, transform: Callable) -> ImageDataset:
@@ -322,13 +307,23 @@ def check_interpolation(name: str, allow_random: bool) -> None:
     if name not in allowed:
         raise ValueError(f'interpolation {name!r} is not one of {allowed}')
 
-def to_normalized_array(img: Image.Image, mean: Sequence[float] = IMAGENET_MEAN,
-                        std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
-    """RGB image -> float32 (3, H, W) array scaled to [0, 1] and normalised per channel."""
-    array = np.asarray(img, dtype=np.float32) / np.float32(255.0)
-    array = (array - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(array.transpose(2, 0, 1))  # (H, W, C) -> (C, H, W)
+def to_chw(img: Image.Image) -> np.ndarray:
+    """RGB image -> uint8 (3, H, W) array: what the loader's workers send (a quarter of the
+    shared memory float32 would take); `normalize` runs on the batch, on the device."""
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))  # (H, W, C) -> (C, H, W)
 
+
+def normalize(images):
+    """uint8 (..., 3, H, W) -> float32 scaled to [0, 1] and normalised per channel (ImageNet
+    mean and std). A numpy array gives a numpy array; a Paddle tensor stays on its device."""
+    mean = np.asarray(IMAGENET_MEAN, np.float32).reshape(3, 1, 1)
+    std = np.asarray(IMAGENET_STD, np.float32).reshape(3, 1, 1)
+    if isinstance(images, np.ndarray):
+        return (images.astype(np.float32) / np.float32(255.0) - mean) / std
+    # The constants are filled on the device: a copy from the host would wait for the device.
+    mean, std = (paddle.concat([paddle.full([1, 1, 1], value, 'float32') for value in values])
+                 for values in (IMAGENET_MEAN, IMAGENET_STD))
+    return (images.astype('float32') / paddle.full([1], 255.0, 'float32') - mean) / std
 
 
 def shorter_side_target(width: int, height: int, size: int) -> Tuple[int, int]:
@@ -358,7 +353,7 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
 
 
 class EvalTransform:
-    """Resize the shorter side to floor(input_size / crop_pct), center crop, normalise."""
+    """Resize the shorter side to floor(input_size / crop_pct), center crop: uint8 (3, S, S)."""
 
     def __init__(self, input_size: int, crop_pct: float, interpolation: str) -> None:
         self.input_size = input_size
@@ -368,7 +363,7 @@ class EvalTransform:
     def __call__(self, img: Image.Image, rng: Optional[np.random.Generator] = None) -> np.ndarray:
         """`rng` is accepted so datasets can call every transform alike; nothing is random."""
         img = resize_shorter_side(img, self.resize_size, INTERPOLATIONS[self.interpolation])
-        return to_normalized_array(center_crop(img, self.input_size))
+        return to_chw(center_crop(img, self.input_size))
 
 
 def check_image_headers(dataset: ImageDataset) -> None:
@@ -389,7 +384,8 @@ def check_image_headers(dataset: ImageDataset) -> None:
 
 def eval_transform(input_size: int = EVAL_DEFAULTS['input_size'], crop_pct: float = DEFAULT_CROP_PCT,
                    interpolation: str = EVAL_DEFAULTS['interpolation']) -> EvalTransform:
-    """The evaluation / inference transform: PIL RGB image -> float32 (3, S, S) array."""
+    """The evaluation / inference transform: PIL RGB image -> uint8 (3, S, S) array (`normalize`
+    follows, on the batch)."""
     check_interpolation(interpolation, allow_random=False)
     if not 0 < crop_pct <= 1:
         raise ValueError(f'crop_pct must be in (0, 1], got {crop_pct}')
@@ -514,26 +510,32 @@ class InProcessLoader:
         return len(self.batch_sampler)
 
 
-def _seed_worker(worker_id: int) -> None:
-    # Runs in each new worker process on its own copy of the dataset, which carries the epoch
-    # and base seed the parent had when the loader's iterator was created.
-    paddle.io.get_worker_info().dataset.reseed(worker_id)
+class SeededBatchSampler(paddle.io.BatchSampler):
+    """The training sampler's batches, each sample as (index, seed) with seed =
+    (run seed, rank, epoch, position in this rank's epoch): ImageDataset's augmentation seed."""
+
+    def __init__(self, sampler: EpochSampler, batch_size: int, seed: int) -> None:
+        super().__init__(sampler=sampler, batch_size=batch_size, drop_last=True)
+        self.seed = seed
+
+    def __iter__(self):
+        sampler = self.sampler
+        for step, batch in enumerate(super().__iter__()):
+            yield [(index, (self.seed, sampler.rank, sampler.epoch, step * self.batch_size + offset))
+                   for offset, index in enumerate(batch)]
 
 
 def build_loader(dataset: ImageDataset, is_train: bool, batch_size: int, num_workers: int = 0,
                  num_replicas: int = 1, rank: int = 0, seed: int = 0,
                  repeated_aug: bool = True) -> Union[paddle.io.DataLoader, InProcessLoader]:
-    """A loader of this rank's share: batches of (float32 [B, 3, S, S], int64 [B]) tensors;
-    a paddle.io.DataLoader with worker processes, an InProcessLoader when num_workers is 0.
+    """A loader of this rank's share: batches of (uint8 [B, 3, S, S], int64 [B]) tensors (pass
+    them through `iterate`, which normalises the images on the device); a paddle.io.DataLoader
+    with worker processes, or an InProcessLoader when num_workers is 0.
 
     Training drops the last partial batch and orders with RepeatedAugSampler (or
-    DistributedShuffleSampler without repeated augmentation), seeded with `seed` for the order.
-    Evaluation keeps every image once across ranks, in order (ShardSampler).
-
-    Augmentation seeds: the dataset's generator is seeded from
-    (seed + rank * 1000 + worker_id, epoch): worker_init_fn reseeds each worker's copy, and
-    workers are new processes every epoch (persistent_workers stays off), so call
-    `set_loader_epoch(loader, epoch)` before iterating each epoch.
+    DistributedShuffleSampler without repeated augmentation), seeded with `seed`; each sample's
+    augmentation is seeded by SeededBatchSampler. Call `set_loader_epoch(loader, epoch)` before
+    iterating each epoch. Evaluation keeps every image once across ranks, in order (ShardSampler).
     """
     if is_train:
         sampler_class = RepeatedAugSampler if repeated_aug else DistributedShuffleSampler
@@ -542,23 +544,20 @@ def build_loader(dataset: ImageDataset, is_train: bool, batch_size: int, num_wor
             raise ValueError(
                 f'rank {rank} gets {len(sampler)} training samples per epoch, fewer than the '
                 f'batch size {batch_size}: no full batch to train on')
+        batch_sampler = SeededBatchSampler(sampler, batch_size, seed)
     else:
-        sampler = ShardSampler(len(dataset), num_replicas, rank)
-    dataset.set_augmentation_seed(seed + rank * SEED_RANK_STRIDE)
-    batch_sampler = paddle.io.BatchSampler(
-        sampler=sampler, batch_size=batch_size, drop_last=is_train)
+        batch_sampler = paddle.io.BatchSampler(
+            sampler=ShardSampler(len(dataset), num_replicas, rank), batch_size=batch_size, drop_last=False)
     if num_workers == 0:
         return InProcessLoader(dataset, batch_sampler)
-    return paddle.io.DataLoader(
-        dataset,
-        batch_sampler=batch_sampler,
-        num_workers=num_workers,
-        worker_init_fn=_seed_worker,
-    )
+    # Workers are forked per pass: Paddle's persistent_workers breaks on a pass left unfinished
+    # (the next pass raises IndexError in Paddle's iterator, and its shutdown can wait forever;
+    # seen with Paddle 3.3), which an error or Ctrl-C mid-epoch would leave.
+    return paddle.io.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers)
 
 
 def iterate(loader):
-    """The batches of `loader`; an image a worker process could not read ends the loop with
+    """The batches of `loader`, its images normalised (on the device); an image a worker process could not read ends the loop with
     its DatasetError. (Paddle re-raises a worker's exception, with its type and its traceback as
     the message, in a loader thread, and the main thread then gets a SystemError from the
     closed queue; tests/test_data.py checks that this still holds.)"""
@@ -573,7 +572,8 @@ def iterate(loader):
 
     threading.excepthook = hook
     try:
-        yield from loader
+        for images, labels in loader:
+            yield normalize(images), labels
         return
     except Exception:
         if not failures:
@@ -587,7 +587,4 @@ def iterate(loader):
 
 def set_loader_epoch(loader: Union[paddle.io.DataLoader, InProcessLoader], epoch: int) -> None:
     """Reseed the loader's sample order and augmentations for `epoch` (before iterating it)."""
-    sampler = loader.batch_sampler.sampler
-    if hasattr(sampler, 'set_epoch'):
-        sampler.set_epoch(epoch)
-    loader.dataset.set_epoch(epoch)
+    loader.batch_sampler.sampler.set_epoch(epoch)

@@ -38,7 +38,7 @@ from PIL import Image, ImageOps
 
 import export
 from cli import bounded, held_signals, model_args_parser, resolve_data_config
-from data import IMAGE_EXTENSIONS, UNREADABLE_IMAGE_ERRORS, eval_transform, is_regular_file, load_image
+from data import IMAGE_EXTENSIONS, UNREADABLE_IMAGE_ERRORS, eval_transform, is_regular_file, load_image, normalize
 from weights import WeightsError, printable
 from zoo import load_model
 
@@ -148,7 +148,7 @@ class Predictor:
     def load(self, path: str) -> np.ndarray:
         image = (load_image_reduced(path, self.transform.resize_size) if self.fast_decode
                  else load_image(path, exif_orientation=True))
-        return self.transform(image)
+        return normalize(self.transform(image))
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         with held_signals():     # Ctrl-C inside a Paddle op would become Paddle's own error

@@ -40,11 +40,11 @@ import paddle
 import paddle.distributed as dist
 import paddle.nn.functional as F
 
-from augment import Mixup, rand_augment, smooth_one_hot, train_transform
+from augment import Mixup, RandomErasing, rand_augment, smooth_one_hot, train_transform
 from cli import (bounded, held_signals, init_distributed, loader_args_parser, locked, model_args_parser,
                  static_if)
 from cyclemlp import CycleNet
-from data import (SEED_RANK_STRIDE, DatasetError, ImageDataset, build_dataset, build_loader,
+from data import (DatasetError, ImageDataset, build_dataset, build_loader,
                   check_image_headers, eval_transform, iterate, set_loader_epoch)
 from evaluate import evaluate
 from weights import (WeightsError, atomic_save, check_state, describe, printable, read_checkpoint,
@@ -53,8 +53,9 @@ from zoo import count_flops, count_parameters, create_model, load_state, numpy_s
 
 LR_REFERENCE_BATCH = 512  # the base lr is the lr of a global batch of this many images
 INIT_LOSS_SCALE = 2.0 ** 16  # timm's NativeScaler (torch.cuda.amp.GradScaler) starts here
-# Per-epoch seed = seed + rank * SEED_RANK_STRIDE + epoch * EPOCH_SEED_STRIDE: distinct for up
-# to 1000 ranks and keeps clear of data.py's per-worker augmentation seeds.
+# Per-epoch seed (drop path, Mixup, random erasing) = seed + rank * RANK_SEED_STRIDE + epoch *
+# EPOCH_SEED_STRIDE: distinct for up to 1000 ranks and 1000 epochs apart.
+RANK_SEED_STRIDE = 1000
 EPOCH_SEED_STRIDE = 1_000_000
 CHECKPOINT_FILE = 'checkpoint.pdckpt'
 BEST_FILE = 'best.pdparams'
@@ -333,7 +334,7 @@ def scheduled_lr(epoch: int, base_lr: float, epochs: int, warmup_epochs: int, wa
 
 
 def epoch_seed(seed: int, rank: int, epoch: int) -> int:
-    return seed + rank * SEED_RANK_STRIDE + epoch * EPOCH_SEED_STRIDE
+    return seed + rank * RANK_SEED_STRIDE + epoch * EPOCH_SEED_STRIDE
 
 
 def soft_target_cross_entropy(logits: paddle.Tensor, targets: paddle.Tensor) -> paddle.Tensor:
@@ -502,10 +503,11 @@ def train_step(model: paddle.nn.Layer, ema: Optional[ModelEma], optimizer, scale
 
 
 def train_one_epoch(model: paddle.nn.Layer, ema: Optional[ModelEma], loader, optimizer,
-                    scaler: Optional[paddle.amp.GradScaler], mixup: Optional[Mixup], epoch: int,
-                    args: argparse.Namespace, amp_dtype: Optional[str],
+                    scaler: Optional[paddle.amp.GradScaler], erasing: Optional[RandomErasing],
+                    mixup: Optional[Mixup], epoch: int, args: argparse.Namespace, amp_dtype: Optional[str],
                     log: Callable[[str], None]) -> Dict[str, float]:
-    """One pass over this rank's shard; returns the mean loss over all ranks and the lr.
+    """One pass over this rank's shard (random erasing, then the step); returns the mean loss
+    over all ranks and the lr.
 
     Losses are summed on the device; the host reads them (and checks they are finite) only at
     log lines and at the end, so the GPU never waits for the CPU in between.
@@ -516,6 +518,8 @@ def train_one_epoch(model: paddle.nn.Layer, ema: Optional[ModelEma], loader, opt
     loss_sum = paddle.zeros([], dtype='float32')
     start = time.time()
     for step, (images, labels) in enumerate(iterate(loader)):
+        if erasing is not None:
+            images = erasing(images)
         with held_signals():   # Ctrl-C inside Paddle's backward would become Paddle's own error
             loss = train_step(model, ema, optimizer, scaler, mixup, images, labels, args.smoothing, amp_dtype)
         loss_sum = loss_sum + loss
@@ -736,14 +740,15 @@ def train(args: argparse.Namespace, rank: int, world_size: int, writes_files: bo
         epoch_start = time.time()
         # Everything random in this epoch depends on (seed, epoch, rank) only: exact resumes.
         seed = epoch_seed(args.seed, rank, epoch)
-        paddle.seed(seed)  # drop path
+        paddle.seed(seed)  # drop path, erasing's noise
         set_loader_epoch(run.train_loader, epoch)
+        erasing = RandomErasing(args.reprob, args.remode, args.recount, seed=seed) if args.reprob > 0 else None
         mixup = Mixup(num_classes, args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob,
                       args.smoothing, seed=seed) if args.mixup > 0 or args.cutmix > 0 else None
         run.optimizer.set_lr(scheduled_lr(epoch, run.base_lr, args.epochs, args.warmup_epochs,
                                           args.warmup_lr, args.min_lr))
         train_stats = train_one_epoch(parallel_model, run.ema, run.train_loader, run.optimizer, run.scaler,
-                                      mixup, epoch, args, run.amp_dtype, log)
+                                      erasing, mixup, epoch, args, run.amp_dtype, log)
         entry = dict(epoch=epoch + 1, lr=train_stats['lr'], train_loss=train_stats['loss'])
         if run.train_set.skipped:
             entry['skipped_images'] = run.train_set.skipped

@@ -238,7 +238,7 @@ def test_crop_scale_and_flip_probability_are_honoured():
     img = Image.fromarray(half)
     left_is_dark = {}
     for hflip in (0.0, 1.0):
-        transform = augment.TrainTransform(32, None, 0.0, erase_prob=0.0, crop_scale=(1.0, 1.0), hflip=hflip)
+        transform = augment.TrainTransform(32, None, 0.0, crop_scale=(1.0, 1.0), hflip=hflip)
         outputs = [transform(img, np.random.default_rng(seed)) for seed in range(20)]
         left_is_dark[hflip] = {bool(out[:, :, :8].mean() < out[:, :, -8:].mean()) for out in outputs}
     assert left_is_dark == {0.0: {True}, 1.0: {False}}
@@ -252,33 +252,42 @@ def test_color_jitter_scales_brightness_within_strength():
     assert max(values) - min(values) > 40
 
 
-def test_random_erase_pixel_mode():
-    erased = augment.random_erase(np.zeros((3, 64, 64), np.float32), np.random.default_rng(1), 1.0)
-    mask = (erased != 0).any(axis=0)
-    rows, cols = np.nonzero(mask)
-    height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
-    assert mask.sum() == height * width  # one solid box
-    assert 0.015 <= height * width / 64 ** 2 <= 0.36
-    assert 0.25 <= height / width <= 4
-    noise = erased[:, mask]
-    assert abs(noise.mean()) < 0.2 and 0.8 < noise.std() < 1.2
-    assert len(np.unique(noise)) > noise.size // 2  # per pixel, not per box
-    erased_count = sum(
-        augment.random_erase(np.zeros((3, 8, 8), np.float32), np.random.default_rng(seed), 0.25).any()
-        for seed in range(400))
-    assert 0.18 < erased_count / 400 < 0.32  # probability 0.25
-    for seed in range(100):  # boxes never cover a whole side of a tiny image
-        erased = augment.random_erase(
-            np.zeros((3, 4, 4), np.float32), np.random.default_rng(seed), 1.0)
+def erase(shape, prob=1.0, mode="pixel", seed=1):
+    """RandomErasing of a zero batch: the erased values (numpy)."""
+    paddle.seed(seed)
+    return augment.RandomErasing(prob, mode, seed=seed)(paddle.zeros(shape)).numpy()
+
+
+def test_random_erasing_of_a_batch_on_the_device():
+    batch = erase((2, 3, 64, 64))
+    for erased in batch:                    # each image: one solid box of normal noise
         mask = (erased != 0).any(axis=0)
-        assert not mask.all(axis=0).any() and not mask.all(axis=1).any()
+        rows, cols = np.nonzero(mask)
+        height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+        assert mask.sum() == height * width
+        assert 0.015 <= height * width / 64 ** 2 <= 0.36
+        assert 0.25 <= height / width <= 4
+        noise = erased[:, mask]
+        assert abs(noise.mean()) < 0.2 and 0.8 < noise.std() < 1.2
+        assert len(np.unique(noise)) > noise.size // 2  # per pixel, not per box
+    assert not np.array_equal(batch[0] != 0, batch[1] != 0)   # boxes drawn per image
+    per_channel = erase((1, 3, 64, 64), mode="rand")[0]
+    assert all(len(np.unique(channel[channel != 0])) == 1 for channel in per_channel)
+    assert not erase((1, 3, 64, 64), mode="const").any()
+    np.testing.assert_array_equal(erase((2, 3, 16, 16), seed=5), erase((2, 3, 16, 16), seed=5))
+    erased_count = sum(erase((1, 3, 8, 8), 0.25, seed=seed).any() for seed in range(200))
+    assert 0.15 < erased_count / 200 < 0.35  # probability 0.25
+    rng = np.random.default_rng(0)
+    for _ in range(100):  # boxes never cover a whole side of a tiny image
+        for top, left, height, width in augment.erase_boxes(rng, 4, 4, 1.0):
+            assert height < 4 and width < 4
 
 
 def test_train_transform_is_seeded_and_uses_jitter_only_without_rand_augment():
     img = photo(60, 45, seed=4)
     transform = augment.train_transform(make_args(input_size=24))
     first = transform(img, np.random.default_rng(7))
-    assert first.shape == (3, 24, 24) and first.dtype == np.float32
+    assert first.shape == (3, 24, 24) and first.dtype == np.uint8
     assert np.array_equal(first, transform(img, np.random.default_rng(7)))
     assert not np.array_equal(first, transform(img, np.random.default_rng(8)))
     assert transform.rand_augment is not None and transform.color_jitter_strength == 0

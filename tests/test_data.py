@@ -12,6 +12,7 @@ import threading
 from types import SimpleNamespace
 
 import numpy as np
+import paddle
 import pytest
 from PIL import Image
 
@@ -127,7 +128,7 @@ def test_image_folder_classes_and_samples(make_image_folder):
     names = {os.path.basename(path): label for path, label in train.samples}
     assert names["upper.PNG"] == 0 and names["zebra_0.JPEG"] == 2 and "notes.txt" not in names
     image, label = val[0]
-    assert image.shape == (3, 16, 16) and image.dtype == np.float32
+    assert image.shape == (3, 16, 16) and image.dtype == np.uint8
     assert label.dtype == np.int64 and int(label) == 0
 
 
@@ -146,9 +147,9 @@ def test_unreadable_training_images_are_skipped_and_counted(make_image_folder, c
     paths = [path for path, _ in dataset.samples]
 
     with caplog.at_level(logging.WARNING, logger="data"):
-        image, label = dataset[paths.index(truncated)]
-        dataset[paths.index(truncated)]
-        image_after_fake, label_after_fake = dataset[paths.index(fake)]
+        image, label = dataset[paths.index(truncated), 0]
+        dataset[paths.index(truncated), 1]
+        image_after_fake, label_after_fake = dataset[paths.index(fake), 2]
 
     assert image.shape == (3, 16, 16) and int(label) == 1  # replaced by the next sample (b_0)...
     assert int(label_after_fake) == 1  # ...and b_0 by b_1
@@ -173,7 +174,7 @@ def test_unreadable_counted_across_loader_workers(make_image_folder):
     assert dataset.skipped == 2  # counted in the workers, visible in this process
 
 
-def test_each_worker_has_its_own_augmentation_seed(tmp_path):
+def test_augmentations_depend_on_the_sample_not_on_the_worker(tmp_path):
     for index in range(4):  # identical images: only the augmentation tells batches apart
         write_image(tmp_path / "train" / "only" / f"{index}.png", seed=0)
     dataset = build(True, make_args(str(tmp_path)))
@@ -181,11 +182,12 @@ def test_each_worker_has_its_own_augmentation_seed(tmp_path):
     def batches(num_workers):
         loader = data.build_loader(dataset, True, batch_size=1, num_workers=num_workers,
                                    repeated_aug=False)
-        return [images.numpy() for images, _ in loader]
+        return [images.numpy() for images, _ in data.iterate(loader)]
 
     with_workers, in_process = batches(2), batches(0)
-    assert not np.array_equal(with_workers[0], with_workers[1])  # workers 0 and 1 differ
-    assert np.array_equal(with_workers[0], in_process[0])  # in-process draws as worker 0
+    assert not np.array_equal(with_workers[0], with_workers[1])  # samples differ...
+    for got, want in zip(with_workers, in_process):                # ...whoever loads them
+        np.testing.assert_array_equal(got, want)
 
 
 def test_unreadable_validation_image_raises(make_image_folder):
@@ -273,14 +275,23 @@ def test_eval_transform_matches_pillow_and_numpy():
     out = transform(img)
 
     # shorter side floor(32 / 0.875) = 36, longer int(36 * 50 / 40) = 45
-    resized = np.asarray(img.resize((45, 36), Image.BICUBIC), np.float32)
+    resized = np.asarray(img.resize((45, 36), Image.BICUBIC))
     top, left = int(round((36 - 32) / 2)), int(round((45 - 32) / 2))
-    expected = (resized[top:top + 32, left:left + 32] / 255.0 - MEAN) / STD
-    assert out.shape == (3, 32, 32) and out.dtype == np.float32
-    np.testing.assert_allclose(out, expected.transpose(2, 0, 1), atol=1e-5)
-    assert not np.allclose(data.eval_transform(32, interpolation="nearest")(img), out)
+    expected = resized[top:top + 32, left:left + 32].transpose(2, 0, 1)
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out, expected)
+    assert not np.array_equal(data.eval_transform(32, interpolation="nearest")(img), out)
     with pytest.raises(ValueError):
         data.eval_transform(32, interpolation="lanczos")
+
+
+def test_normalize_on_the_host_and_on_the_device():
+    pixels = np.random.default_rng(0).integers(0, 256, size=(2, 3, 5, 4), dtype=np.uint8)
+    expected = (pixels.astype(np.float32) / 255.0 - MEAN[:, None, None]) / STD[:, None, None]
+    np.testing.assert_allclose(data.normalize(pixels), expected, rtol=1e-6, atol=1e-6)
+    on_device = data.normalize(paddle.to_tensor(pixels))
+    assert on_device.dtype == paddle.float32
+    np.testing.assert_allclose(on_device.numpy(), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_repeated_aug_sampler_deals_three_copies_to_different_ranks():
@@ -335,7 +346,7 @@ def test_loaders_batches_seeds_and_epochs(make_image_folder):
         loader = data.build_loader(
             dataset, True, batch_size=2, num_replicas=2, rank=rank, seed=seed)
         data.set_loader_epoch(loader, epoch)
-        images, labels = next(iter(loader))
+        images, labels = next(data.iterate(loader))
         return images.numpy(), labels.numpy()
 
     images, labels = first_batch()
@@ -353,12 +364,9 @@ def test_loaders_batches_seeds_and_epochs(make_image_folder):
     assert sorted(seen) == [0, 0, 0, 1, 1, 1]  # every validation image exactly once
 
     dataset = build(True, args)
-    data.build_loader(dataset, True, batch_size=2, seed=3)
-    epoch0 = dataset[0][0]
-    dataset.set_epoch(1)
-    assert not np.array_equal(dataset[0][0], epoch0)  # augmentations are reseeded per epoch
-    dataset.set_epoch(0)
-    assert np.array_equal(dataset[0][0], epoch0)
+    seeded = dataset[0, (3, 0, 0, 0)][0]
+    assert np.array_equal(dataset[0, (3, 0, 0, 0)][0], seeded)       # the seed decides the sample
+    assert not np.array_equal(dataset[0, (3, 0, 1, 0)][0], seeded)   # another epoch, another draw
 
     with pytest.raises(ValueError, match="fewer than the batch size"):
         data.build_loader(build(True, args), True, batch_size=16)

@@ -15,7 +15,7 @@ from PIL import Image
 import evaluate
 from conftest import REPO_ROOT, tiny_state
 from zoo import create_model
-from data import eval_transform, load_image, scan_image_folder
+from data import eval_transform, load_image, normalize, scan_image_folder
 from data import DatasetError
 from weights import WeightsError, atomic_save
 
@@ -49,7 +49,7 @@ def independent_metrics(weights, data_path):
     correct, losses = 0, []
     with paddle.no_grad():
         for path, label in samples:
-            logits = model(paddle.to_tensor(transform(load_image(path))[None])).numpy()[0]
+            logits = model(paddle.to_tensor(normalize(transform(load_image(path)))[None])).numpy()[0]
             correct += int(np.argmax(logits) == label)
             log_probs = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
             losses.append(-log_probs[label])

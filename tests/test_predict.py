@@ -14,7 +14,7 @@ from PIL import Image
 import predict
 from conftest import REPO_ROOT, photo_like_array
 from zoo import create_model
-from data import ImageDataset, eval_transform, load_image
+from data import ImageDataset, eval_transform, load_image, normalize
 from weights import WeightsError
 
 INPUT_SIZE = 32
@@ -72,7 +72,7 @@ def write_broken_files(folder) -> dict:
 def direct_probabilities(model, path):
     """The official pipeline written out: decode (EXIF orientation applied), eval transform,
     forward, softmax."""
-    batch = paddle.to_tensor(eval_transform(INPUT_SIZE)(load_image(path, exif_orientation=True))[None])
+    batch = paddle.to_tensor(normalize(eval_transform(INPUT_SIZE)(load_image(path, exif_orientation=True)))[None])
     with paddle.no_grad():
         return paddle.nn.functional.softmax(model(batch), axis=-1).numpy()[0]
 
@@ -130,7 +130,7 @@ def test_exif_orientation_applied_by_predict_only(tmp_path):
     np.testing.assert_array_equal(dataset[0][0], official)
     predictor = predict.Predictor(None, None, 32, 1.0, "bicubic")
     turned = np.rot90(official, k=-1)          # orientation 6: 90 degrees clockwise
-    np.testing.assert_array_equal(predictor.load(path), eval_transform(32, 1.0)(Image.fromarray(turned)))
+    np.testing.assert_array_equal(predictor.load(path), normalize(eval_transform(32, 1.0)(Image.fromarray(turned))))
 
 
 def test_evaluation_transform_recorded_in_the_weights_is_used(tmp_path, make_tiny_weights, capsys):
@@ -147,7 +147,7 @@ def test_evaluation_transform_recorded_in_the_weights_is_used(tmp_path, make_tin
         got = {p["class_id"]: p["probability"] for p in json.loads(lines[0])["predictions"]}
         with paddle.no_grad():
             want = paddle.nn.functional.softmax(
-                model(paddle.to_tensor(transform(load_image(image))[None])), axis=-1).numpy()[0]
+                model(paddle.to_tensor(normalize(transform(load_image(image)))[None])), axis=-1).numpy()[0]
         np.testing.assert_allclose([got[i] for i in range(3)], want, atol=1e-5)
 
 
@@ -205,7 +205,7 @@ def test_large_images_take_the_official_path_unless_fast_decode(tmp_path):
     for name in ("large.jpg", "large.png"):
         path = str(tmp_path / name)
         Image.fromarray(photo_like_array(1200, 900, 4)).save(path)
-        official = eval_transform(INPUT_SIZE)(load_image(path))
+        official = normalize(eval_transform(INPUT_SIZE)(load_image(path)))
         np.testing.assert_array_equal(exact.load(path), official)
         shrunk = predict.load_image_reduced(path, resize)
         assert 2 * resize <= min(shrunk.size) < 4 * resize and shrunk.mode == "RGB"
