@@ -61,7 +61,7 @@ import cpu_setup  # noqa: E402
 from cyclemlp import ARCHITECTURES  # noqa: E402
 from data import (CROP_PCT_RANGE, DEFAULT_CROP_PCT, EVAL_DEFAULTS, INPUT_SIZE_RANGE, INTERPOLATIONS,  # noqa: E402
                   DatasetError, check_data_config)
-from weights import WeightsError, printable  # noqa: E402
+from weights import WeightsError, one_line, printable  # noqa: E402
 
 
 # Flags
@@ -242,18 +242,18 @@ def run(main: Callable[[argparse.Namespace], object], args: argparse.Namespace,
     """Run a command's main(args) as its __main__ does, and exit: with main's return value if
     that is an exit status, else 0; one line `error: ...` and 1 for a user error; the line
     interrupted() returns and 128 + the signal's number after Ctrl-C or SIGTERM, whatever
-    exception the interruption became inside Paddle. Paddle's own handler for SIGTERM (a C++
-    stack dump) is replaced."""
+    exception the interruption became inside Paddle. Any other exception is one line and 1 too,
+    with its type named: no error reaches the user as a traceback. Paddle's own handler for
+    SIGTERM (a C++ stack dump) is replaced."""
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     try:
         status = main(args)
     except Exception as error:
-        if not stop_requested and isinstance(error, USER_ERRORS):
-            print(f'error: {printable(error)}', file=sys.stderr)
+        if not stop_requested:    # every error, expected or not, ends as one line
+            kind = '' if isinstance(error, USER_ERRORS) else f'unexpected {type(error).__name__} (please report it): '
+            print(f'error: {kind}{one_line(error, 1000)}', file=sys.stderr)
             sys.exit(1)
-        if not stop_requested:
-            raise
     except KeyboardInterrupt:
         pass
     else:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT, tiny_state, write_image, write_image_folder
-from weights import write_weights
+from weights import WeightsError, write_weights
 
 
 def command(script, *args):
@@ -99,3 +99,27 @@ def test_unusable_thread_counts_are_one_line(tmp_path):
     result = subprocess.run(command('predict.py', tmp_path, '--weights', weights, '--threads', '99999'),
                             capture_output=True, text=True, env=environment(), timeout=120)
     assert result.returncode == 2 and 'argument --threads: expected a value in [1, 1024], got 99999' in result.stderr
+
+
+@pytest.mark.parametrize('error, line', [
+    (OSError(28, 'No space left on device'), 'error: [Errno 28] No space left on device'),
+    (WeightsError('w.pdparams: not a weights file'), 'error: w.pdparams: not a weights file'),
+    (TypeError('an adapter argument\nof the wrong type'),
+     'error: unexpected TypeError (please report it): an adapter argument of the wrong type'),
+    (OverflowError('timeout too large'), 'error: unexpected OverflowError (please report it): timeout too large'),
+], ids=['OSError', 'WeightsError', 'TypeError', 'OverflowError'])
+def test_every_error_of_a_command_is_one_line_and_exit_code_1(capsys, error, line):
+    """cli.run is the one place where a command's exceptions end: expected or not, one line."""
+    import cli
+
+    def main(args):
+        raise error
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.run(main, None)
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == line + '\n'
