@@ -36,6 +36,7 @@ RUN = [
 ]
 NOT_RUN = {
     'pip install -r requirements.txt': 'CI has installed it',
+    'pip install -r requirements-gpu.txt': 'CI builds its second environment from it, with the CPU twin',
     'python -m pytest -q tests': 'this is it',
     'python benchmark.py': 'minutes of timing, not a test',
     'python benchmark.py --dense': 'the same',
