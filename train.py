@@ -19,9 +19,10 @@ predict.py need only the file. Epochs are counted from 1 in logs and checkpoints
 that holds a run is never overwritten by accident: continue it with `--resume auto`, or start
 over with `--overwrite`.
 
-Resuming is exact: data order, augmentation, Mixup and drop path are reseeded at every epoch
-from (seed, epoch, rank), so a run killed at an epoch boundary and resumed ends with the same
-parameters, bit for bit, as one that was never stopped.
+Resuming is exact on the CPU: data order, augmentation, Mixup and drop path are reseeded at
+every epoch from (seed, epoch, rank), so a run killed at an epoch boundary and resumed ends with
+the same parameters, bit for bit, as one that was never stopped. On a GPU the resumed run is the
+same run up to rounding (atomic adds in the gather's backward, cuDNN's choice of algorithm).
 """
 import argparse
 import datetime
