@@ -29,7 +29,10 @@ from weights import printable
 
 
 def backbone_factory(name: str):
-    def build(pretrained: Optional[str] = None, drop_path_rate: float = 0.0) -> CycleNet:
+    # PaddleSeg gives a backbone the image channels of a dataset class (ADE20K's 3) as in_channels.
+    def build(pretrained: Optional[str] = None, drop_path_rate: float = 0.0, in_channels: int = 3) -> CycleNet:
+        if in_channels != 3:
+            raise ValueError(f'{name}_feat takes RGB images (in_channels 3), not in_channels={in_channels!r}')
         model, loaded = zoo.create_backbone(name, pretrained, drop_path_rate=drop_path_rate)
         if pretrained is not None:
             logger.info(f'{name}_feat: {printable(loaded)}')
