@@ -88,8 +88,7 @@ def test_detection_backbone_builds_and_runs_only_what_it_returns(return_idx, for
     full, _ = zoo.create_backbone('CycleMLP_B1')
     maps = backbone({'image': paddle.randn([1, 3, 64, 96])})
     assert [m.shape[1] for m in maps] == [[64, 128, 320, 512][i] for i in return_idx]
-    assert [m.shape[2:] for m in maps] == [[64 // s, 96 // s] for s in (4, 8, 16, 32) if s in
-                                          [4 * 2 ** i for i in return_idx]]
+    assert [m.shape[2:] for m in maps] == [[16 // 2 ** i, 24 // 2 ** i] for i in return_idx]   # strides 4 * 2^i
     sum((m * m).mean() for m in maps).backward()
     assert all(p.grad is not None for p in backbone.parameters())
     norms = sorted({name.split('.')[1] for name, _ in backbone.named_parameters() if name.startswith('body.norm')})
@@ -263,7 +262,8 @@ def write_coco(root: Path, split: str, count: int, size=(128, 96)) -> None:
 
 def paddledet_config(path: Path, root: Path, epochs: int, batch_size: int, size):
     """The config file as PaddleDetection's tools/train.py reads it (-c, -o), with the data
-    paths, the length, the device and the image size overridden."""
+    paths, the length (epochs, batch, the 500 warmup iterations), the device (CPU, no loader
+    workers) and the image size overridden."""
     from ppdet.core.workspace import load_config, merge_config
     cfg = load_config(str(path))
     merge_config({'use_gpu': False, 'epoch': epochs, 'worker_num': 0, 'log_iter': 1,
@@ -271,11 +271,12 @@ def paddledet_config(path: Path, root: Path, epochs: int, batch_size: int, size)
                                    'anno_path': 'annotations/instances_train2017.json'},
                   'EvalDataset': {'dataset_dir': str(root), 'image_dir': 'val2017',
                                   'anno_path': 'annotations/instances_val2017.json'},
+                  'TestDataset': {'dataset_dir': str(root), 'anno_path': 'annotations/instances_val2017.json'},
                   'TrainReader': {'batch_size': batch_size}})
     warmup = cfg.LearningRate['schedulers'][1]
     assert type(warmup).__name__ == 'LinearWarmup' and warmup.steps == 500
     warmup.steps = 1                   # 500 iterations of warmup are longer than this whole run
-    for reader in ('TrainReader', 'EvalReader'):
+    for reader in ('TrainReader', 'EvalReader', 'TestReader'):
         resize = cfg[reader]['sample_transforms'][1]
         assert list(resize) == ['Resize'] and resize['Resize']['target_size'] == [800, 1333]
         resize['Resize']['target_size'] = list(size)
@@ -315,8 +316,8 @@ RPN_ON_PADDLE_26 = pytest.mark.xfail(raises=ValueError, strict=True,
 @pytest.mark.parametrize('architecture', ['retinanet', pytest.param('mask_rcnn', marks=RPN_ON_PADDLE_26)])
 def test_paddledet_b1_config_trains_and_evaluates(architecture, tmp_path, monkeypatch, offline_b1_weights):
     """configs/paddledet/<architecture>_cyclemlp_b1_fpn_1x_coco.yml through PaddleDetection's
-    load_config and Trainer, trained with evaluation on a COCO-style dataset: the loss falls and
-    COCO evaluation runs over every validation image."""
+    load_config and Trainer, trained with evaluation on a COCO-style dataset: the loss falls,
+    COCO evaluation runs over every validation image, and the saved model predicts."""
     toolkit('ppdet')
     import paddledet_backbone  # noqa: F401
     root = tmp_path / 'coco'
@@ -332,7 +333,16 @@ def test_paddledet_b1_config_trains_and_evaluates(architecture, tmp_path, monkey
     assert type(trainer.optimizer).__name__ == 'AdamW'
     assert len(losses) == 8 and falling(losses), losses
     assert len(evaluated) == 8 * 2, evaluated        # every epoch (snapshot_epoch 1), both images
-    assert (tmp_path / 'output' / f'{architecture}_cyclemlp_b1_fpn_1x_coco' / 'model_final.pdparams').is_file()
+    # tools/infer.py's steps: the config's weights (where training saved them), its TestDataset
+    # (the class names) and TestReader.
+    from ppdet.engine import Trainer
+    assert cfg.weights == f'output/{architecture}_cyclemlp_b1_fpn_1x_coco/model_final'
+    predictor = Trainer(cfg, mode='test')
+    predictor.load_weights(cfg.weights)
+    [result] = predictor.predict([str(root / 'val2017' / f'{0:012d}.jpg')], output_dir=str(tmp_path / 'infer'),
+                                 visualize=False)
+    assert result['bbox'].shape[1] == 6 and int(result['bbox_num'][0]) == len(result['bbox'])
+    assert np.isfinite(result['bbox']).all()
 
 
 @pytest.mark.parametrize('architecture', ['retinanet', 'mask_rcnn'])
