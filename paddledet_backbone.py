@@ -1,7 +1,7 @@
 """CycleMLP's feature backbones for PaddleDetection: importing this module registers the backbone
 class CycleMLPFeat with PaddleDetection (it imports ppdet; nothing else in this repo does).
 
-    # in PaddleDetection's tools/train.py (or your script), before the config is read:
+    # before the config is read (configs/launch.py does it for PaddleDetection's tools/*.py):
     import paddledet_backbone  # noqa: F401
 
     architecture: RetinaNet
@@ -19,7 +19,8 @@ class CycleMLPFeat with PaddleDetection (it imports ppdet; nothing else in this 
       spatial_scales: [0.125, 0.0625, 0.03125]
       extra_stage: 2
       has_extra_convs: true
-      use_c5: false
+      use_c5: true
+      relu_before_extra_convs: false
 
 The backbone wraps zoo.create_backbone's model (the official feature model), cut to what
 return_idx uses: the stages after the last returned one are removed and the output norms of the
@@ -27,7 +28,8 @@ stages not returned are identities (as FORK_LAST3 makes the first), so every par
 gradient, as paddle.DataParallel with PaddleDetection's find_unused_parameters=False requires.
 `out_shape` gives PaddleDetection the channels and stride of each returned map; forward reads
 inputs['image'].
-Tested with PaddleDetection 2.6.0 on Paddle 2.6.2 (tests/test_dense_toolkits.py).
+The paper's complete configs: configs/paddledet/. Tested with PaddleDetection 2.6.0 on Paddle
+2.6.2 (tests/test_dense_toolkits.py).
 """
 from typing import List, Optional, Sequence
 

@@ -1,7 +1,7 @@
 """CycleMLP's feature backbones for PaddleSeg: importing this module registers CycleMLP_B1_feat ..
 CycleMLP_B5_feat as PaddleSeg backbones (it imports PaddleSeg; nothing else in this repo does).
 
-    # in PaddleSeg's tools/train.py (or your script), before the config is read:
+    # before the config is read (configs/launch.py does it for PaddleSeg's tools/*.py):
     import paddleseg_backbone  # noqa: F401
 
     model:                              # the paper's segmentation model is Semantic FPN;
@@ -16,7 +16,8 @@ CycleMLP_B5_feat as PaddleSeg backbones (it imports PaddleSeg; nothing else in t
 
 A backbone is zoo.create_backbone's model: the official feature model (CycleNet(fork_feat=True)),
 `feat_channels` the widths of its four maps, forward returning them as a list of (B, C, H, W).
-Tested with PaddleSeg 2.8.0 on Paddle 2.6.2 (tests/test_dense_toolkits.py).
+The paper's complete configs: configs/paddleseg/. Tested with PaddleSeg 2.8.0 on Paddle 2.6.2
+(tests/test_dense_toolkits.py).
 """
 from typing import Optional
 
