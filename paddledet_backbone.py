@@ -32,6 +32,7 @@ The paper's complete configs: configs/paddledet/. Tested with PaddleDetection 2.
 2.6.2 (tests/test_dense_toolkits.py).
 """
 from typing import List, Optional, Sequence
+import zlib  # noqa: F401  before Paddle: Paddle 2.6 bundles a zlib that crashes one loaded after it
 
 import paddle.nn as nn
 from ppdet.core.workspace import register, serializable

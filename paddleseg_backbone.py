@@ -20,6 +20,7 @@ The paper's complete configs: configs/paddleseg/. Tested with PaddleSeg 2.8.0 on
 (tests/test_dense_toolkits.py).
 """
 from typing import Optional
+import zlib  # noqa: F401  before Paddle: Paddle 2.6 bundles a zlib that crashes one loaded after it
 
 from paddleseg.cvlibs import manager
 from paddleseg.utils import logger

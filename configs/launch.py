@@ -14,6 +14,7 @@ import importlib.util
 import os
 import runpy
 import sys
+import zlib  # noqa: F401  before Paddle: Paddle 2.6 bundles a zlib that crashes one loaded after it
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USAGE = 'usage: python configs/launch.py TOOLKIT/tools/SCRIPT.py [its arguments ...]'
