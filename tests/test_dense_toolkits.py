@@ -57,21 +57,24 @@ def falling(losses: list) -> bool:
 
 @pytest.fixture
 def offline_b1_weights(tmp_path, monkeypatch):
-    """The official CycleMLP_B1 release replaced by a locally written ImageNet-layout file of
-    B1 (fresh weights): the names asked for are recorded, and the file passes the same check."""
-    path = str(tmp_path / 'CycleMLP_B1.pdparams')
-    paddle.seed(0)
-    write_weights(path, zoo.numpy_state(zoo.create_model('CycleMLP_B1')))
-    asked = []
+    """Called once the toolkit is there: the official CycleMLP_B1 release replaced by a locally
+    written ImageNet-layout file of B1 (fresh weights); returns the names asked for, and the file
+    passes the same check as a download."""
+    def install() -> list:
+        path = str(tmp_path / 'CycleMLP_B1.pdparams')
+        paddle.seed(0)
+        write_weights(path, zoo.numpy_state(zoo.create_model('CycleMLP_B1')))
+        asked = []
 
-    def official_weights(name, check):
-        asked.append(name)
-        if name != 'CycleMLP_B1':
-            raise AssertionError(f'only CycleMLP_B1 is written here, not {name}')
-        check(path)
-        return path
-    monkeypatch.setattr(download, 'official_weights', official_weights)
-    return asked
+        def official_weights(name, check):
+            asked.append(name)
+            if name != 'CycleMLP_B1':
+                raise AssertionError(f'only CycleMLP_B1 is written here, not {name}')
+            check(path)
+            return path
+        monkeypatch.setattr(download, 'official_weights', official_weights)
+        return asked
+    return install
 
 
 # ---------------------------------------------------------------- the detection adapter
@@ -155,6 +158,7 @@ def test_paddleseg_semantic_fpn_b1_config_trains_and_evaluates(tmp_path, offline
     PaddleSeg 2.8.0's own train() fails on Paddle 2.6 at its first log line (it indexes the 0-D
     loss; fixed in PaddleSeg 2.9, which is not on PyPI), so its loop's steps are written out here."""
     toolkit('paddleseg')
+    asked = offline_b1_weights()
     import paddleseg_backbone  # noqa: F401
     from paddleseg.core.infer import inference
     from paddleseg.core.train import loss_computation
@@ -167,7 +171,7 @@ def test_paddleseg_semantic_fpn_b1_config_trains_and_evaluates(tmp_path, offline
     paddle.seed(0)
     np.random.seed(0)
     model = builder.model
-    assert offline_b1_weights == ['CycleMLP_B1']
+    assert asked == ['CycleMLP_B1']
     assert type(model).__name__ == 'PFPNNet' and model.backbone.config['layers'] == [2, 2, 4, 2]
     samples = [builder.train_dataset[index] for index in range(4)]
     assert all(sample['img'].shape == (3, 64, 64) and sample['label'].shape == (64, 64) for sample in samples)
@@ -319,6 +323,7 @@ def test_paddledet_b1_config_trains_and_evaluates(architecture, tmp_path, monkey
     load_config and Trainer, trained with evaluation on a COCO-style dataset: the loss falls,
     COCO evaluation runs over every validation image, and the saved model predicts."""
     toolkit('ppdet')
+    asked = offline_b1_weights()
     import paddledet_backbone  # noqa: F401
     root = tmp_path / 'coco'
     write_coco(root, 'train2017', 2)
@@ -327,7 +332,7 @@ def test_paddledet_b1_config_trains_and_evaluates(architecture, tmp_path, monkey
     cfg = paddledet_config(CONFIGS / 'paddledet' / f'{architecture}_cyclemlp_b1_fpn_1x_coco.yml', root,
                            epochs=8, batch_size=2, size=(96, 128))
     trainer, losses, evaluated = train_paddledet(cfg, tmp_path / 'output')
-    assert offline_b1_weights == ['CycleMLP_B1']
+    assert asked == ['CycleMLP_B1']
     backbone = trainer.model.backbone
     assert type(backbone).__name__ == 'CycleMLPFeat' and backbone.return_idx == cfg.CycleMLPFeat['return_idx']
     assert type(trainer.optimizer).__name__ == 'AdamW'
