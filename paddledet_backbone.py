@@ -1,7 +1,7 @@
 """CycleMLP's feature backbones for PaddleDetection: importing this module registers the backbone
 class CycleMLPFeat with PaddleDetection (it imports ppdet; nothing else in this repo does).
 
-    # in PaddleDetection's tools/train.py (or your script), before the config is read:
+    # before the config is read (configs/launch.py does it for PaddleDetection's tools/*.py):
     import paddledet_backbone  # noqa: F401
 
     architecture: RetinaNet
@@ -19,13 +19,20 @@ class CycleMLPFeat with PaddleDetection (it imports ppdet; nothing else in this 
       spatial_scales: [0.125, 0.0625, 0.03125]
       extra_stage: 2
       has_extra_convs: true
-      use_c5: false
+      use_c5: true
+      relu_before_extra_convs: false
 
-The backbone wraps zoo.create_backbone's model (the official feature model); `out_shape` gives
-PaddleDetection the channels and stride of each returned map, forward reads inputs['image'].
-Tested with PaddleDetection 2.6.0 on Paddle 2.6.2 (tests/test_dense_toolkits.py).
+The backbone wraps zoo.create_backbone's model (the official feature model), cut to what
+return_idx uses: the stages after the last returned one are removed and the output norms of the
+stages not returned are identities (as FORK_LAST3 makes the first), so every parameter gets a
+gradient, as paddle.DataParallel with PaddleDetection's find_unused_parameters=False requires.
+`out_shape` gives PaddleDetection the channels and stride of each returned map; forward reads
+inputs['image'].
+The paper's complete configs: configs/paddledet/. Tested with PaddleDetection 2.6.0 on Paddle
+2.6.2 (tests/test_dense_toolkits.py).
 """
 from typing import List, Optional, Sequence
+import zlib  # noqa: F401  before Paddle: Paddle 2.6 bundles a zlib that crashes one loaded after it
 
 import paddle.nn as nn
 from ppdet.core.workspace import register, serializable
@@ -48,15 +55,24 @@ class CycleMLPFeat(nn.Layer):
     def __init__(self, variant: str = 'CycleMLP_B1', pretrained: Optional[str] = None,
                  fork_last3: bool = True, return_idx: Sequence[int] = (1, 2, 3), drop_path_rate: float = 0.0):
         super().__init__()
-        if not (return_idx and all(index in range(4) for index in return_idx)):
-            raise ValueError(f'CycleMLPFeat: return_idx must be stage indices in 0..3, got {return_idx!r}')
+        return_idx = list(return_idx)
+        if not (return_idx and all(index in range(4) for index in return_idx) and return_idx == sorted(set(return_idx))):
+            raise ValueError(f'CycleMLPFeat: return_idx must be increasing stage indices in 0..3, got {return_idx!r}')
+        if fork_last3 and 0 in return_idx:
+            raise ValueError('CycleMLPFeat: fork_last3 has no norm for stage 0; leave it out of return_idx')
         self.body, loaded = zoo.create_backbone(variant, pretrained, fork_last3, drop_path_rate)
         if pretrained is not None:
             logger.info(f'CycleMLPFeat: {printable(loaded)}')
-        self.return_idx = list(return_idx)
+        self.return_idx = return_idx
+        # network holds stages at even indices and downsampling layers between them.
+        del self.body.network[2 * return_idx[-1] + 1:]
+        for stage in set(range(return_idx[-1] + 1)) - set(return_idx):
+            self.body.add_sublayer(f'norm{2 * stage}', nn.Identity())
+        for stage in range(return_idx[-1] + 1, 4):
+            delattr(self.body, f'norm{2 * stage}')
 
     def forward(self, inputs: dict) -> List:
-        maps = self.body(inputs['image'])
+        maps = self.body(inputs['image'])    # stages 0 .. return_idx[-1]
         return [maps[index] for index in self.return_idx]
 
     @property
