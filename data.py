@@ -30,23 +30,17 @@ import zlib  # noqa: F401  before Paddle: Paddle 2.6 bundles a zlib that crashes
 import paddle
 from PIL import Image, ImageOps
 
-from weights import WeightsError, describe, printable
+from weights import CROP_PCT_RANGE, INPUT_SIZE_RANGE, INTERPOLATION_NAMES, printable
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_CROP_PCT = 0.875  # 224 / 256: the official evaluation resize rule
 # The evaluation transform of the official code; a checkpoint records its own (data_config).
 EVAL_DEFAULTS = dict(input_size=224, crop_pct=DEFAULT_CROP_PCT, interpolation='bicubic')
-INPUT_SIZE_RANGE = (8, 4096)
-CROP_PCT_RANGE = (0.05, 1.0)
 
 # Pillow renamed its enums in 9.1; the old module-level names are gone in some versions.
 _RESAMPLING = getattr(Image, 'Resampling', Image)
-INTERPOLATIONS = {
-    'bicubic': _RESAMPLING.BICUBIC,
-    'bilinear': _RESAMPLING.BILINEAR,
-    'nearest': _RESAMPLING.NEAREST,
-}
+INTERPOLATIONS = {name: getattr(_RESAMPLING, name.upper()) for name in INTERPOLATION_NAMES}
 
 # Every extension Pillow can open (not only save), compared lower-case.
 IMAGE_EXTENSIONS = frozenset(
@@ -390,24 +384,6 @@ def eval_transform(input_size: int = EVAL_DEFAULTS['input_size'], crop_pct: floa
     if not 0 < crop_pct <= 1:
         raise ValueError(f'crop_pct must be in (0, 1], got {crop_pct}')
     return EvalTransform(input_size, crop_pct, interpolation)
-
-
-def check_data_config(config, source: str) -> dict:
-    """A recorded evaluation transform (data_config of a weights file or export), checked;
-    WeightsError naming the file and the value otherwise."""
-    checks = {'input_size': lambda v: type(v) is int and INPUT_SIZE_RANGE[0] <= v <= INPUT_SIZE_RANGE[1],
-              'crop_pct': lambda v: type(v) in (int, float) and CROP_PCT_RANGE[0] <= v <= CROP_PCT_RANGE[1],
-              'interpolation': lambda v: isinstance(v, str) and v in INTERPOLATIONS}
-    expected = {'input_size': f'an integer in {list(INPUT_SIZE_RANGE)}',
-                'crop_pct': f'a number in {list(CROP_PCT_RANGE)}',
-                'interpolation': f'one of {", ".join(INTERPOLATIONS)}'}
-    if not isinstance(config, dict):
-        raise WeightsError(f'{source}: data_config is {describe(config)}, expected a dict')
-    for key, value in config.items():
-        if key not in checks or not checks[key](value):
-            raise WeightsError(f'{source}: data_config {describe(key)} is {describe(value)}, '
-                               f'expected {expected.get(key, "only " + ", ".join(checks))}')
-    return config
 
 
 class EpochSampler(paddle.io.Sampler):

@@ -42,8 +42,8 @@ import paddle
 
 from cli import bounded, held_signals, locked, model_args_parser, resolve_data_config
 from cyclemlp import MAX_CLASSES, CycleNet
-from data import IMAGENET_MEAN, IMAGENET_STD, check_data_config
-from weights import WeightsError, describe, one_line, open_regular_file, printable, sha256_of
+from data import IMAGENET_MEAN, IMAGENET_STD
+from weights import WeightsError, check_data_config, describe, one_line, open_regular_file, printable, sha256_of
 from zoo import count_parameters, load_model, variant_name
 
 IMAGENET_CLASSES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'imagenet_classes.txt')

@@ -59,6 +59,10 @@ NUMERIC_KINDS = 'biufc'
 MAX_PICKLE_BYTES = 64 << 20      # the data.pkl of a torch.save archive (a training checkpoint's is < 1 MB)
 MAX_ARRAY_DIMS = 32
 MAX_CLASS_NAMES = 100_000
+# The evaluation transform a file records (data_config): its keys and their bounds.
+INPUT_SIZE_RANGE = (8, 4096)
+CROP_PCT_RANGE = (0.05, 1.0)
+INTERPOLATION_NAMES = ('bicubic', 'bilinear', 'nearest')
 # What a damaged zip archive raises while it is read, besides BadZipFile.
 ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError,
               zlib.error, EOFError, OSError, ValueError, struct.error, KeyError, IndexError, OverflowError)
@@ -541,6 +545,24 @@ def _select_state(path: str, container: dict, ema: bool) -> dict:
     return check_state(path, state)
 
 
+def check_data_config(config, source: str) -> dict:
+    """A recorded evaluation transform (data_config of a weights file or export), checked;
+    WeightsError naming the file and the value otherwise."""
+    checks = {'input_size': lambda v: type(v) is int and INPUT_SIZE_RANGE[0] <= v <= INPUT_SIZE_RANGE[1],
+              'crop_pct': lambda v: type(v) in (int, float) and CROP_PCT_RANGE[0] <= v <= CROP_PCT_RANGE[1],
+              'interpolation': lambda v: isinstance(v, str) and v in INTERPOLATION_NAMES}
+    expected = {'input_size': f'an integer in {list(INPUT_SIZE_RANGE)}',
+                'crop_pct': f'a number in {list(CROP_PCT_RANGE)}',
+                'interpolation': f'one of {", ".join(INTERPOLATION_NAMES)}'}
+    if not isinstance(config, dict):
+        raise WeightsError(f'{source}: data_config is {describe(config)}, expected a dict')
+    for key, value in config.items():
+        if key not in checks or not checks[key](value):
+            raise WeightsError(f'{source}: data_config {describe(key)} is {describe(value)}, '
+                               f'expected {expected.get(key, "only " + ", ".join(checks))}')
+    return config
+
+
 def _check_meta(path: str, meta: dict) -> dict:
     expected = {'model_name': str, 'class_names': list, 'data_config': dict}
     for key, value in meta.items():
@@ -550,6 +572,8 @@ def _check_meta(path: str, meta: dict) -> dict:
     if names is not None and (len(names) > MAX_CLASS_NAMES
                               or not all(isinstance(n, str) and len(n) < 1000 for n in names)):
         raise WeightsError(f'{path}: class_names must be a list of at most {MAX_CLASS_NAMES} strings')
+    if 'data_config' in meta:
+        check_data_config(meta['data_config'], path)
     return meta
 
 
@@ -558,7 +582,7 @@ def read_weights(path: str, ema: bool = False) -> tuple[dict[str, np.ndarray], d
 
     layout is 'torch' (Linear weights [out, in]) or 'paddle' ([in, out]); see torch_to_paddle.
     meta holds whichever of model_name, class_names, data_config the file records ({} for
-    files from elsewhere; data_config is checked where it is used, data.check_data_config).
+    files from elsewhere), each checked (_check_meta: the one schema of recorded metadata).
     From a checkpoint dict the state is 'model', else 'state_dict', else the dict itself;
     ema=True takes 'model_ema' (timm's ModelEma) instead. Everything else in a training
     checkpoint (optimizer, lr_scheduler, epoch, scaler, args) is read safely and ignored.

@@ -97,14 +97,15 @@ def tiny_state(seed: int, num_classes: int = 3) -> dict:
 def make_tiny_weights(tmp_path):
     """Factory: make_tiny_weights(name='tiny.pdparams', seed=0, class_names=('cat', 'dog', 'fox'),
     data_config=None) -> path of a .pdparams written by weights.write_weights with class_names
-    and, when given, data_config."""
-    from weights import write_weights
+    and, when given, data_config: the .pdparams layout write_weights writes, saved as it is (so
+    that metadata write_weights would refuse can be written too, as by hand)."""
+    from weights import atomic_save
 
     def make(name="tiny.pdparams", seed=0, class_names=("cat", "dog", "fox"), data_config=None):
         path = str(tmp_path / name)
         meta = {"class_names": list(class_names)}
         if data_config:
             meta["data_config"] = data_config
-        write_weights(path, tiny_state(seed, len(class_names)), meta)
+        atomic_save({"model": tiny_state(seed, len(class_names)), **meta}, path)
         return path
     return make

@@ -11,6 +11,7 @@ import paddle
 import pytest
 from PIL import Image
 
+import convert_weights
 import predict
 from conftest import REPO_ROOT, photo_like_array
 from zoo import create_model
@@ -176,6 +177,9 @@ def test_bad_weights_and_settings_name_the_file(tmp_path, make_tiny_weights):
         weights = make_tiny_weights("odd.pdparams", data_config=config)
         with pytest.raises(WeightsError, match=re.escape(f"{weights}: {expected}")):
             predict.main(predict.get_args_parser().parse_args([str(tmp_path), "--weights", weights]))
+        with pytest.raises(WeightsError, match=re.escape(f"{weights}: {expected}")):   # never copied on
+            convert_weights.main(convert_weights.get_args_parser().parse_args([weights, str(tmp_path / "out.pdparams")]))
+        assert not os.path.exists(tmp_path / "out.pdparams")
 
 
 def test_an_image_that_would_blow_up_memory_is_one_error_among_good_ones(tmp_path, make_tiny_weights, capsys):
