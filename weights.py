@@ -229,6 +229,11 @@ def _torch_globals() -> dict:
         allowed[f'torch.{storage_class}'] = _TORCH_DTYPES[dtype_name]
     for dtype_name, dtype in _TORCH_DTYPES.items():
         allowed[f'torch.{dtype_name}'] = dtype
+    # Plain values of an mmcv/mmseg/mmdet checkpoint's 'meta' (save_best writes numpy scalars;
+    # sets appear too): built as checked values, like everything else, and never used.
+    for module in ('numpy.core.multiarray', 'numpy._core.multiarray'):
+        allowed[f'{module}.scalar'] = _numpy_scalar
+    allowed.update({'numpy.dtype': _numpy_dtype, 'builtins.set': set, '__builtin__.set': set})
     return allowed
 
 

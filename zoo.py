@@ -234,10 +234,13 @@ def create_backbone(name: str, weights: Optional[str] = None, fork_last3: bool =
 
 def load_backbone(model: CycleNet, weights: str) -> str:
     """Load weights into a feature backbone (create_backbone); returns what was loaded and what
-    was left out, in words."""
+    was left out, in words. The kind of file decides what it must hold: a dense checkpoint
+    (keys under 'backbone.') is this backbone trained, output norms included (a file of the other
+    variant, or one without its norms, does not fit); ImageNet weights start the norms fresh."""
     state, _ = read_state(weights)
     notes = []
-    if any(key.startswith('backbone.') for key in state):
+    dense = any(key.startswith('backbone.') for key in state)
+    if dense:
         others = sorted({key.split('.')[0] for key in state if not key.startswith('backbone.')})
         state = {key[len('backbone.'):]: value for key, value in state.items() if key.startswith('backbone.')}
         notes.append('its backbone' + (f' (left out: {", ".join(map(describe, others))})' if others else ''))
@@ -246,7 +249,7 @@ def load_backbone(model: CycleNet, weights: str) -> str:
     if classifier:
         state = {key: value for key, value in state.items() if key not in classifier}
         notes.append(f'dropped {", ".join(classifier)} (the classifier)')
-    fresh = [key for key in output_norms if key not in state]
+    fresh = [] if dense else [key for key in output_norms if key not in state]
     load_state(model, state, weights, fresh=fresh)
     if fresh:
         notes.append(f'{", ".join(sorted({key.split(".")[0] for key in fresh}))} start fresh')

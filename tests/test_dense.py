@@ -1,6 +1,7 @@
 """The feature backbone for dense prediction (CycleNet(fork_feat=True), zoo.create_backbone):
 the official feature model's outputs from checkpoints the official code wrote (mmseg/mmdet
 layout), its state-dict names, ImageNet weights as the start of dense training, any input size."""
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,8 @@ import fast_layers
 import zoo
 from conftest import TINY_CONFIG
 from cyclemlp import CycleNet
-from weights import WeightsError, write_weights
+from torch_files import write_release
+from weights import WeightsError, read_weights, write_weights
 
 FIXTURES = Path(__file__).resolve().parent / 'fixtures'
 
@@ -87,3 +89,40 @@ def test_backbone_arguments_are_checked():
         CycleNet(**TINY_CONFIG, fork_last3=True)
     with pytest.raises(ValueError, match='fork_feat must be True or False'):
         CycleNet(**TINY_CONFIG, fork_feat='yes')
+
+
+def mmcv_meta() -> bytes:
+    """A 'meta' as mmcv's save_best writes it (numpy scalars, a set), pickled as torch.save does
+    (protocol 2), without its PROTO and STOP opcodes."""
+    import pickle
+    meta = {'epoch': 12, 'best_score': np.float64(0.451), 'best_iter': np.int64(40000),
+            'classes': {'wall', 'floor'}, 'env_info': 'sys.platform: linux'}
+    return pickle.dumps(meta, protocol=2)[2:-1]
+
+
+def official_dense(variant: str, drop=(), meta=b''):
+    """The official dense fixture's state dict (mmseg layout), some keys dropped, rewritten."""
+    state, _, _ = read_weights(FIXTURES / f'official_dense_tiny{variant}.pth')
+    return {key: value for key, value in state.items() if not key.startswith(drop)}, meta
+
+
+@pytest.mark.parametrize('variant, last3, drop, meta, outcome', [
+    ('', False, (), b'', 'loads'),
+    ('', False, (), 'mmcv', 'loads'),                      # meta of plain values is read, then unused
+    ('_last3', True, (), 'mmcv', 'loads'),
+    ('_last3', False, (), b'', "missing keys (2): 'norm0.bias', 'norm0.weight'"),   # RetinaNet's file
+    ('', True, (), b'', "unexpected keys (2): 'norm0.bias', 'norm0.weight'"),
+    ('', False, ('backbone.norm6.',), b'', "missing keys (2): 'norm6.bias', 'norm6.weight'"),
+], ids=['dense', 'mmcv meta', 'last3 with meta', 'other variant', 'other variant, last3', 'norms missing'])
+def test_a_dense_checkpoint_must_hold_its_variants_output_norms(tmp_path, variant, last3, drop, meta, outcome):
+    """What a file must contain is decided by its kind: a dense checkpoint is the backbone
+    trained, output norms included; only ImageNet weights start them fresh."""
+    state, _ = official_dense(variant, drop)
+    path = tmp_path / 'dense.pth'
+    write_release(path, state, key='state_dict', meta=mmcv_meta() if meta == 'mmcv' else meta)
+    model = CycleNet(**TINY_CONFIG, fork_feat=True, fork_last3=last3)
+    if outcome == 'loads':
+        assert zoo.load_backbone(model, str(path)).endswith("its backbone (left out: 'decode_head', 'neck')")
+    else:
+        with pytest.raises(WeightsError, match=re.escape(outcome)):
+            zoo.load_backbone(model, str(path))

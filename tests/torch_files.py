@@ -55,17 +55,19 @@ def write_torch_zip(path: Path, data_pkl: bytes, storages: dict, byteorder: byte
         archive.writestr(f'{root}/version', '3\n')       # torch.load requires it
 
 
-def write_release(path: Path, torch_state: dict) -> None:
-    """A torch.save of {'model': OrderedDict(torch_state)} with one float32 storage per tensor,
-    as the official release files hold (PyTorch layout: Linear weights [out, in])."""
+def write_release(path: Path, torch_state: dict, key: str = 'model', meta: bytes = b'') -> None:
+    """A torch.save of {key: OrderedDict(torch_state)} with one float32 storage per tensor,
+    as the official release files hold (PyTorch layout: Linear weights [out, in]); `meta`, the
+    opcodes of a value pickled without PROTO and STOP, is added as 'meta' (as mmcv saves it)."""
     entries, storages = b'', {}
-    for index, (key, value) in enumerate(torch_state.items()):
+    for index, (name, value) in enumerate(torch_state.items()):
         value = np.ascontiguousarray(value, dtype=np.float32)
         strides = [int(np.prod(value.shape[axis + 1:])) for axis in range(value.ndim)]
-        entries += pickle_str(key) + tensor_pickle(str(index), 0, value.shape, strides, value.size)
+        entries += pickle_str(name) + tensor_pickle(str(index), 0, value.shape, strides, value.size)
         storages[str(index)] = value.astype('<f4').tobytes()
     state = ordered_dict() + b'(' + entries + b'u'
-    write_torch_zip(path, b'\x80\x02}(' + pickle_str('model') + state + b'u.', storages)
+    extra = pickle_str('meta') + meta if meta else b''
+    write_torch_zip(path, b'\x80\x02}(' + pickle_str(key) + state + extra + b'u.', storages)
 
 
 def paddle_to_torch(state: dict) -> dict:
