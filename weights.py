@@ -57,6 +57,7 @@ PADDLE_NAME_TABLE_KEY = 'StructuredToParameterName@@'
 # Numeric kinds only: object ('O') and void/structured ('V') dtypes could smuggle in pickled objects.
 NUMERIC_KINDS = 'biufc'
 MAX_PICKLE_BYTES = 64 << 20      # the data.pkl of a torch.save archive (a training checkpoint's is < 1 MB)
+MAX_FILE_BYTES = 16 << 30        # B5's training checkpoint (weights, EMA, two moments) is about 1.2 GB
 MAX_ARRAY_DIMS = 32
 MAX_CLASS_NAMES = 100_000
 # The evaluation transform a file records (data_config): its keys and their bounds.
@@ -85,19 +86,25 @@ def one_line(text, limit: int = 200) -> str:
     return printable(' '.join(str(text).split()))[:limit]
 
 
-def open_regular_file(path: str):
-    """path opened for reading if it is a regular file; WeightsError for a FIFO, device or
-    folder (a read would block forever or never end) or a file that cannot be opened. Opened
-    without blocking, then checked, so that a FIFO swapped in after a check cannot hang it."""
+def open_regular_file(path: str, max_bytes: int | None = None):
+    """path opened for reading if it is a regular file of at most max_bytes; WeightsError for a
+    missing file, a FIFO, device or folder (a read would block forever or never end), or a
+    larger file. Opened without blocking and checked on the descriptor: what is read is what
+    was checked, even if the path is swapped afterwards."""
     try:
         descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise WeightsError(f'{path}: no such file') from None
     except OSError as error:
         raise WeightsError(f'{path}: cannot read ({error.strerror})') from None
-    file = os.fdopen(descriptor, 'rb')
-    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-        file.close()
-        raise WeightsError(f'{path}: not a regular file')
-    return file
+    status = os.fstat(descriptor)
+    problem = ('not a regular file' if not stat.S_ISREG(status.st_mode) else
+               f'{status.st_size} bytes, more than the {max_bytes} it may hold'
+               if max_bytes is not None and status.st_size > max_bytes else None)
+    if problem:
+        os.close(descriptor)
+        raise WeightsError(f'{path}: {problem}')
+    return os.fdopen(descriptor, 'rb')
 
 
 def sha256_of(path: str) -> str:
@@ -395,9 +402,9 @@ def _unpickle(file, path: str, allowed: dict, persistent_load=None):
 
 # The three formats
 
-def _load_torch_zip(path: str) -> dict:
+def _load_torch_zip(file, path: str) -> dict:
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(file) as archive:
             return _read_torch_archive(path, archive)
     except WeightsError:
         raise
@@ -446,16 +453,12 @@ def _read_torch_archive(path: str, archive: zipfile.ZipFile):
     return result
 
 
-def _load_paddle_pickle(path: str):
-    with open(path, 'rb') as file:
-        return _unpickle(file, path, PADDLE_ALLOWED_GLOBALS)
-
-
-def _load_safetensors(path: str) -> tuple:
+def _load_safetensors(file, path: str) -> tuple:
+    data = file.read()
     try:
-        state = safetensors.numpy.load_file(path)
-        with safetensors.safe_open(path, framework='np') as file:
-            header = file.metadata() or {}
+        state = safetensors.numpy.load(data)
+        header_size = struct.unpack('<Q', data[:8])[0]
+        header = json.loads(data[8:8 + header_size]).get('__metadata__') or {}
     except Exception as error:  # SafetensorError, and ValueError/TypeError for odd dtypes
         raise WeightsError(f'{path}: damaged safetensors file ({_short_repr.repr(str(error))[1:-1]})') from None
     meta = {}
@@ -471,17 +474,11 @@ def _load_safetensors(path: str) -> tuple:
     return state, meta, layout
 
 
-def _sniff(path: str) -> str:
-    """'torch', 'legacy-torch', 'pickle' or 'safetensors', judged from the first bytes."""
-    if not os.path.exists(path):
-        raise WeightsError(f'{path}: no such file')
-    if not os.path.isfile(path):
-        raise WeightsError(f'{path}: not a regular file')
-    try:
-        with open(path, 'rb') as file:
-            head = file.read(16)
-    except OSError as error:
-        raise WeightsError(f'{path}: cannot read ({error.strerror})') from None
+def _sniff(file, path: str) -> str:
+    """'torch', 'legacy-torch', 'pickle' or 'safetensors', judged from the first bytes of the
+    open file (left at its start)."""
+    head = file.read(16)
+    file.seek(0)
     if not head:
         raise WeightsError(f'{path}: file is empty')
     if head.startswith(ZIP_MAGIC):
@@ -501,10 +498,11 @@ def _sniff(path: str) -> str:
 def read_checkpoint(path: str) -> dict:
     """The whole dict of a .pdckpt/.pdparams pickle (model, optimizer, epoch, ...), for resuming."""
     path = os.fspath(path)
-    kind = _sniff(path)
-    if kind != 'pickle':
-        raise WeightsError(f'{path}: expected a paddle.save pickle (.pdckpt), found a {kind} file')
-    checkpoint = _load_paddle_pickle(path)
+    with open_regular_file(path, MAX_FILE_BYTES) as file:
+        kind = _sniff(file, path)
+        if kind != 'pickle':
+            raise WeightsError(f'{path}: expected a paddle.save pickle (.pdckpt), found a {kind} file')
+        checkpoint = _unpickle(file, path, PADDLE_ALLOWED_GLOBALS)
     if not isinstance(checkpoint, dict):
         raise WeightsError(f'{path}: expected a dict, found {describe(checkpoint)}')
     return checkpoint
@@ -593,21 +591,23 @@ def read_weights(path: str, ema: bool = False) -> tuple[dict[str, np.ndarray], d
     checkpoint (optimizer, lr_scheduler, epoch, scaler, args) is read safely and ignored.
     """
     path = os.fspath(path)
-    kind = _sniff(path)
-    if kind == 'legacy-torch':
-        raise WeightsError(f'{path}: legacy (pre-1.6, non-zip) torch.save format is not supported; '
-                           f're-save it with torch>=1.6: torch.save(torch.load(old), new)')
-    if kind == 'safetensors':
-        if ema:
-            raise WeightsError(f"{path}: a .safetensors file holds one state dict, no 'model_ema'")
-        state, meta, layout = _load_safetensors(path)
-        container = state
-    else:
-        container = _load_torch_zip(path) if kind == 'torch' else _load_paddle_pickle(path)
-        if not isinstance(container, dict):
-            raise WeightsError(f'{path}: expected a dict, found {describe(container)}')
-        meta = {key: container[key] for key in META_KEYS if key in container}
-        layout = 'torch' if kind == 'torch' else 'paddle'
+    with open_regular_file(path, MAX_FILE_BYTES) as file:   # what is checked is what is read
+        kind = _sniff(file, path)
+        if kind == 'legacy-torch':
+            raise WeightsError(f'{path}: legacy (pre-1.6, non-zip) torch.save format is not supported; '
+                               f're-save it with torch>=1.6: torch.save(torch.load(old), new)')
+        if kind == 'safetensors':
+            if ema:
+                raise WeightsError(f"{path}: a .safetensors file holds one state dict, no 'model_ema'")
+            state, meta, layout = _load_safetensors(file, path)
+            container = state
+        else:
+            container = (_load_torch_zip(file, path) if kind == 'torch'
+                         else _unpickle(file, path, PADDLE_ALLOWED_GLOBALS))
+            if not isinstance(container, dict):
+                raise WeightsError(f'{path}: expected a dict, found {describe(container)}')
+            meta = {key: container[key] for key in META_KEYS if key in container}
+            layout = 'torch' if kind == 'torch' else 'paddle'
     if layout not in LAYOUTS:
         raise WeightsError(f'{path}: layout {describe(layout)}, expected one of {LAYOUTS}')
     return _select_state(path, container, ema), _check_meta(path, meta), layout

@@ -237,7 +237,7 @@ HOSTILE_EXPORTS = {   # what is done to a copy of the fixed export: the error it
                                                         for name in export.MODEL_FILES if (folder / name).exists()],
                                "not the file meta.json records"),
     "parameters deleted": (lambda folder, exports: (folder / "model.pdiparams").unlink(),
-                           r"model.pdiparams: cannot read \(No such file or directory\)"),
+                           r"model.pdiparams: no such file"),
     "meta.json deleted": (lambda folder, exports: (folder / "meta.json").unlink(),
                           r"meta.json: cannot read \(No such file or directory\); expected a folder written by export.py"),
     "meta.json a FIFO": (lambda folder, exports: replace_with(folder, "meta.json", os.mkfifo), "meta.json: not a regular file"),

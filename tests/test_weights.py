@@ -592,3 +592,30 @@ def test_safetensors_metadata_is_checked_like_any_other(tmp_path):
         safetensors.numpy.save_file({'w': np.ones(2, np.float32)}, str(path), metadata=metadata)
         with pytest.raises(WeightsError, match=message):
             read_weights(path)
+
+
+def _unreadable_path(tmp_path, kind):
+    path = tmp_path / f'{kind}.pth'
+    if kind == 'fifo':
+        os.mkfifo(path)
+    elif kind == 'device':
+        os.symlink('/dev/zero', path)
+    elif kind == 'folder':
+        path.mkdir()
+    elif kind == 'sparse 17 GB':
+        with open(path, 'wb') as file:
+            file.truncate(17 << 30)        # no disk used: its size is what is refused
+    return path
+
+
+@pytest.mark.parametrize('reader', [read_weights, weights.read_checkpoint], ids=['read_weights', 'read_checkpoint'])
+@pytest.mark.parametrize('kind, message', [
+    ('missing', 'no such file'), ('fifo', 'not a regular file'), ('device', 'not a regular file'),
+    ('folder', 'not a regular file'), ('sparse 17 GB', '18253611008 bytes, more than the 17179869184 it may hold'),
+])
+def test_a_weights_path_is_opened_once_and_checked_on_its_descriptor(tmp_path, reader, kind, message):
+    """Every reader opens the file once, without blocking, checks the descriptor (a regular file
+    within the size bound) and reads those bytes: never a hang, never an unbounded read."""
+    path = _unreadable_path(tmp_path, kind)
+    with pytest.raises(WeightsError, match=re.escape(f'{path}: {message}')):
+        reader(path)
