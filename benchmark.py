@@ -12,13 +12,19 @@ Implementations (the same network and weights each time):
 
 Runs are interleaved (one step of each implementation in turn, repeated), so that drift in a
 shared machine's speed hits all alike; the median of the repetitions is reported. Peak memory
-of a training step is measured in a fresh process per implementation (CPU: growth of peak RSS,
-and the peak of what Paddle allocated; GPU: paddle's peak allocated memory).
+of a training step is measured in a fresh process per implementation, on the device the model
+runs on: on CPU the growth of the process's peak RSS and the peak of what Paddle allocated on
+the host; on GPU the growth of Paddle's peak allocated GPU memory and its peak above the steady
+state (never host memory).
 
 Deployed inference (unless --skip-deploy): the model exported by export.py (run as a user runs
-it), timed at batch 1 and 16 in eager Paddle, Paddle Inference's predictor (oneDNN off, the
-fastest correct Config here, and the default Config) and ONNX Runtime, with export.py's runners,
-interleaved, with the same thread count.
+it), timed at batch 1 and 16 in eager Paddle, Paddle Inference's predictor as predict.py ships it
+(export.PADDLE_INFERENCE_SETTINGS) and with its default Config, and ONNX Runtime as shipped
+(export.ONNXRUNTIME_SETTINGS), with export.py's runners, interleaved, with the same thread count.
+Each row names its device: ONNX Runtime runs on the CPU even where eager Paddle and Paddle
+Inference run on a GPU, and the table says so.
+
+--json prints one JSON object; a ratio that cannot be computed (an implementation not run) is null.
 """
 import argparse
 import json
@@ -27,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import cli  # first: imports Paddle without its import-time notices
 import cpu_setup
@@ -193,19 +199,30 @@ def peak_rss_mb() -> float:
 
 def memory_probe(args) -> None:
     """Child process of peak_memory_mb: print the peak memory growth of two training steps and
-    Paddle's allocated peak of the second above the first's steady state, in MB."""
+    Paddle's allocated peak of the second above the first's steady state, in MB, both on the
+    device the model runs on (the host's on CPU, the GPU's on GPU)."""
     train = make_steps(args, args.memory_probe)['train']
-    on_gpu = 'gpu' in paddle.get_device()
-    before = paddle.device.cuda.memory_allocated() / 2**20 if on_gpu else peak_rss_mb()
+    device = paddle.get_device()
+    on_gpu = device.startswith('gpu')
+    core, device_id = paddle.base.core, int(device.partition(':')[2] or 0)
+    if on_gpu:
+        current, peak, reset = (core.device_memory_stat_current_value, core.device_memory_stat_peak_value,
+                                core.device_memory_stat_reset_peak_value)
+    else:
+        current, peak, reset = (core.host_memory_stat_current_value, core.host_memory_stat_peak_value,
+                                core.host_memory_stat_reset_peak_value)
+    stat_device = device_id if on_gpu else 0
+
+    def peak_mb():   # on GPU Paddle's peak allocation since start-up (or the last reset) is the training peak
+        return paddle.device.cuda.max_memory_allocated(device_id) / 2**20 if on_gpu else peak_rss_mb()
+
+    before = paddle.device.cuda.memory_allocated(device_id) / 2**20 if on_gpu else peak_rss_mb()
     train()
-    core = paddle.base.core
-    steady = core.host_memory_stat_current_value('Allocated', 0)
-    core.host_memory_stat_reset_peak_value('Allocated', 0)
+    first_peak, steady = peak_mb(), current('Allocated', stat_device)
+    reset('Allocated', stat_device)
     train()
-    allocated = (core.host_memory_stat_peak_value('Allocated', 0) - steady) / 2**20
-    # On GPU the peak since start-up is the training peak: building the model needs less.
-    after = paddle.device.cuda.max_memory_allocated() / 2**20 if on_gpu else peak_rss_mb()
-    print(after - before, allocated)
+    allocated = (peak('Allocated', stat_device) - steady) / 2**20
+    print(max(first_peak, peak_mb()) - before, allocated)
 
 
 def deployed_runners(args, directory: str) -> Dict[str, Callable[[np.ndarray], np.ndarray]]:
@@ -230,8 +247,10 @@ def deployed_runners(args, directory: str) -> Dict[str, Callable[[np.ndarray], n
         paddle.base.core.set_num_threads(threads)   # a predictor's run leaves this thread with its own count
         return model(paddle.to_tensor(batch)).numpy()
 
-    runners = {'eager': eager, 'paddle-inference': export.paddle_runner(output, onednn=False),
-               'paddle-inference-onednn': export.paddle_runner(output, onednn=None)}
+    eager.settings = dict(device=paddle.get_device(), threads=threads)
+    runners = {'eager': eager, 'paddle-inference': export.paddle_runner(output)}
+    if eager.settings['device'] == 'cpu':   # on GPU the CPU default Config is not a deployment of it
+        runners['paddle-inference-default-config'] = export.paddle_runner(output, default_config=True)
     if onnx:
         runners['onnxruntime'] = export.onnx_runner(output)
     return runners
@@ -247,8 +266,8 @@ def deployed_inference(args) -> List[dict]:
                 (batch, 3, args.input_size, args.input_size)).astype(np.float32)
             timings = time_interleaved({name: {'infer': lambda run=run: run(images)}
                                         for name, run in runners.items()}, args.warmup, args.repeats)
-            rows += [{'runtime': name, 'batch': batch, 'img_s': batch / times['infer']}
-                     for name, times in timings.items()]
+            rows += [{'runtime': name, 'batch': batch, 'img_s': batch / times['infer'],
+                      'settings': runners[name].settings} for name, times in timings.items()]
     return rows
 
 
@@ -283,9 +302,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def ratio(results: List[dict], key: str, a: str, b: str) -> float:
-    values = {r['impl']: r[key] for r in results}
-    return values[a] / values[b] if a in values and b in values else float('nan')
+def ratio(values: Dict[str, float], a: str, b: str) -> Optional[float]:
+    """values[a] / values[b], or None (JSON null) where either is missing or it is not finite."""
+    if a not in values or b not in values or not values[b]:
+        return None
+    quotient = values[a] / values[b]
+    return quotient if np.isfinite(quotient) else None
+
+
+def times_eager(value: Optional[float]) -> str:
+    return '' if value is None else f' ({value:.2f}x)'
+
+
+def deployed_ratios(deployed: List[dict]) -> Dict[str, Optional[float]]:
+    """Each runtime's speed over eager Paddle's at the same batch size."""
+    ratios = {}
+    for batch in dict.fromkeys(row['batch'] for row in deployed):
+        speeds = {row['runtime']: row['img_s'] for row in deployed if row['batch'] == batch}
+        ratios.update({f'batch{batch}_{name}/eager': ratio(speeds, name, 'eager') for name in speeds if name != 'eager'})
+    return ratios
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -324,23 +359,26 @@ def main(args: argparse.Namespace) -> dict:
         'model': args.model + ('_feat' if args.dense else ''), 'batch_size': args.batch_size,
         'input_size': args.input_size,
         'results': results, 'layers': layers, 'deployed': deployed,
-        'ratios': {f'{key}_{a}/{b}': ratio(results, key, a, b)
+        'ratios': {f'{key}_{a}/{b}': ratio({r['impl']: r[key] for r in results}, a, b)
                    for key in ('train_img_s', 'infer_img_s') for a, b in
                    (('index', 'deform'), ('index-plain', 'deform'), ('index-plain', 'none'))},
+        'deployed_ratios': deployed_ratios(deployed),
     }
     if args.json:
-        print(json.dumps(report))
+        print(json.dumps(report, allow_nan=False))    # valid JSON: a NaN would be an error here
         return report
     print(f'{report["model"]}, batch {args.batch_size}, {args.input_size}x{args.input_size}, '
           f'device {report["device"]}, Paddle {report["paddle"]}, {report["threads"]} threads, '
           f'MKL AVX2 path on AMD: {"yes" if settings.amd_mkl_path else "no"}, '
           f'median of {args.repeats} interleaved rounds')
-    print(f'{"impl":<14} {"infer img/s":>12} {"train img/s":>12} {"peak MB":>9} {"allocated MB":>13}')
+    memory_kind = 'GPU' if report['device'].startswith('gpu') else 'host'
+    print(f'{"impl":<14} {"infer img/s":>12} {"train img/s":>12} {"peak MB":>9} {"allocated MB":>13}'
+          + ('' if args.skip_memory else f'   (memory: {memory_kind})'))
     for r in results:
         memory = ['-' if r[key] is None else f'{r[key]:.0f}' for key in ('peak_mem_mb', 'peak_allocated_mb')]
         print(f'{r["impl"]:<14} {r["infer_img_s"]:>12.2f} {r["train_img_s"]:>12.2f} {memory[0]:>9} {memory[1]:>13}')
     for name, value in report['ratios'].items():
-        if not np.isnan(value):
+        if value is not None:
             print(f'{name}: {value:.2f}x')
     if layers:
         print(f'\none CycleFC (1, 3) alone\n{"layer":<8} {"impl":<8} {"shape":<20} {"fwd ms":>8} {"fwd+bwd ms":>11}')
@@ -348,9 +386,19 @@ def main(args: argparse.Namespace) -> dict:
             print(f'{row["layer"]:<8} {row["impl"]:<8} {str(row["shape"]):<20} '
                   f'{row["forward_ms"]:>8.1f} {row["forward_backward_ms"]:>11.1f}')
     if deployed:
-        print(f'\ndeployed inference, img/s\n{"runtime":<24} ' + ' '.join(f'{f"batch {b}":>9}' for b in DEPLOY_BATCHES))
+        print(f'\ndeployed inference, img/s (x eager)\n{"runtime":<32} {"device":<7} '
+              + ' '.join(f'{f"batch {b}":>15}' for b in DEPLOY_BATCHES) + '  settings')
         for name in dict.fromkeys(row['runtime'] for row in deployed):
-            print(f'{name:<24} ' + ' '.join(f'{row["img_s"]:>9.2f}' for row in deployed if row['runtime'] == name))
+            rows = [row for row in deployed if row['runtime'] == name]
+            speeds = [f'{row["img_s"]:.2f}' + times_eager(report['deployed_ratios'].get(f'batch{row["batch"]}_{name}/eager'))
+                      for row in rows]
+            settings = ', '.join(f'{key}={value}' for key, value in rows[0]['settings'].items() if key != 'device')
+            print(f'{name:<32} {rows[0]["settings"]["device"]:<7} ' + ' '.join(f'{speed:>15}' for speed in speeds)
+                  + f'  {settings}')
+        devices = {row['settings']['device'] for row in deployed}
+        if len(devices) > 1:
+            print(f'note: the rows run on different devices ({", ".join(sorted(devices))}): '
+                  'their ratios compare devices, not only runtimes')
     return report
 
 

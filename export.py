@@ -11,11 +11,18 @@ The input is float32 'images' (N, 3, S, S) normalised as data.eval_transform doe
 with --dynamic-size H and W are free too (the CycleFC gather indices are built in the graph
 from the input size). The output is the logits (N, classes).
 
+The graph is the fastest exact formulation measured (docs/deployment.md): the token mixers of
+the first two stages as fast_layers.fused_mixer (one gather and batched matmuls, proj folded
+in), the rest as the official computation; with --dynamic-size all of it is the official one.
+
 Nothing is trusted unchecked: before the files are put in place, the Paddle model runs in Paddle
-Inference's predictor with its default CPU Config (oneDNN on, as deployments run it) and
-model.onnx in ONNX Runtime, and each must give the eager model's logits within 1e-4 of the
-largest logit (at a non-square size too, for --dynamic-size). meta.json records the check and
-the sha256 of every model file, which a reader checks (read_meta, checked_file). The export is
+Inference's predictor with its default CPU Config (oneDNN on, as deployments run it) and with
+the Config predict.py runs (PADDLE_INFERENCE_SETTINGS), and model.onnx in ONNX Runtime with
+predict.py's session options, and each must give the eager model's logits within 1e-4 of the
+largest logit (at a non-square size too, for --dynamic-size). The checks run on the CPU, eager
+model included, whatever GPU the machine has: there no TF32 matmul can make a right export look
+wrong. meta.json records the checks, the runtime settings they ran with, and the sha256 of every
+model file, which a reader checks (read_meta, checked_file). The export is
 built in a temporary folder inside the output and its files replace an earlier export's only
 once it is complete; files export.py did not write are never touched, and --output is locked
 while an export writes into it.
@@ -37,6 +44,7 @@ from typing import Callable, List, Optional, Sequence
 
 import cli  # first: imports Paddle without its import-time notices
 import cpu_setup
+import fast_layers
 import numpy as np
 import paddle
 
@@ -59,6 +67,17 @@ DEFAULT_OPSET = 13
 INPUT_NAME = 'images'
 PARITY_TOLERANCE = 1e-4    # of the largest eager logit
 CHECK_BATCH = 2
+CHECK_DEVICE = 'cpu'       # where exports are checked: no TF32 there (see the module doc)
+# The runtimes' settings predict.py and benchmark.py run exports with, each measured on B1 at
+# 224, batch 1 and 16, 2 threads (docs/deployment.md):
+PADDLE_INFERENCE_SETTINGS = dict(
+    onednn=True,     # oneDNN's fc, matmul, conv and layer_norm kernels: 1.2x oneDNN off at batch 16, 1.1x at 1
+    ir_optim=True,   # its fusions (matmul + bias -> fc, conv + bias): measured equal to IR off; its default
+)
+ONNXRUNTIME_SETTINGS = dict(
+    graph_optimization_level='ORT_ENABLE_ALL',   # LayerNorm, BiasGelu fused, NCHWc convolutions: 1.2x DISABLE_ALL
+    allow_spinning=False,   # threads that spin after a run take the cores from what runs next
+)
 # What Paddle and paddle2onnx print from C++ while a model is exported and checked, which tells a
 # user nothing: Paddle 3.3 logs "not support input out tensor" on a model's first export, its
 # oneDNN passes print ReduceMeanCheckIfOneDNNSupport (on stdout), paddle2onnx its progress.
@@ -174,23 +193,32 @@ def probed(run: Callable[[np.ndarray], np.ndarray], directory: str, meta: dict,
     return run
 
 
-def paddle_runner(directory: str, onednn: Optional[bool] = False) -> Callable[[np.ndarray], np.ndarray]:
-    """Logits of a batch from Paddle Inference's predictor (GPU if there is one). On CPU oneDNN
-    is off by default, which is faster for this model (README: Deployment); None keeps the
-    default Config (oneDNN on), True turns it on. All give the eager logits."""
+def paddle_runner(directory: str, default_config: bool = False,
+                  device: Optional[str] = None) -> Callable[[np.ndarray], np.ndarray]:
+    """Logits of a batch from Paddle Inference's predictor on device (default: Paddle's current
+    one, e.g. gpu:1), with PADDLE_INFERENCE_SETTINGS on the CPU, or with default_config its
+    default Config (only the thread count set). run.settings says what it runs with."""
     meta = read_meta(directory)
     config = paddle.inference.Config(checked_file(directory, meta, model_file(meta)),
                                      checked_file(directory, meta, PARAMS_FILE))
     config.disable_glog_info()
-    if paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
-        config.enable_use_gpu(256, 0)
+    device = device or paddle.get_device()
+    if device.startswith('gpu'):
+        config.enable_use_gpu(256, int(device.partition(':')[2] or 0))
+        settings = dict(device=device)
     else:
         config.disable_gpu()
         config.set_cpu_math_library_num_threads(cpu_setup.current_threads())
-        if onednn is not None:
-            config.enable_mkldnn() if onednn else config.disable_mkldnn()
+        settings = dict(device='cpu', threads=cpu_setup.current_threads())
+        if default_config:
+            settings['config'] = 'default'
+        else:
+            config.enable_mkldnn() if PADDLE_INFERENCE_SETTINGS['onednn'] else config.disable_mkldnn()
+            config.switch_ir_optim(PADDLE_INFERENCE_SETTINGS['ir_optim'])
+            settings.update(PADDLE_INFERENCE_SETTINGS)
     try:
-        predictor = paddle.inference.create_predictor(config)
+        with native_noise_dropped():     # its oneDNN passes print on stdout
+            predictor = paddle.inference.create_predictor(config)
     except Exception as error:  # Paddle raises its own C++ error types for a damaged model
         raise WeightsError(f'{directory}: Paddle Inference cannot load the model ({one_line(error)})') from None
     images = predictor.get_input_handle(predictor.get_input_names()[0])
@@ -202,11 +230,14 @@ def paddle_runner(directory: str, onednn: Optional[bool] = False) -> Callable[[n
         predictor.run()
         return logits.copy_to_cpu()
 
-    return probed(run, directory, meta, 'Paddle Inference')
+    run.settings = settings
+    with native_noise_dropped():         # and again on the first run
+        return probed(run, directory, meta, 'Paddle Inference')
 
 
 def onnx_runner(directory: str) -> Callable[[np.ndarray], np.ndarray]:
-    """Logits of a batch from ONNX Runtime on DIR/model.onnx."""
+    """Logits of a batch from ONNX Runtime's CPU provider on DIR/model.onnx, with
+    ONNXRUNTIME_SETTINGS and the command's thread count; run.settings says so."""
     meta = read_meta(directory)
     path = checked_file(directory, meta, ONNX_FILE)
     try:
@@ -215,27 +246,35 @@ def onnx_runner(directory: str) -> Callable[[np.ndarray], np.ndarray]:
         raise WeightsError('--runtime onnx needs onnxruntime: pip install onnxruntime') from None
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = cpu_setup.current_threads()
-    # Without this its threads spin after each run, taking the cores from whatever runs next.
-    options.add_session_config_entry('session.intra_op.allow_spinning', '0')
+    options.graph_optimization_level = getattr(onnxruntime.GraphOptimizationLevel,
+                                               ONNXRUNTIME_SETTINGS['graph_optimization_level'])
+    options.add_session_config_entry('session.intra_op.allow_spinning',
+                                     '1' if ONNXRUNTIME_SETTINGS['allow_spinning'] else '0')
     try:
         session = onnxruntime.InferenceSession(path, options, providers=['CPUExecutionProvider'])
     except Exception as error:  # onnxruntime's own exception types
         raise WeightsError(f'{path}: ONNX Runtime cannot load it ({one_line(error)})') from None
-    run = lambda batch: session.run(None, {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})[0]  # noqa: E731
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        return session.run(None, {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+
+    run.settings = dict(device='cpu', threads=cpu_setup.current_threads(), **ONNXRUNTIME_SETTINGS)
     return probed(run, directory, meta, 'ONNX Runtime')
 
 
 def load_runner(directory: str, runtime: str) -> Callable[[np.ndarray], np.ndarray]:
+    """predict.py's runner of an export: Paddle Inference (PADDLE_INFERENCE_SETTINGS) or ONNX Runtime."""
     return onnx_runner(directory) if runtime == 'onnx' else paddle_runner(directory)
 
 
 # Writing an export
 
 def export_paddle(model: CycleNet, output: str, input_size: Optional[int]) -> None:
-    """paddle.jit.save an inference model to output/model.*; input_size None = dynamic H, W."""
+    """paddle.jit.save an inference model to output/model.*; input_size None = dynamic H, W.
+    The token mixers are traced as fast_layers.fused_mixer where it measured faster."""
     spec = paddle.static.InputSpec([None, 3, input_size, input_size], 'float32', INPUT_NAME)
     model.eval()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), fast_layers.fused_mixer_traced():
         # Paddle's own code warns while tracing (full_like asks a graph value for its place;
         # both sides of a branch on a symbolic size differ in type); the checks below stand.
         warnings.simplefilter('ignore', UserWarning)
@@ -333,8 +372,9 @@ class ParityError(WeightsError):
 
 
 def check_parity(model: CycleNet, run: Callable[[np.ndarray], np.ndarray], sizes, name: str) -> float:
-    """Largest difference from the eager logits, relative to the largest logit, over random
-    batches of each (height, width); WeightsError beyond PARITY_TOLERANCE."""
+    """Largest difference from the eager logits (the model on the device Paddle is set to:
+    export.py's main sets CHECK_DEVICE), relative to the largest logit, over random batches of
+    each (height, width); WeightsError beyond PARITY_TOLERANCE."""
     worst = 0.0
     rng = np.random.default_rng(0)
     for height, width in sizes:
@@ -424,13 +464,18 @@ def build_export(model: CycleNet, output: str, args: argparse.Namespace, recorde
                 with held_signals():   # tracing runs the model's code: Ctrl-C there would be Paddle's error
                     export_paddle(model, temporary, None if args.dynamic_size else args.input_size)
                 write_meta(temporary, meta)
-                checks = {'paddle_inference_default_config': check_parity(
-                    model, paddle_runner(temporary, onednn=None), sizes, 'Paddle Inference (default Config)')}
+                runners = {'paddle_inference_default_config': (
+                    paddle_runner(temporary, default_config=True, device=CHECK_DEVICE),
+                    'Paddle Inference (default Config)'),
+                    'paddle_inference': (paddle_runner(temporary, device=CHECK_DEVICE),
+                                         "Paddle Inference (predict.py's Config)")}
                 if args.onnx:
                     export_onnx(temporary, args.opset)
                     write_meta(temporary, meta)
-                    checks['onnxruntime'] = check_parity(model, onnx_runner(temporary), sizes, 'ONNX Runtime')
-            meta['parity'] = {'tolerance': PARITY_TOLERANCE, 'sizes': sizes, 'max_difference': checks}
+                    runners['onnxruntime'] = (onnx_runner(temporary), 'ONNX Runtime')
+                checks = {key: check_parity(model, run, sizes, name) for key, (run, name) in runners.items()}
+            meta['parity'] = {'tolerance': PARITY_TOLERANCE, 'sizes': sizes, 'max_difference': checks,
+                              'runtime_settings': {key: run.settings for key, (run, _) in runners.items()}}
             write_meta(temporary, meta)
         except (WeightsError, OSError) as error:
             # A write paddle.jit.save did not report shows as a model that cannot be read back.
@@ -447,7 +492,11 @@ def build_export(model: CycleNet, output: str, args: argparse.Namespace, recorde
 
 
 def main(args: argparse.Namespace) -> None:
-    cpu_setup.configure(args.threads, args.device)
+    if args.device not in (None, CHECK_DEVICE):
+        raise cpu_setup.DeviceError(f'--device {args.device}: export.py traces and checks the model on the '
+                                    'CPU (a GPU\'s TF32 would fail the exact check); the export it writes '
+                                    'runs on any device')
+    cpu_setup.configure(args.threads, CHECK_DEVICE)   # tracing needs no GPU, and the checks must not see TF32
     if args.onnx:
         try:  # checked before the slow export starts
             import onnx  # noqa: F401

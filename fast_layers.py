@@ -10,6 +10,12 @@ and the model's official logits hold with it on and off (tests/test_cyclemlp.py)
 The switch: set `fast_layers.ENABLED = False` and the model computes exactly as the official
 code does (benchmark.py does so to measure it).
 
+Exports: a traced graph gets the official computation, unless export.py traces inside
+`fused_mixer_traced()`, which puts `fused_mixer` (forward only, float32, fixed input size) in
+the exported graph where `proj` folds into it (H*W >= 3C): fewer passes over the maps and no
+per-pixel proj, which measured faster in Paddle Inference and ONNX Runtime alike
+(docs/deployment.md). Eager computation is the same with it or without.
+
 Two kinds of speed-up:
 
 * The token mixer as one gather and two batched matmuls (`fused_mixer`, float32 on the CPU in
@@ -36,6 +42,9 @@ Two kinds of speed-up:
   largest map of each block); per-image weights are built from expanded operands (Paddle's
   broadcasting multiply is 20x slower than on equal shapes).
 """
+import contextlib
+from typing import Iterator
+
 import zlib  # noqa: F401  before Paddle: Paddle 2.6 bundles a zlib that crashes one loaded after it
 import paddle
 import paddle.nn as nn
@@ -45,6 +54,7 @@ from paddle.autograd import PyLayer
 from cycle_fc import IndexCache, gather_columns
 
 ENABLED = True
+_TRACING_FUSED_MIXER = False     # set by fused_mixer_traced(), for export.py only
 
 
 @paddle.jit.not_to_static   # a plain Python test, also while the model is being exported
@@ -173,11 +183,39 @@ def mlp(fc1: nn.Linear, fc2: nn.Linear, x: paddle.Tensor) -> paddle.Tensor:
     return MlpFunction.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
 
 
+@contextlib.contextmanager
+def fused_mixer_traced() -> Iterator[None]:
+    """While tracing a model for export (paddle.jit.save) inside this block, the token mixers
+    of a fixed-size, float32 input are traced as `fused_mixer`, not as the official computation.
+    export.py's parity checks compare the result with the eager model in every runtime."""
+    global _TRACING_FUSED_MIXER
+    previous, _TRACING_FUSED_MIXER = _TRACING_FUSED_MIXER, True
+    try:
+        yield
+    finally:
+        _TRACING_FUSED_MIXER = previous
+
+
+@paddle.jit.not_to_static
+def traces_fused_mixer(x) -> bool:
+    """Whether x is being traced inside fused_mixer_traced(): static mode, float32, and a
+    known height and width (with --dynamic-size they are symbolic and the official computation
+    is traced)."""
+    _, height, width, _ = x.shape
+    return (ENABLED and _TRACING_FUSED_MIXER and not paddle.in_dynamic_mode() and x.dtype == paddle.float32
+            and isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0)
+
+
 def fuses_mixer(x: paddle.Tensor) -> bool:
     """Whether `fused_mixer` is the faster way for channel-last x: on the fast CPU path (it was
-    designed and measured there only; on GPU and under AMP the official computation runs), while
-    3*H*W >= C."""
+    designed and measured there only; on GPU and under AMP the official computation runs) while
+    3*H*W >= C, or traced for an export inside fused_mixer_traced() while H*W >= 3C."""
     _, height, width, dim = x.shape
+    if traces_fused_mixer(x):
+        # Exported, only where proj folds in (the first two stages at 224): measured in Paddle
+        # Inference and ONNX Runtime, the per-image batched matmuls of the later stages are
+        # slower than the official computation's one large matmul per FC (docs/deployment.md).
+        return height * width >= 3 * dim
     return on_fast_cpu_path(x) and 3 * height * width >= dim
 
 
@@ -197,11 +235,12 @@ def _mixer_index(mixer: nn.Layer, height, width) -> paddle.Tensor:
 def fused_mixer(mixer: nn.Layer, x: paddle.Tensor) -> paddle.Tensor:
     """cyclemlp.CycleMLP's forward on channel-last x (B, H, W, C) as one gather and two batched
     matmuls (see the module doc)."""
-    batch, height, width, dim = x.shape
+    _, height, width, dim = x.shape        # the batch is -1 while traced for an export: never used
     pixels = height * width
     index = _mixer_indices.get((dim, height, width), lambda: _mixer_index(mixer, height, width))
-    zero_one = paddle.concat([paddle.zeros([batch, 1], x.dtype), paddle.ones([batch, 1], x.dtype)], axis=1)
-    shifted = gather_columns(paddle.concat([x.flatten(start_axis=1), zero_one], axis=1), index)
+    flat = x.flatten(start_axis=1)                                            # (B, H*W*C)
+    zero = paddle.zeros_like(flat[:, :1])
+    shifted = gather_columns(paddle.concat([flat, zero, zero + 1], axis=1), index)
     shifted = shifted.reshape([0, pixels, 2 * dim + 1])                   # X: (B, H*W, 2C + 1)
     plain = x.reshape([0, pixels, dim])                                      # x: (B, H*W, C)
     # FC weights as (in, out): CycleFC stores (out, in, 1, 1), Paddle Linear (in, out).
@@ -214,10 +253,10 @@ def fused_mixer(mixer: nn.Layer, x: paddle.Tensor) -> paddle.Tensor:
     pooled = paddle.matmul(means.squeeze(1), paddle.concat(
         [fc_h, fc_w, biases.sum(axis=0, keepdim=True), mixer.mlp_c.weight]))   # mean(h + w + c): (B, C)
     # The official re-weighting: 3C logits read as (B, C, 3), softmax over the three branches.
-    a = F.softmax(mixer.reweight(pooled).reshape([batch, dim, 3]), axis=2).transpose([0, 2, 1])  # (B, 3, C)
+    a = F.softmax(mixer.reweight(pooled).reshape([-1, dim, 3]), axis=2).transpose([0, 2, 1])  # (B, 3, C)
     weights = paddle.stack([fc_h, fc_w, mixer.mlp_c.weight])
     scaled = (ScaleColumns.apply(weights, a) if on_fast_cpu_path(x)
-              else weights.unsqueeze(0) * a.unsqueeze(2)).reshape([batch, 3 * dim, dim])
+              else weights.unsqueeze(0) * a.unsqueeze(2)).reshape([-1, 3 * dim, dim])
     bias_row = (biases * a).sum(axis=1, keepdim=True)                      # (B, 1, C)
     fold_proj = pixels >= 3 * dim
     if fold_proj:

@@ -1,7 +1,8 @@
 """export.py: the Paddle inference model in Paddle Inference's predictor (default Config, oneDNN
-on and off) and the ONNX model in ONNX Runtime give the eager logits, at a fixed size and, with
---dynamic-size, at several; the ONNX file is clean; predict.py runs exports in both runtimes;
-a failed export writes nothing."""
+on and off, predict.py's Config) and the ONNX model in ONNX Runtime give the eager logits, at a
+fixed size and, with --dynamic-size, at several; a fixed-size export holds the fused mixer where
+it was chosen; the ONNX file is clean; predict.py runs exports in both runtimes, its output
+untouched by the runtimes' own printing; a failed export writes nothing."""
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import pytest
 from PIL import Image
 
 import export
+import fast_layers
 import predict
 from conftest import REPO_ROOT, photo_like_array
 from zoo import create_model
@@ -85,7 +87,7 @@ def test_exports_give_the_eager_logits_in_every_runtime(exports, dynamic):
     model = create_model(weights=exports["weights"])
     model.eval()
     exported = paddle.jit.load(str(output / "model"))
-    predictors = [paddle_inference(output, onednn) for onednn in (None, True, False)]
+    predictors = [paddle_inference(output, onednn) for onednn in (None, True, False)] + [export.paddle_runner(output)]
     onnx = pytest.importorskip("onnxruntime").InferenceSession(str(output / "model.onnx"),
                                                               providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
@@ -104,9 +106,40 @@ def test_exports_give_the_eager_logits_in_every_runtime(exports, dynamic):
     assert meta["crop_pct"] == 0.875 and meta["interpolation"] == "bicubic"
     assert meta["mean"] == [0.485, 0.456, 0.406] and meta["std"] == [0.229, 0.224, 0.225]
     assert meta["class_names"] == ["cat", "dog", "fox"]
-    assert set(meta["parity"]["max_difference"]) == {"paddle_inference_default_config", "onnxruntime"}
+    checked = {"paddle_inference_default_config", "paddle_inference", "onnxruntime"}
+    assert set(meta["parity"]["max_difference"]) == set(meta["parity"]["runtime_settings"]) == checked
+    settings = meta["parity"]["runtime_settings"]
+    assert {value["device"] for value in settings.values()} == {"cpu"}     # where no TF32 differs
+    threads = settings["onnxruntime"]["threads"]                          # the exporting process's
+    assert settings["paddle_inference"] == dict(device="cpu", threads=threads, **export.PADDLE_INFERENCE_SETTINGS)
+    assert settings["paddle_inference_default_config"] == dict(device="cpu", threads=threads, config="default")
+    assert settings["onnxruntime"] == dict(device="cpu", threads=threads, **export.ONNXRUNTIME_SETTINGS)
     assert len(meta["parity"]["sizes"]) == (2 if dynamic else 1)
     assert sorted(os.listdir(output.parent)) == ["dynamic", "fixed", "tiny.pdparams"]   # no temporary left
+
+
+def onnx_op_count(directory, op_type):
+    import onnx
+    return sum(node.op_type == op_type for node in onnx.load(str(directory / "model.onnx")).graph.node)
+
+
+def test_fixed_size_exports_hold_the_fused_mixer_where_proj_folds_in(exports):
+    """The tiny model at 64x64 has one block at 16x16 (C 8) and one at 8x8 (C 16), where
+    H*W >= 3C: one gather each (fused_mixer); two blocks at 4x4 (C 24) and one at 2x2 (C 32):
+    two gathers each (the official CycleFC pair). With --dynamic-size every mixer is official."""
+    assert onnx_op_count(exports["fixed"], "Gather") == 1 + 1 + 2 * 2 + 2
+    assert onnx_op_count(exports["dynamic"], "Gather") == 2 * 5
+
+
+def test_tracing_for_export_leaves_eager_computation_alone(exports):
+    model = create_model(weights=exports["weights"])
+    model.eval()
+    images = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    expected = eager_logits(model, images)
+    with fast_layers.fused_mixer_traced():
+        assert not fast_layers.traces_fused_mixer(paddle.zeros([1, 4, 4, 8]))
+        np.testing.assert_array_equal(eager_logits(model, images), expected)
+    assert not fast_layers._TRACING_FUSED_MIXER
 
 
 class AddThenScale(paddle.nn.Layer):
@@ -160,6 +193,19 @@ def test_predict_runs_the_export_in_both_runtimes(exports, tmp_path, capsys):
                                    [p["probability"] for p in expected["predictions"]], atol=1e-5)
 
 
+def test_predict_json_lines_are_all_json_with_onednn_on(exports, tmp_path):
+    """Paddle Inference's oneDNN passes print on stdout from C++ (ReduceMeanCheckIfOneDNNSupport):
+    predict.py's output must stay its own."""
+    image = str(tmp_path / "photo.png")
+    Image.fromarray(photo_like_array(70, 50, 7)).save(image)
+    result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "predict.py"), image, image, "--json",
+                             "--inference-model", str(exports["fixed"])], capture_output=True, text=True,
+                            env=ENV, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2 and all(json.loads(line)["image"] == image for line in lines)
+
+
 def test_fixed_size_export_refuses_another_size(exports):
     args = predict.get_args_parser().parse_args(["x.png", "--inference-model", str(exports["fixed"]),
                                                  "--input-size", "48"])
@@ -172,7 +218,7 @@ def test_a_failed_export_writes_nothing_and_keeps_the_earlier_one(exports, tmp_p
     output = tmp_path / "exported"
     shutil.copytree(exports["fixed"], output)
     before = {name: (output / name).read_bytes() for name in os.listdir(output)}
-    wrong = lambda directory, onednn=False: lambda batch: np.zeros((len(batch), 3), np.float32)  # noqa: E731
+    wrong = lambda directory, **settings: lambda batch: np.zeros((len(batch), 3), np.float32)  # noqa: E731
     monkeypatch.setattr(export, "paddle_runner", wrong)
     with pytest.raises(WeightsError, match="Paddle Inference .* away from the eager model"):
         export_in_process(weights, output, "--input-size", "48")
