@@ -319,7 +319,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, server):
     result = subprocess.run([sys.executable, '-c', FETCH, NAME], env=environment(folder, server), preexec_fn=limit,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
-    assert re.fullmatch(rf'error: {re.escape(str(folder))}/\.{FILE}\.\d+\.tmp: cannot write the download '
+    assert re.fullmatch(rf'error: {re.escape(str(folder))}/\.{FILE}\.[0-9a-f]+\.tmp: cannot write the download '
                         rf'\(File too large\); download .* by hand and put it at {re.escape(str(folder / FILE))}\n',
                         result.stderr), result.stderr
     assert os.listdir(folder) == [f'.{FILE}.lock']
