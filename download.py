@@ -22,7 +22,7 @@ $CYCLEMLP_TIMEOUT seconds for progress, ends by $CYCLEMLP_DEADLINE seconds (defa
 MIN_SPEED, at least MIN_DEADLINE) and speaks only http(s), to the mirror and every redirect. The
 cache's side files (record, lock) are opened once without blocking, then checked on the descriptor.
 
-How. The download streams into a temporary file beside its final name (with a progress bar on
+How. The download streams into a temporary file beside its final name (with a progress line on
 stderr when that is a terminal), and only a checked file is renamed into place: an interrupted,
 killed or wrong download never becomes the cached file, and the next run removes what a killed
 one left. A lock file serialises processes that need the same file: one downloads, the others
@@ -68,7 +68,7 @@ MIN_DEADLINE = 600.0             # and at least this many seconds
 MAX_SECONDS = 7 * 86400.0        # a longer wait is a typo (and overflows the socket's timeout)
 SIDE_FILE_BYTES = 4096           # NAME.sha256 holds one line, the lock file nothing
 CHUNK = 1 << 20
-PROGRESS_INTERVAL = 0.2          # seconds between progress bar updates
+PROGRESS_INTERVAL = 0.2          # seconds between progress line updates
 
 
 class DownloadError(WeightsError):
@@ -252,7 +252,7 @@ def _fetch(name: str, temporary: str, by_hand: str) -> str:
                 raise DownloadError(f'{url}: the server sent a web page, not a weights file; {by_hand}')
             expected = response.length           # the Content-Length http.client reads up to, or None
             if expected is not None and expected > bound:
-                raise DownloadError(f'{url}: the server announces {expected} bytes, more than the {bound} '
+                raise DownloadError(f'{url}: the server announces {expected} bytes, more than the {bound} bytes '
                                     f'{name}\'s file can have; {by_hand}')
             digest = hashlib.sha256()
             progress = Progress(os.path.basename(url), expected)
