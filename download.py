@@ -261,7 +261,8 @@ def _fetch(name: str, temporary: str, by_hand: str) -> str:
                     while chunk := response.read1(CHUNK):   # what has arrived: a trickle meets the deadline
                         written += len(chunk)
                         if written > bound:
-                            raise DownloadError(f'{url}: more than the {bound} bytes {name}\'s file can have; {by_hand}')
+                            raise DownloadError(f'{url}: more than the {bound} bytes {name}\'s file can '
+                                                f'have; {by_hand}')
                         if time.monotonic() > deadline:
                             raise DownloadError(f'{url}: not finished within {allowed:g} s ({written} bytes '
                                                 f'in; {DEADLINE_VARIABLE} allows more); {by_hand}')
