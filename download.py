@@ -3,10 +3,11 @@
     zoo.load_model('CycleMLP_B1')                      # and --weights CycleMLP_B1 on every command
 
 The cache folder is $CYCLEMLP_CACHE, else Paddle's own cache convention (paddle.hub):
-$PADDLE_HOME/cyclemlp, with PADDLE_HOME defaulting to $XDG_CACHE_HOME/paddle or ~/.cache/paddle.
-Files come from the official GitHub release, or from $CYCLEMLP_MIRROR, a base URL that serves
-the same file names (a site without internet access hosts them itself). A file put into the
-cache folder by hand is used as it is.
+$PADDLE_HOME/cyclemlp, with PADDLE_HOME defaulting to $XDG_CACHE_HOME/paddle or ~/.cache/paddle;
+always absolute (with no home folder for ~, it must be set). Files come from the official GitHub
+release, or from $CYCLEMLP_MIRROR, an http(s) base URL that serves the same file names (a site
+without internet access hosts them itself; a user:password@ in it is sent as basic authentication
+to that host only, and never printed). A file put into the cache folder by hand is used as it is.
 
 What is checked. The official release publishes no checksums, so a download cannot be compared
 with one. It is checked by what is known for certain: the whole length the server announced, a
@@ -16,43 +17,58 @@ beside it (NAME.sha256, in `sha256sum` format) and verified at every later use, 
 cache is found: the file is downloaded again. RELEASES has a place for published sha256 values;
 one given there is required of every download and cached file.
 
-How. The download streams into a temporary file beside its final name (with a progress bar on
-stderr when that is a terminal), with a timeout on connecting and on every read, and only a
-checked file is renamed into place: an interrupted, killed or wrong download never becomes the
-cached file, and the next run removes what a killed one left. A lock file serialises processes
-that need the same file: one downloads, the others (other commands, or the ranks
-paddle.distributed.launch starts on one machine) wait and then use its file.
+Bounds. A download holds at most the bytes its variant's file can have (RELEASES), waits at most
+$CYCLEMLP_TIMEOUT seconds for progress, ends by $CYCLEMLP_DEADLINE seconds (default: the bound at
+MIN_SPEED, at least MIN_DEADLINE) and speaks only http(s), to the mirror and every redirect. The
+cache's side files (record, lock) are opened once without blocking, then checked on the descriptor.
+
+How. The download streams into a temporary file beside its final name (with a progress line on
+stderr when that is a terminal), and only a checked file is renamed into place: an interrupted,
+killed or wrong download never becomes the cached file, and the next run removes what a killed
+one left. A lock file serialises processes that need the same file: one downloads, the others
+(other commands, or the ranks paddle.distributed.launch starts on one machine) wait and then use
+its file.
 """
+import base64
 import fcntl
 import hashlib
 import http.client
 import os
-import shutil
+import re
 import socket
+import stat
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from typing import Callable, Optional
+from pathlib import Path
+from typing import Callable, Optional, Tuple
 
-from weights import WeightsError, one_line, printable, remove_stale_temporaries, sha256_of
+from weights import WeightsError, _write_atomically, one_line, printable, remove_stale_temporaries, sha256_of
 
 RELEASE_URL = 'https://github.com/ShoufaChen/CycleMLP/releases/download/v0.1'
-# name: (release file, its published sha256; None: the release publishes none)
+# name: (release file, the most bytes it can have, its published sha256; None: none published).
+# The release's exact sizes are not known here; the bound is the variant's parameter count x 4
+# (float32) plus 4 MiB for the CycleFC offset buffers, the pickle and the zip headers.
 RELEASES = {
-    'CycleMLP_B1': ('CycleMLP_B1.pth', None),
-    'CycleMLP_B2': ('CycleMLP_B2.pth', None),
-    'CycleMLP_B3': ('CycleMLP_B3.pth', None),
-    'CycleMLP_B4': ('CycleMLP_B4.pth', None),
-    'CycleMLP_B5': ('CycleMLP_B5.pth', None),
+    'CycleMLP_B1': ('CycleMLP_B1.pth', 15_155_400 * 4 + (4 << 20), None),
+    'CycleMLP_B2': ('CycleMLP_B2.pth', 26_802_504 * 4 + (4 << 20), None),
+    'CycleMLP_B3': ('CycleMLP_B3.pth', 38_385_720 * 4 + (4 << 20), None),
+    'CycleMLP_B4': ('CycleMLP_B4.pth', 51_796_552 * 4 + (4 << 20), None),
+    'CycleMLP_B5': ('CycleMLP_B5.pth', 75_747_280 * 4 + (4 << 20), None),
 }
 CACHE_VARIABLE = 'CYCLEMLP_CACHE'
 MIRROR_VARIABLE = 'CYCLEMLP_MIRROR'
 TIMEOUT_VARIABLE = 'CYCLEMLP_TIMEOUT'
-DEFAULT_TIMEOUT = 30.0           # seconds to connect, and for each read
+DEADLINE_VARIABLE = 'CYCLEMLP_DEADLINE'
+DEFAULT_TIMEOUT = 30.0           # seconds to connect, and without a byte while reading
+MIN_SPEED = 20_000               # bytes/s: the default deadline is a file's bound at this speed,
+MIN_DEADLINE = 600.0             # and at least this many seconds
+MAX_SECONDS = 7 * 86400.0        # a longer wait is a typo (and overflows the socket's timeout)
+SIDE_FILE_BYTES = 4096           # NAME.sha256 holds one line, the lock file nothing
 CHUNK = 1 << 20
-PROGRESS_INTERVAL = 0.2          # seconds between progress bar updates
-TEMPORARY_SUFFIX = '.tmp'   # as weights.py's writes: remove_stale_temporaries finds them
+PROGRESS_INTERVAL = 0.2          # seconds between progress line updates
 
 
 class DownloadError(WeightsError):
@@ -61,26 +77,51 @@ class DownloadError(WeightsError):
 
 
 def cache_folder() -> str:
-    if os.environ.get(CACHE_VARIABLE):
-        return os.path.abspath(os.path.expanduser(os.environ[CACHE_VARIABLE]))
-    paddle_home = os.environ.get('PADDLE_HOME') or os.path.join(
-        os.environ.get('XDG_CACHE_HOME') or os.path.join('~', '.cache'), 'paddle')
-    return os.path.abspath(os.path.join(os.path.expanduser(paddle_home), 'cyclemlp'))
+    folder = os.environ.get(CACHE_VARIABLE) or os.path.join(os.environ.get('PADDLE_HOME') or os.path.join(
+        os.environ.get('XDG_CACHE_HOME') or os.path.join('~', '.cache'), 'paddle'), 'cyclemlp')
+    if os.path.expanduser(folder).startswith('~'):   # no HOME, and no home in the user database
+        raise DownloadError(f'cache folder {printable(folder)}: no home folder to expand ~ into; '
+                            f'set {CACHE_VARIABLE} to a folder')
+    return os.path.abspath(os.path.expanduser(folder))
 
 
 def release_url(name: str) -> str:
+    return _source(name)[0]
+
+
+def _source(name: str) -> Tuple[str, Optional[str]]:
+    """(the URL of variant name's file, without credentials; the Authorization header value a
+    user:password@ in the mirror asks for, else None), or DownloadError naming the variable."""
     base = os.environ.get(MIRROR_VARIABLE) or RELEASE_URL
-    return f'{base.rstrip("/")}/{RELEASES[name][0]}'
-
-
-def timeout() -> float:
-    value = os.environ.get(TIMEOUT_VARIABLE)
     try:
-        seconds = float(value) if value else DEFAULT_TIMEOUT
+        parts = urllib.parse.urlsplit(base)
+        parts.port                              # a port that is not a number raises here
+    except ValueError as error:
+        raise DownloadError(f'{MIRROR_VARIABLE}: not a URL ({one_line(_redacted(error))})') from None
+    if parts.scheme not in ('http', 'https') or not parts.hostname:
+        raise DownloadError(f'{MIRROR_VARIABLE}={one_line(_redacted(base))!r}: expected an http:// or https:// URL')
+    public = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition('@')[2]))
+    url = f'{public.rstrip("/")}/{RELEASES[name][0]}'
+    if parts.username is None:
+        return url, None
+    user = f'{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or "")}'
+    return url, 'Basic ' + base64.b64encode(user.encode()).decode('ascii')
+
+
+def _redacted(text) -> str:
+    """text with every user:password@ (wherever a malformed URL has it) written ***@."""
+    return re.sub(r'[^/@\s]*@', '***@', str(text))
+
+
+def _seconds(variable: str, default: float) -> float:
+    value = os.environ.get(variable)
+    try:
+        seconds = float(value) if value else default
     except ValueError:
         seconds = -1.0
-    if not 0 < seconds < float('inf'):
-        raise DownloadError(f'{TIMEOUT_VARIABLE}={value[:40]!r}: expected a number of seconds above 0')
+    if not 0 < seconds <= MAX_SECONDS:
+        raise DownloadError(f'{variable}={one_line(value, 40)!r}: expected a number of seconds above 0 '
+                            f'and at most {MAX_SECONDS:g}')
     return seconds
 
 
@@ -88,15 +129,15 @@ def official_weights(name: str, check: Callable[[str], None]) -> str:
     """The path of the cached official weights of variant `name`, downloading them first if the
     cache lacks them or holds a damaged copy. check(path) raises WeightsError unless the file
     holds that variant's weights. Raises DownloadError (one line) when the file cannot be had."""
-    file_name, published = RELEASES[name]
+    file_name, _, published = RELEASES[name]
     folder = cache_folder()
     path = os.path.join(folder, file_name)
-    by_hand = f'download {release_url(name)} by hand and put it at {path}'
     if os.path.isfile(path) and _verified(path, published):
         return path
+    by_hand = f'download {release_url(name)} by hand and put it at {path}'
     try:
         os.makedirs(folder, exist_ok=True)
-        lock = open(os.path.join(folder, f'.{file_name}.lock'), 'a')
+        lock = _open_side_file(os.path.join(folder, f'.{file_name}.lock'), os.O_RDWR | os.O_CREAT)
     except OSError as error:
         if os.path.isfile(path):             # a read-only cache: its file, checked, unrecorded
             return _checked(path, _verified(path, published), check, record=False)
@@ -115,6 +156,19 @@ def official_weights(name: str, check: Callable[[str], None]) -> str:
     return path
 
 
+def _open_side_file(path: str, flags: int = os.O_RDONLY):
+    """One of the cache's side files (NAME.sha256, the lock) opened once, without blocking (a FIFO
+    there cannot hang it), and checked on that descriptor: a regular file of at most
+    SIDE_FILE_BYTES, else DownloadError. OSError when it cannot be opened."""
+    descriptor = os.open(path, flags | os.O_NONBLOCK, 0o666)
+    info = os.fstat(descriptor)
+    if stat.S_ISREG(info.st_mode) and info.st_size <= SIDE_FILE_BYTES:
+        return os.fdopen(descriptor, 'rb')
+    os.close(descriptor)
+    raise DownloadError(f'{printable(path)}: not a regular file of at most {SIDE_FILE_BYTES} bytes '
+                        '(the cache keeps a small file of its own there); delete it')
+
+
 def _verified(path: str, published: Optional[str]) -> Optional[bool]:
     """Whether the file matches its published or recorded sha256; None if there is neither (a
     file put into the cache by hand)."""
@@ -124,11 +178,11 @@ def _verified(path: str, published: Optional[str]) -> Optional[bool]:
 
 def _recorded(path: str) -> Optional[str]:
     try:
-        with open(path + '.sha256', encoding='ascii') as file:
-            digest = file.read(200).split()[0]
-    except (OSError, ValueError, IndexError):
+        with _open_side_file(path + '.sha256') as file:
+            words = file.read(SIDE_FILE_BYTES).split()
+    except OSError:                         # none (a file put there by hand), or unreadable
         return None
-    return digest if len(digest) == 64 and all(c in '0123456789abcdef' for c in digest) else None
+    return words[0].decode() if words and re.fullmatch(rb'[0-9a-f]{64}', words[0]) else None
 
 
 def _checked(path: str, verified: Optional[bool], check: Callable[[str], None], record: bool) -> str:
@@ -148,62 +202,72 @@ def _checked(path: str, verified: Optional[bool], check: Callable[[str], None], 
 
 
 def _write_record(path: str, digest: str) -> None:
-    folder, file_name = os.path.split(path)
-    temporary = os.path.join(folder, f'.{file_name}.sha256.{os.getpid()}{TEMPORARY_SUFFIX}')   # removed if stale
-    try:
-        with open(temporary, 'w', encoding='ascii') as file:
-            file.write(f'{digest}  {file_name}\n')
-        os.replace(temporary, path + '.sha256')
-    except OSError as error:
-        raise DownloadError(f'{path}.sha256: cannot write ({error.strerror})') from None
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    line = f'{digest}  {os.path.basename(path)}\n'
+    _write_atomically(path + '.sha256', lambda temporary: Path(temporary).write_text(line, encoding='ascii'))
 
 
 def _download(name: str, path: str, published: Optional[str], check: Callable[[str], None],
               by_hand: str) -> None:
     url = release_url(name)
-    folder, file_name = os.path.split(path)
-    temporary = os.path.join(folder, f'.{file_name}.{os.getpid()}{TEMPORARY_SUFFIX}')
-    try:
-        digest = _fetch(url, temporary, by_hand)
-        if published and digest != published:
+    digests = []
+
+    def fetch_and_check(temporary: str) -> None:
+        digests.append(_fetch(name, temporary, by_hand))
+        if published and digests[0] != published:
             raise DownloadError(f'{url}: the file does not match its published sha256; {by_hand}')
         try:
             check(temporary)
         except WeightsError as error:
             detail = str(error).replace(temporary, 'the file')
             raise DownloadError(f'{url}: not {name}\'s weights ({detail}); {by_hand}') from None
-        os.replace(temporary, path)
-        _write_record(path, digest)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    _write_atomically(path, fetch_and_check)    # only a checked file takes the name
+    _write_record(path, digests[0])
 
 
-def _fetch(url: str, temporary: str, by_hand: str) -> str:
-    """Stream url into temporary; its sha256, or DownloadError."""
-    seconds = timeout()
+def _opener() -> urllib.request.OpenerDirector:
+    """urllib's opener with its http(s) handlers only: a redirect to file:// or ftp:// fails as
+    an unknown URL type."""
+    opener = urllib.request.OpenerDirector()
+    for handler in (urllib.request.ProxyHandler, urllib.request.UnknownHandler, urllib.request.HTTPHandler,
+                    urllib.request.HTTPSHandler, urllib.request.HTTPRedirectHandler,
+                    urllib.request.HTTPDefaultErrorHandler, urllib.request.HTTPErrorProcessor):
+        opener.add_handler(handler())
+    return opener
+
+
+def _fetch(name: str, temporary: str, by_hand: str) -> str:
+    """Stream variant name's file into temporary, within its bounds; its sha256, or DownloadError."""
+    url, authorization = _source(name)
+    bound = RELEASES[name][1]
+    seconds = _seconds(TIMEOUT_VARIABLE, DEFAULT_TIMEOUT)
+    allowed = _seconds(DEADLINE_VARIABLE, max(MIN_DEADLINE, bound / MIN_SPEED))
+    deadline = time.monotonic() + allowed
+    request = urllib.request.Request(url, headers={'User-Agent': 'cyclemlp-paddle'})
+    if authorization:
+        request.add_unredirected_header('Authorization', authorization)   # not sent on to a redirect
     written = 0
     try:
-        request = urllib.request.Request(url, headers={'User-Agent': 'cyclemlp-paddle'})
-    except ValueError as error:     # a mirror that is not a URL
-        raise DownloadError(f'{printable(url)}: not a URL ({one_line(error)}); check {MIRROR_VARIABLE}') from None
-    try:
-        with urllib.request.urlopen(request, timeout=seconds) as response:
+        with _opener().open(request, timeout=seconds) as response:
             if 'html' in response.headers.get('Content-Type', ''):
                 raise DownloadError(f'{url}: the server sent a web page, not a weights file; {by_hand}')
-            length = response.headers.get('Content-Length')
-            expected = int(length) if length and length.isdigit() else None
+            expected = response.length           # the Content-Length http.client reads up to, or None
+            if expected is not None and expected > bound:
+                raise DownloadError(f'{url}: the server announces {expected} bytes, more than the {bound} bytes '
+                                    f'{name}\'s file can have; {by_hand}')
             digest = hashlib.sha256()
             progress = Progress(os.path.basename(url), expected)
             try:
                 with open_for_writing(temporary, by_hand) as file:
-                    for chunk in iter(lambda: response.read(CHUNK), b''):
+                    while chunk := response.read1(CHUNK):   # what has arrived: a trickle meets the deadline
+                        written += len(chunk)
+                        if written > bound:
+                            raise DownloadError(f'{url}: more than the {bound} bytes {name}\'s file can '
+                                                f'have; {by_hand}')
+                        if time.monotonic() > deadline:
+                            raise DownloadError(f'{url}: not finished within {allowed:g} s ({written} bytes '
+                                                f'in; {DEADLINE_VARIABLE} allows more); {by_hand}')
                         write(file, chunk, by_hand)
                         digest.update(chunk)
-                        written += len(chunk)
                         progress.update(written)
             finally:
                 progress.close()        # so that an error starts on a line of its own
@@ -218,8 +282,8 @@ def _fetch(url: str, temporary: str, by_hand: str) -> str:
         raise DownloadError(f'{url}: cannot connect ({one_line(reason)}); {by_hand}') from None
     except (socket.timeout, TimeoutError):
         raise DownloadError(f'{url}: no data for {seconds:g} s after {written} bytes; {by_hand}') from None
-    except (http.client.HTTPException, OSError) as error:   # IncompleteRead, a reset connection
-        raise DownloadError(f'{url}: the connection broke after {written} bytes '
+    except (http.client.HTTPException, OSError, ValueError) as error:   # a reset connection, a URL http.client refuses
+        raise DownloadError(f'{url}: the download failed after {written} bytes '
                             f'({type(error).__name__}: {one_line(error)}); {by_hand}') from None
     if expected is not None and written != expected:
         raise DownloadError(f'{url}: the download ended after {written} of {expected} bytes; {by_hand}')
@@ -243,32 +307,21 @@ def write(file, chunk: bytes, by_hand: str) -> None:
 
 
 class Progress:
-    """A one-line progress bar on stderr (size, speed, time left), only when stderr is a terminal."""
+    """A one-line progress report on stderr (MB done of the total, speed), only when stderr is a
+    terminal."""
 
     def __init__(self, name: str, total: Optional[int]):
-        self.name = name
-        self.total = total
+        self.name, self.total = name, f'/{total / 2**20:.1f}' if total else ''
         self.start = self.shown = time.monotonic()
         self.active = sys.stderr.isatty()
 
     def update(self, done: int) -> None:
         now = time.monotonic()
-        if not self.active or now - self.shown < PROGRESS_INTERVAL:
-            return
-        self.shown = now
-        speed = done / max(now - self.start, 1e-9)
-        if self.total:
-            left = time.strftime('%H:%M:%S', time.gmtime((self.total - done) / max(speed, 1e-9)))
-            width = shutil.get_terminal_size().columns
-            line = (f'{self.name} {done / 2**20:.1f}/{self.total / 2**20:.1f} MB '
-                    f'{speed / 2**20:.1f} MB/s {left} left')
-            bar = max(0, width - len(line) - 4)
-            filled = int(bar * done / self.total)
-            line = f'{line} [{"#" * filled}{"." * (bar - filled)}]'
-        else:
-            line = f'{self.name} {done / 2**20:.1f} MB {speed / 2**20:.1f} MB/s'
-        sys.stderr.write('\r' + line[:shutil.get_terminal_size().columns - 1])
-        sys.stderr.flush()
+        if self.active and now - self.shown >= PROGRESS_INTERVAL:
+            self.shown = now
+            speed = done / 2**20 / max(now - self.start, 1e-9)
+            sys.stderr.write(f'\r{self.name} {done / 2**20:.1f}{self.total} MB {speed:.1f} MB/s ')
+            sys.stderr.flush()
 
     def close(self) -> None:
         if self.active and self.shown != self.start:

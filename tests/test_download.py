@@ -1,10 +1,16 @@
 """The official weights by name (download.py, zoo.weights_file), against a real HTTP server on
 127.0.0.1 that serves a B1-sized file in the official release layout, and misbehaves on demand:
 a truncated body, 404/403/500, an HTML page, bytes that are not weights, the weights of another
-model, a redirect loop, an answer that never comes, a slow body to kill a download in."""
+model, a redirect loop or to another scheme, an answer that never comes, a body that stalls,
+trickles or never ends, a length it never sends, a slow body to kill a download in. Each of
+download.py's mechanisms (bytes, time, scheme, credentials, cache folder, side files) has one
+test over every kind of input it guards."""
+import base64
+import contextlib
 import hashlib
 import http.server
 import os
+import pwd
 import resource
 import re
 import signal
@@ -28,6 +34,9 @@ from weights import WeightsError, read_weights
 
 NAME, FILE = 'CycleMLP_B1', 'CycleMLP_B1.pth'
 SLOW_CHUNK, SLOW_PAUSE = 1 << 20, 0.015
+BOUND = 1 << 16                          # a tiny release's size bound (RELEASES patched)
+HUGE = 10 ** 12                          # a terabyte, announced
+USER, PASSWORD = 'alice', 's3cr@t'       # a mirror's credentials (the @ written %40 in the URL)
 
 
 @pytest.fixture(scope='module')
@@ -49,7 +58,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         behaviour, _, file = self.path.strip('/').partition('/')
         self.server.requests.append(self.path)
-        self.server.behaviours[behaviour](self, file)
+        try:
+            self.server.behaviours[behaviour](self, file)
+        except (ConnectionError, TimeoutError):   # the client stopped reading, as it should
+            pass
 
     def send_body(self, body: bytes, content_type='application/octet-stream', length=None, pause=0.0):
         self.send_response(200)
@@ -59,6 +71,25 @@ class Handler(http.server.BaseHTTPRequestHandler):
         for start in range(0, len(body), SLOW_CHUNK):
             self.wfile.write(body[start:start + SLOW_CHUNK])
             time.sleep(pause)
+
+    def send_forever(self, length=None, chunked=False, step=1 << 16, pause=0.0, limit=1 << 30):
+        """Zeros until the client hangs up (or `limit` bytes), announcing `length` or none."""
+        self.send_response(200)
+        self.send_header('Content-Type', 'application/octet-stream')
+        if length is not None:
+            self.send_header('Content-Length', str(length))
+        if chunked:
+            self.send_header('Transfer-Encoding', 'chunked')
+        self.end_headers()
+        for _ in range(limit // step):
+            self.wfile.write(b'%x\r\n%s\r\n' % (step, bytes(step)) if chunked else bytes(step))
+            self.wfile.flush()
+            time.sleep(pause)
+
+    def redirect(self, location):
+        self.send_response(302)
+        self.send_header('Location', location)
+        self.end_headers()
 
     def log_message(self, *args):
         pass
@@ -74,8 +105,25 @@ def server(release):
         else:
             handler.send_error(404)
 
+    def authorized(handler, file):
+        expected = 'Basic ' + base64.b64encode(f'{USER}:{PASSWORD}'.encode()).decode()
+        if handler.headers.get('Authorization') == expected:
+            good(handler, file)
+        else:
+            handler.send_error(401)
+
     behaviours = {
         'good': good,
+        'auth': authorized,
+        'tiny': lambda handler, file: handler.send_body(b'weights'),
+        'endless': lambda handler, file: handler.send_forever(),
+        'chunked': lambda handler, file: handler.send_forever(chunked=True),
+        'huge': lambda handler, file: handler.send_forever(length=HUGE),
+        'longer': lambda handler, file: handler.send_forever(length=BOUND // 2),
+        'stall': lambda handler, file: (handler.send_body(b'x' * 100, length=1000), time.sleep(3)),
+        'trickle': lambda handler, file: handler.send_forever(length=1000, step=1, pause=0.5, limit=20),
+        'to-file': lambda handler, file: handler.redirect('file:///dev/zero'),
+        'to-ftp': lambda handler, file: handler.redirect(f'ftp://127.0.0.1:{handler.server.server_port}/{file}'),
         'slow': lambda handler, file: handler.send_body(data, pause=SLOW_PAUSE),
         'truncated': lambda handler, file: handler.send_body(data[:len(data) // 2], length=len(data)),
         'missing': lambda handler, file: handler.send_error(404),
@@ -165,19 +213,124 @@ def test_predict_with_no_weights_flag_uses_the_official_b1(cache, server, tmp_pa
     ('garbage', r"not CycleMLP_B1's weights \(the file: not a weights file"),
     ('other', r"not CycleMLP_B1's weights \(the file does not fit CycleNet \[2, 2, 4, 2\] .*missing keys"),
     ('loop', r'HTTP 302 The HTTP server returned a redirect error that would lead to an infinite loop'),
-    ('hang', r'no data for 0.2 s after 0 bytes|cannot connect \(no answer within 0.2 s\)'),
 ])
 def test_each_failure_is_one_line_and_leaves_nothing(cache, server, behaviour, problem):
     folder, behave = cache
     behave(behaviour)
+    assert_refused(lambda: zoo.weights_file(NAME), server, behaviour, problem, folder)
+
+
+def assert_refused(call, server, behaviour, problem, folder):
+    """call() raises a one-line DownloadError naming the URL, `problem` (a regex) and where to put
+    the file by hand, and leaves no partial file and no record."""
     with pytest.raises(download.DownloadError) as error:
-        zoo.weights_file(NAME)
+        call()
     message = str(error.value)
     assert '\n' not in message
     assert re.fullmatch(re.escape(f'{url(server, behaviour)}: ') + f'(?:{problem}).*'
                         + re.escape(f'; download {url(server, behaviour)} by hand and put it at {folder / FILE}'),
                         message), message
-    assert os.listdir(folder) == [f'.{FILE}.lock']          # no partial file, no record
+    assert os.listdir(folder) == [f'.{FILE}.lock']
+
+
+def refuse_after_recording_size(sizes):
+    """A structural check that records the size of the file it is given, then refuses it."""
+    def check(path):
+        sizes.append(os.path.getsize(path))
+        raise WeightsError(f'{path}: not a weights file')
+    return check
+
+
+@pytest.mark.parametrize('behaviour, problem', [
+    ('endless', rf"more than the {BOUND} bytes CycleMLP_B1's file can have"),
+    ('chunked', rf"more than the {BOUND} bytes CycleMLP_B1's file can have"),
+    ('huge', rf"the server announces {HUGE} bytes, more than the {BOUND} bytes CycleMLP_B1's file can have"),
+    ('longer', r"not CycleMLP_B1's weights \(the file: not a weights file\)"),   # only what it announced is read
+])
+def test_a_download_never_holds_more_than_its_bound(cache, server, monkeypatch, behaviour, problem):
+    folder, behave = cache
+    behave(behaviour)
+    monkeypatch.setitem(download.RELEASES, NAME, (FILE, BOUND, None))
+    sizes = []
+    assert_refused(lambda: download.official_weights(NAME, refuse_after_recording_size(sizes)),
+                   server, behaviour, problem, folder)
+    assert sizes == ([BOUND // 2] if behaviour == 'longer' else [])
+
+
+@pytest.mark.parametrize('behaviour, variables, problem', [
+    ('hang', {}, r'no data for 0.2 s after 0 bytes|cannot connect \(no answer within 0.2 s\)'),
+    ('stall', {}, r'no data for 0.2 s after 100 bytes'),
+    ('trickle', {download.TIMEOUT_VARIABLE: '2', download.DEADLINE_VARIABLE: '1'},
+     r'not finished within 1 s \([1-4] bytes in; CYCLEMLP_DEADLINE allows more\)'),
+])
+def test_a_download_is_bounded_in_time(cache, server, monkeypatch, behaviour, variables, problem):
+    """No byte for CYCLEMLP_TIMEOUT seconds (0.2 here) is an error, and so is a byte every half
+    second, past the deadline."""
+    folder, behave = cache
+    behave(behaviour)
+    for variable, value in variables.items():
+        monkeypatch.setenv(variable, value)
+    start = time.monotonic()
+    assert_refused(lambda: zoo.weights_file(NAME), server, behaviour, problem, folder)
+    assert time.monotonic() - start < 2.5
+
+
+@pytest.mark.parametrize('variable', [download.TIMEOUT_VARIABLE, download.DEADLINE_VARIABLE])
+@pytest.mark.parametrize('value', ['soon', '0', '-1', '1e-400', 'nan', 'inf', '1e300', '9' * 400])
+def test_time_settings_are_checked_in_one_line(cache, monkeypatch, variable, value):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(download.DownloadError) as error:
+        zoo.weights_file(NAME)
+    assert str(error.value) == (f'{variable}={value[:40]!r}: expected a number of seconds above 0 '
+                                'and at most 604800')
+
+
+@pytest.mark.parametrize('mirror, problem', [
+    ('file:///dev/zero', "CYCLEMLP_MIRROR='file:///dev/zero': expected an http:// or https:// URL"),
+    ('ftp://127.0.0.1/v0.1', "CYCLEMLP_MIRROR='ftp://127.0.0.1/v0.1': expected an http:// or https:// URL"),
+    ('127.0.0.1:{port}/good', "CYCLEMLP_MIRROR='127.0.0.1:{port}/good': expected an http:// or https:// URL"),
+    ('localhost:{port}/good', "CYCLEMLP_MIRROR='localhost:{port}/good': expected an http:// or https:// URL"),
+    ('http:///good', "CYCLEMLP_MIRROR='http:///good': expected an http:// or https:// URL"),
+    ('http://127.0.0.1:x/good', 'CYCLEMLP_MIRROR: not a URL (Port could not be cast to integer value as '),
+    ('{server}/to-file', "{server}/to-file/CycleMLP_B1.pth: HTTP 302 Found - Redirection to url 'file:///dev/zero' is not allowed; "),
+    ('{server}/to-ftp', '{server}/to-ftp/CycleMLP_B1.pth: cannot connect (unknown url type: ftp); '),
+], ids=['file', 'ftp', 'no scheme', 'host as scheme', 'no host', 'bad port', 'redirect to file', 'redirect to ftp'])
+def test_only_http_is_spoken(cache, server, monkeypatch, mirror, problem):
+    folder, _ = cache
+    fill = dict(port=server.server_port, server=f'http://127.0.0.1:{server.server_port}')
+    monkeypatch.setenv(download.MIRROR_VARIABLE, mirror.format(**fill))
+    with pytest.raises(download.DownloadError) as error:
+        zoo.weights_file(NAME)
+    assert str(error.value).startswith(problem.format(**fill)) and '\n' not in str(error.value), str(error.value)
+    assert not folder.exists() or os.listdir(folder) == [f'.{FILE}.lock']
+
+
+@pytest.mark.parametrize('mirror', [
+    '{server}/auth', '{server}/missing', '{server}/html', '{server}/garbage', '{server}/truncated',
+    '{server}/hang', '{server}/endless', '{server}/to-ftp', 'ftp://{credentials}@127.0.0.1/v0.1',
+    '{credentials}@127.0.0.1:{port}/good', 'http://{credentials}@127.0.0.1:x/good', 'http://{credentials}@[::1/good',
+])
+def test_mirror_credentials_are_used_and_never_printed(cache, server, monkeypatch, capsys, mirror):
+    """user:password@ in the mirror is sent as basic authentication ('auth' requires it) and
+    appears in no message, progress line or error, whatever goes wrong."""
+    folder, _ = cache
+    credentials = f'{USER}:{PASSWORD.replace("@", "%40")}'
+    monkeypatch.setenv(download.MIRROR_VARIABLE, mirror.format(
+        server=f'http://{credentials}@127.0.0.1:{server.server_port}', credentials=credentials,
+        port=server.server_port))
+    monkeypatch.setitem(download.RELEASES, NAME, (FILE, 80 << 20, None) if 'auth' in mirror else (FILE, BOUND, None))
+    monkeypatch.setattr(download, 'PROGRESS_INTERVAL', 0.0)
+    monkeypatch.setattr(sys.stderr, 'isatty', lambda: True)       # the progress line is shown
+    try:
+        zoo.weights_file(NAME)
+        message = ''
+    except download.DownloadError as error:
+        message = str(error)
+    printed = capsys.readouterr()
+    assert (message == '') == ('auth' in mirror), message
+    assert f'{FILE} ' in printed.err or 'auth' not in mirror     # the progress line was shown
+    for text in (message, printed.out, printed.err):
+        assert USER not in text and 's3cr' not in text, text
 
 
 def test_no_server_is_one_line_from_the_command_line(tmp_path, server):
@@ -319,7 +472,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, server):
     result = subprocess.run([sys.executable, '-c', FETCH, NAME], env=environment(folder, server), preexec_fn=limit,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
-    assert re.fullmatch(rf'error: {re.escape(str(folder))}/\.{FILE}\.\d+\.tmp: cannot write the download '
+    assert re.fullmatch(rf'error: {re.escape(str(folder))}/\.{FILE}\.[0-9a-f]+\.tmp: cannot write the download '
                         rf'\(File too large\); download .* by hand and put it at {re.escape(str(folder / FILE))}\n',
                         result.stderr), result.stderr
     assert os.listdir(folder) == [f'.{FILE}.lock']
@@ -331,15 +484,86 @@ def test_names_and_paths(tmp_path, monkeypatch):
         zoo.weights_file('CycleMLP_B9')
     Path(NAME).write_bytes(b'')                     # an existing path always means the file
     assert zoo.weights_file(NAME) == NAME
-    monkeypatch.delenv(download.CACHE_VARIABLE, raising=False)
-    monkeypatch.setenv('PADDLE_HOME', str(tmp_path / 'paddle'))
-    assert download.cache_folder() == str(tmp_path / 'paddle' / 'cyclemlp')
-    monkeypatch.delenv('PADDLE_HOME')
-    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))
-    assert download.cache_folder() == str(tmp_path / 'xdg' / 'paddle' / 'cyclemlp')
-    monkeypatch.delenv('XDG_CACHE_HOME')
-    assert download.cache_folder() == os.path.expanduser('~/.cache/paddle/cyclemlp')
     monkeypatch.delenv(download.MIRROR_VARIABLE, raising=False)
     assert download.release_url('CycleMLP_B5') == 'https://github.com/ShoufaChen/CycleMLP/releases/download/v0.1/CycleMLP_B5.pth'
     with pytest.raises(ValueError, match='pretrained means the official weights'):
         zoo.create_model(NAME, pretrained=True, weights='x.pth')
+
+
+NO_HOME = ('cache folder {}: no home folder to expand ~ into; set CYCLEMLP_CACHE to a folder')
+
+
+@pytest.mark.parametrize('variables, home_in_user_database, expected', [
+    ({'HOME': '{tmp}/home'}, True, '{tmp}/home/.cache/paddle/cyclemlp'),
+    ({'XDG_CACHE_HOME': '{tmp}/xdg'}, False, '{tmp}/xdg/paddle/cyclemlp'),
+    ({'PADDLE_HOME': '{tmp}/paddle'}, False, '{tmp}/paddle/cyclemlp'),
+    ({'PADDLE_HOME': 'paddle'}, False, '{tmp}/work/paddle/cyclemlp'),
+    ({'CYCLEMLP_CACHE': 'weights'}, False, '{tmp}/work/weights'),
+    ({}, True, pwd.getpwuid(os.getuid()).pw_dir + '/.cache/paddle/cyclemlp'),
+    ({}, False, NO_HOME.format('~/.cache/paddle/cyclemlp')),
+    ({'CYCLEMLP_CACHE': '~/weights'}, False, NO_HOME.format('~/weights')),
+], ids=['HOME', 'XDG_CACHE_HOME', 'PADDLE_HOME', 'relative PADDLE_HOME', 'relative cache', 'no HOME, user database',
+        'no home at all', '~ in the cache, no home'])
+def test_the_cache_folder_is_absolute(cache, tmp_path, monkeypatch, variables, home_in_user_database, expected):
+    """From the working folder tmp/work, with HOME unset unless given: the folder, made absolute,
+    or one line; never a relative '~' folder."""
+    _, behave = cache
+    for variable in ('HOME', 'XDG_CACHE_HOME', 'PADDLE_HOME', download.CACHE_VARIABLE):
+        monkeypatch.delenv(variable, raising=False)
+    for variable, value in variables.items():
+        monkeypatch.setenv(variable, value.format(tmp=tmp_path))
+    if not home_in_user_database:
+        monkeypatch.setattr(pwd, 'getpwuid', lambda uid: (_ for _ in ()).throw(KeyError(uid)))
+    (tmp_path / 'work').mkdir()
+    monkeypatch.chdir(tmp_path / 'work')
+    expected = expected.format(tmp=tmp_path)
+    if not expected.startswith('/'):
+        with pytest.raises(download.DownloadError) as error:
+            zoo.weights_file(NAME)
+        assert str(error.value) == expected
+        assert os.listdir(tmp_path / 'work') == []
+        return
+    assert download.cache_folder() == expected
+    if expected.startswith(str(tmp_path)):                  # downloads there, and names it absolutely
+        behave('tiny')
+        assert download.official_weights(NAME, lambda path: None) == f'{expected}/{FILE}'
+        assert Path(expected, FILE).read_bytes() == b'weights'
+
+
+@contextlib.contextmanager
+def within(seconds):
+    """The block fails with TimeoutError if it takes longer (a hang, not a slow test), raised
+    again every second in case code under test catches it as an OSError."""
+    def expire(*_):
+        raise TimeoutError(f'still running after {seconds} s')
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 1)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize('side_file', [f'{FILE}.sha256', f'.{FILE}.lock'], ids=['record', 'lock'])
+@pytest.mark.parametrize('kind', ['fifo', 'symlink to /dev/zero', 'oversized'])
+def test_the_cache_side_files_are_checked_before_use(cache, server, side_file, kind):
+    """A FIFO, a device or a huge file where the cache keeps its record or lock is one line, at
+    once; nothing is downloaded. The record is read only when the cached file exists."""
+    folder, _ = cache
+    folder.mkdir()
+    if side_file.endswith('.sha256'):
+        (folder / FILE).write_bytes(b'weights')
+    target = folder / side_file
+    if kind == 'fifo':
+        os.mkfifo(target)
+    elif kind == 'symlink to /dev/zero':
+        target.symlink_to('/dev/zero')
+    else:
+        with open(target, 'wb') as file:
+            file.truncate(1 << 32)                             # 4 GiB, sparse
+    with within(10), pytest.raises(download.DownloadError) as error:
+        download.official_weights(NAME, lambda path: None)
+    assert str(error.value) == (f'{target}: not a regular file of at most 4096 bytes (the cache keeps a '
+                                'small file of its own there); delete it')
+    assert server.requests == []
