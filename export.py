@@ -312,6 +312,14 @@ def without_dead_nodes(model) -> None:
                 graph.node.extend(live)
 
 
+def onnx_converts_dynamic_sizes() -> bool:
+    """paddle2onnx 1.x (Paddle 2.x) turns the integer arithmetic of CycleFC's index on a symbolic
+    size into float and int32 casts, and the exported gather then reads at INT64_MIN (found with
+    Paddle 2.6.2 and paddle2onnx 1.3.1); fixed sizes convert right."""
+    import paddle2onnx
+    return int(paddle2onnx.__version__.split('.')[0]) >= 2
+
+
 def export_onnx(output: str, opset: int) -> None:
     """Convert output's Paddle inference model (meta.json written) to output/model.onnx with
     paddle2onnx."""
@@ -505,6 +513,10 @@ def main(args: argparse.Namespace) -> None:
         except ImportError:
             raise WeightsError('--onnx needs paddle2onnx, an optional dependency: '
                                'pip install paddle2onnx onnxruntime') from None
+        if args.dynamic_size and not onnx_converts_dynamic_sizes():
+            raise WeightsError('--onnx --dynamic-size needs paddle2onnx 2 (with Paddle 3): paddle2onnx '
+                               f'{paddle2onnx.__version__} converts the dynamic-size gather index wrongly '
+                               '(ONNX Runtime then reads out of bounds); export a fixed size instead')
     output = os.path.abspath(args.output)
     earlier_export(output)          # refused before the slow work, and again at the end
     model, recorded = load_model(args.weights, args.model, ema=args.ema)

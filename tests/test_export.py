@@ -3,6 +3,7 @@ on and off, predict.py's Config) and the ONNX model in ONNX Runtime give the eag
 fixed size and, with --dynamic-size, at several; a fixed-size export holds the fused mixer where
 it was chosen; the ONNX file is clean; predict.py runs exports in both runtimes, its output
 untouched by the runtimes' own printing; a failed export writes nothing."""
+import importlib.util
 import json
 import os
 import shutil
@@ -26,6 +27,10 @@ FIXED_SIZE = 64
 DYNAMIC_SIZES = ((64, 64), (48, 64), (96, 80))
 
 
+# paddle2onnx 1.x (with Paddle 2.x) cannot convert a dynamic-size export: export.py refuses it.
+ONNX_DYNAMIC = importlib.util.find_spec("paddle2onnx") is not None and export.onnx_converts_dynamic_sizes()
+
+
 def export_in_process(weights, output, *args):
     export.main(export.get_args_parser().parse_args(["--weights", weights, "--output", str(output), *args]))
 
@@ -40,8 +45,8 @@ def exports(tmp_path_factory):
     root = tmp_path_factory.mktemp("exports")
     weights = str(root / "tiny.pdparams")
     write_weights(weights, tiny_state(0), {"class_names": ["cat", "dog", "fox"]})
-    for name, flags in (("fixed", []), ("dynamic", ["--dynamic-size"])):
-        export_in_process(weights, root / name, "--input-size", str(FIXED_SIZE), "--onnx", *flags)
+    for name, flags in (("fixed", ["--onnx"]), ("dynamic", ["--dynamic-size"] + ONNX_DYNAMIC * ["--onnx"])):
+        export_in_process(weights, root / name, "--input-size", str(FIXED_SIZE), *flags)
     return dict(weights=weights, fixed=root / "fixed", dynamic=root / "dynamic")
 
 
@@ -88,8 +93,10 @@ def test_exports_give_the_eager_logits_in_every_runtime(exports, dynamic):
     model.eval()
     exported = paddle.jit.load(str(output / "model"))
     predictors = [paddle_inference(output, onednn) for onednn in (None, True, False)] + [export.paddle_runner(output)]
-    onnx = pytest.importorskip("onnxruntime").InferenceSession(str(output / "model.onnx"),
-                                                              providers=["CPUExecutionProvider"])
+    with_onnx = ONNX_DYNAMIC or not dynamic
+    if with_onnx:
+        predictors.append(lambda images: pytest.importorskip("onnxruntime").InferenceSession(
+            str(output / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {export.INPUT_NAME: images})[0])
     rng = np.random.default_rng(0)
     for batch, (height, width) in [(batch, size) for batch in (1, 3)
                                    for size in (DYNAMIC_SIZES if dynamic else DYNAMIC_SIZES[:1])]:
@@ -98,7 +105,6 @@ def test_exports_give_the_eager_logits_in_every_runtime(exports, dynamic):
         assert_close_to(expected, exported(paddle.to_tensor(images)).numpy())
         for run in predictors:
             assert_close_to(expected, run(images))
-        assert_close_to(expected, onnx.run(None, {export.INPUT_NAME: images})[0])
 
     meta = json.loads((output / "meta.json").read_text())
     assert meta["input_size"] == FIXED_SIZE and meta["dynamic_size"] is dynamic
@@ -106,14 +112,15 @@ def test_exports_give_the_eager_logits_in_every_runtime(exports, dynamic):
     assert meta["crop_pct"] == 0.875 and meta["interpolation"] == "bicubic"
     assert meta["mean"] == [0.485, 0.456, 0.406] and meta["std"] == [0.229, 0.224, 0.225]
     assert meta["class_names"] == ["cat", "dog", "fox"]
-    checked = {"paddle_inference_default_config", "paddle_inference", "onnxruntime"}
+    checked = {"paddle_inference_default_config", "paddle_inference"} | ({"onnxruntime"} if with_onnx else set())
     assert set(meta["parity"]["max_difference"]) == set(meta["parity"]["runtime_settings"]) == checked
     settings = meta["parity"]["runtime_settings"]
     assert {value["device"] for value in settings.values()} == {"cpu"}     # where no TF32 differs
-    threads = settings["onnxruntime"]["threads"]                          # the exporting process's
+    threads = settings["paddle_inference"]["threads"]                     # the exporting process's
     assert settings["paddle_inference"] == dict(device="cpu", threads=threads, **export.PADDLE_INFERENCE_SETTINGS)
     assert settings["paddle_inference_default_config"] == dict(device="cpu", threads=threads, config="default")
-    assert settings["onnxruntime"] == dict(device="cpu", threads=threads, **export.ONNXRUNTIME_SETTINGS)
+    if with_onnx:
+        assert settings["onnxruntime"] == dict(device="cpu", threads=threads, **export.ONNXRUNTIME_SETTINGS)
     assert len(meta["parity"]["sizes"]) == (2 if dynamic else 1)
     assert sorted(os.listdir(output.parent)) == ["dynamic", "fixed", "tiny.pdparams"]   # no temporary left
 
@@ -128,7 +135,8 @@ def test_fixed_size_exports_hold_the_fused_mixer_where_proj_folds_in(exports):
     H*W >= 3C: one gather each (fused_mixer); two blocks at 4x4 (C 24) and one at 2x2 (C 32):
     two gathers each (the official CycleFC pair). With --dynamic-size every mixer is official."""
     assert onnx_op_count(exports["fixed"], "Gather") == 1 + 1 + 2 * 2 + 2
-    assert onnx_op_count(exports["dynamic"], "Gather") == 2 * 5
+    if ONNX_DYNAMIC:
+        assert onnx_op_count(exports["dynamic"], "Gather") == 2 * 5
 
 
 def test_tracing_for_export_leaves_eager_computation_alone(exports):
@@ -152,6 +160,8 @@ class AddThenScale(paddle.nn.Layer):
         return (rows * 10).astype("float32") + x
 
 
+@pytest.mark.skipif(paddle.__version__.startswith("2."),
+                    reason="a Paddle 3 bug; Paddle 2.6's Inference cannot load this parameterless reproduction")
 def test_minimal_reproduction_of_the_onednn_int64_scale_bug(tmp_path):
     """If this fails, Paddle Inference computes the pattern right now: the workaround in
     shifted_positions is no longer needed on this Paddle (keep it for older ones)."""
@@ -168,7 +178,7 @@ def test_onnx_model_loads_without_warnings(exports, capfd):
     """paddle2onnx leaves constants nothing uses; ONNX Runtime warns about each one it removes."""
     onnxruntime = pytest.importorskip("onnxruntime")
     capfd.readouterr()
-    for name in ("fixed", "dynamic"):
+    for name in ("fixed", "dynamic") if ONNX_DYNAMIC else ("fixed",):
         onnxruntime.InferenceSession(str(exports[name] / "model.onnx"), providers=["CPUExecutionProvider"])
     assert capfd.readouterr().err == ""
 
@@ -181,7 +191,7 @@ def test_predict_runs_the_export_in_both_runtimes(exports, tmp_path, capsys):
                               ["cat", "dog", "fox"], FIXED_SIZE, 0.875, "bicubic")
     [expected] = predict.predict(eager, [image], topk=3)
     results = []           # (the command lines of both runtimes run in tests/test_readme.py)
-    for export_name, runtime in (("dynamic", "onnx"), ("fixed", "paddle")):
+    for export_name, runtime in (("dynamic" if ONNX_DYNAMIC else "fixed", "onnx"), ("fixed", "paddle")):
         assert predict.main(predict.get_args_parser().parse_args(
             [image, "--inference-model", str(exports[export_name]), "--runtime", runtime, "--topk", "3", "--json"])) == 0
         results.append(json.loads(capsys.readouterr().out))
@@ -352,3 +362,10 @@ def test_a_full_disk_names_the_os_error(exports, tmp_path):
     assert result.returncode == 1
     assert result.stderr == f"error: {output}: cannot write the export (File too large)\n"
     assert sorted(os.listdir(tmp_path)) == []
+
+
+@pytest.mark.skipif(ONNX_DYNAMIC, reason="paddle2onnx 2 converts dynamic-size exports")
+def test_a_dynamic_size_onnx_export_is_refused_where_paddle2onnx_converts_it_wrongly(exports, tmp_path):
+    with pytest.raises(WeightsError, match="--onnx --dynamic-size needs paddle2onnx 2"):
+        export_in_process(exports["weights"], tmp_path / "out", "--onnx", "--dynamic-size")
+    assert not (tmp_path / "out").exists()
