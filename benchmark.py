@@ -9,6 +9,8 @@ Implementations (the same network and weights each time):
                  every earlier Paddle port computes it
   none           the shifts removed (CycleFC becomes a plain channel FC) in the official
                  computation: the ceiling of index-plain
+  index-static   this repo's model under paddle.jit.to_static, as train.py and evaluate.py run
+                 it with --to-static (a static graph of Paddle's own layers)
 
 Runs are interleaved (one step of each implementation in turn, repeated), so that drift in a
 shared machine's speed hits all alike; the median of the repetitions is reported. Peak memory
@@ -44,14 +46,14 @@ import paddle.nn.functional as F
 
 import export
 import fast_layers
-from cli import bounded
+from cli import bounded, device_name, static_if
 from cycle_fc import CycleFC
 from cyclemlp import ARCHITECTURES, CycleMLP
 from data import INPUT_SIZE_RANGE
 from weights import write_weights
 from zoo import create_backbone, create_model, numpy_state
 
-IMPLS = ['index', 'index-plain', 'deform', 'none']
+IMPLS = ['index', 'index-plain', 'deform', 'none', 'index-static']
 DENSE_SIZE, DENSE_BATCH = 512, 2
 DEPLOY_BATCHES = (1, 16)
 
@@ -100,7 +102,7 @@ def as_impl(impl: str, step: Callable[[], None]) -> Callable[[], None]:
     """step, run with fast_layers on for 'index' and off (the official computation) otherwise;
     the switch is put back afterwards (the deployed eager model runs as shipped)."""
     def run():
-        shipped, fast_layers.ENABLED = fast_layers.ENABLED, impl == 'index'
+        shipped, fast_layers.ENABLED = fast_layers.ENABLED, impl in ('index', 'index-static')
         try:
             step()
         finally:
@@ -118,7 +120,7 @@ def make_steps(args, impl: str) -> Dict[str, Callable[[], None]]:
     classifier, or with --dense the feature backbone (its loss: the mean of every map)."""
     paddle.seed(0)
     model = create_backbone(args.model)[0] if args.dense else create_model(args.model)
-    model = with_cycle_fc(model, impl)
+    model = static_if(impl == 'index-static', with_cycle_fc(model, impl))
     images = paddle.randn([args.batch_size, 3, args.input_size, args.input_size])
     labels = paddle.randint(0, model.num_classes, [args.batch_size])
     optimizer = paddle.optimizer.AdamW(learning_rate=1e-4, parameters=model.parameters())
@@ -182,6 +184,7 @@ def peak_memory_mb(args, impl: str) -> List[float]:
     command = [sys.executable, os.path.abspath(__file__), '--memory-probe', impl, '--model', args.model,
                '--batch-size', str(args.batch_size), '--input-size', str(args.input_size)]
     command += (['--threads', str(args.threads)] if args.threads else []) + (['--dense'] if args.dense else [])
+    command += ['--device', args.device] if args.device else []
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return [float(value) for value in result.stdout.strip().splitlines()[-1].split()]
 
@@ -284,6 +287,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help=f'images per step (default: 16, with --dense {DENSE_BATCH})')
     parser.add_argument('--input-size', default=None, type=bounded(int, *INPUT_SIZE_RANGE),
                         help=f'image height and width (default: 224, with --dense {DENSE_SIZE}, the ADE20K crop)')
+    parser.add_argument('--device', default=None, type=device_name,
+                        help='cpu, gpu or gpu:N (default: Paddle\'s default device)')
     parser.add_argument('--threads', default=None, type=bounded(int, 1, cpu_setup.MAX_THREADS),
                         help='CPU threads (default: as every command: OMP_NUM_THREADS if set, else '
                              f'every core this process may use, {cpu_setup.available_cores()} here)')
@@ -327,7 +332,7 @@ def main(args: argparse.Namespace) -> dict:
     impls = [impl for impl in args.impls.split(',') if impl]
     args.batch_size = args.batch_size or (DENSE_BATCH if args.dense else 16)
     args.input_size = args.input_size or (DENSE_SIZE if args.dense else 224)
-    settings = cpu_setup.configure(args.threads)   # every implementation gets the same count
+    settings = cpu_setup.configure(args.threads, args.device)   # every implementation gets the same count
     if args.memory_probe:
         memory_probe(args)
         return {}
