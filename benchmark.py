@@ -49,8 +49,7 @@ import fast_layers
 from cli import bounded, device_name, static_if
 from cycle_fc import CycleFC
 from cyclemlp import ARCHITECTURES, CycleMLP
-from data import INPUT_SIZE_RANGE
-from weights import write_weights
+from weights import INPUT_SIZE_RANGE, write_weights
 from zoo import create_backbone, create_model, numpy_state
 
 IMPLS = ['index', 'index-plain', 'deform', 'none', 'index-static']

@@ -60,8 +60,7 @@ import paddle.distributed as dist  # noqa: E402
 import cpu_setup  # noqa: E402
 from cyclemlp import ARCHITECTURES  # noqa: E402
 from data import DEFAULT_CROP_PCT, EVAL_DEFAULTS, INTERPOLATIONS, DatasetError  # noqa: E402
-from weights import (CROP_PCT_RANGE, INPUT_SIZE_RANGE, WeightsError, check_data_config, one_line,  # noqa: E402
-                     printable)
+from weights import CROP_PCT_RANGE, INPUT_SIZE_RANGE, WeightsError, check_data_config, one_line  # noqa: E402
 
 
 # Flags

@@ -23,14 +23,14 @@ import re
 import stat
 import struct
 import threading
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 import numpy as np
 import zlib  # noqa: F401  before Paddle: Paddle 2.6 bundles a zlib that crashes one loaded after it
 import paddle
 from PIL import Image, ImageOps
 
-from weights import CROP_PCT_RANGE, INPUT_SIZE_RANGE, INTERPOLATION_NAMES, printable
+from weights import INTERPOLATION_NAMES, printable
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

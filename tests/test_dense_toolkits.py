@@ -13,7 +13,6 @@ turns a missing toolkit into a failure; elsewhere these tests are skipped."""
 import importlib
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
