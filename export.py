@@ -177,16 +177,18 @@ def model_file(meta: dict) -> str:
     return next(name for name in MODEL_FILES if name in meta['files'])
 
 
-def probed(run: Callable[[np.ndarray], np.ndarray], directory: str, meta: dict,
-           runtime: str) -> Callable[[np.ndarray], np.ndarray]:
-    """run, once the model has taken an image of the size meta.json records and given its
-    class count."""
-    size = meta['input_size']
+def probed(run: Callable[[np.ndarray], np.ndarray], directory: str, meta: dict, runtime: str,
+           size: Optional[int] = None) -> Callable[[np.ndarray], np.ndarray]:
+    """run, once the model has taken an image of the size it will be asked for (default: the
+    size meta.json records) and given meta.json's class count: what meta.json claims is checked
+    before the runtime meets real input."""
+    asked = size or meta['input_size']
     try:
-        logits = run(np.zeros((1, 3, size, size), np.float32))
+        logits = run(np.zeros((1, 3, asked, asked), np.float32))
     except Exception as error:   # the runtimes' own error types
-        raise WeightsError(f'{directory}: the model does not run in {runtime} on the {size}x{size} '
-                           f'images meta.json records ({one_line(error)})') from None
+        source = 'meta.json records' if size is None else 'it is asked for (meta.json: dynamic_size true)'
+        raise WeightsError(f'{directory}: the model does not run in {runtime} on the {asked}x{asked} '
+                           f'images {source} ({one_line(error)})') from None
     if logits.shape != (1, meta['num_classes']):
         raise WeightsError(f'{directory}: the model gives {list(logits.shape)[1:]} outputs per image, '
                            f'meta.json records {meta["num_classes"]} classes')
@@ -262,9 +264,14 @@ def onnx_runner(directory: str) -> Callable[[np.ndarray], np.ndarray]:
     return probed(run, directory, meta, 'ONNX Runtime')
 
 
-def load_runner(directory: str, runtime: str) -> Callable[[np.ndarray], np.ndarray]:
-    """predict.py's runner of an export: Paddle Inference (PADDLE_INFERENCE_SETTINGS) or ONNX Runtime."""
-    return onnx_runner(directory) if runtime == 'onnx' else paddle_runner(directory)
+def load_runner(directory: str, runtime: str, size: Optional[int] = None) -> Callable[[np.ndarray], np.ndarray]:
+    """predict.py's runner of an export: Paddle Inference (PADDLE_INFERENCE_SETTINGS) or ONNX
+    Runtime, probed at the size predict.py will give it (default: the one meta.json records)."""
+    run = onnx_runner(directory) if runtime == 'onnx' else paddle_runner(directory)
+    meta = read_meta(directory)
+    if size in (None, meta['input_size']):
+        return run
+    return probed(run, directory, meta, 'ONNX Runtime' if runtime == 'onnx' else 'Paddle Inference', size)
 
 
 # Writing an export
@@ -400,8 +407,8 @@ def check_parity(model: CycleNet, run: Callable[[np.ndarray], np.ndarray], sizes
 def earlier_export(output: str) -> List[str]:
     """The files of an earlier export in output (those its meta.json lists, and meta.json),
     which a new export may replace; WeightsError if output holds a file of an export's name that
-    no meta.json of export.py lists (the user's own), or is not a folder. Anything else in the
-    folder is left alone."""
+    no meta.json of export.py lists (the user's own, or listed by a meta.json that read_meta does
+    not recognise as export.py's), or is not a folder. Anything else in the folder is left alone."""
     if not os.path.exists(output):
         return []
     if not os.path.isdir(output):
@@ -409,10 +416,9 @@ def earlier_export(output: str) -> List[str]:
     present = [name for name in EXPORT_FILES + (META_FILE,) if os.path.lexists(os.path.join(output, name))]
     if not present:
         return []
-    try:
-        meta = json.loads(read_regular_file(os.path.join(output, META_FILE), MAX_META_BYTES))
-        listed = set(meta['files']) | {META_FILE}
-    except (ValueError, RecursionError, TypeError, KeyError):   # no meta.json of this version's export
+    try:   # recognised as export.py's by its whole content (read_meta), not by a 'files' key
+        listed = set(read_meta(output)['files']) | {META_FILE}
+    except WeightsError:
         listed = set()
     foreign = [name for name in present if name not in listed]
     if foreign:

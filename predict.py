@@ -176,7 +176,7 @@ def exported_predictor(args) -> Predictor:
         raise WeightsError(f'{args.inference_model} was exported for {meta["input_size"]}x'
                            f'{meta["input_size"]} inputs, not {input_size}; re-export it with '
                            '--dynamic-size or that --input-size')
-    forward = export.load_runner(args.inference_model, args.runtime)
+    forward = export.load_runner(args.inference_model, args.runtime, input_size)
     return Predictor(forward, export.default_class_names(meta['class_names'], meta['num_classes']),
                      input_size, args.crop_pct or meta['crop_pct'],
                      args.eval_interpolation or meta['interpolation'], args.fast_decode)

@@ -369,3 +369,21 @@ def test_a_dynamic_size_onnx_export_is_refused_where_paddle2onnx_converts_it_wro
     with pytest.raises(WeightsError, match="--onnx --dynamic-size needs paddle2onnx 2"):
         export_in_process(exports["weights"], tmp_path / "out", "--onnx", "--dynamic-size")
     assert not (tmp_path / "out").exists()
+
+
+def test_what_meta_json_claims_is_checked_before_the_runtime_meets_it(exports, tmp_path):
+    """A fixed-size export marked dynamic by hand: the size predict.py will ask for is probed
+    when the export is read, one line; and a meta.json that is not export.py's (only a 'files'
+    list) decides nothing about what a new export replaces or deletes."""
+    folder = tmp_path / "fixed"
+    shutil.copytree(exports["fixed"], folder)
+    edit_meta(folder, dynamic_size=True)
+    with pytest.raises(WeightsError, match="does not run in Paddle Inference on the 48x48 images it is asked for"):
+        export.load_runner(str(folder), "paddle", 48)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "model.pdiparams").write_bytes(b"the user's own file")
+    (mine / "meta.json").write_text(json.dumps({"files": {"model.pdiparams": "0" * 64}}))
+    with pytest.raises(WeightsError, match="holds model.pdiparams, meta.json, which export.py did not write"):
+        export_in_process(exports["weights"], mine, "--input-size", str(FIXED_SIZE))
+    assert (mine / "model.pdiparams").read_bytes() == b"the user's own file"
