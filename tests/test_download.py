@@ -33,7 +33,7 @@ from torch_files import paddle_to_torch, write_release
 from weights import WeightsError, read_weights
 
 NAME, FILE = 'CycleMLP_B1', 'CycleMLP_B1.pth'
-SLOW_CHUNK, SLOW_PAUSE = 1 << 20, 0.015
+SLOW_CHUNK, SLOW_PAUSE = 1 << 20, 0.05        # a B1-sized body over 3 s: time to stop it midway, even on a loaded machine
 BOUND = 1 << 16                          # a tiny release's size bound (RELEASES patched)
 HUGE = 10 ** 12                          # a terabyte, announced
 USER, PASSWORD = 'alice', 's3cr@t'       # a mirror's credentials (the @ written %40 in the URL)
