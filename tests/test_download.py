@@ -443,7 +443,10 @@ def test_a_download_stopped_midway_never_becomes_the_file(tmp_path, server, stop
     folder = tmp_path / 'cache'
     command = ([sys.executable, str(REPO_ROOT / 'convert_weights.py'), NAME, str(tmp_path / 'b1.pdparams')]
                if stop == signal.SIGTERM else [sys.executable, '-c', FETCH, NAME])
-    process = subprocess.Popen(command, env=environment(folder, server, 'slow'), stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as a terminal delivers it: SIGINT at its default, whatever this process inherited
+    # (a shell's background job, such as a CI script run with &, ignores it, and so would the child).
+    process = subprocess.Popen(command, env=environment(folder, server, 'slow'), stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 30
     while not any(name.endswith('.tmp') and (folder / name).stat().st_size > 0
                   for name in (os.listdir(folder) if folder.exists() else [])) and time.time() < deadline:
