@@ -186,7 +186,7 @@ def probed(run: Callable[[np.ndarray], np.ndarray], directory: str, meta: dict, 
     try:
         logits = run(np.zeros((1, 3, asked, asked), np.float32))
     except Exception as error:   # the runtimes' own error types
-        source = 'meta.json records' if size is None else 'it is asked for (meta.json: dynamic_size true)'
+        source = 'meta.json records' if asked == meta['input_size'] else 'it is asked for (meta.json: dynamic_size true)'
         raise WeightsError(f'{directory}: the model does not run in {runtime} on the {asked}x{asked} '
                            f'images {source} ({one_line(error)})') from None
     if logits.shape != (1, meta['num_classes']):
@@ -195,8 +195,8 @@ def probed(run: Callable[[np.ndarray], np.ndarray], directory: str, meta: dict, 
     return run
 
 
-def paddle_runner(directory: str, default_config: bool = False,
-                  device: Optional[str] = None) -> Callable[[np.ndarray], np.ndarray]:
+def paddle_runner(directory: str, default_config: bool = False, device: Optional[str] = None,
+                  size: Optional[int] = None) -> Callable[[np.ndarray], np.ndarray]:
     """Logits of a batch from Paddle Inference's predictor on device (default: Paddle's current
     one, e.g. gpu:1), with PADDLE_INFERENCE_SETTINGS on the CPU, or with default_config its
     default Config (only the thread count set). run.settings says what it runs with."""
@@ -234,10 +234,10 @@ def paddle_runner(directory: str, default_config: bool = False,
 
     run.settings = settings
     with native_noise_dropped():         # and again on the first run
-        return probed(run, directory, meta, 'Paddle Inference')
+        return probed(run, directory, meta, 'Paddle Inference', size)
 
 
-def onnx_runner(directory: str) -> Callable[[np.ndarray], np.ndarray]:
+def onnx_runner(directory: str, size: Optional[int] = None) -> Callable[[np.ndarray], np.ndarray]:
     """Logits of a batch from ONNX Runtime's CPU provider on DIR/model.onnx, with
     ONNXRUNTIME_SETTINGS and the command's thread count; run.settings says so."""
     meta = read_meta(directory)
@@ -261,17 +261,13 @@ def onnx_runner(directory: str) -> Callable[[np.ndarray], np.ndarray]:
         return session.run(None, {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})[0]
 
     run.settings = dict(device='cpu', threads=cpu_setup.current_threads(), **ONNXRUNTIME_SETTINGS)
-    return probed(run, directory, meta, 'ONNX Runtime')
+    return probed(run, directory, meta, 'ONNX Runtime', size)
 
 
 def load_runner(directory: str, runtime: str, size: Optional[int] = None) -> Callable[[np.ndarray], np.ndarray]:
     """predict.py's runner of an export: Paddle Inference (PADDLE_INFERENCE_SETTINGS) or ONNX
     Runtime, probed at the size predict.py will give it (default: the one meta.json records)."""
-    run = onnx_runner(directory) if runtime == 'onnx' else paddle_runner(directory)
-    meta = read_meta(directory)
-    if size in (None, meta['input_size']):
-        return run
-    return probed(run, directory, meta, 'ONNX Runtime' if runtime == 'onnx' else 'Paddle Inference', size)
+    return onnx_runner(directory, size=size) if runtime == 'onnx' else paddle_runner(directory, size=size)
 
 
 # Writing an export
