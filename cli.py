@@ -1,19 +1,10 @@
-"""What every command shares: the flags of the model and its data, the distributed set-up,
-and one way to end.
-
-Imported first by every command (train, evaluate, predict, export, convert_weights, benchmark),
-it imports Paddle without Paddle's import-time notices (see `_import_paddle_quietly`). Each
-command's main() sets the CPU up first (cpu_setup.configure), and its `__main__` calls
-`run(main, args)`, which ends every user error (a file, the data, the environment) as one line
-on stderr with exit code 1, and Ctrl-C or SIGTERM as one line with 128 + the signal's number
-(temporary files are removed on the way out; `held_signals` keeps a write whole). Flags out of
-range are argparse's errors (exit code 2).
+"""What every command shares: the flags of the model and its data, the distributed set-up, and
+one way to end (`run`): any exception as one line `error: ...` and exit code 1, Ctrl-C or SIGTERM
+as one line and 128 + the signal's number. Flags out of range are argparse's errors (exit code 2).
 """
 import argparse
 import contextlib
 import fcntl
-import io
-import logging
 import math
 import os
 import signal
@@ -21,40 +12,18 @@ import sys
 import warnings
 from typing import Callable, List, Optional
 
-# Notices Paddle prints on import that say nothing to a user of the commands: its warning that
-# OMP_NUM_THREADS is above 1 (the commands honour that setting; see cpu_setup.py), and Paddle 3's
-# note that ccache, a compiler cache for building C++ extensions, is missing.
-PADDLE_IMPORT_NOISE = ('WARNING: OMP_NUM_THREADS set to', 'PLEASE USE OMP_NUM_THREADS WISELY.')
-PADDLE_IMPORT_WARNING = 'No ccache found'
+import zlib  # noqa: F401  before Paddle: Paddle 2.6 bundles a zlib that crashes one loaded after it
 
-
-def _import_paddle_quietly() -> None:
-    """Import Paddle with the notices above dropped and anything else it prints passed on."""
-    if 'paddle' in sys.modules:
-        return
-    import zlib  # noqa: F401  before Paddle: Paddle 2.6 bundles a zlib that crashes one loaded after it
-    printed = io.StringIO()
-    try:
-        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(printed):
-            warnings.simplefilter('always')
-            import paddle  # noqa: F401
-    finally:
-        # Paddle's loggers made their StreamHandlers during the import, on the stderr of then.
-        for logger in [logging.getLogger()] + list(logging.Logger.manager.loggerDict.values()):
-            for handler in getattr(logger, 'handlers', []):
-                if isinstance(handler, logging.StreamHandler) and handler.stream is printed:
-                    handler.setStream(sys.stderr)
-        for line in printed.getvalue().splitlines(keepends=True):
-            if not line.startswith(PADDLE_IMPORT_NOISE):
-                sys.stderr.write(line)
-    for warning in caught:
-        if PADDLE_IMPORT_WARNING not in str(warning.message):
-            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-
-
-_import_paddle_quietly()
-
-import paddle  # noqa: E402
+# Importing Paddle warns on stderr when OMP_NUM_THREADS is above 1 (the commands honour it: see
+# cpu_setup.py), and Paddle 3 warns that ccache, a compiler cache, is missing: neither concerns
+# a user of the commands, and an error must stay one line.
+_threads = os.environ.get('OMP_NUM_THREADS')
+with warnings.catch_warnings():
+    warnings.filterwarnings('ignore', message='No ccache found')
+    os.environ['OMP_NUM_THREADS'] = '1'
+    import paddle
+if _threads is not None:
+    os.environ['OMP_NUM_THREADS'] = _threads
 import paddle.distributed as dist  # noqa: E402
 
 import cpu_setup  # noqa: E402
@@ -66,8 +35,7 @@ from weights import CROP_PCT_RANGE, INPUT_SIZE_RANGE, WeightsError, check_data_c
 # Flags
 
 def bounded(kind: type, low=None, high=None, low_open: bool = False, high_open: bool = False):
-    """An argparse type: `kind` (int or float) parsed, finite and within [low, high] (an open
-    end excludes it); out of range is argparse's own error, naming the flag."""
+    """An argparse type: `kind` parsed, finite and within [low, high] (an open end excludes it)."""
     def parse(text: str):
         try:
             value = kind(text)
@@ -85,8 +53,7 @@ def bounded(kind: type, low=None, high=None, low_open: bool = False, high_open: 
 
 
 def device_name(text: str) -> str:
-    """An argparse type: a device as Paddle names it ('cpu', 'gpu', 'gpu:N'), from that or from
-    PyTorch's name ('cuda', 'cuda:N')."""
+    """An argparse type: 'cpu', 'gpu' or 'gpu:N', also spelled as PyTorch does ('cuda', 'cuda:N')."""
     name = 'gpu' + text[len('cuda'):] if text.startswith('cuda') else text
     if not (name in ('cpu', 'gpu') or (name.startswith('gpu:') and name[4:].isdigit() and len(name) < 10)):
         raise argparse.ArgumentTypeError(f'expected cpu, gpu, gpu:N, cuda or cuda:N, got {text[:40]!r}')
@@ -94,11 +61,8 @@ def device_name(text: str) -> str:
 
 
 def model_args_parser(training: bool = False) -> argparse.ArgumentParser:
-    """The model, its evaluation transform and the CPU threads: every command's flags.
-
-    For evaluation, prediction and export the defaults are None, meaning "what the weights
-    file records" (resolve_data_config); for training, the model to train and EVAL_DEFAULTS.
-    """
+    """Every command's flags: the model, its evaluation transform, the device and threads. Except
+    for training the defaults are None: what the weights file records (resolve_data_config)."""
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     group = parser.add_argument_group('model and evaluation transform')
     recorded = '' if training else 'as recorded in the weights, else '
@@ -160,14 +124,12 @@ def loader_args_parser() -> argparse.ArgumentParser:
 
 
 def static_if(to_static: bool, model: paddle.nn.Layer) -> paddle.nn.Layer:
-    """model, its forward converted by paddle.jit.to_static when to_static (--to-static). The
-    static graph computes the official layers (fast_layers' eager CPU rules do not apply)."""
+    """model, converted by paddle.jit.to_static when to_static (the official layers' graph)."""
     return paddle.jit.to_static(model, full_graph=True) if to_static else model
 
 
 def resolve_data_config(args: argparse.Namespace, recorded: Optional[dict], source: str) -> None:
-    """Fill the evaluation-transform flags left unset (None) with what `source` recorded (a
-    checkpoint's data_config, from train.py), else EVAL_DEFAULTS; explicit flags win."""
+    """Fill the evaluation-transform flags left None with what `source` recorded, else EVAL_DEFAULTS."""
     recorded = check_data_config(recorded or {}, source)
     for dest, key in (('input_size', 'input_size'), ('crop_pct', 'crop_pct'),
                       ('eval_interpolation', 'interpolation')):
@@ -181,9 +143,8 @@ class InUseError(Exception):
 
 @contextlib.contextmanager
 def locked(folder: str, flag: str, wait: bool = False):
-    """Hold an exclusive lock on the folder itself while the block runs; if another process
-    holds it, wait for it, or with wait False raise InUseError at once. The kernel releases the
-    lock when the process ends, however it ends, and nothing is left in the folder."""
+    """An exclusive lock on the folder itself while the block runs (else wait, or InUseError).
+    The kernel releases it when the process ends, however it ends; nothing is left in the folder."""
     descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         try:
@@ -209,43 +170,36 @@ def init_distributed() -> tuple:
     return dist.get_rank(), dist.get_world_size()
 
 
-# Stopping: Ctrl-C and SIGTERM end a command at once, but not in the middle of a write
+# Stopping: Ctrl-C and SIGTERM end a command at once
 
 stop_requested: List[int] = []
-_held = False
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def request_stop(signum, frame) -> None:
-    """SIGINT or SIGTERM: raise KeyboardInterrupt now, or at the end of a held_signals() block;
-    a second signal raises at once."""
     stop_requested.append(signum)
-    if not _held or len(stop_requested) > 1:
-        raise KeyboardInterrupt
+    raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
-def held_signals():
-    """Let Ctrl-C and SIGTERM wait until the block has run: what it writes is written whole."""
-    global _held
-    previous, _held = _held, True
+def signals_deferred():
+    """Ctrl-C and SIGTERM wait (blocked by the kernel) until the block has run: for writes of
+    several files that must agree, each of them atomic."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield
     finally:
-        _held = previous
-    if stop_requested and not _held:
-        raise KeyboardInterrupt
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def run(main: Callable[[argparse.Namespace], object], args: argparse.Namespace,
         interrupted: Callable[[], str] = lambda: 'interrupted') -> None:
-    """Run a command's main(args) as its __main__ does, and exit: with main's return value if
-    that is an exit status, else 0; one line `error: ...` and 1 for a user error; the line
-    interrupted() returns and 128 + the signal's number after Ctrl-C or SIGTERM, whatever
-    exception the interruption became inside Paddle. Any other exception is one line and 1 too,
-    with its type named: no error reaches the user as a traceback. Paddle's own handler for
-    SIGTERM (a C++ stack dump) is replaced."""
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    """Run main(args) and exit: with its status if an int, else 0; any exception as one line and
+    1 (other than USER_ERRORS with its type named); after Ctrl-C or SIGTERM, whatever exception
+    it became inside Paddle, interrupted()'s line and 128 + the signal's number. Paddle's own
+    SIGTERM handler (a C++ stack dump) is replaced."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, request_stop)
     try:
         status = main(args)
     except Exception as error:

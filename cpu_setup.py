@@ -1,30 +1,17 @@
 """What the commands set up for the CPU: `configure()`, called from their main(), never on import.
 
-Importing this module (or any library module of the repo) changes nothing in the process. A
-command calls `configure(threads)` before it computes anything, and it makes three settings,
-each only on a CPU device and never over one the user made:
-
-threads   Paddle's CPU kernels use one thread unless told otherwise (PyTorch uses every
-          core by default). configure() uses the user's choice: --threads, else the
-          OMP_NUM_THREADS the process was started with, else every core this process may run
-          on (os.sched_getaffinity), shared among the ranks `paddle.distributed.launch` starts
-          on this machine. The count is always set through Paddle (never left to the
-          environment), so results do not depend on where it came from.
-MKL       The MKL in Paddle's CPU wheel picks its code path by processor vendor and takes a
-          generic SSE path on AMD processors. MKL_DEBUG_CPU_TYPE=5 selects its AVX2 code,
-          about twice as fast on AMD EPYC; MKL reads it at its first use, which is after
-          configure(). It is set on AMD x86-64 only (on Intel it would turn AVX-512 off). It
-          changes rounding only (tested).
-memory    glibc serves a large allocation with a fresh mmap and returns it to the system on
-          free. Paddle's CPU allocator frees every temporary, so each large op had its output
-          page-faulted in and zeroed anew: most of a training step's time went to the kernel.
-          Raising glibc's mmap and trim thresholds keeps freed memory for reuse: a B1
-          training step 1.3x faster, for about 6% more peak resident memory.
-
-Why the start environment: importing Paddle sets OMP_NUM_THREADS to '1' when it is unset, so
-after that import os.environ cannot tell a user's '1' from no setting. On Linux the variables a
-process was started with stay readable in /proc/self/environ; the launcher's ranks inherit the
-launcher's (which imported Paddle), so for them it is the launcher's start environment.
+On a CPU device, and never over a setting the user made:
+threads   Paddle's CPU kernels use one thread unless told. configure() takes --threads, else the
+          OMP_NUM_THREADS the process was started with, else every core it may run on, shared
+          among the launcher's ranks on this machine; always set through Paddle.
+MKL       The MKL in Paddle's wheel takes a generic SSE path on AMD processors; MKL_DEBUG_CPU_TYPE=5
+          (read at MKL's first use, after configure()) selects its AVX2 code, about twice as fast
+          on AMD EPYC. Set on AMD x86-64 only (on Intel it would turn AVX-512 off); rounding only.
+memory    glibc returns large freed blocks to the system, so each of Paddle's temporaries was
+          page-faulted and zeroed anew; raised mmap and trim thresholds keep freed memory for
+          reuse: a B1 training step 1.3x faster for about 6% more peak memory.
+Importing Paddle sets OMP_NUM_THREADS to '1' when unset, so the user's setting is read from the
+start environment (/proc/self/environ; a launcher rank reads the launcher's).
 """
 import ctypes
 import os
@@ -119,8 +106,7 @@ def available_cores() -> int:
 
 
 def keep_freed_memory() -> bool:
-    """Raise glibc's mmap and trim thresholds (see the module doc); False where not glibc or
-    where the user tuned the allocator."""
+    """Raise glibc's mmap and trim thresholds; False where not glibc or the user tuned it."""
     if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc' or any(
             name in os.environ for name in USER_MALLOC_SETTINGS):
         return False
@@ -133,8 +119,7 @@ class DeviceError(ValueError):
 
 
 def select_device(device: str) -> None:
-    """paddle.set_device(device) ('cpu', 'gpu' or 'gpu:N'; the launcher's ranks take their own
-    GPU with 'gpu'), or DeviceError saying what is missing."""
+    """paddle.set_device(device), or DeviceError saying what is missing."""
     if device.startswith('gpu') and not paddle.device.is_compiled_with_cuda():
         raise DeviceError(f'--device {device}: this Paddle {paddle.__version__} was built without '
                           'CUDA; install paddlepaddle-gpu (pip install -r requirements-gpu.txt)')
@@ -145,10 +130,8 @@ def select_device(device: str) -> None:
 
 
 def configure(threads: Optional[int] = None, device: Optional[str] = None) -> CpuSettings:
-    """Set up this process for the commands: the --device if given (else Paddle's default), and
-    on a CPU device (see the module doc) threads (`threads`, else the user's OMP_NUM_THREADS,
-    else every available core), MKL's code path on AMD, and glibc's allocator. Returns what it
-    set (also in `settings`)."""
+    """Select `device` if given; on a CPU device set the threads, MKL's path and the allocator
+    (see the module doc). Returns what it set (also in `settings`)."""
     if device is not None:
         select_device(device)
     if not on_cpu():

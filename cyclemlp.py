@@ -221,7 +221,7 @@ def init_weights(layer: nn.Layer) -> None:
         nn.initializer.Uniform(-bound, bound)(layer.bias)
 
 
-# The five variants of the paper's Table 1 (the official factories' arguments).
+# The five variants of the paper's Table 1, the one way to build them (zoo.create_model by name).
 ARCHITECTURES = {
     'CycleMLP_B1': dict(layers=[2, 2, 4, 2], embed_dims=[64, 128, 320, 512], mlp_ratios=[4, 4, 4, 4]),
     'CycleMLP_B2': dict(layers=[2, 3, 10, 3], embed_dims=[64, 128, 320, 512], mlp_ratios=[4, 4, 4, 4]),
@@ -229,26 +229,6 @@ ARCHITECTURES = {
     'CycleMLP_B4': dict(layers=[3, 8, 27, 3], embed_dims=[64, 128, 320, 512], mlp_ratios=[8, 8, 4, 4]),
     'CycleMLP_B5': dict(layers=[3, 4, 24, 3], embed_dims=[96, 192, 384, 768], mlp_ratios=[4, 4, 4, 4]),
 }
-
-
-def CycleMLP_B1(**kwargs) -> CycleNet:
-    return CycleNet(**ARCHITECTURES['CycleMLP_B1'], **kwargs)
-
-
-def CycleMLP_B2(**kwargs) -> CycleNet:
-    return CycleNet(**ARCHITECTURES['CycleMLP_B2'], **kwargs)
-
-
-def CycleMLP_B3(**kwargs) -> CycleNet:
-    return CycleNet(**ARCHITECTURES['CycleMLP_B3'], **kwargs)
-
-
-def CycleMLP_B4(**kwargs) -> CycleNet:
-    return CycleNet(**ARCHITECTURES['CycleMLP_B4'], **kwargs)
-
-
-def CycleMLP_B5(**kwargs) -> CycleNet:
-    return CycleNet(**ARCHITECTURES['CycleMLP_B5'], **kwargs)
 
 
 # Bounds of what CycleNet builds: beyond them a model is a mistake, not a CycleMLP.

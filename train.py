@@ -1,33 +1,18 @@
 """Train CycleMLP with the official recipe, on one CPU, one GPU, or many through the launcher.
 
-    python train.py --demo --output-dir out/demo                       # digits, a few minutes on CPU
-    python train.py --data-path /data/imagenet --output-dir out/b1      # one device
+    python train.py --demo --output-dir out/demo                       # digits, minutes on CPU
     python -m paddle.distributed.launch --devices 0,1,2,3,4,5,6,7 train.py \\
         --model CycleMLP_B1 --data-path /data/imagenet --output-dir out/b1
 
-The defaults are those of the official main.py (DeiT's recipe; README, Training):
-AdamW, lr 5e-4 x global batch / 512, 5 warmup epochs, cosine to 1e-5 over 300 epochs, label
-smoothing 0.1, RandAugment, random erasing, Mixup/CutMix, repeated augmentation, EMA 0.99996,
-drop path 0.1, mixed precision on GPU. The official underscore spellings (--output_dir, ...)
-are accepted as well, and so are the official flags that change nothing here (see --help);
-a value that would need behaviour this repo does not have is refused.
-
-Every epoch writes OUTPUT/checkpoint.pdckpt (all that resuming needs; `--resume auto` picks it
-up) and appends one JSON line to OUTPUT/log.txt; OUTPUT/best.pdparams holds the weights of the
-best evaluated epoch. Both record the model name and the class names, so evaluate.py and
-predict.py need only the file. Epochs are counted from 1 in logs and checkpoints. A folder
-that holds a run is never overwritten by accident: continue it with `--resume auto`, or start
-over with `--overwrite`.
-
-Resuming is exact on the CPU: data order, augmentation, Mixup and drop path are reseeded at
-every epoch from (seed, epoch, rank), so a run killed at an epoch boundary and resumed ends with
-the same parameters, bit for bit, as one that was never stopped. On a GPU the resumed run is the
-same run up to rounding (atomic adds in the gather's backward, cuDNN's choice of algorithm).
+The defaults are the official main.py's (DeiT's recipe); its underscore spellings, and its flags
+that change nothing here, are accepted. Every epoch writes OUTPUT/checkpoint.pdckpt (`--resume
+auto` continues from it), OUTPUT/best.pdparams and one JSON line of OUTPUT/log.txt. Everything
+random is reseeded every epoch from (seed, epoch, rank), so on the CPU a run killed and resumed
+ends with the same parameters, bit for bit, as one never stopped (on a GPU, up to rounding).
 """
 import argparse
 import datetime
 import importlib.util
-import json
 import math
 import os
 import time
@@ -36,20 +21,20 @@ from typing import Callable, Dict, List, NamedTuple, Optional
 
 import cli  # first: imports Paddle without its import-time notices
 import cpu_setup
-import numpy as np
 import paddle
 import paddle.distributed as dist
 import paddle.nn.functional as F
 
 from augment import Mixup, RandomErasing, rand_augment, smooth_one_hot, train_transform
-from cli import (bounded, held_signals, init_distributed, loader_args_parser, locked, model_args_parser,
+from checkpoint import (BEST_FILE, CHECKPOINT_FILE, LOG_FILE, RUN_FILES, changes, json_line, load_checkpoint,
+                        model_meta, prepare_output_dir, resolve_resume, save_checkpoint)
+from cli import (bounded, init_distributed, loader_args_parser, locked, model_args_parser, signals_deferred,
                  static_if)
 from cyclemlp import CycleNet
 from data import (DatasetError, ImageDataset, build_dataset, build_loader,
                   check_image_headers, eval_transform, iterate, set_loader_epoch)
 from evaluate import evaluate
-from weights import (WeightsError, atomic_save, check_state, describe, printable, read_checkpoint,
-                     remove_stale_temporaries, write_weights)
+from weights import WeightsError, printable, write_weights
 from zoo import count_flops, count_parameters, create_model, load_state, numpy_state, read_state, variant_name
 
 LR_REFERENCE_BATCH = 512  # the base lr is the lr of a global batch of this many images
@@ -58,10 +43,6 @@ INIT_LOSS_SCALE = 2.0 ** 16  # timm's NativeScaler (torch.cuda.amp.GradScaler) s
 # EPOCH_SEED_STRIDE: distinct for up to 1000 ranks and 1000 epochs apart.
 RANK_SEED_STRIDE = 1000
 EPOCH_SEED_STRIDE = 1_000_000
-CHECKPOINT_FILE = 'checkpoint.pdckpt'
-BEST_FILE = 'best.pdparams'
-LOG_FILE = 'log.txt'
-RUN_FILES = (CHECKPOINT_FILE, BEST_FILE, LOG_FILE)
 DEMO_DATA = Path(__file__).resolve().parent / 'demo_data'
 # `--demo`: the bundled 8x8 digits upscaled to 32x32, a four-block CycleNet and the full
 # pipeline (RandAugment, erasing, Mixup, smoothing, EMA, drop path), milder than on ImageNet:
@@ -319,15 +300,9 @@ def output_dir_problem(args: argparse.Namespace) -> Optional[str]:
 
 def scheduled_lr(epoch: int, base_lr: float, epochs: int, warmup_epochs: int, warmup_lr: float,
                  min_lr: float) -> float:
-    """The learning rate epoch `epoch` (0-based) trains with in the official run.
-
-    timm's CosineLRScheduler (t_in_epochs, warmup_prefix False, one cycle of `epochs`) at t:
-        t < warmup_epochs:  warmup_lr + t * (base_lr - warmup_lr) / warmup_epochs
-        otherwise:          min_lr + 0.5 * (base_lr - min_lr) * (1 + cos(pi * t / epochs))
-    Without warmup_prefix the cosine counts t from 0, not from the end of warmup. The official
-    main.py calls lr_scheduler.step(epoch) after training epoch `epoch`, so epoch e trains at
-    the value for t = e - 1; epoch 0 at t = 0, the value the scheduler is created with.
-    """
+    """The lr epoch `epoch` (0-based) trains with in the official run: timm's CosineLRScheduler
+    (warmup_prefix False: the cosine counts t from 0) at t = epoch - 1, because the official
+    main.py steps it with the epoch just trained; epoch 0 trains at t = 0."""
     t = max(epoch - 1, 0)
     if t < warmup_epochs:
         return warmup_lr + t * (base_lr - warmup_lr) / warmup_epochs
@@ -339,27 +314,20 @@ def epoch_seed(seed: int, rank: int, epoch: int) -> int:
 
 
 def soft_target_cross_entropy(logits: paddle.Tensor, targets: paddle.Tensor) -> paddle.Tensor:
-    """Mean over the batch of -sum_k targets_k * log_softmax(logits)_k (timm's
-    SoftTargetCrossEntropy); computed in float32 so mixed-precision logits stay accurate."""
+    """timm's SoftTargetCrossEntropy, in float32 so mixed-precision logits stay accurate."""
     log_probs = F.log_softmax(logits.astype('float32'), axis=-1)
     return (-targets.astype('float32') * log_probs).sum(axis=-1).mean()
 
 
 def label_smoothing_cross_entropy(logits: paddle.Tensor, labels: paddle.Tensor,
                                   smoothing: float = 0.1) -> paddle.Tensor:
-    """Cross entropy against label-smoothed one-hot targets (timm's LabelSmoothingCrossEntropy:
-    (1 - smoothing) * NLL + smoothing * mean over classes of -log p); smoothing 0 is plain CE."""
+    """timm's LabelSmoothingCrossEntropy; smoothing 0 is plain cross entropy."""
     return soft_target_cross_entropy(logits, smooth_one_hot(labels, logits.shape[-1], smoothing))
 
 
 class ModelEma:
-    """timm's ModelEma: after every step ema = decay * ema + (1 - decay) * param.
-
-    The average lives on the training device and is updated in place, one lerp kernel per
-    parameter (ema += (1 - decay) * (param - ema)), with no host synchronisation. Only
-    parameters are averaged; the buffers are CycleFC's constant offsets, which must stay exact
-    integers.
-    """
+    """timm's ModelEma: ema = decay * ema + (1 - decay) * param after every step, in place on
+    the device. Buffers (CycleFC's integer offsets) are not averaged."""
 
     def __init__(self, model: CycleNet, decay: float) -> None:
         self.module = CycleNet(**model.config)
@@ -375,7 +343,6 @@ class ModelEma:
 
 
 class Run(NamedTuple):
-    """What a training run holds: the data, the model and what trains it."""
     train_set: ImageDataset
     train_loader: object
     val_loader: object
@@ -416,67 +383,6 @@ def build_optimizer(model: CycleNet, args: argparse.Namespace, lr: float) -> pad
         grad_clip=paddle.nn.ClipGradByGlobalNorm(args.clip_grad) if args.clip_grad else None)
 
 
-def to_numpy(value):
-    """Tensors in nested dicts/lists -> numpy arrays, so read_checkpoint's unpickler can read them."""
-    if isinstance(value, paddle.Tensor):
-        return value.numpy()
-    if isinstance(value, dict):
-        return {key: to_numpy(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_numpy(item) for item in value]
-    return value
-
-
-def optimizer_state(optimizer: paddle.optimizer.Optimizer, model: CycleNet) -> dict:
-    """The optimizer's state as numpy, keyed 'head.weight/moment1_0' rather than Paddle's
-    'linear_61.w_0_moment1_0': generated tensor names depend on how many layers the process
-    built before, so they differ between runs and would not find their parameters on resume."""
-    paths = {param.name: name for name, param in model.named_parameters()}
-    tensor_names = sorted(paths, key=len, reverse=True)  # longest first: linear_10 before linear_1
-    state = {}
-    for key, value in optimizer.state_dict().items():
-        owner = next((name for name in tensor_names if key.startswith(name + '_')), None)
-        state[key if owner is None else f'{paths[owner]}/{key[len(owner) + 1:]}'] = to_numpy(value)
-    return state
-
-
-def load_optimizer_state(optimizer: paddle.optimizer.Optimizer, model: CycleNet, state, source: str) -> None:
-    """Restore optimizer_state's output, checking it first: every entry a parameter's
-    accumulator of the parameter's shape (moments) or a small numeric value."""
-    if not isinstance(state, dict):
-        raise WeightsError(f'{source}: optimizer is {describe(state)}, expected a dict')
-    params = dict(model.named_parameters())
-    renamed = {}
-    for key, value in state.items():
-        if not isinstance(key, str):
-            raise WeightsError(f'{source}: optimizer entry {describe(key)} is not a name')
-        path, _, accumulator = key.partition('/')
-        if not accumulator:   # optimizer-wide entries ('LR_Scheduler' and the like)
-            renamed[key] = value
-            continue
-        if path not in params:
-            raise WeightsError(f'{source}: optimizer state names parameter {describe(path)} the model lacks')
-        param = params[path]
-        if not isinstance(value, np.ndarray) or value.dtype.kind != 'f':
-            raise WeightsError(f'{source}: optimizer entry {describe(key)} is {describe(value)}, '
-                               'expected a float array')
-        if accumulator.startswith('moment') and list(value.shape) != list(param.shape):
-            raise WeightsError(f'{source}: optimizer entry {describe(key)} has shape {list(value.shape)}, '
-                               f'the parameter {list(param.shape)}')
-        if not accumulator.startswith('moment') and value.size != 1:
-            raise WeightsError(f'{source}: optimizer entry {describe(key)} has {value.size} values, expected 1')
-        renamed[f'{param.name}_{accumulator}'] = value
-    optimizer.set_state_dict(renamed)
-
-
-def model_meta(model: CycleNet, args: argparse.Namespace, class_names: List[str]) -> dict:
-    """What evaluate.py, predict.py and export.py need besides the weights."""
-    meta = dict(class_names=list(class_names), data_config=dict(
-        input_size=args.input_size, crop_pct=args.crop_pct, interpolation=args.eval_interpolation))
-    name = variant_name(model.config)
-    return {**meta, 'model_name': name} if name else meta   # custom shapes: from the file
-
-
 def train_step(model: paddle.nn.Layer, ema: Optional[ModelEma], optimizer, scaler: Optional[paddle.amp.GradScaler],
                mixup: Optional[Mixup], images: paddle.Tensor, labels: paddle.Tensor, smoothing: float,
                amp_dtype: Optional[str]) -> paddle.Tensor:
@@ -507,12 +413,8 @@ def train_one_epoch(model: paddle.nn.Layer, ema: Optional[ModelEma], loader, opt
                     scaler: Optional[paddle.amp.GradScaler], erasing: Optional[RandomErasing],
                     mixup: Optional[Mixup], epoch: int, args: argparse.Namespace, amp_dtype: Optional[str],
                     log: Callable[[str], None]) -> Dict[str, float]:
-    """One pass over this rank's shard (random erasing, then the step); returns the mean loss
-    over all ranks and the lr.
-
-    Losses are summed on the device; the host reads them (and checks they are finite) only at
-    log lines and at the end, so the GPU never waits for the CPU in between.
-    """
+    """One pass over this rank's shard; the mean loss over all ranks and the lr. Losses are
+    summed on the device and read (and checked finite) only at log lines: no per-step host sync."""
     model.train()
     world_size = dist.get_world_size()
     total_steps = len(loader)
@@ -521,8 +423,7 @@ def train_one_epoch(model: paddle.nn.Layer, ema: Optional[ModelEma], loader, opt
     for step, (images, labels) in enumerate(iterate(loader)):
         if erasing is not None:
             images = erasing(images)
-        with held_signals():   # Ctrl-C inside Paddle's backward would become Paddle's own error
-            loss = train_step(model, ema, optimizer, scaler, mixup, images, labels, args.smoothing, amp_dtype)
+        loss = train_step(model, ema, optimizer, scaler, mixup, images, labels, args.smoothing, amp_dtype)
         loss_sum = loss_sum + loss
         if step % args.print_freq == 0 or step == total_steps - 1:
             current = paddle.stack([loss, loss_sum])
@@ -543,91 +444,9 @@ def train_one_epoch(model: paddle.nn.Layer, ema: Optional[ModelEma], loader, opt
     return dict(loss=running_sum / total_steps, lr=optimizer.get_lr())
 
 
-def save_checkpoint(path: str, run: Run, epoch: int, best_acc1: float, args: argparse.Namespace) -> None:
-    """Everything resuming needs. The lr schedule is a function of `epoch`; the random state
-    is reseeded from (seed, epoch, rank) every epoch, so neither needs saving."""
-    atomic_save({
-        'model': numpy_state(run.model),
-        'model_ema': numpy_state(run.ema.module) if run.ema is not None else None,
-        'optimizer': optimizer_state(run.optimizer, run.model),
-        'scaler': to_numpy(run.scaler.state_dict()) if run.scaler is not None else None,
-        'epoch': epoch,
-        'best_acc1': best_acc1,
-        'args': vars(args),
-        **model_meta(run.model, args, run.train_set.classes),
-    }, path)
-
-
-def load_checkpoint(path: str, model: CycleNet, ema: Optional[ModelEma], optimizer,
-                    scaler: Optional[paddle.amp.GradScaler]) -> dict:
-    """Restore a checkpoint into the objects, checking its structure first; returns it (for
-    epoch and best_acc1)."""
-    checkpoint = read_checkpoint(path)
-    missing = [key for key in ('model', 'optimizer', 'epoch', 'best_acc1') if key not in checkpoint]
-    if missing:
-        raise WeightsError(f'{path}: not a training checkpoint of train.py (no {", ".join(missing)})')
-    if type(checkpoint['epoch']) is not int or checkpoint['epoch'] < 0:
-        raise WeightsError(f'{path}: epoch is {describe(checkpoint["epoch"])}, expected a count of epochs')
-    best = checkpoint['best_acc1']
-    if type(best) not in (int, float) or not 0 <= best <= 100:
-        raise WeightsError(f'{path}: best_acc1 is {describe(best)}, expected a percentage')
-    load_state(model, check_state(path, checkpoint['model']), source=path)
-    if ema is not None:
-        # A checkpoint of a run without EMA starts the average from the restored weights.
-        ema_state = checkpoint.get('model_ema')
-        load_state(ema.module, check_state(path, ema_state if ema_state is not None else checkpoint['model']),
-                   source=path)
-    load_optimizer_state(optimizer, model, checkpoint['optimizer'], path)
-    if scaler is not None and checkpoint.get('scaler'):
-        if not isinstance(checkpoint['scaler'], dict):
-            raise WeightsError(f'{path}: scaler is {describe(checkpoint["scaler"])}, expected a dict')
-        scaler.load_state_dict(checkpoint['scaler'])
-    return checkpoint
-
-
-def resolve_resume(args: argparse.Namespace, world_size: int) -> Optional[str]:
-    """The checkpoint every rank resumes from: --resume, or for 'auto' OUTPUT/checkpoint.pdckpt
-    if rank 0 sees it. Rank 0 decides for all (the ranks must start at one epoch, or their
-    collective calls wait for each other forever), and a rank that cannot read the file rank 0
-    chose stops every rank with one line (machines without a shared --output-dir)."""
-    path = args.resume
-    if path == 'auto':
-        path = os.path.join(args.output_dir, CHECKPOINT_FILE)
-        found = paddle.to_tensor([int(os.path.isfile(path))])
-        if world_size > 1:
-            dist.broadcast(found, src=0)
-        if not found.item():
-            return None
-    if world_size > 1:
-        missing = paddle.to_tensor([int(not os.path.isfile(path))])
-        dist.all_reduce(missing)
-        if missing.item():
-            raise WeightsError(f'{path}: rank 0 resumes from it but {missing.item()} of {world_size} ranks '
-                               'cannot read it; put --output-dir on a file system every machine shares')
-    return path
-
-
-def prepare_output_dir(args: argparse.Namespace) -> None:
-    """Create --output-dir; with --overwrite remove its run; remove the temporary files that a
-    checkpoint write killed mid-way (SIGKILL) left there."""
-    os.makedirs(args.output_dir, exist_ok=True)
-    if args.overwrite:
-        for name in RUN_FILES:
-            if os.path.exists(os.path.join(args.output_dir, name)):
-                os.remove(os.path.join(args.output_dir, name))
-    for name in (CHECKPOINT_FILE, BEST_FILE):
-        remove_stale_temporaries(os.path.join(args.output_dir, name))
-
-
 def open_visualdl(args: argparse.Namespace):
     from visualdl import LogWriter   # parse_args checked that it is installed
     return LogWriter(logdir=os.path.join(args.output_dir, 'visualdl'))
-
-
-def json_line(entry: dict) -> str:
-    """One log.txt line; a value that is not finite is written as null, so the file stays JSON."""
-    return json.dumps({key: value if not isinstance(value, float) or math.isfinite(value) else None
-                       for key, value in entry.items()}, allow_nan=False)
 
 
 def build_run(args: argparse.Namespace, rank: int, world_size: int, log: Callable[[str], None]) -> Run:
@@ -676,25 +495,6 @@ def evaluate_run(run: Run, args: argparse.Namespace, log: Callable[[str], None])
             run.ema.module, run.val_loader, args.print_freq, run.amp_dtype, log,
             header='Test (EMA):').items() if key != 'images'})
     return stats
-
-
-def changes(checkpoint: dict, args: argparse.Namespace, class_names: List[str]) -> List[str]:
-    """How this run's meaning differs from the checkpoint's: its input size, evaluation
-    transform and class names (a model of other shapes does not load at all)."""
-    recorded = checkpoint.get('data_config') or {}
-    asked = dict(input_size=args.input_size, crop_pct=args.crop_pct, interpolation=args.eval_interpolation)
-    differences = [f'{key} {asked[key]} (the checkpoint: {value})' for key, value in recorded.items()
-                   if key in asked and asked[key] != value]
-    recorded_names, names = checkpoint.get('class_names'), list(class_names)
-    recorded_names = recorded_names if isinstance(recorded_names, list) else None
-    if recorded_names not in (None, names):
-        if len(recorded_names) != len(names):
-            differences.append(f'{len(names)} classes (the checkpoint: {len(recorded_names)})')
-        else:
-            index = next(i for i, (a, b) in enumerate(zip(names, recorded_names)) if a != b)
-            differences.append(f'class {index} is {describe(names[index])} (the checkpoint: '
-                               f'{describe(recorded_names[index])})')
-    return differences
 
 
 def main(args: argparse.Namespace) -> Dict[str, float]:
@@ -762,7 +562,7 @@ def train(args: argparse.Namespace, rank: int, world_size: int, writes_files: bo
             log(f'best acc1 {best_acc1:.2f}%')
         entry.update(n_parameters=count_parameters(run.model), epoch_time=time.time() - epoch_start)
         if writes_files:
-            with held_signals():       # the epoch's files, all of them or none
+            with signals_deferred():       # the epoch's files, all of them or none
                 if improved:
                     write_weights(os.path.join(args.output_dir, BEST_FILE), numpy_state(run.model),
                                   model_meta(run.model, args, run.train_set.classes))

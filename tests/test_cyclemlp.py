@@ -52,7 +52,7 @@ def test_official_logits_from_a_checkpoint_the_official_code_wrote(fast):
 
 
 def test_b1_state_dict_names_and_shapes_follow_the_official_layout():
-    state = cyclemlp.CycleMLP_B1().state_dict()
+    state = cyclemlp.CycleNet(**cyclemlp.ARCHITECTURES['CycleMLP_B1']).state_dict()
     expected = {
         'patch_embed.proj.weight': [64, 3, 7, 7],
         'network.0.0.attn.mlp_c.weight': [64, 64],
@@ -75,7 +75,7 @@ def test_b1_state_dict_names_and_shapes_follow_the_official_layout():
 
 @pytest.mark.parametrize('size', [(224, 224), (160, 256), (97, 131), (32, 32)], ids=str)
 def test_logits_and_stage_maps_for_any_size(size):
-    model = cyclemlp.CycleMLP_B1(num_classes=7)
+    model = cyclemlp.CycleNet(**cyclemlp.ARCHITECTURES['CycleMLP_B1'], num_classes=7)
     model.eval()
     images = paddle.randn([2, 3, *size])
     with paddle.no_grad():
