@@ -1,35 +1,10 @@
-"""CycleMLP's feature backbones for PaddleDetection: importing this module registers the backbone
-class CycleMLPFeat with PaddleDetection (it imports ppdet; nothing else in this repo does).
+"""CycleMLP's feature backbones for PaddleDetection: `import paddledet_backbone` registers the
+backbone class CycleMLPFeat (configs/paddledet/ holds the paper's RetinaNet and Mask R-CNN
+configs; docs/dense.md). Tested with PaddleDetection 2.6.0.
 
-    # before the config is read (configs/launch.py does it for PaddleDetection's tools/*.py):
-    import paddledet_backbone  # noqa: F401
-
-    architecture: RetinaNet
-    RetinaNet:
-      backbone: CycleMLPFeat
-      neck: FPN
-      head: RetinaHead
-    CycleMLPFeat:
-      variant: CycleMLP_B1
-      pretrained: CycleMLP_B1       # ImageNet weights: a file, or the official ones by name
-      fork_last3: true              # RetinaNet uses strides 8, 16, 32 (the official FORK_LAST3=1)
-      return_idx: [1, 2, 3]
-    FPN:
-      out_channel: 256
-      spatial_scales: [0.125, 0.0625, 0.03125]
-      extra_stage: 2
-      has_extra_convs: true
-      use_c5: true
-      relu_before_extra_convs: false
-
-The backbone wraps zoo.create_backbone's model (the official feature model), cut to what
-return_idx uses: the stages after the last returned one are removed and the output norms of the
-stages not returned are identities (as FORK_LAST3 makes the first), so every parameter gets a
-gradient, as paddle.DataParallel with PaddleDetection's find_unused_parameters=False requires.
-`out_shape` gives PaddleDetection the channels and stride of each returned map; forward reads
-inputs['image'].
-The paper's complete configs: configs/paddledet/. Tested with PaddleDetection 2.6.0 on Paddle
-2.6.2 (tests/test_dense_toolkits.py).
+It wraps zoo.create_backbone's model cut to what return_idx uses: later stages are removed and
+the norms of stages not returned are identities (as FORK_LAST3 makes the first), so every
+parameter gets a gradient, as DataParallel with find_unused_parameters=False requires.
 """
 from typing import List, Optional, Sequence
 import zlib  # noqa: F401  before Paddle: Paddle 2.6 bundles a zlib that crashes one loaded after it

@@ -1,23 +1,7 @@
-"""CycleMLP's feature backbones for PaddleSeg: importing this module registers CycleMLP_B1_feat ..
-CycleMLP_B5_feat as PaddleSeg backbones (it imports PaddleSeg; nothing else in this repo does).
-
-    # before the config is read (configs/launch.py does it for PaddleSeg's tools/*.py):
-    import paddleseg_backbone  # noqa: F401
-
-    model:                              # the paper's segmentation model is Semantic FPN;
-      type: PFPNNet                     # PaddleSeg's PFPNNet is the same FPN head
-      backbone:
-        type: CycleMLP_B1_feat
-        pretrained: CycleMLP_B1         # ImageNet weights: a file, or the official ones by name
-      backbone_indices: [0, 1, 2, 3]
-      fpn_inplanes: [64, 128, 320, 512]
-      channels: 256
-      num_classes: 150
-
-A backbone is zoo.create_backbone's model: the official feature model (CycleNet(fork_feat=True)),
-`feat_channels` the widths of its four maps, forward returning them as a list of (B, C, H, W).
-The paper's complete configs: configs/paddleseg/. Tested with PaddleSeg 2.8.0 on Paddle 2.6.2
-(tests/test_dense_toolkits.py).
+"""CycleMLP's feature backbones for PaddleSeg: `import paddleseg_backbone` registers
+CycleMLP_B1_feat .. CycleMLP_B5_feat (zoo.create_backbone's models, `pretrained` a weights file or
+a variant's name for its official ImageNet weights). The paper's Semantic FPN configs, with
+PaddleSeg's PFPNNet head: configs/paddleseg/ (docs/dense.md). Tested with PaddleSeg 2.8.0.
 """
 from typing import Optional
 import zlib  # noqa: F401  before Paddle: Paddle 2.6 bundles a zlib that crashes one loaded after it
