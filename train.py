@@ -30,7 +30,7 @@ from checkpoint import (BEST_FILE, CHECKPOINT_FILE, LOG_FILE, RUN_FILES, changes
                         model_meta, prepare_output_dir, resolve_resume, save_checkpoint)
 from cli import (bounded, init_distributed, loader_args_parser, locked, model_args_parser, signals_deferred,
                  static_if)
-from cyclemlp import CycleNet
+from cyclemlp import MAX_BLOCKS_PER_STAGE, MAX_CHANNELS, MAX_MLP_RATIO, CycleNet
 from data import (DatasetError, ImageDataset, build_dataset, build_loader,
                   check_image_headers, eval_transform, iterate, set_loader_epoch)
 from evaluate import evaluate
@@ -105,12 +105,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group('model')
     group.add_argument('--drop-path', type=bounded(float, 0.0, 1.0, high_open=True), default=0.1,
                        metavar='RATE', help='stochastic depth rate of the last block (default: 0.1)')
-    group.add_argument('--layers', type=bounded(int, 1, 1000), nargs=4, default=None, metavar='N',
+    group.add_argument('--layers', type=bounded(int, 1, MAX_BLOCKS_PER_STAGE), nargs=4, default=None,
+                       metavar='N',
                        help='train a CycleNet with these four stage depths instead of --model; '
                             'needs --embed-dims and --mlp-ratios (default: None)')
-    group.add_argument('--embed-dims', type=bounded(int, 4, 8192), nargs=4, default=None, metavar='C',
+    group.add_argument('--embed-dims', type=bounded(int, 4, MAX_CHANNELS), nargs=4, default=None, metavar='C',
                        help='stage widths of a --layers model, at least 4 (default: None)')
-    group.add_argument('--mlp-ratios', type=bounded(float, 0.0, 64.0, low_open=True), nargs=4,
+    group.add_argument('--mlp-ratios', type=bounded(float, 0.0, MAX_MLP_RATIO, low_open=True), nargs=4,
                        default=None, metavar='R', help='MLP expansion ratios of a --layers model (default: None)')
     group.add_argument('--finetune', default=None, metavar='PATH',
                        help='start from these weights (any file load_model reads, or a model name '
