@@ -19,7 +19,6 @@ from PIL import Image
 import download
 import zoo
 from conftest import REPO_ROOT, photo_like_array
-from cyclemlp import CycleMLP_B1
 from torch_files import paddle_to_torch, write_release
 
 README = (REPO_ROOT / 'README.md').read_text()
@@ -90,7 +89,7 @@ def test_the_readme_commands_run_in_order_in_a_fresh_copy(fresh_copy, tmp_path):
     mirror = tmp_path / 'mirror'
     mirror.mkdir()
     paddle.seed(0)
-    write_release(mirror / 'CycleMLP_B1.pth', paddle_to_torch(zoo.numpy_state(CycleMLP_B1())))
+    write_release(mirror / 'CycleMLP_B1.pth', paddle_to_torch(zoo.numpy_state(zoo.create_model('CycleMLP_B1'))))
     handler = lambda *args: http.server.SimpleHTTPRequestHandler(*args, directory=str(mirror))  # noqa: E731
     server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
     threading.Thread(target=server.serve_forever, kwargs=dict(poll_interval=0.05), daemon=True).start()
