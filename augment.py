@@ -1,17 +1,14 @@
 """The training augmentation of the official recipe: timm's pieces, reimplemented without timm.
 
-The official code (ShoufaChen/CycleMLP `datasets.py`, `main.py`) builds it with timm's
-create_transform and Mixup, as DeiT does:
+As the official code (ShoufaChen/CycleMLP `datasets.py`, `main.py`) has it through timm, as DeiT:
 
-    image  RandomResizedCrop (bicubic) -> horizontal flip -> RandAugment rand-m9-mstd0.5-inc1
-           (or colour jitter 0.4 without RandAugment), in the loader's workers
-    batch  normalise -> random erasing p=0.25 (on the device, as timm's PrefetchLoader does)
-           -> Mixup 0.8 / CutMix 1.0 with label smoothing 0.1 -> soft targets
+    image  RandomResizedCrop (bicubic) -> horizontal flip -> RandAugment rand-m9-mstd0.5-inc1 (colour
+           jitter 0.4 without RandAugment): Pillow in the loader's workers, from a seeded numpy Generator
+    batch  normalise -> random erasing p=0.25 (as timm's PrefetchLoader) -> Mixup 0.8 / CutMix 1.0
+           with label smoothing 0.1 -> soft targets: Paddle ops on the device
 
-Per-image work is numpy and Pillow drawing from an explicit numpy Generator, so a seed reproduces
-an augmentation exactly (the tests check each piece against timm's formulas); batch work is Paddle
-ops on the device. Not reproduced: AutoAugment/AugMix, and Mixup's per-element and per-pair modes
-(the recipe mixes per batch).
+The tests check each piece against timm's formulas. Not reproduced: AutoAugment/AugMix, and
+Mixup's per-element and per-pair modes (the recipe mixes per batch).
 """
 import math
 import re
@@ -23,7 +20,7 @@ import paddle
 import paddle.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
 
-from data import _RESAMPLING, IMAGENET_MEAN, INTERPOLATIONS, check_interpolation, to_chw
+from data import _RESAMPLING, IMAGENET_MEAN, INTERPOLATIONS, to_chw
 
 _TRANSFORM = getattr(Image, 'Transform', Image)   # Pillow 9.1 renamed its enums (see data._RESAMPLING)
 # timm's 'random' interpolation draws one of these per call.
@@ -54,13 +51,12 @@ def _resample(interpolation: str, rng: np.random.Generator) -> int:
 
 
 def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
-                            scale: Tuple[float, float] = RRC_SCALE,
-                            ratio: Tuple[float, float] = RRC_RATIO) -> Tuple[int, int, int, int]:
+                            scale: Tuple[float, float] = RRC_SCALE) -> Tuple[int, int, int, int]:
     """(top, left, crop_height, crop_width) of timm's RandomResizedCrop: ten tries of an area
-    fraction uniform in `scale` and a log-uniform aspect ratio in `ratio`; if none fits, a central
-    crop of the whole image with its aspect ratio clamped into `ratio`."""
+    fraction uniform in `scale` and a log-uniform aspect ratio in RRC_RATIO; if none fits, a
+    central crop of the whole image with its aspect ratio clamped into RRC_RATIO."""
     area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    log_ratio = (math.log(RRC_RATIO[0]), math.log(RRC_RATIO[1]))
     for _ in range(RRC_ATTEMPTS):
         target_area = rng.uniform(*scale) * area
         aspect = math.exp(rng.uniform(*log_ratio))
@@ -71,9 +67,9 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
             top = int(rng.integers(0, height - crop_height + 1))
             left = int(rng.integers(0, width - crop_width + 1))
             return top, left, crop_height, crop_width
-    # The aspect ratio clamped into `ratio`, as timm's fallback.
-    crop_width = min(width, int(round(height * max(ratio))))
-    crop_height = min(height, int(round(width / min(ratio))))
+    # The aspect ratio clamped into RRC_RATIO, as timm's fallback.
+    crop_width = min(width, int(round(height * max(RRC_RATIO))))
+    crop_height = min(height, int(round(width / min(RRC_RATIO))))
     return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
 
 
@@ -136,23 +132,20 @@ _OPS = {
     'Solarize': (ImageOps.solarize, lambda level, rng: (min(256, int(level * 256)),)),
     'SolarizeIncreasing': (ImageOps.solarize, lambda level, rng: (256 - min(256, int(level * 256)),)),
     'SolarizeAdd': (_solarize_add, lambda level, rng: (min(128, int(level * 110)),)),
-    'Color': (_enhance(ImageEnhance.Color), _enhance_level),
-    'ColorIncreasing': (_enhance(ImageEnhance.Color), _enhance_increasing_level),
-    'Contrast': (_enhance(ImageEnhance.Contrast), _enhance_level),
-    'ContrastIncreasing': (_enhance(ImageEnhance.Contrast), _enhance_increasing_level),
-    'Brightness': (_enhance(ImageEnhance.Brightness), _enhance_level),
-    'BrightnessIncreasing': (_enhance(ImageEnhance.Brightness), _enhance_increasing_level),
-    'Sharpness': (_enhance(ImageEnhance.Sharpness), _enhance_level),
-    'SharpnessIncreasing': (_enhance(ImageEnhance.Sharpness), _enhance_increasing_level),
     'Rotate': (lambda img, degrees, fill, resample: img.rotate(degrees, resample=resample, fillcolor=fill),
                lambda level, rng: _signed(level * 30.0, rng)),
-    'ShearX': (_affine(lambda img, factor: (1, factor, 0, 0, 1, 0)), lambda level, rng: _signed(level * 0.3, rng)),
-    'ShearY': (_affine(lambda img, factor: (1, 0, 0, factor, 1, 0)), lambda level, rng: _signed(level * 0.3, rng)),
+    'ShearX': (_affine(lambda img, factor: (1, factor, 0, 0, 1, 0)),
+               lambda level, rng: _signed(level * 0.3, rng)),
+    'ShearY': (_affine(lambda img, factor: (1, 0, 0, factor, 1, 0)),
+               lambda level, rng: _signed(level * 0.3, rng)),
     'TranslateXRel': (_affine(lambda img, pct: (1, 0, pct * img.width, 0, 1, 0)),
                       lambda level, rng: _signed(level * 0.45, rng)),
     'TranslateYRel': (_affine(lambda img, pct: (1, 0, 0, 0, 1, pct * img.height)),
                       lambda level, rng: _signed(level * 0.45, rng)),
 }
+_OPS.update({name + variant: (_enhance(getattr(ImageEnhance, name)), level)   # Color, ColorIncreasing, ...
+             for name in ('Color', 'Contrast', 'Brightness', 'Sharpness')
+             for variant, level in (('', _enhance_level), ('Increasing', _enhance_increasing_level))})
 GEOMETRIC_OPS = ('Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel')
 RA_TRANSFORMS = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize', 'SolarizeAdd',
                  'Color', 'Contrast', 'Brightness', 'Sharpness', 'ShearX', 'ShearY', 'TranslateXRel',
@@ -220,15 +213,16 @@ def rand_augment(policy: Optional[str], interpolation: str = 'bicubic') -> Optio
     for section in sections[1:]:
         match = re.fullmatch(r'([a-z]+)(\d+(?:\.\d*)?)', section)
         if match is None or match[1] not in settings:
-            raise ValueError(f'cannot parse section {section!r} of policy {policy!r}: expected m, n, p, '
-                             'mstd, mmax or inc and a number')
+            raise ValueError(f'unknown section {section!r} of policy {policy!r}: expected m, n, p, mstd, '
+                             'mmax or inc with a number')
         key, value = match.groups()
         if isinstance(settings[key], int) and not value.isdigit():
             raise ValueError(f'section {section!r} of policy {policy!r} needs an integer')
         settings[key] = type(settings[key])(value)
     magnitude_std = math.inf if settings['mstd'] > RA_UNIFORM_MSTD else settings['mstd']
-    return RandAugment(RA_INCREASING_TRANSFORMS if settings['inc'] else RA_TRANSFORMS, settings['m'],
-                       settings['n'], settings['p'], magnitude_std, settings['mmax'], interpolation=interpolation)
+    names = RA_INCREASING_TRANSFORMS if settings['inc'] else RA_TRANSFORMS
+    return RandAugment(names, settings['m'], settings['n'], settings['p'], magnitude_std, settings['mmax'],
+                       interpolation=interpolation)
 
 
 def erase_boxes(rng: np.random.Generator, height: int, width: int, prob: float,
@@ -258,11 +252,10 @@ class RandomErasing:
     """timm's RandomErasing on a normalised batch on the device, as timm's PrefetchLoader applies
     it: boxes drawn per image on the host (erase_boxes, numpy seeded with `seed`), filled with
     per-pixel standard normal noise ('pixel'), one normal value per channel ('rand') or 0
-    ('const'), drawn on the device from Paddle's generator (paddle.seed)."""
+    ('const'), drawn on the device from Paddle's generator (paddle.seed). The settings come
+    checked, as all here, from train.py's flags."""
 
     def __init__(self, prob: float, mode: str = 'pixel', max_count: int = 1, seed: int = 0) -> None:
-        if mode not in ('pixel', 'rand', 'const'):
-            raise ValueError(f'random erasing mode {mode!r} is not pixel, rand or const')
         self.prob, self.mode, self.max_count = prob, mode, max_count
         self.rng = np.random.default_rng(seed)
 
@@ -273,7 +266,7 @@ class RandomErasing:
             for top, left, box_height, box_width in erase_boxes(self.rng, height, width, self.prob,
                                                                 self.max_count):
                 shape = [channels, box_height, box_width] if self.mode == 'pixel' else [channels, 1, 1]
-                fill = paddle.zeros(shape, images.dtype) if self.mode == 'const' else paddle.randn(shape, images.dtype)
+                fill = (paddle.zeros if self.mode == 'const' else paddle.randn)(shape, images.dtype)
                 images[index, :, top:top + box_height, left:left + box_width] = fill.expand(
                     [channels, box_height, box_width])
         return images
@@ -286,7 +279,6 @@ class TrainTransform:
     def __init__(self, input_size: int, auto_augment: Optional[str], color_jitter_strength: float,
                  interpolation: str = 'bicubic', crop_scale: Tuple[float, float] = RRC_SCALE,
                  hflip: float = HFLIP_PROB) -> None:
-        check_interpolation(interpolation, allow_random=True)
         self.input_size, self.interpolation = input_size, interpolation
         self.crop_scale, self.hflip = tuple(crop_scale), hflip
         self.rand_augment = rand_augment(auto_augment, interpolation)
@@ -323,21 +315,18 @@ def smooth_one_hot(labels: paddle.Tensor, num_classes: int, smoothing: float) ->
 
 class Mixup:
     """timm's Mixup / CutMix in mode 'batch' with correct_lam: one lambda for the whole batch,
-    image i mixed with image B - 1 - i.
+    image i mixed with image B - 1 - i (B even, and an alpha > 0: train.py checks both).
 
     Per batch: with probability `prob` mix, choosing CutMix with probability `switch_prob` (when
     both alphas are > 0); lambda ~ Beta(alpha, alpha). CutMix pastes a box of about
-    (1 - lambda) * H * W, clipped at the borders, and lambda becomes the exact unpasted fraction.
-    Targets are lambda * y + (1 - lambda) * y_mirrored with label-smoothed one-hot y. Lambda and
-    the box are drawn on the host from numpy seeded with `seed` (pass one per rank); the mixing is
-    Paddle ops.
+    (1 - lambda) * H * W, clipped at the borders; lambda becomes the exact unpasted fraction.
+    Targets mix label-smoothed one-hot labels alike. Lambda and the box are drawn on the host from
+    numpy seeded with `seed` (one per rank); the mixing is Paddle ops.
     """
 
     def __init__(self, num_classes: int, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0,
                  prob: float = 1.0, switch_prob: float = 0.5, label_smoothing: float = 0.1,
                  seed: int = 0) -> None:
-        if mixup_alpha <= 0 and cutmix_alpha <= 0:
-            raise ValueError('Mixup needs mixup_alpha > 0 or cutmix_alpha > 0')
         self.num_classes, self.mixup_alpha, self.cutmix_alpha = num_classes, mixup_alpha, cutmix_alpha
         self.prob, self.switch_prob, self.label_smoothing = prob, switch_prob, label_smoothing
         self.rng = np.random.default_rng(seed)
@@ -364,10 +353,7 @@ class Mixup:
 
     def __call__(self, images: paddle.Tensor, labels: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor]:
         """images [B, C, H, W] float, labels [B] int64 -> (mixed images, [B, K] float32 targets)."""
-        batch_size, _, height, width = images.shape
-        if batch_size % 2:
-            raise ValueError(f'Mixup needs an even batch size, got {batch_size}; '
-                             'use an even --batch-size (training drops the last partial batch)')
+        _, _, height, width = images.shape
         lam, use_cutmix = self.draw()
         mirrored = paddle.flip(images, axis=[0])
         if lam == 1.0:

@@ -35,15 +35,13 @@ _RESAMPLING = getattr(Image, 'Resampling', Image)
 INTERPOLATIONS = {name: getattr(_RESAMPLING, name.upper()) for name in INTERPOLATION_NAMES}
 
 # Every extension Pillow can open (not only save), compared lower-case.
-IMAGE_EXTENSIONS = frozenset(
-    ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN
-)
+IMAGE_EXTENSIONS = frozenset(ext.lower() for ext, image_format in Image.registered_extensions().items()
+                             if image_format in Image.OPEN)
 
 # What a broken image file can raise while Pillow opens, decodes or converts it
 # (UnidentifiedImageError and truncation are OSErrors; some plugins raise the others).
-UNREADABLE_IMAGE_ERRORS = (
-    OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError,
-)
+UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error,
+                           Image.DecompressionBombError)
 MAX_CLASSES = 100_000      # labels of a list file (ImageNet-21k has 21,841 classes)
 # Give up when this many consecutive training samples cannot be read: the data is broken.
 MAX_CONSECUTIVE_UNREADABLE = 100
@@ -67,11 +65,9 @@ def open_image(path: str) -> Image.Image:
 
 def load_image(path: str, exif_orientation: bool = False) -> Image.Image:
     """The image file decoded fully into 8-bit RGB; one of UNREADABLE_IMAGE_ERRORS if it cannot be.
-
-    The EXIF orientation is ignored unless asked for, as by the official loader (torchvision's
-    ImageFolder: open, convert to RGB), so accuracies reproduce; predict.py asks for it, so a phone
-    photo is seen the way up a person sees it. Alpha is dropped, as torchvision's loader does.
-    """
+    The EXIF orientation is ignored, as by the official loader (torchvision's ImageFolder: open,
+    convert to RGB, alpha dropped) so accuracies reproduce, unless asked for (predict.py: a phone
+    photo is seen the way up a person sees it)."""
     with open_image(path) as img:
         img.load()  # decode now, so a truncated file fails here rather than in a transform
         if exif_orientation:
@@ -86,23 +82,19 @@ def load_image(path: str, exif_orientation: bool = False) -> Image.Image:
 
 
 class ImageDataset(paddle.io.Dataset):
-    """(path, label) samples decoded by load_image and passed through transform(img, rng):
-    (uint8 CHW array, int64 label).
+    """(path, label) samples through load_image and transform(img, rng): (uint8 CHW, int64 label).
 
-    Training asks for (index, key) as TrainBatchSampler gives it: the transform's generator is
-    seeded with key = (run seed, rank, epoch, position), so an augmentation never depends on which
-    worker loads it. With `skip_unreadable` (training) a broken file is warned about once and the
-    next sample is used; the flags behind `skipped` are shared memory made here, in the parent, so
-    the count covers every worker and epoch. Without it (evaluation) a broken file is a
-    DatasetError, because a metric that silently drops images is wrong.
+    Training asks for (index, key) (TrainBatchSampler): the generator seeded with the key makes an
+    augmentation independent of the worker that loads it. With `skip_unreadable` (training) a broken
+    file is warned about once and the next sample used, counted in `skipped` by flags in shared
+    memory made here, in the parent, to cover every worker. Without it (evaluation) it is a
+    DatasetError: a metric that silently drops images is wrong.
     """
 
     def __init__(self, samples: List[Tuple[str, int]], classes: List[str], transform: Callable,
                  skip_unreadable: bool) -> None:
         super().__init__()
-        self.samples = samples
-        self.classes = classes
-        self.transform = transform
+        self.samples, self.classes, self.transform = samples, classes, transform
         self.skip_unreadable = skip_unreadable
         self._unreadable_flags = multiprocessing.RawArray('b', len(samples))
 
@@ -171,7 +163,8 @@ def _train_classes(args) -> Optional[List[str]]:
 
 
 def _class_folders(root: str) -> List[str]:
-    return sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith('.'))
+    return sorted(entry.name for entry in os.scandir(root)
+                  if entry.is_dir() and not entry.name.startswith('.'))
 
 
 def is_regular_file(path: str) -> bool:
@@ -183,12 +176,9 @@ def is_regular_file(path: str) -> bool:
 
 
 def scan_image_folder(root: str) -> Tuple[List[Tuple[str, int]], List[str]]:
-    """(path, class index) for every image under root/<class>/ (recursively), and the class names.
-
-    Class index = position of the folder name in sorted order, as torchvision's ImageFolder. Images
-    are regular files (or links to one) with an extension Pillow opens; links to folders are not
-    followed, so a link loop cannot multiply or hang the scan.
-    """
+    """(path, class index) for every image under root/<class>/ (recursively), and the sorted class
+    names, as torchvision's ImageFolder. Images are regular files (or links to one) with an extension
+    Pillow opens; links to folders are not followed, so a link loop cannot multiply or hang the scan."""
     if not os.path.isdir(root):
         raise DatasetError(f'image folder {root} does not exist')
     classes = _class_folders(root)
@@ -238,12 +228,6 @@ def read_list_file(list_path: str, data_path: str, check_files: bool = True) -> 
     return samples
 
 
-def check_interpolation(name: str, allow_random: bool) -> None:
-    allowed = sorted(INTERPOLATIONS) + (['random'] if allow_random else [])
-    if name not in allowed:
-        raise ValueError(f'interpolation {name!r} is not one of {allowed}')
-
-
 def to_chw(img: Image.Image) -> np.ndarray:
     """RGB image -> uint8 (3, H, W): what workers send (a quarter of float32's shared memory);
     `normalize` runs on the batch, on the device."""
@@ -254,7 +238,7 @@ def normalize(images):
     """uint8 (..., 3, H, W) -> float32 in [0, 1] normalised with the ImageNet mean and std; a numpy
     array gives a numpy array, a Paddle tensor stays on its device."""
     if isinstance(images, np.ndarray):
-        mean, std = (np.asarray(values, np.float32).reshape(3, 1, 1) for values in (IMAGENET_MEAN, IMAGENET_STD))
+        mean, std = (np.array(values, np.float32).reshape(3, 1, 1) for values in (IMAGENET_MEAN, IMAGENET_STD))
         return (images.astype(np.float32) / np.float32(255.0) - mean) / std
     # The constants are filled on the device: a copy from the host would wait for the device.
     mean, std = (paddle.concat([paddle.full([1, 1, 1], value, 'float32') for value in values])
@@ -275,19 +259,16 @@ def shorter_side_target(width: int, height: int, size: int) -> Tuple[int, int]:
 
 class EvalTransform:
     """torchvision's Resize(floor(input_size / crop_pct)) and CenterCrop(input_size): PIL RGB image
-    -> uint8 (3, S, S); `rng` is accepted so datasets call every transform alike."""
+    -> uint8 (3, S, S); `rng` is accepted so datasets call every transform alike. The settings
+    come checked (cli.py's flags, weights.check_data_config for recorded ones)."""
 
     def __init__(self, input_size: int, crop_pct: float, interpolation: str) -> None:
-        check_interpolation(interpolation, allow_random=False)
-        if not 0 < crop_pct <= 1:
-            raise ValueError(f'crop_pct must be in (0, 1], got {crop_pct}')
-        self.input_size = input_size
-        self.resize_size = math.floor(input_size / crop_pct)
-        self.interpolation = interpolation
+        self.input_size, self.resize_size = input_size, math.floor(input_size / crop_pct)
+        self.resample = INTERPOLATIONS[interpolation]
 
     def __call__(self, img: Image.Image, rng: Optional[np.random.Generator] = None) -> np.ndarray:
         if min(img.size) != self.resize_size:
-            img = img.resize(shorter_side_target(*img.size, self.resize_size), INTERPOLATIONS[self.interpolation])
+            img = img.resize(shorter_side_target(*img.size, self.resize_size), self.resample)
         top = int(round((img.height - self.input_size) / 2.0))
         left = int(round((img.width - self.input_size) / 2.0))
         return to_chw(img.crop((left, top, left + self.input_size, top + self.input_size)))
@@ -312,15 +293,13 @@ def check_image_headers(dataset: ImageDataset) -> None:
 
 
 class TrainBatchSampler:
-    """One rank's training batches for `epoch` (set it before each epoch), each sample as
-    (index, key): key = (seed, rank, epoch, position in this rank's epoch) seeds its augmentation.
+    """One rank's full training batches for `epoch`, each sample as (index, key): the key (seed,
+    rank, epoch, position in this rank's epoch) seeds its augmentation, so resumes are exact.
 
-    The order is DeiT's RASampler: a permutation seeded with seed + epoch, each index `repeats`
-    times in a row, padded from its start to a multiple of the ranks and dealt by striding (rank r
-    takes positions r, r + R, ...), so the copies of an image land on different ranks. With
-    repeats, each rank keeps floor((N // 256) * 256 / R) samples, DeiT's rule that keeps an epoch
-    about N samples long, not 3N; without, or below 256 images, ceil(N / R). Every rank gets equal
-    counts; the last partial batch is dropped.
+    DeiT's RASampler: a permutation seeded with seed + epoch, each index `repeats` times in a row,
+    padded from its start to a multiple of R ranks and dealt by striding, so the copies of an image
+    land on different ranks. With repeats each rank keeps floor((N // 256) * 256 / R) samples (DeiT's
+    rule: an epoch stays about N samples long, not 3N); without, or below 256 images, ceil(N / R).
     """
 
     def __init__(self, dataset_size: int, batch_size: int, num_replicas: int, rank: int, seed: int,
@@ -347,16 +326,12 @@ class TrainBatchSampler:
 
 
 class InProcessLoader:
-    """The batches paddle.io.DataLoader(num_workers=0) would give, loaded in the calling thread.
-
-    Paddle's single-process loader runs the dataset in a reader thread, and an exception there
-    (an unreadable validation image) ends that thread while the training loop waits for its
-    next batch forever (seen with Paddle 3.3). Here the exception reaches the caller.
-    """
+    """paddle.io.DataLoader(num_workers=0)'s batches, loaded in the calling thread: Paddle's runs
+    the dataset in a reader thread, and an exception there (an unreadable validation image) ends
+    that thread while the loop waits for its next batch forever (Paddle 3.3)."""
 
     def __init__(self, dataset: ImageDataset, batch_sampler) -> None:
-        self.dataset = dataset
-        self.batch_sampler = batch_sampler
+        self.dataset, self.batch_sampler = dataset, batch_sampler
 
     def __iter__(self):
         for indices in self.batch_sampler:
@@ -370,14 +345,10 @@ class InProcessLoader:
 def build_loader(dataset: ImageDataset, is_train: bool, batch_size: int, num_workers: int = 0,
                  num_replicas: int = 1, rank: int = 0, seed: int = 0,
                  repeated_aug: bool = True) -> Union[paddle.io.DataLoader, InProcessLoader]:
-    """This rank's batches of (uint8 [B, 3, S, S], int64 [B]) tensors, to pass through `iterate`;
-    worker processes, or in this process when num_workers is 0.
-
-    Training: TrainBatchSampler (repeated augmentation x3 unless `repeated_aug` is off); call
-    `set_loader_epoch` before each epoch. Evaluation: rank r takes indices r, r + R, ... in order,
-    so every image is seen once; ranks may differ by one sample (and batch), so reduce the metric
-    sums after the loop, not per batch.
-    """
+    """This rank's batches of (uint8 [B, 3, S, S], int64 [B]) tensors for `iterate`, from worker
+    processes (none when num_workers is 0). Training: TrainBatchSampler; call `set_loader_epoch`
+    before each epoch. Evaluation: rank r takes indices r, r + R, ... so every image is seen once;
+    ranks may differ by one sample, so reduce the metric sums after the loop, not per batch."""
     if not 0 <= rank < num_replicas:
         raise ValueError(f'rank {rank} is not in [0, {num_replicas})')
     if is_train:

@@ -63,8 +63,8 @@ def test_rand_augment_policy_parsing():
 
 @pytest.mark.parametrize("policy, message", [
     ("auto-m9", "must start with 'rand'"),
-    ("rand-q3", "cannot parse section 'q3'"),
-    ("rand-mx", "cannot parse section 'mx'"),
+    ("rand-q3", "unknown section 'q3' of policy 'rand-q3'"),
+    ("rand-mx", "unknown section 'mx'"),
     ("rand-m9.5", "section 'm9.5' .* needs an integer"),
     ("rand-n2.0", "section 'n2.0' .* needs an integer"),
 ])
@@ -334,5 +334,3 @@ def test_mixup_switches_modes_and_checks_batch_size():
     mixed, targets = never(images_t, labels_t)
     assert np.array_equal(mixed.numpy(), images)
     np.testing.assert_allclose(targets.numpy()[1], [0.02, 0.92, 0.02, 0.02, 0.02], rtol=1e-6)
-    with pytest.raises(ValueError, match="even batch size"):
-        mixup(paddle.zeros([3, 3, 4, 4]), paddle.to_tensor(np.zeros(3, np.int64)))
