@@ -155,8 +155,7 @@ RA_INCREASING_TRANSFORMS = tuple(name + 'Increasing' if name + 'Increasing' in _
 
 
 def op_arguments(name: str, magnitude: float, rng: np.random.Generator) -> tuple:
-    """Arguments of RandAugment op `name` at `magnitude` (0..10 scale), as timm computes them;
-    `rng` draws the random sign of the signed ops."""
+    """timm's arguments of op `name` at `magnitude` (0..10); `rng` draws the sign of signed ops."""
     return _OPS[name][1](magnitude / LEVEL_DENOM, rng)
 
 
@@ -167,10 +166,9 @@ class RandAugment:
 
     def __init__(self, names: Sequence[str], magnitude: float, num_ops: int = 2, prob: float = 0.5,
                  magnitude_std: float = 0.0, magnitude_max: float = LEVEL_DENOM,
-                 fill: Tuple[int, int, int] = MEAN_FILL, interpolation: str = 'bicubic') -> None:
-        self.names, self.magnitude, self.num_ops, self.prob = names, magnitude, num_ops, prob
-        self.magnitude_std, self.magnitude_max = magnitude_std, magnitude_max
-        self.fill, self.interpolation = fill, interpolation
+                 interpolation: str = 'bicubic') -> None:
+        self.names, self.num_ops, self.prob, self.interpolation = names, num_ops, prob, interpolation
+        self.magnitude, self.magnitude_std, self.magnitude_max = magnitude, magnitude_std, magnitude_max
 
     def sample_magnitude(self, rng: np.random.Generator) -> float:
         magnitude = self.magnitude
@@ -186,7 +184,7 @@ class RandAugment:
             return img
         args = op_arguments(name, self.sample_magnitude(rng), rng)
         if name in GEOMETRIC_OPS:
-            return _OPS[name][0](img, *args, fill=self.fill, resample=_resample(self.interpolation, rng))
+            return _OPS[name][0](img, *args, fill=MEAN_FILL, resample=_resample(self.interpolation, rng))
         return _OPS[name][0](img, *args)
 
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -299,8 +297,7 @@ class TrainTransform:
 
 
 def train_transform(args) -> TrainTransform:
-    """TrainTransform from train.py's flags (timm's): input_size, aa, color_jitter,
-    train_interpolation, scale and hflip; random erasing (reprob, remode, recount) is on the batch."""
+    """TrainTransform from train.py's flags (timm's; random erasing follows on the batch)."""
     return TrainTransform(args.input_size, args.aa, args.color_jitter, args.train_interpolation,
                           args.scale, args.hflip)
 
@@ -308,9 +305,7 @@ def train_transform(args) -> TrainTransform:
 def smooth_one_hot(labels: paddle.Tensor, num_classes: int, smoothing: float) -> paddle.Tensor:
     """[B] int64 labels -> [B, num_classes] float32 targets: 1 - smoothing + smoothing / K on
     the label, smoothing / K elsewhere (timm's mixup_target values)."""
-    off_value = smoothing / num_classes
-    on_value = 1.0 - smoothing + off_value
-    return F.one_hot(labels, num_classes) * (on_value - off_value) + off_value
+    return F.one_hot(labels, num_classes) * (1.0 - smoothing) + smoothing / num_classes
 
 
 class Mixup:

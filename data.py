@@ -238,7 +238,8 @@ def normalize(images):
     """uint8 (..., 3, H, W) -> float32 in [0, 1] normalised with the ImageNet mean and std; a numpy
     array gives a numpy array, a Paddle tensor stays on its device."""
     if isinstance(images, np.ndarray):
-        mean, std = (np.array(values, np.float32).reshape(3, 1, 1) for values in (IMAGENET_MEAN, IMAGENET_STD))
+        mean = np.array(IMAGENET_MEAN, np.float32).reshape(3, 1, 1)
+        std = np.array(IMAGENET_STD, np.float32).reshape(3, 1, 1)
         return (images.astype(np.float32) / np.float32(255.0) - mean) / std
     # The constants are filled on the device: a copy from the host would wait for the device.
     mean, std = (paddle.concat([paddle.full([1, 1, 1], value, 'float32') for value in values])

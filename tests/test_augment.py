@@ -53,11 +53,11 @@ def pixels(img):
 def test_rand_augment_policy_parsing():
     def settings(policy):
         ra = augment.rand_augment(policy)
-        return (list(ra.names), ra.num_ops, ra.magnitude, ra.magnitude_std, ra.magnitude_max, ra.prob, ra.fill)
+        return (list(ra.names), ra.num_ops, ra.magnitude, ra.magnitude_std, ra.magnitude_max, ra.prob)
 
-    assert settings("rand-m9-mstd0.5-inc1") == (TIMM_INCREASING_OPS, 2, 9, 0.5, 10, 0.5, FILL)
-    assert settings("rand-m7-n3-mstd101-mmax20-inc0-p0.3") == (TIMM_PLAIN_OPS, 3, 7, math.inf, 20, 0.3, FILL)
-    assert settings("rand") == (TIMM_PLAIN_OPS, 2, 10, 0.0, 10, 0.5, FILL)
+    assert settings("rand-m9-mstd0.5-inc1") == (TIMM_INCREASING_OPS, 2, 9, 0.5, 10, 0.5)
+    assert settings("rand-m7-n3-mstd101-mmax20-inc0-p0.3") == (TIMM_PLAIN_OPS, 3, 7, math.inf, 20, 0.3)
+    assert settings("rand") == (TIMM_PLAIN_OPS, 2, 10, 0.0, 10, 0.5)
     assert augment.rand_augment("none") is None and augment.rand_augment("") is None
 
 
