@@ -141,7 +141,7 @@ def write_broken(path, kind):
     elif kind == "not an image":
         open(path, "w").write("this is not an image")
     else:
-        Image.new("RGB", (2_000_000, 1)).save(path, format="PNG")
+        Image.new("RGB", (300_000, 1)).save(path, format="PNG")   # resizes to 18 x 5.4M: too many pixels
     return str(path)
 
 
@@ -194,7 +194,7 @@ def test_augmentations_depend_on_the_sample_not_on_the_worker(tmp_path):
 
 @pytest.mark.parametrize("kind, reason, workers", [
     ("truncated", "image file is truncated", 0),
-    ("elongated", r"a 2000000x1 image resizes to .* over Pillow's MAX_IMAGE_PIXELS", 0),
+    ("elongated", r"a 300000x1 image resizes to .* over Pillow's MAX_IMAGE_PIXELS", 0),
     # Through a worker process: data.iterate relies on Paddle re-raising a worker's exception,
     # with its type and its traceback as the message, in a loader thread; this fails if that changes.
     ("not an image", "cannot identify image file '{bad}'$", 1),
@@ -273,7 +273,7 @@ def _flat_train(root):
      r"val.txt: label 7 of .*b_0.png is not a training class \(training has 2 classes\)"),
 ])
 def test_dataset_errors_name_the_file_and_line(make_image_folder, is_train, change, lists, message):
-    root = make_image_folder(classes=("a", "b"), train_per_class=2, val_per_class=1)
+    root = make_image_folder(classes=("a", "b"), train_per_class=1, val_per_class=1, size=(8, 8))
     if change:
         change(root)
     paths = {}
