@@ -197,9 +197,8 @@ def rand_augment(policy: Optional[str], interpolation: str = 'bicubic') -> Optio
     """RandAugment from a timm policy string such as 'rand-m9-mstd0.5-inc1'; None for '' or 'none'.
 
     Sections after 'rand': m magnitude (default 10), n ops per image (2), p probability of each op
-    (0.5), mstd magnitude noise std (0; above 100 means uniform), mmax magnitude clip (10), inc 1
-    for the increasing-severity ops (0). `interpolation` filters the geometric ops ('random' draws
-    per op, as timm). timm takes any 'inc' value, even inc0, as on (it tests the string); here
+    (0.5), mstd magnitude noise std (0; above 100: uniform), mmax magnitude clip (10), inc 1 for the
+    increasing-severity ops (0). timm takes any 'inc', even inc0, as on (it tests the string); here
     inc0 is off, as its documentation intends.
     """
     if not policy or policy.lower() == 'none':
@@ -223,46 +222,43 @@ def rand_augment(policy: Optional[str], interpolation: str = 'bicubic') -> Optio
                        interpolation=interpolation)
 
 
-def erase_boxes(rng: np.random.Generator, height: int, width: int, prob: float,
-                max_count: int = 1) -> List[Tuple[int, int, int, int]]:
-    """timm's RandomErasing boxes (top, left, height, width) for one image: with probability
-    `prob`, 1..max_count boxes, each of area fraction uniform in ERASE_AREA (divided by the count)
-    and log-uniform aspect ratio in [0.3, 1/0.3], ten tries each."""
-    if rng.random() > prob:
-        return []
-    count = max_count if max_count == 1 else int(rng.integers(1, max_count + 1))
-    log_aspect = (math.log(ERASE_MIN_ASPECT), math.log(1.0 / ERASE_MIN_ASPECT))
-    boxes = []
-    for _ in range(count):
-        for _ in range(ERASE_ATTEMPTS):
-            target_area = rng.uniform(*ERASE_AREA) * height * width / count
-            aspect = math.exp(rng.uniform(*log_aspect))
-            box_height = int(round(math.sqrt(target_area * aspect)))
-            box_width = int(round(math.sqrt(target_area / aspect)))
-            if box_width < width and box_height < height:
-                boxes.append((int(rng.integers(0, height - box_height + 1)),
-                              int(rng.integers(0, width - box_width + 1)), box_height, box_width))
-                break
-    return boxes
-
-
 class RandomErasing:
     """timm's RandomErasing on a normalised batch on the device, as timm's PrefetchLoader applies
-    it: boxes drawn per image on the host (erase_boxes, numpy seeded with `seed`), filled with
-    per-pixel standard normal noise ('pixel'), one normal value per channel ('rand') or 0
-    ('const'), drawn on the device from Paddle's generator (paddle.seed). The settings come
-    checked, as all here, from train.py's flags."""
+    it: boxes drawn per image on the host (numpy seeded with `seed`), filled with per-pixel
+    standard normal noise ('pixel'), one normal value per channel ('rand') or 0 ('const'), drawn
+    on the device from Paddle's generator (paddle.seed). Settings come checked from train.py."""
 
     def __init__(self, prob: float, mode: str = 'pixel', max_count: int = 1, seed: int = 0) -> None:
         self.prob, self.mode, self.max_count = prob, mode, max_count
         self.rng = np.random.default_rng(seed)
 
+    def boxes(self, height: int, width: int) -> List[Tuple[int, int, int, int]]:
+        """(top, left, height, width) of one image's boxes: with probability `prob`, 1..max_count,
+        each of area fraction uniform in ERASE_AREA (over the count) and log-uniform aspect ratio
+        in [0.3, 1/0.3], ten tries each."""
+        rng = self.rng
+        if rng.random() > self.prob:
+            return []
+        count = self.max_count if self.max_count == 1 else int(rng.integers(1, self.max_count + 1))
+        log_aspect = (math.log(ERASE_MIN_ASPECT), math.log(1.0 / ERASE_MIN_ASPECT))
+        boxes = []
+        for _ in range(count):
+            for _ in range(ERASE_ATTEMPTS):
+                target_area = rng.uniform(*ERASE_AREA) * height * width / count
+                aspect = math.exp(rng.uniform(*log_aspect))
+                box_height = int(round(math.sqrt(target_area * aspect)))
+                box_width = int(round(math.sqrt(target_area / aspect)))
+                if box_width < width and box_height < height:
+                    boxes.append((int(rng.integers(0, height - box_height + 1)),
+                                  int(rng.integers(0, width - box_width + 1)), box_height, box_width))
+                    break
+        return boxes
+
     def __call__(self, images: paddle.Tensor) -> paddle.Tensor:
         """images (B, C, H, W), erased in place; returns it."""
         batch, channels, height, width = images.shape
         for index in range(batch):
-            for top, left, box_height, box_width in erase_boxes(self.rng, height, width, self.prob,
-                                                                self.max_count):
+            for top, left, box_height, box_width in self.boxes(height, width):
                 shape = [channels, box_height, box_width] if self.mode == 'pixel' else [channels, 1, 1]
                 fill = (paddle.zeros if self.mode == 'const' else paddle.randn)(shape, images.dtype)
                 images[index, :, top:top + box_height, left:left + box_width] = fill.expand(

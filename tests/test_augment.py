@@ -271,9 +271,11 @@ def test_random_erasing_of_a_batch_on_the_device():
     np.testing.assert_array_equal(erase((2, 3, 16, 16), seed=5), erase((2, 3, 16, 16), seed=5))
     erased_count = sum(erase((1, 3, 8, 8), 0.25, seed=seed).any() for seed in range(200))
     assert 0.15 < erased_count / 200 < 0.35  # probability 0.25
-    rng = np.random.default_rng(0)
+    # --recount 3: one to three boxes per image
+    assert {len(augment.RandomErasing(1.0, max_count=3, seed=seed).boxes(64, 64)) for seed in range(30)} == {1, 2, 3}
+    erasing = augment.RandomErasing(1.0)
     for _ in range(100):  # boxes never cover a whole side of a tiny image
-        for top, left, height, width in augment.erase_boxes(rng, 4, 4, 1.0):
+        for top, left, height, width in erasing.boxes(4, 4):
             assert height < 4 and width < 4
 
 
