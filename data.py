@@ -359,8 +359,8 @@ def build_loader(dataset: ImageDataset, is_train: bool, batch_size: int, num_wor
             raise ValueError(f'rank {rank} gets {batch_sampler.num_selected} training samples per epoch, '
                              f'fewer than the batch size {batch_size}: no full batch to train on')
     else:
-        batch_sampler = paddle.io.BatchSampler(sampler=range(rank, len(dataset), num_replicas),
-                                               batch_size=batch_size)
+        shard = range(rank, len(dataset), num_replicas)   # batched here: Paddle 2.6 samples no range
+        batch_sampler = [list(shard[start:start + batch_size]) for start in range(0, len(shard), batch_size)]
     if num_workers == 0:
         return InProcessLoader(dataset, batch_sampler)
     # Workers are forked per pass: Paddle's persistent_workers breaks on a pass left unfinished
