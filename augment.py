@@ -1,20 +1,14 @@
-"""The training augmentation of the official recipe: timm's pieces, reimplemented.
+"""The training augmentation of the official recipe: timm's pieces, reimplemented without timm.
 
-The official code (ShoufaChen/CycleMLP `datasets.py`, `main.py`) builds its training data with
-timm's create_transform and Mixup, as DeiT does:
+As the official code (ShoufaChen/CycleMLP `datasets.py`, `main.py`) has it through timm, as DeiT:
 
-    image  RandomResizedCrop (bicubic) -> horizontal flip -> RandAugment rand-m9-mstd0.5-inc1
-           (or colour jitter 0.4 without RandAugment), in the loader's workers
-    batch  normalise -> random erasing p=0.25 (as timm's PrefetchLoader does it, on the device)
-           -> Mixup 0.8 / CutMix 1.0 with label smoothing 0.1 -> soft targets
+    image  RandomResizedCrop (bicubic) -> horizontal flip -> RandAugment rand-m9-mstd0.5-inc1 (colour
+           jitter 0.4 without RandAugment): Pillow in the loader's workers, from a seeded numpy Generator
+    batch  normalise -> random erasing p=0.25 (as timm's PrefetchLoader) -> Mixup 0.8 / CutMix 1.0
+           with label smoothing 0.1 -> soft targets: Paddle ops on the device
 
-Each piece here computes what timm's does (the tests check them against timm's formulas), without
-timm: per-image work is plain numpy and Pillow, and every transform takes an explicit
-`numpy.random.Generator`, so a seeded generator reproduces an augmentation exactly. The batch
-work is Paddle ops on the device.
-
-Not reproduced: timm's AutoAugment/AugMix policies, and Mixup's per-element and per-pair modes
-(the recipe uses mode 'batch').
+The tests check each piece against timm's formulas. Not reproduced: AutoAugment/AugMix, and
+Mixup's per-element and per-pair modes (the recipe mixes per batch).
 """
 import math
 import re
@@ -26,12 +20,11 @@ import paddle
 import paddle.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
 
-from data import _RESAMPLING, IMAGENET_MEAN, INTERPOLATIONS, check_interpolation, to_chw
+from data import _RESAMPLING, IMAGENET_MEAN, INTERPOLATIONS, to_chw
 
 _TRANSFORM = getattr(Image, 'Transform', Image)   # Pillow 9.1 renamed its enums (see data._RESAMPLING)
 # timm's 'random' interpolation draws one of these per call.
 RANDOM_INTERPOLATIONS = (_RESAMPLING.BILINEAR, _RESAMPLING.BICUBIC)
-
 
 # RandomResizedCrop (timm / torchvision defaults).
 RRC_SCALE = (0.08, 1.0)
@@ -39,33 +32,11 @@ RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 RRC_ATTEMPTS = 10
 HFLIP_PROB = 0.5
 
-# RandAugment (timm semantics). Magnitudes live on a 0..10 scale; LEVEL_DENOM turns one into a
-# fraction of each op's maximum strength.
+# RandAugment: magnitudes on a 0..10 scale; LEVEL_DENOM makes one a fraction of an op's strength.
 LEVEL_DENOM = 10.0
-RA_DEFAULT_MAGNITUDE = 10
-RA_DEFAULT_NUM_OPS = 2
-RA_DEFAULT_PROB = 0.5
-DEFAULT_FILL = (128, 128, 128)  # timm's fill of uncovered pixels when no mean is given
 RA_UNIFORM_MSTD = 100.0  # an mstd above this means: draw the magnitude uniformly in [0, m]
-ROTATE_MAX_DEGREES = 30.0
-SHEAR_MAX = 0.3
-TRANSLATE_MAX_PCT = 0.45
-ENHANCE_MAX_DELTA = 0.9  # increasing enhance ops move the factor 1.0 by up to this
-ENHANCE_MIN_FACTOR = 0.1
-POSTERIZE_MAX_BITS = 4
-SOLARIZE_ADD_MAX = 110
+MEAN_FILL = tuple(round(255 * channel) for channel in IMAGENET_MEAN)  # uncovered pixels
 SOLARIZE_ADD_THRESHOLD = 128
-
-RA_TRANSFORMS = (
-    'AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize', 'SolarizeAdd',
-    'Color', 'Contrast', 'Brightness', 'Sharpness', 'ShearX', 'ShearY',
-    'TranslateXRel', 'TranslateYRel',
-)
-RA_INCREASING_TRANSFORMS = (
-    'AutoContrast', 'Equalize', 'Invert', 'Rotate', 'PosterizeIncreasing', 'SolarizeIncreasing',
-    'SolarizeAdd', 'ColorIncreasing', 'ContrastIncreasing', 'BrightnessIncreasing',
-    'SharpnessIncreasing', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel',
-)
 
 # Random erasing (timm defaults).
 ERASE_AREA = (0.02, 1.0 / 3.0)
@@ -80,15 +51,12 @@ def _resample(interpolation: str, rng: np.random.Generator) -> int:
 
 
 def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
-                            scale: Tuple[float, float] = RRC_SCALE,
-                            ratio: Tuple[float, float] = RRC_RATIO) -> Tuple[int, int, int, int]:
-    """(top, left, crop_height, crop_width) of timm's RandomResizedCrop.
-
-    Ten tries of an area fraction uniform in `scale` and a log-uniform aspect ratio in `ratio`;
-    if none fits, a central crop of the whole image with its aspect ratio clamped into `ratio`.
-    """
+                            scale: Tuple[float, float] = RRC_SCALE) -> Tuple[int, int, int, int]:
+    """(top, left, crop_height, crop_width) of timm's RandomResizedCrop: ten tries of an area
+    fraction uniform in `scale` and a log-uniform aspect ratio in RRC_RATIO; if none fits, a
+    central crop of the whole image with its aspect ratio clamped into RRC_RATIO."""
     area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    log_ratio = (math.log(RRC_RATIO[0]), math.log(RRC_RATIO[1]))
     for _ in range(RRC_ATTEMPTS):
         target_area = rng.uniform(*scale) * area
         aspect = math.exp(rng.uniform(*log_ratio))
@@ -99,13 +67,9 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
             top = int(rng.integers(0, height - crop_height + 1))
             left = int(rng.integers(0, width - crop_width + 1))
             return top, left, crop_height, crop_width
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        crop_width, crop_height = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        crop_width, crop_height = int(round(height * max(ratio))), height
-    else:
-        crop_width, crop_height = width, height
+    # The aspect ratio clamped into RRC_RATIO, as timm's fallback.
+    crop_width = min(width, int(round(height * max(RRC_RATIO))))
+    crop_height = min(height, int(round(width / min(RRC_RATIO))))
     return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
 
 
@@ -119,8 +83,8 @@ def color_jitter(img: Image.Image, strength: float, rng: np.random.Generator) ->
     return img
 
 
-def _random_sign(value: float, rng: np.random.Generator) -> float:
-    return -value if rng.random() > 0.5 else value
+def _signed(value: float, rng: np.random.Generator) -> tuple:
+    return (-value if rng.random() > 0.5 else value,)
 
 
 def _posterize(img, bits):
@@ -132,16 +96,17 @@ def _posterize(img, bits):
 
 
 def _solarize_add(img, add):
-    lut = [min(255, value + add) if value < SOLARIZE_ADD_THRESHOLD else value
-           for value in range(256)]
+    lut = [min(255, value + add) if value < SOLARIZE_ADD_THRESHOLD else value for value in range(256)]
     return img.point(lut * len(img.getbands()))
 
 
-def _affine(img, matrix, fill, resample):
-    return img.transform(img.size, _TRANSFORM.AFFINE, matrix, resample=resample, fillcolor=fill)
+def _affine(matrix):
+    """An affine op; matrix(img, x) gives Pillow's inverse matrix for the op's argument x."""
+    return lambda img, x, fill, resample: img.transform(img.size, _TRANSFORM.AFFINE, matrix(img, x),
+                                                        resample=resample, fillcolor=fill)
 
 
-def _enhancer(kind):
+def _enhance(kind):
     return lambda img, factor: kind(img).enhance(factor)
 
 
@@ -150,71 +115,62 @@ def _enhance_level(level, rng):
 
 
 def _enhance_increasing_level(level, rng):
-    return (max(ENHANCE_MIN_FACTOR, 1.0 + _random_sign(level * ENHANCE_MAX_DELTA, rng)),)
+    return (max(0.1, 1.0 + _signed(level * 0.9, rng)[0]),)  # 1.0 moved by up to 0.9 either way
 
 
-# The ops by name: (the op on a PIL image, and timm's level function: the op's arguments at
+# The ops by name: (the op on a PIL image, timm's level function giving the op's arguments at
 # `level`, the magnitude as a fraction of LEVEL_DENOM). The *Increasing variants grow stronger
-# with the magnitude; the plain ones of the original RandAugment grow weaker for Posterize and
-# Solarize and pass through 'no change' for the enhance ops. Geometric ops (GEOMETRIC_OPS) also
-# take the fill colour of uncovered pixels and the resampling filter.
+# with the magnitude; in the original RandAugment Posterize and Solarize grow weaker and the
+# enhance ops pass through 'no change'. Geometric ops (GEOMETRIC_OPS) also take the fill colour
+# of uncovered pixels and the resampling filter.
 _OPS = {
     'AutoContrast': (ImageOps.autocontrast, lambda level, rng: ()),
     'Equalize': (ImageOps.equalize, lambda level, rng: ()),
     'Invert': (ImageOps.invert, lambda level, rng: ()),
-    'Posterize': (_posterize, lambda level, rng: (int(level * POSTERIZE_MAX_BITS),)),
-    'PosterizeIncreasing': (_posterize, lambda level, rng: (POSTERIZE_MAX_BITS - int(level * POSTERIZE_MAX_BITS),)),
+    'Posterize': (_posterize, lambda level, rng: (int(level * 4),)),
+    'PosterizeIncreasing': (_posterize, lambda level, rng: (4 - int(level * 4),)),
     'Solarize': (ImageOps.solarize, lambda level, rng: (min(256, int(level * 256)),)),
     'SolarizeIncreasing': (ImageOps.solarize, lambda level, rng: (256 - min(256, int(level * 256)),)),
-    'SolarizeAdd': (_solarize_add, lambda level, rng: (min(128, int(level * SOLARIZE_ADD_MAX)),)),
-    'Color': (_enhancer(ImageEnhance.Color), _enhance_level),
-    'ColorIncreasing': (_enhancer(ImageEnhance.Color), _enhance_increasing_level),
-    'Contrast': (_enhancer(ImageEnhance.Contrast), _enhance_level),
-    'ContrastIncreasing': (_enhancer(ImageEnhance.Contrast), _enhance_increasing_level),
-    'Brightness': (_enhancer(ImageEnhance.Brightness), _enhance_level),
-    'BrightnessIncreasing': (_enhancer(ImageEnhance.Brightness), _enhance_increasing_level),
-    'Sharpness': (_enhancer(ImageEnhance.Sharpness), _enhance_level),
-    'SharpnessIncreasing': (_enhancer(ImageEnhance.Sharpness), _enhance_increasing_level),
+    'SolarizeAdd': (_solarize_add, lambda level, rng: (min(128, int(level * 110)),)),
     'Rotate': (lambda img, degrees, fill, resample: img.rotate(degrees, resample=resample, fillcolor=fill),
-               lambda level, rng: (_random_sign(level * ROTATE_MAX_DEGREES, rng),)),
-    'ShearX': (lambda img, factor, fill, resample: _affine(img, (1, factor, 0, 0, 1, 0), fill, resample),
-               lambda level, rng: (_random_sign(level * SHEAR_MAX, rng),)),
-    'ShearY': (lambda img, factor, fill, resample: _affine(img, (1, 0, 0, factor, 1, 0), fill, resample),
-               lambda level, rng: (_random_sign(level * SHEAR_MAX, rng),)),
-    'TranslateXRel': (lambda img, pct, fill, resample: _affine(img, (1, 0, pct * img.width, 0, 1, 0), fill, resample),
-                      lambda level, rng: (_random_sign(level * TRANSLATE_MAX_PCT, rng),)),
-    'TranslateYRel': (lambda img, pct, fill, resample: _affine(img, (1, 0, 0, 0, 1, pct * img.height), fill, resample),
-                      lambda level, rng: (_random_sign(level * TRANSLATE_MAX_PCT, rng),)),
+               lambda level, rng: _signed(level * 30.0, rng)),
+    'ShearX': (_affine(lambda img, factor: (1, factor, 0, 0, 1, 0)),
+               lambda level, rng: _signed(level * 0.3, rng)),
+    'ShearY': (_affine(lambda img, factor: (1, 0, 0, factor, 1, 0)),
+               lambda level, rng: _signed(level * 0.3, rng)),
+    'TranslateXRel': (_affine(lambda img, pct: (1, 0, pct * img.width, 0, 1, 0)),
+                      lambda level, rng: _signed(level * 0.45, rng)),
+    'TranslateYRel': (_affine(lambda img, pct: (1, 0, 0, 0, 1, pct * img.height)),
+                      lambda level, rng: _signed(level * 0.45, rng)),
 }
+_OPS.update({name + variant: (_enhance(getattr(ImageEnhance, name)), level)   # Color, ColorIncreasing, ...
+             for name in ('Color', 'Contrast', 'Brightness', 'Sharpness')
+             for variant, level in (('', _enhance_level), ('Increasing', _enhance_increasing_level))})
 GEOMETRIC_OPS = ('Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel')
+RA_TRANSFORMS = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize', 'SolarizeAdd',
+                 'Color', 'Contrast', 'Brightness', 'Sharpness', 'ShearX', 'ShearY', 'TranslateXRel',
+                 'TranslateYRel')
+RA_INCREASING_TRANSFORMS = tuple(name + 'Increasing' if name + 'Increasing' in _OPS else name
+                                 for name in RA_TRANSFORMS)
 
 
 def op_arguments(name: str, magnitude: float, rng: np.random.Generator) -> tuple:
-    """Arguments of RandAugment op `name` at `magnitude` (0..10 scale), as timm computes them;
-    `rng` draws the random sign of the signed ops."""
+    """timm's arguments of op `name` at `magnitude` (0..10); `rng` draws the sign of signed ops."""
     return _OPS[name][1](magnitude / LEVEL_DENOM, rng)
 
 
-class AugmentOp:
-    """One RandAugment op: applied with probability `prob` at a magnitude drawn around
-    `magnitude` (normal with std `magnitude_std`, uniform in [0, magnitude] if it is inf),
-    clipped to [0, magnitude_max]."""
+class RandAugment:
+    """timm's RandAugment: `num_ops` ops drawn uniformly with replacement from `names`, each applied
+    with probability `prob` at a magnitude drawn around `magnitude` (normal with std
+    `magnitude_std`, uniform in [0, magnitude] if that is inf), clipped to [0, magnitude_max]."""
 
-    def __init__(self, name: str, magnitude: float, prob: float = RA_DEFAULT_PROB,
+    def __init__(self, names: Sequence[str], magnitude: float, num_ops: int = 2, prob: float = 0.5,
                  magnitude_std: float = 0.0, magnitude_max: float = LEVEL_DENOM,
-                 fill: Tuple[int, int, int] = DEFAULT_FILL, interpolation: str = 'bicubic') -> None:
-        if name not in _OPS:
-            raise ValueError(f'unknown RandAugment op {name!r}')
-        self.name = name
-        self.magnitude = magnitude
-        self.prob = prob
-        self.magnitude_std = magnitude_std
-        self.magnitude_max = magnitude_max
-        self.fill = fill
-        self.interpolation = interpolation
+                 interpolation: str = 'bicubic') -> None:
+        self.names, self.num_ops, self.prob, self.interpolation = names, num_ops, prob, interpolation
+        self.magnitude, self.magnitude_std, self.magnitude_max = magnitude, magnitude_std, magnitude_max
 
     def sample_magnitude(self, rng: np.random.Generator) -> float:
-        """This application's magnitude: `magnitude` plus noise, clipped to [0, magnitude_max]."""
         magnitude = self.magnitude
         if self.magnitude_std == math.inf:
             magnitude = rng.uniform(0.0, magnitude)
@@ -222,153 +178,109 @@ class AugmentOp:
             magnitude = rng.normal(magnitude, self.magnitude_std)
         return min(max(magnitude, 0.0), self.magnitude_max)
 
-    def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    def apply(self, name: str, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        """One op, with probability `prob`."""
         if self.prob < 1.0 and rng.random() > self.prob:
             return img
-        args = op_arguments(self.name, self.sample_magnitude(rng), rng)
-        if self.name in GEOMETRIC_OPS:
-            return _OPS[self.name][0](img, *args, fill=self.fill, resample=_resample(self.interpolation, rng))
-        return _OPS[self.name][0](img, *args)
-
-    def __repr__(self) -> str:
-        return (f'AugmentOp({self.name}, m={self.magnitude}, p={self.prob}, '
-                f'mstd={self.magnitude_std}, mmax={self.magnitude_max})')
-
-
-class RandAugment:
-    """Apply `num_ops` ops drawn uniformly with replacement from `ops` (timm's RandAugment)."""
-
-    def __init__(self, ops: List[AugmentOp], num_ops: int) -> None:
-        self.ops = ops
-        self.num_ops = num_ops
+        args = op_arguments(name, self.sample_magnitude(rng), rng)
+        if name in GEOMETRIC_OPS:
+            return _OPS[name][0](img, *args, fill=MEAN_FILL, resample=_resample(self.interpolation, rng))
+        return _OPS[name][0](img, *args)
 
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
-        for index in rng.integers(0, len(self.ops), size=self.num_ops):
-            img = self.ops[index](img, rng)
+        for index in rng.integers(0, len(self.names), size=self.num_ops):
+            img = self.apply(self.names[index], img, rng)
         return img
 
 
-def rand_augment(policy: Optional[str], interpolation: str = 'bicubic',
-                 mean: Sequence[float] = IMAGENET_MEAN) -> Optional[RandAugment]:
-    """RandAugment from a timm policy string such as 'rand-m9-mstd0.5-inc1'; None for '' or
-    'none' (no RandAugment).
+def rand_augment(policy: Optional[str], interpolation: str = 'bicubic') -> Optional[RandAugment]:
+    """RandAugment from a timm policy string such as 'rand-m9-mstd0.5-inc1'; None for '' or 'none'.
 
-    Dash-separated sections after 'rand': m magnitude (default 10), n ops per image (2),
-    p probability of each op (0.5), mstd magnitude noise std (0; above 100 means uniform),
-    mmax magnitude clip (10), inc 1 for the increasing-severity op set (0).
-    `interpolation` is the filter of the geometric ops ('random' draws bilinear or bicubic per
-    op, as timm does when the training interpolation is 'random'); uncovered pixels are filled
-    with the dataset mean. timm treats any 'inc' value, even inc0, as on (it tests the string);
-    here inc0 means off, as its documentation intends.
+    Sections after 'rand': m magnitude (default 10), n ops per image (2), p probability of each op
+    (0.5), mstd magnitude noise std (0; above 100: uniform), mmax magnitude clip (10), inc 1 for the
+    increasing-severity ops (0). timm takes any 'inc', even inc0, as on (it tests the string); here
+    inc0 is off, as its documentation intends.
     """
-    check_interpolation(interpolation, allow_random=True)
     if not policy or policy.lower() == 'none':
         return None
     sections = policy.split('-')
     if sections[0] != 'rand':
         raise ValueError(f"augmentation policy {policy!r} must start with 'rand'")
-    magnitude, num_ops, prob = RA_DEFAULT_MAGNITUDE, RA_DEFAULT_NUM_OPS, RA_DEFAULT_PROB
-    magnitude_std, magnitude_max, increasing = 0.0, LEVEL_DENOM, False
+    settings = dict(m=10, n=2, p=0.5, mstd=0.0, mmax=10, inc=0)   # a value's type is its section's
     for section in sections[1:]:
         match = re.fullmatch(r'([a-z]+)(\d+(?:\.\d*)?)', section)
-        if match is None:
-            raise ValueError(f'cannot parse section {section!r} of policy {policy!r}')
+        if match is None or match[1] not in settings:
+            raise ValueError(f'unknown section {section!r} of policy {policy!r}: expected m, n, p, mstd, '
+                             'mmax or inc with a number')
         key, value = match.groups()
-        if key in ('m', 'n', 'mmax', 'inc') and not value.isdigit():
+        if isinstance(settings[key], int) and not value.isdigit():
             raise ValueError(f'section {section!r} of policy {policy!r} needs an integer')
-        if key == 'm':
-            magnitude = int(value)
-        elif key == 'n':
-            num_ops = int(value)
-        elif key == 'p':
-            prob = float(value)
-        elif key == 'mstd':
-            magnitude_std = float(value)
-            if magnitude_std > RA_UNIFORM_MSTD:
-                magnitude_std = math.inf
-        elif key == 'mmax':
-            magnitude_max = int(value)
-        elif key == 'inc':
-            increasing = int(value) != 0
-        else:
-            raise ValueError(f'unknown section {section!r} of policy {policy!r}: '
-                             'expected m, n, p, mstd, mmax or inc')
-    fill = tuple(min(255, round(255 * channel_mean)) for channel_mean in mean)
-    names = RA_INCREASING_TRANSFORMS if increasing else RA_TRANSFORMS
-    ops = [AugmentOp(name, magnitude, prob, magnitude_std, magnitude_max, fill, interpolation)
-           for name in names]
-    return RandAugment(ops, num_ops)
-
-
-def erase_boxes(rng: np.random.Generator, height: int, width: int, prob: float,
-                max_count: int = 1) -> List[Tuple[int, int, int, int]]:
-    """timm's RandomErasing boxes (top, left, height, width) for one image: with probability
-    `prob`, 1..max_count boxes, each of area fraction uniform in ERASE_AREA (divided by the count)
-    and log-uniform aspect ratio in [0.3, 1/0.3], ten tries each."""
-    if rng.random() > prob:
-        return []
-    count = max_count if max_count == 1 else int(rng.integers(1, max_count + 1))
-    log_aspect = (math.log(ERASE_MIN_ASPECT), math.log(1.0 / ERASE_MIN_ASPECT))
-    boxes = []
-    for _ in range(count):
-        for _ in range(ERASE_ATTEMPTS):
-            target_area = rng.uniform(*ERASE_AREA) * height * width / count
-            aspect = math.exp(rng.uniform(*log_aspect))
-            box_height = int(round(math.sqrt(target_area * aspect)))
-            box_width = int(round(math.sqrt(target_area / aspect)))
-            if box_width < width and box_height < height:
-                boxes.append((int(rng.integers(0, height - box_height + 1)),
-                              int(rng.integers(0, width - box_width + 1)), box_height, box_width))
-                break
-    return boxes
+        settings[key] = type(settings[key])(value)
+    magnitude_std = math.inf if settings['mstd'] > RA_UNIFORM_MSTD else settings['mstd']
+    names = RA_INCREASING_TRANSFORMS if settings['inc'] else RA_TRANSFORMS
+    return RandAugment(names, settings['m'], settings['n'], settings['p'], magnitude_std, settings['mmax'],
+                       interpolation=interpolation)
 
 
 class RandomErasing:
     """timm's RandomErasing on a normalised batch on the device, as timm's PrefetchLoader applies
-    it: boxes drawn per image on the host (erase_boxes, numpy seeded with `seed`), filled on the
-    device with per-pixel standard normal noise ('pixel'), one normal value per channel ('rand')
-    or 0 ('const'), from Paddle's generator (paddle.seed)."""
+    it: boxes drawn per image on the host (numpy seeded with `seed`), filled with per-pixel
+    standard normal noise ('pixel'), one normal value per channel ('rand') or 0 ('const'), drawn
+    on the device from Paddle's generator (paddle.seed). Settings come checked from train.py."""
 
     def __init__(self, prob: float, mode: str = 'pixel', max_count: int = 1, seed: int = 0) -> None:
-        if mode not in ('pixel', 'rand', 'const'):
-            raise ValueError(f'random erasing mode {mode!r} is not pixel, rand or const')
         self.prob, self.mode, self.max_count = prob, mode, max_count
         self.rng = np.random.default_rng(seed)
+
+    def boxes(self, height: int, width: int) -> List[Tuple[int, int, int, int]]:
+        """(top, left, height, width) of one image's boxes: with probability `prob`, 1..max_count,
+        each of area fraction uniform in ERASE_AREA (over the count) and log-uniform aspect ratio
+        in [0.3, 1/0.3], ten tries each."""
+        rng = self.rng
+        if rng.random() > self.prob:
+            return []
+        count = self.max_count if self.max_count == 1 else int(rng.integers(1, self.max_count + 1))
+        log_aspect = (math.log(ERASE_MIN_ASPECT), math.log(1.0 / ERASE_MIN_ASPECT))
+        boxes = []
+        for _ in range(count):
+            for _ in range(ERASE_ATTEMPTS):
+                target_area = rng.uniform(*ERASE_AREA) * height * width / count
+                aspect = math.exp(rng.uniform(*log_aspect))
+                box_height = int(round(math.sqrt(target_area * aspect)))
+                box_width = int(round(math.sqrt(target_area / aspect)))
+                if box_width < width and box_height < height:
+                    boxes.append((int(rng.integers(0, height - box_height + 1)),
+                                  int(rng.integers(0, width - box_width + 1)), box_height, box_width))
+                    break
+        return boxes
 
     def __call__(self, images: paddle.Tensor) -> paddle.Tensor:
         """images (B, C, H, W), erased in place; returns it."""
         batch, channels, height, width = images.shape
         for index in range(batch):
-            for top, left, box_height, box_width in erase_boxes(self.rng, height, width, self.prob,
-                                                                self.max_count):
-                if self.mode == 'pixel':
-                    fill = paddle.randn([channels, box_height, box_width], images.dtype)
-                elif self.mode == 'rand':
-                    fill = paddle.randn([channels, 1, 1], images.dtype).expand([channels, box_height, box_width])
-                else:
-                    fill = paddle.zeros([channels, box_height, box_width], images.dtype)
-                images[index, :, top:top + box_height, left:left + box_width] = fill
+            for top, left, box_height, box_width in self.boxes(height, width):
+                shape = [channels, box_height, box_width] if self.mode == 'pixel' else [channels, 1, 1]
+                fill = (paddle.zeros if self.mode == 'const' else paddle.randn)(shape, images.dtype)
+                images[index, :, top:top + box_height, left:left + box_width] = fill.expand(
+                    [channels, box_height, box_width])
         return images
 
 
 class TrainTransform:
-    """timm's ImageNet training transform (create_transform with is_training=True)."""
+    """timm's ImageNet training transform (create_transform with is_training=True): PIL RGB image
+    -> uint8 (3, S, S), normalised and erased later on the batch, on the device."""
 
     def __init__(self, input_size: int, auto_augment: Optional[str], color_jitter_strength: float,
                  interpolation: str = 'bicubic', crop_scale: Tuple[float, float] = RRC_SCALE,
                  hflip: float = HFLIP_PROB) -> None:
-        check_interpolation(interpolation, allow_random=True)
-        self.input_size = input_size
-        self.interpolation = interpolation
+        self.input_size, self.interpolation = input_size, interpolation
+        self.crop_scale, self.hflip = tuple(crop_scale), hflip
         self.rand_augment = rand_augment(auto_augment, interpolation)
         # As in timm, colour jitter is only used when RandAugment is off.
         self.color_jitter_strength = 0.0 if self.rand_augment is not None else color_jitter_strength
-        self.crop_scale = tuple(crop_scale)
-        self.hflip = hflip
 
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> np.ndarray:
-        top, left, height, width = random_resized_crop_box(img.width, img.height, rng,
-                                                           self.crop_scale)
+        top, left, height, width = random_resized_crop_box(img.width, img.height, rng, self.crop_scale)
         img = img.crop((left, top, left + width, top + height)).resize(
             (self.input_size, self.input_size), _resample(self.interpolation, rng))
         if rng.random() < self.hflip:
@@ -377,14 +289,11 @@ class TrainTransform:
             img = self.rand_augment(img, rng)
         elif self.color_jitter_strength > 0:
             img = color_jitter(img, self.color_jitter_strength, rng)
-        return to_chw(img)   # normalised, then erased (RandomErasing), on the device
-
+        return to_chw(img)
 
 
 def train_transform(args) -> TrainTransform:
-    """TrainTransform from timm's flags, as train.py has them: `input_size`, `aa`,
-    `color_jitter`, `train_interpolation`, `scale` (the crop's area range) and `hflip` (the flip
-    probability). Random erasing (`reprob`, `remode`, `recount`) follows on the batch."""
+    """TrainTransform from train.py's flags (timm's; random erasing follows on the batch)."""
     return TrainTransform(args.input_size, args.aa, args.color_jitter, args.train_interpolation,
                           args.scale, args.hflip)
 
@@ -392,35 +301,25 @@ def train_transform(args) -> TrainTransform:
 def smooth_one_hot(labels: paddle.Tensor, num_classes: int, smoothing: float) -> paddle.Tensor:
     """[B] int64 labels -> [B, num_classes] float32 targets: 1 - smoothing + smoothing / K on
     the label, smoothing / K elsewhere (timm's mixup_target values)."""
-    off_value = smoothing / num_classes
-    on_value = 1.0 - smoothing + off_value
-    return F.one_hot(labels, num_classes) * (on_value - off_value) + off_value
+    return F.one_hot(labels, num_classes) * (1.0 - smoothing) + smoothing / num_classes
 
 
 class Mixup:
-    """timm's Mixup / CutMix in mode 'batch': one lambda for the whole batch, each image mixed
-    with its mirror in the batch (image i with image B - 1 - i).
+    """timm's Mixup / CutMix in mode 'batch' with correct_lam: one lambda for the whole batch,
+    image i mixed with image B - 1 - i (B even, and an alpha > 0: train.py checks both).
 
-    Per batch: with probability `prob` mix, choosing CutMix with probability `switch_prob`
-    (when both alphas are > 0); lambda ~ Beta(alpha, alpha). CutMix pastes a box of area about
-    (1 - lambda) * H * W, clipped at the borders, and with `correct_lam` lambda becomes the
-    exact unpasted fraction. Targets are lambda * y + (1 - lambda) * y_mirrored with
-    label-smoothed one-hot y. Lambda and the box are drawn on the host from a numpy Generator
-    seeded with `seed` (pass seed + rank so ranks differ); the mixing itself is Paddle ops.
+    Per batch: with probability `prob` mix, choosing CutMix with probability `switch_prob` (when
+    both alphas are > 0); lambda ~ Beta(alpha, alpha). CutMix pastes a box of about
+    (1 - lambda) * H * W, clipped at the borders; lambda becomes the exact unpasted fraction.
+    Targets mix label-smoothed one-hot labels alike. Lambda and the box are drawn on the host from
+    numpy seeded with `seed` (one per rank); the mixing is Paddle ops.
     """
 
     def __init__(self, num_classes: int, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0,
                  prob: float = 1.0, switch_prob: float = 0.5, label_smoothing: float = 0.1,
-                 correct_lam: bool = True, seed: int = 0) -> None:
-        if mixup_alpha <= 0 and cutmix_alpha <= 0:
-            raise ValueError('Mixup needs mixup_alpha > 0 or cutmix_alpha > 0')
-        self.num_classes = num_classes
-        self.mixup_alpha = mixup_alpha
-        self.cutmix_alpha = cutmix_alpha
-        self.prob = prob
-        self.switch_prob = switch_prob
-        self.label_smoothing = label_smoothing
-        self.correct_lam = correct_lam
+                 seed: int = 0) -> None:
+        self.num_classes, self.mixup_alpha, self.cutmix_alpha = num_classes, mixup_alpha, cutmix_alpha
+        self.prob, self.switch_prob, self.label_smoothing = prob, switch_prob, label_smoothing
         self.rng = np.random.default_rng(seed)
 
     def draw(self) -> Tuple[float, bool]:
@@ -435,26 +334,17 @@ class Mixup:
         return float(self.rng.beta(alpha, alpha)), use_cutmix
 
     def cutmix_box(self, height: int, width: int, lam: float) -> Tuple[Tuple[int, int, int, int], float]:
-        """((top, bottom, left, right), lambda) of a CutMix box: sides sqrt(1 - lambda) of the
-        image's, centred uniformly at random, clipped to the image."""
-        cut_ratio = math.sqrt(1.0 - lam)
-        cut_height, cut_width = int(height * cut_ratio), int(width * cut_ratio)
-        center_y = int(self.rng.integers(0, height))
-        center_x = int(self.rng.integers(0, width))
-        top = min(max(center_y - cut_height // 2, 0), height)
-        bottom = min(max(center_y + cut_height // 2, 0), height)
-        left = min(max(center_x - cut_width // 2, 0), width)
-        right = min(max(center_x + cut_width // 2, 0), width)
-        if self.correct_lam:
-            lam = 1.0 - (bottom - top) * (right - left) / float(height * width)
-        return (top, bottom, left, right), lam
+        """((top, bottom, left, right), lambda): sides sqrt(1 - lambda) of the image's, centred
+        uniformly at random, clipped to the image; lambda the exact unpasted fraction."""
+        cut_height, cut_width = int(height * math.sqrt(1.0 - lam)), int(width * math.sqrt(1.0 - lam))
+        center_y, center_x = int(self.rng.integers(0, height)), int(self.rng.integers(0, width))
+        top, bottom = (min(max(center_y + half, 0), height) for half in (-(cut_height // 2), cut_height // 2))
+        left, right = (min(max(center_x + half, 0), width) for half in (-(cut_width // 2), cut_width // 2))
+        return (top, bottom, left, right), 1.0 - (bottom - top) * (right - left) / float(height * width)
 
     def __call__(self, images: paddle.Tensor, labels: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor]:
         """images [B, C, H, W] float, labels [B] int64 -> (mixed images, [B, K] float32 targets)."""
-        batch_size, _, height, width = images.shape
-        if batch_size % 2:
-            raise ValueError(f'Mixup needs an even batch size, got {batch_size}; '
-                             'use an even --batch-size (training drops the last partial batch)')
+        _, _, height, width = images.shape
         lam, use_cutmix = self.draw()
         mirrored = paddle.flip(images, axis=[0])
         if lam == 1.0:

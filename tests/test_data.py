@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import threading
 from types import SimpleNamespace
 
@@ -132,38 +133,39 @@ def test_image_folder_classes_and_samples(make_image_folder):
     assert label.dtype == np.int64 and int(label) == 0
 
 
-def test_unreadable_training_images_are_skipped_and_counted(make_image_folder, caplog):
+def write_broken(path, kind):
+    """A file the evaluation transform cannot take, of one kind; its path."""
+    if kind == "truncated":
+        jpeg = open(write_image(path), "rb").read()
+        open(path, "wb").write(jpeg[: len(jpeg) // 2])
+    elif kind == "not an image":
+        open(path, "w").write("this is not an image")
+    else:
+        Image.new("RGB", (300_000, 1)).save(path, format="PNG")   # resizes to 18 x 5.4M: too many pixels
+    return str(path)
+
+
+@pytest.mark.parametrize("kind, skipped", [("truncated", True), ("not an image", True), ("elongated", False)])
+def test_unreadable_training_images_are_skipped_once_and_counted(make_image_folder, caplog, kind, skipped):
     root = make_image_folder(classes=("a", "b"), train_per_class=2, val_per_class=1)
-    good = os.path.join(root, "train", "a", "a_0.JPEG")
-    with open(good, "rb") as source:
-        jpeg = source.read()
-    truncated = os.path.join(root, "train", "a", "a_1.JPEG")
-    with open(truncated, "wb") as target:
-        target.write(jpeg[: len(jpeg) // 2])
-    fake = os.path.join(root, "train", "b", "b_0.JPEG")
-    with open(fake, "w") as target:
-        target.write("this is not an image")
+    bad = write_broken(os.path.join(root, "train", "a", "a_1.JPEG"), kind)
     dataset = build(True, make_args(root))
-    paths = [path for path, _ in dataset.samples]
+    index = [path for path, _ in dataset.samples].index(bad)
 
     with caplog.at_level(logging.WARNING, logger="data"):
-        image, label = dataset[paths.index(truncated), 0]
-        dataset[paths.index(truncated), 1]
-        image_after_fake, label_after_fake = dataset[paths.index(fake), 2]
+        images, labels = zip(*(dataset[index, key] for key in range(3)))
 
-    assert image.shape == (3, 16, 16) and int(label) == 1  # replaced by the next sample (b_0)...
-    assert int(label_after_fake) == 1  # ...and b_0 by b_1
-    assert dataset.skipped == 2
-    warned = [record.getMessage() for record in caplog.records]
-    assert sum(truncated in message for message in warned) == 1  # once per file
-    assert sum(fake in message for message in warned) == 1
+    assert images[0].shape == (3, 16, 16)
+    # a broken file is replaced by the next sample (b_0, class 1); an elongated one is cropped
+    assert [int(label) for label in labels] == [1 if skipped else 0] * 3
+    assert dataset.skipped == int(skipped)
+    assert sum(bad in record.getMessage() for record in caplog.records) == int(skipped)  # once
 
 
 def test_unreadable_counted_across_loader_workers(make_image_folder):
     root = make_image_folder(classes=("a", "b"), train_per_class=4, val_per_class=1)
     for name in ("a/a_1.JPEG", "b/b_2.JPEG"):
-        with open(os.path.join(root, "train", name), "w") as target:
-            target.write("not a jpeg")
+        write_broken(os.path.join(root, "train", name), "not an image")
     dataset = build(True, make_args(root))
     # Without repeated augmentation every index is visited once per epoch.
     loader = data.build_loader(dataset, True, batch_size=2, num_workers=2, repeated_aug=False)
@@ -190,50 +192,40 @@ def test_augmentations_depend_on_the_sample_not_on_the_worker(tmp_path):
         np.testing.assert_array_equal(got, want)
 
 
-def test_unreadable_validation_image_raises(make_image_folder):
+@pytest.mark.parametrize("kind, reason, workers", [
+    ("truncated", "image file is truncated", 0),
+    ("elongated", r"a 300000x1 image resizes to .* over Pillow's MAX_IMAGE_PIXELS", 0),
+    # Through a worker process: data.iterate relies on Paddle re-raising a worker's exception,
+    # with its type and its traceback as the message, in a loader thread; this fails if that changes.
+    ("not an image", "cannot identify image file '{bad}'$", 1),
+])
+def test_a_broken_validation_image_is_an_error_naming_it(make_image_folder, kind, reason, workers):
     root = make_image_folder(classes=("a",), train_per_class=1, val_per_class=2)
-    bad = os.path.join(root, "val", "a", "a_1.png")
-    with open(bad, "w") as target:
-        target.write("broken")
+    bad = write_broken(os.path.join(root, "val", "a", "a_1.png"), kind)
+    message = f"^cannot read image {re.escape(bad)}: " + reason.replace("{bad}", re.escape(bad))
     dataset = build(False, make_args(root))
-    with pytest.raises(data.DatasetError, match="a_1.png"):
-        dataset[1]
+    if kind == "truncated":
+        data.check_image_headers(dataset)        # its header is whole: found when decoded
+    else:
+        with pytest.raises(data.DatasetError, match=message):
+            data.check_image_headers(dataset)
 
-    # Through the in-process loader the error must reach the caller, not stall it.
-    loader = data.build_loader(dataset, False, batch_size=1)
-    outcome = []
+    # The loop must end with the error, not stall (Paddle's in-process reader thread would).
+    loader = data.build_loader(dataset, False, batch_size=1, num_workers=workers)
+    hook, outcome = threading.excepthook, []
 
-    def iterate():
+    def run():
         try:
-            outcome.append(len(list(loader)))
+            outcome.append(len(list(data.iterate(loader))))
         except data.DatasetError as error:
             outcome.append(error)
 
-    reader = threading.Thread(target=iterate, daemon=True)
+    reader = threading.Thread(target=run, daemon=True)
     reader.start()
-    reader.join(timeout=30)
+    reader.join(timeout=60)
     assert len(outcome) == 1 and isinstance(outcome[0], data.DatasetError)
-
-
-def test_folder_errors_name_the_path(make_image_folder, tmp_path):
-    missing = os.path.join("missing", "train") + " does not exist"
-    with pytest.raises(data.DatasetError, match=missing):
-        build(True, make_args(str(tmp_path / "missing")))
-
-    root = make_image_folder(classes=("a", "b"))
-    os.makedirs(os.path.join(root, "train", "empty"))
-    with pytest.raises(data.DatasetError, match="empty holds no images"):
-        build(True, make_args(root))
-
-    flat = tmp_path / "flat"
-    write_image(flat / "train" / "loose.jpg")
-    with pytest.raises(data.DatasetError, match="no class folders"):
-        build(True, make_args(str(flat)))
-
-    mismatched = make_image_folder(classes=("a", "b"), root=tmp_path / "mismatch")
-    os.rename(os.path.join(mismatched, "val", "b"), os.path.join(mismatched, "val", "c"))
-    with pytest.raises(data.DatasetError, match=r"only in val \['c'\], only in train \['b'\]"):
-        build(False, make_args(mismatched))
+    assert re.search(message, str(outcome[0])), str(outcome[0])
+    assert threading.excepthook is hook
 
 
 def test_list_files(tmp_path):
@@ -253,19 +245,47 @@ def test_list_files(tmp_path):
     assert train.samples[1][0] == os.path.join(str(tmp_path), "images/img 1.jpg")
     assert int(val[0][1]) == 2
 
-    (tmp_path / "missing.txt").write_text("images/img 0.jpg 0\nimages/gone.jpg 1\n")
-    with pytest.raises(data.DatasetError, match=r"missing.txt:2: image .*gone.jpg does not exist"):
-        build(True, make_args(str(tmp_path), train_list=str(tmp_path / "missing.txt")))
 
-    (tmp_path / "malformed.txt").write_text("images/img 0.jpg 0\nimages/img 1.jpg one\n")
-    with pytest.raises(data.DatasetError, match="malformed.txt:2: expected"):
-        build(
-            True, make_args(str(tmp_path), train_list=str(tmp_path / "malformed.txt")))
+def _mismatched_val(root):
+    os.rename(os.path.join(root, "val", "b"), os.path.join(root, "val", "c"))
 
-    (tmp_path / "val_extra.txt").write_text("images/img 3.jpg 7\n")
-    with pytest.raises(data.DatasetError, match="label 7 .* not a training class"):
-        build(False, make_args(str(tmp_path), train_list=str(tmp_path / "train.txt"),
-                                            val_list=str(tmp_path / "val_extra.txt")))
+
+def _flat_train(root):
+    for name in ("a", "b"):
+        shutil.rmtree(os.path.join(root, "train", name))
+    write_image(os.path.join(root, "train", "loose.jpg"))
+
+
+@pytest.mark.parametrize("is_train, change, lists, message", [
+    (True, lambda root: shutil.rmtree(os.path.join(root, "train")), None,
+     re.escape(os.path.join("data", "train")) + " does not exist"),
+    (True, lambda root: os.makedirs(os.path.join(root, "train", "empty")), None, "empty holds no images"),
+    (True, _flat_train, None, "no class folders"),
+    (False, _mismatched_val, None, r"only in val \['c'\], only in train \['b'\]"),
+    (True, None, {"train": "train/a/a_0.JPEG 0\ntrain/a/gone.jpg 1\n"}, r"train.txt:2: image .*gone.jpg does not exist"),
+    (True, None, {"train": "train/a/a_0.JPEG 0\ntrain/a/a_1.JPEG one\n"}, "train.txt:2: expected 'relative/path label'"),
+    (True, None, {"train": "train/a/a_0.JPEG 1\ntrain/a/a_1.JPEG \u00b2\n"}, "train.txt:2: expected 'relative/path label'"),
+    (True, None, {"train": "train/a/a_0.JPEG 100000000\n"}, r"train.txt:1: expected .* label in \[0, 100000\)"),
+    (True, None, {"train": b"train/a/a_0.JPEG 1\n\xff\xfe.png 2\n"}, "train.txt:2: not UTF-8 text"),
+    (True, None, {"train": "\n\n"}, "train.txt names no images"),
+    (True, None, {}, "train.txt does not exist or is not a regular file"),
+    (False, None, {"train": "train/a/a_0.JPEG 0\ntrain/b/b_0.JPEG 1\n", "val": "val/a/a_0.png 0\nval/b/b_0.png 7\n"},
+     r"val.txt: label 7 of .*b_0.png is not a training class \(training has 2 classes\)"),
+])
+def test_dataset_errors_name_the_file_and_line(make_image_folder, is_train, change, lists, message):
+    root = make_image_folder(classes=("a", "b"), train_per_class=1, val_per_class=1, size=(8, 8))
+    if change:
+        change(root)
+    paths = {}
+    for split in ("train", "val") if lists is not None else ():
+        paths[f"{split}_list"] = os.path.join(root, f"{split}.txt")
+        if split in lists:
+            content = lists[split]
+            open(paths[f"{split}_list"], "wb").write(content if isinstance(content, bytes) else content.encode())
+    if is_train:
+        paths.pop("val_list", None)
+    with pytest.raises(data.DatasetError, match=message):
+        build(is_train, make_args(root, **paths))
 
 
 def test_eval_transform_matches_pillow_and_numpy():
@@ -281,7 +301,7 @@ def test_eval_transform_matches_pillow_and_numpy():
     assert out.dtype == np.uint8
     np.testing.assert_array_equal(out, expected)
     assert not np.array_equal(data.eval_transform(32, interpolation="nearest")(img), out)
-    with pytest.raises(ValueError):
+    with pytest.raises(KeyError, match="lanczos"):
         data.eval_transform(32, interpolation="lanczos")
 
 
@@ -294,47 +314,40 @@ def test_normalize_on_the_host_and_on_the_device():
     np.testing.assert_allclose(on_device.numpy(), expected, rtol=1e-6, atol=1e-6)
 
 
+def stream(size, ranks, rank, seed=0, epoch=0, repeats=3):
+    """The indices one rank trains on in an epoch, in order (batches of one)."""
+    sampler = data.TrainBatchSampler(size, 1, ranks, rank, seed, repeats)
+    sampler.epoch = epoch
+    return [index for batch in sampler for index, _ in batch]
+
+
 def test_repeated_aug_sampler_deals_three_copies_to_different_ranks():
     size, ranks = 1000, 4
-    samplers = [data.RepeatedAugSampler(size, ranks, rank, seed=5) for rank in range(ranks)]
-    order = samplers[0].repeated_order()
+    order = data.TrainBatchSampler(size, 1, ranks, 0, 5, 3).order()
     assert len(order) == 3000
     assert (np.bincount(order, minlength=size) == 3).all()  # before truncation
 
-    streams = [list(sampler) for sampler in samplers]
+    streams = [stream(size, ranks, rank, seed=5) for rank in range(ranks)]
     per_rank = (1000 // 256 * 256) // 4  # DeiT: floor(len // 256 * 256 / replicas) = 192
-    assert [len(stream) for stream in streams] == [per_rank] * ranks
-    assert all(len(sampler) == per_rank for sampler in samplers)
+    assert [len(indices) for indices in streams] == [per_rank] * ranks
     # rank r holds positions r, r + R, ...: interleaving the streams rebuilds the order's prefix
     assert np.array_equal(np.stack(streams, axis=1).reshape(-1), order[: per_rank * ranks])
     for index in range(size):  # the repeats of an image sit on distinct ranks
-        holders = [rank for rank, stream in enumerate(streams) if index in stream]
-        copies = sum(stream.count(index) for stream in streams)
+        holders = [rank for rank, indices in enumerate(streams) if index in indices]
+        copies = sum(indices.count(index) for indices in streams)
         assert copies == len(holders)
 
 
-def test_repeated_aug_sampler_epochs_and_tiny_datasets():
-    sampler = data.RepeatedAugSampler(600, 2, 0, seed=1)
-    epoch0 = list(sampler)
-    sampler.set_epoch(1)
-    epoch1 = list(sampler)
-    again = data.RepeatedAugSampler(600, 2, 0, seed=1)
-    again.set_epoch(1)
-    assert epoch0 != epoch1 and list(again) == epoch1
+def test_training_order_epochs_tiny_datasets_and_plain_shuffle():
+    epoch0, epoch1 = stream(600, 2, 0, seed=1), stream(600, 2, 0, seed=1, epoch=1)
+    assert epoch0 != epoch1 and stream(600, 2, 0, seed=1, epoch=1) == epoch1
 
-    for size, ranks in ((10, 2), (10, 3), (1, 4)):
-        counts = [len(list(data.RepeatedAugSampler(size, ranks, rank))) for rank in range(ranks)]
-        assert counts == [math.ceil(size / ranks)] * ranks
+    for size, ranks in ((10, 2), (10, 3), (1, 4)):  # below 256 images: ceil(N / R) each
+        assert [len(stream(size, ranks, rank)) for rank in range(ranks)] == [math.ceil(size / ranks)] * ranks
 
-
-def test_distributed_shuffle_and_shard_samplers():
-    streams = [list(data.DistributedShuffleSampler(10, 3, rank, seed=2)) for rank in range(3)]
-    assert [len(stream) for stream in streams] == [4, 4, 4]
-    assert set(sum(streams, [])) == set(range(10))
-
-    shards = [list(data.ShardSampler(10, 3, rank)) for rank in range(3)]
-    assert shards == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
-    assert sorted(sum(shards, [])) == list(range(10))
+    shuffled = [stream(10, 3, rank, seed=2, repeats=1) for rank in range(3)]
+    assert [len(indices) for indices in shuffled] == [4, 4, 4]
+    assert set(sum(shuffled, [])) == set(range(10))
 
 
 def test_loaders_batches_seeds_and_epochs(make_image_folder):
@@ -356,12 +369,18 @@ def test_loaders_batches_seeds_and_epochs(make_image_folder):
     assert not np.array_equal(first_batch(epoch=1)[0], images)
     assert not np.array_equal(first_batch(rank=1)[0], images)
 
+    loader = data.build_loader(build(True, args), True, batch_size=2, num_replicas=2, rank=1, seed=7)
+    data.set_loader_epoch(loader, 3)
+    keys = [key for batch in loader.batch_sampler for _, key in batch]
+    assert keys == [(7, 1, 3, position) for position in range(len(keys))]  # (seed, rank, epoch, position)
+
     val = build(False, args)
-    seen = []
-    for rank in range(2):
-        loader = data.build_loader(val, False, batch_size=2, num_replicas=2, rank=rank)
-        seen += [int(label) for _, batch_labels in loader for label in batch_labels.numpy()]
-    assert sorted(seen) == [0, 0, 0, 1, 1, 1]  # every validation image exactly once
+    shards = [[int(label) for _, labels in data.build_loader(val, False, batch_size=2, num_replicas=2,
+                                                               rank=rank) for label in labels.numpy()]
+              for rank in range(2)]
+    assert [len(shard) for shard in shards] == [3, 3]
+    assert sorted(sum(shards, [])) == [0, 0, 0, 1, 1, 1]  # every validation image exactly once
+    assert list(data.build_loader(val, False, batch_size=2, num_replicas=4, rank=1).batch_sampler) == [[1, 5]]
 
     dataset = build(True, args)
     seeded = dataset[0, (3, 0, 0, 0)][0]
@@ -370,6 +389,8 @@ def test_loaders_batches_seeds_and_epochs(make_image_folder):
 
     with pytest.raises(ValueError, match="fewer than the batch size"):
         data.build_loader(build(True, args), True, batch_size=16)
+    with pytest.raises(ValueError, match=r"rank 2 is not in \[0, 2\)"):
+        data.build_loader(val, False, batch_size=2, num_replicas=2, rank=2)
 
 
 def test_demo_data_is_a_valid_image_folder():
@@ -396,39 +417,3 @@ def test_folder_scan_reads_regular_files_once_and_never_loops(make_image_folder,
                      "cat/linked.JPEG", "dog/dog_0.JPEG", "dog/dog_1.JPEG", "dog/dog_2.JPEG", "dog/dog_3.JPEG"]
     with pytest.raises(ValueError, match="not a regular file"):   # at once, not after a hang
         data.load_image(os.path.join(cat, "fifo.png"))
-
-
-def test_extremely_elongated_image_is_an_error_not_a_memory_blowup(tmp_path):
-    path = str(tmp_path / "line.png")
-    Image.new("RGB", (2_000_000, 1)).save(path)
-    image = data.load_image(path)
-    with pytest.raises(ValueError, match="2000000x1 image resizes to .* over Pillow's MAX_IMAGE_PIXELS"):
-        data.eval_transform(224)(image)
-
-
-@pytest.mark.parametrize("content, message", [
-    ("a.png 1\nb.png \u00b2\n", r":2: expected 'relative/path label' with an integer label >= 0"),
-    ("a.png 100000000\n", r":1: label 100000000 is not below 100000"),
-    (b"a.png 1\n\xff\xfe.png 2\n", r":2: not UTF-8 text"),
-])
-def test_list_file_errors_name_the_line(tmp_path, content, message):
-    path = tmp_path / "list.txt"
-    path.write_bytes(content if isinstance(content, bytes) else content.encode())
-    with pytest.raises(data.DatasetError, match=re.escape(str(path)) + message):
-        data.read_list_file(str(path), str(tmp_path), check_files=False)
-
-
-def test_a_worker_processes_unreadable_image_is_its_dataset_error(make_image_folder):
-    """data.iterate relies on Paddle re-raising a worker's exception, with its type and its
-    traceback as the message, in a loader thread: this fails if Paddle changes that."""
-    root = make_image_folder(classes=("cat",), train_per_class=1, val_per_class=2)
-    bad = os.path.join(root, "val", "cat", "bad.png")
-    open(bad, "w").write("not an image")
-    samples, classes = data.scan_image_folder(os.path.join(root, "val"))
-    dataset = data.ImageDataset(samples, classes, data.eval_transform(32), skip_unreadable=False)
-    loader = data.build_loader(dataset, is_train=False, batch_size=1, num_workers=1)
-    hook = threading.excepthook
-    with pytest.raises(data.DatasetError) as error:
-        list(data.iterate(loader))
-    assert str(error.value) == f"cannot read image {bad}: cannot identify image file '{bad}'"
-    assert threading.excepthook is hook
