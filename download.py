@@ -45,7 +45,7 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Optional, Tuple
 
-from weights import WeightsError, _write_atomically, one_line, printable, remove_stale_temporaries, sha256_of
+from safe_io import WeightsError, one_line, printable, remove_stale_temporaries, sha256_of, write_atomically as _write_atomically
 
 RELEASE_URL = 'https://github.com/ShoufaChen/CycleMLP/releases/download/v0.1'
 # name: (release file, the most bytes it can have, its published sha256; None: none published).

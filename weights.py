@@ -1,44 +1,28 @@
 """Reading and writing CycleMLP weight files safely, without PyTorch.
 
-Formats read (recognised by content, not by suffix):
-  * PyTorch `torch.save` zip archives (the official release files and training checkpoints);
-  * pickles written by `paddle.save` (.pdparams / .pdckpt: PaddleClas-layout state dicts and this
-    repo's own files);
-  * .safetensors files.
+Read, recognised by content: torch.save zip archives (the official releases, training
+checkpoints), paddle.save pickles (.pdparams/.pdckpt) and .safetensors files. Written: .pdparams
+(numpy arrays, which paddle.load reads too) and .safetensors, atomically (safe_io).
 
-A pickle is a program: it names the functions it calls and the objects whose state it sets.
-`torch.load` (before weights_only) and `paddle.load` import and call whatever a file names, so
-opening a downloaded checkpoint with them runs arbitrary code. Here a pickle is read by an
-unpickler that
-  * resolves every name through an allow-list of stand-ins defined in this file (or inert
-    types such as OrderedDict) and imports nothing;
-  * sets state (the BUILD opcode) only on the arrays, dtypes and containers the load itself
-    created, rebuilding them from checked values, never on a class, a function or any object
-    shared with the rest of the process;
-  * bounds what the file may declare by what it holds: a tensor cannot hold more elements
-    than its storage, a storage is exactly as large as its zip member, which must be stored
-    uncompressed as torch.save writes it, and an array exactly as large as its bytes.
-Anything else stops the load with a WeightsError before anything from the file has run, and
-error messages never print what a file contains beyond a few characters.
-
-Formats written: .pdparams (a `paddle.save` pickle of numpy arrays, so `paddle.load` reads it as
-well) and .safetensors. Writes go to a temporary file that replaces the target only once
-complete, so an interrupted write never leaves a broken file behind.
+A pickle is a program: torch.load (before weights_only) and paddle.load import and call whatever
+it names. Here it is read by an unpickler that
+  * resolves every name through an allow-list of stand-ins defined here and imports nothing;
+  * sets state (BUILD) only on the arrays, dtypes and containers the load itself created,
+    rebuilt from checked values, never on a class, a function or an object shared with the process;
+  * bounds what the file declares by what it holds: a tensor by its storage, a storage by its
+    zip member (stored uncompressed, as torch.save writes it), an array by its bytes.
+Anything else is a WeightsError before anything from the file has run, and messages print at
+most a few characters of what a file contains. Its metadata passes one schema (check_meta).
 """
 from __future__ import annotations
 
 import argparse
 import collections
-import hashlib
 import json
 import math
 import os
 import pickle
-import reprlib
-import secrets
-import stat
 import struct
-import unicodedata
 import zipfile
 import zlib
 
@@ -46,8 +30,10 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from safe_io import (WeightsError, describe, one_line, open_regular_file, printable,  # noqa: F401 (re-exported)
+                     remove_stale_temporaries, sha256_of, write_atomically)
+
 META_KEYS = ('model_name', 'class_names', 'data_config')
-LAYOUTS = ('torch', 'paddle')
 WRITE_SUFFIXES = ('.pdparams', '.safetensors')
 # torch.save files from before PyTorch 1.6 start with a pickled magic number, not a zip header.
 LEGACY_TORCH_MAGIC = b'\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19'
@@ -59,72 +45,22 @@ NUMERIC_KINDS = 'biufc'
 MAX_PICKLE_BYTES = 64 << 20      # the data.pkl of a torch.save archive (a training checkpoint's is < 1 MB)
 MAX_FILE_BYTES = 16 << 30        # B5's training checkpoint (weights, EMA, two moments) is about 1.2 GB
 MAX_ARRAY_DIMS = 32
-MAX_CLASS_NAMES = 100_000
-# The evaluation transform a file records (data_config): its keys and their bounds.
+# The schema of recorded metadata (weights, checkpoints, exports): class names and data_config.
+MAX_CLASSES = 100_000            # ImageNet-21k has 21,841
+MAX_NAME_CHARS = 1000
 INPUT_SIZE_RANGE = (8, 4096)
 CROP_PCT_RANGE = (0.05, 1.0)
 INTERPOLATION_NAMES = ('bicubic', 'bilinear', 'nearest')
+DATA_CONFIG = {  # key: (check, what is expected)
+    'input_size': (lambda v: type(v) is int and INPUT_SIZE_RANGE[0] <= v <= INPUT_SIZE_RANGE[1],
+                   f'an integer in {list(INPUT_SIZE_RANGE)}'),
+    'crop_pct': (lambda v: type(v) in (int, float) and CROP_PCT_RANGE[0] <= v <= CROP_PCT_RANGE[1],
+                 f'a number in {list(CROP_PCT_RANGE)}'),
+    'interpolation': (lambda v: isinstance(v, str) and v in INTERPOLATION_NAMES, f'one of {", ".join(INTERPOLATION_NAMES)}'),
+}
 # What a damaged zip archive raises while it is read, besides BadZipFile.
 ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError,
               zlib.error, EOFError, OSError, ValueError, struct.error, KeyError, IndexError, OverflowError)
-
-_short_repr = reprlib.Repr()
-_short_repr.maxlevel, _short_repr.maxstring, _short_repr.maxother = 1, 40, 40
-_short_repr.maxlist = _short_repr.maxtuple = _short_repr.maxdict = _short_repr.maxset = 3
-
-
-def printable(text) -> str:
-    """text with every control and format character (newlines, terminal escapes, bidi
-    overrides) written as an escape, so that a name from a file or a folder prints as one line
-    that says what it holds."""
-    return ''.join(character if unicodedata.category(character) not in ('Cc', 'Cf')
-                   else repr(character)[1:-1] for character in str(text))
-
-
-def one_line(text, limit: int = 200) -> str:
-    """A message from elsewhere (a C++ error, a server), on one line, printable, bounded."""
-    return printable(' '.join(str(text).split()))[:limit]
-
-
-def open_regular_file(path: str, max_bytes: int | None = None):
-    """path opened for reading if it is a regular file of at most max_bytes; WeightsError for a
-    missing file, a FIFO, device or folder (a read would block forever or never end), or a
-    larger file. Opened without blocking and checked on the descriptor: what is read is what
-    was checked, even if the path is swapped afterwards."""
-    try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise WeightsError(f'{path}: no such file') from None
-    except OSError as error:
-        raise WeightsError(f'{path}: cannot read ({error.strerror})') from None
-    status = os.fstat(descriptor)
-    problem = ('not a regular file' if not stat.S_ISREG(status.st_mode) else
-               f'{status.st_size} bytes, more than the {max_bytes} it may hold'
-               if max_bytes is not None and status.st_size > max_bytes else None)
-    if problem:
-        os.close(descriptor)
-        raise WeightsError(f'{path}: {problem}')
-    return os.fdopen(descriptor, 'rb')
-
-
-def sha256_of(path: str) -> str:
-    """The sha256 of a regular file (open_regular_file)."""
-    digest = hashlib.sha256()
-    with open_regular_file(path) as file:
-        for chunk in iter(lambda: file.read(1 << 20), b''):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def describe(value) -> str:
-    """A bounded description of an untrusted value, safe to put in an error message."""
-    if isinstance(value, (str, bytes, int, float, bool, type(None))):
-        return _short_repr.repr(value)
-    return f'a {type(value).__name__}'
-
-
-class WeightsError(ValueError):
-    """A weight file is missing, damaged, hostile or not what was expected."""
 
 
 # Stand-ins for the globals that torch.save pickles name
@@ -167,12 +103,9 @@ class _Storage:
 
 
 def _strided_copy(storage: _Storage, dtype: _TorchDtype, offset, size, stride) -> np.ndarray:
-    """Rebuild a tensor as a view of its storage (offset, size, stride in elements), then copy.
-
-    The geometry is checked first: as_strided trusts its arguments and would otherwise read
-    outside the buffer if a file lied about them, and a view that repeats elements (a zero
-    stride) could declare far more elements than the file holds.
-    """
+    """A tensor as a copy of a view of its storage (offset, size, stride in elements). The geometry
+    is checked first: as_strided trusts it and would read outside the buffer if a file lied, and
+    a view that repeats elements (a zero stride) could declare far more than the file holds."""
     if not isinstance(storage, _Storage):
         raise WeightsError(f'a tensor is built from {describe(storage)}, expected a storage')
     if not (isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)
@@ -213,12 +146,8 @@ def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, bac
     return _strided_copy(storage, dtype, storage_offset, size, stride)
 
 
-def _rebuild_parameter(data, requires_grad, backward_hooks):
-    return data
-
-
-def _rebuild_parameter_with_state(data, requires_grad, backward_hooks, state):
-    return data  # the state holds Python attributes set on the Parameter, irrelevant to weights
+def _rebuild_parameter(data, *_):
+    return data  # requires_grad, hooks and Python attributes set on a Parameter are not weights
 
 
 def _torch_globals() -> dict:
@@ -228,7 +157,7 @@ def _torch_globals() -> dict:
         'torch._utils._rebuild_tensor_v2': _rebuild_tensor_v2,
         'torch._utils._rebuild_tensor_v3': _rebuild_tensor_v3,
         'torch._utils._rebuild_parameter': _rebuild_parameter,
-        'torch._utils._rebuild_parameter_with_state': _rebuild_parameter_with_state,
+        'torch._utils._rebuild_parameter_with_state': _rebuild_parameter,
         'torch.storage.UntypedStorage': _TORCH_DTYPES['uint8'],
         '_codecs.encode': _latin1_encode,
     }
@@ -254,11 +183,8 @@ def _numpy_dtype(spec, align=False, copy=False) -> np.dtype:
 
 
 class _NumpyArrayType:
-    """Stands for numpy.ndarray, which pickles name only as _reconstruct's first argument.
-
-    The real class is not handed out: called directly it would build arrays from arguments of
-    the file's choosing, outside the checks below.
-    """
+    """Stands for numpy.ndarray (named only as _reconstruct's first argument): the real class,
+    called directly, would build arrays from arguments of the file's choosing, unchecked."""
 
 
 class _EmptyArray:
@@ -307,8 +233,7 @@ PADDLE_ALLOWED_GLOBALS = _numpy_globals()
 # BUILD: the state a pickle may set, by the type of object it sets it on
 
 def _build_array(target: _EmptyArray, state) -> np.ndarray:
-    """ndarray.__setstate__'s (version, shape, dtype, is_fortran, raw bytes), checked, as a new
-    array in native byte order."""
+    """ndarray.__setstate__'s (version, shape, dtype, is_fortran, raw bytes), checked: a new native-order array."""
     if not (isinstance(state, tuple) and len(state) == 5):
         raise WeightsError('array state is not (version, shape, dtype, order, data)')
     _, shape, dtype, fortran, raw = state
@@ -326,8 +251,8 @@ def _build_array(target: _EmptyArray, state) -> np.ndarray:
 
 
 def _build_dtype(target: np.dtype, state) -> np.dtype:
-    """np.dtype.__setstate__ for a plain numeric dtype: only its byte order may be set, and on
-    a new dtype (np.dtype('f4') is a process-wide singleton)."""
+    """np.dtype.__setstate__ of a plain numeric dtype: only its byte order, set on a new dtype
+    (np.dtype('f4') is a process-wide singleton)."""
     if not (isinstance(state, tuple) and len(state) in (8, 9) and state[0] == 3
             and state[1] in ('<', '>', '|', '=') and state[2:5] == (None, None, None)
             and state[5:8] == (-1, -1, 0)):
@@ -336,8 +261,8 @@ def _build_dtype(target: np.dtype, state) -> np.dtype:
 
 
 def _build_instance_dict(target, state):
-    """OrderedDict (torch: its _metadata) and argparse.Namespace instances of this load: their
-    instance attributes, a dict of str keys; the class is never touched."""
+    """The attributes (a dict of str keys) of an OrderedDict or argparse.Namespace this load made;
+    never of a class."""
     if isinstance(state, tuple) and len(state) == 2 and state[0] is None:
         state = state[1]  # (dict state, slot state) as protocol 2+ writes it without a dict
     if not (isinstance(state, dict) and all(isinstance(key, str) for key in state)):
@@ -353,8 +278,8 @@ _BUILDERS = ((_EmptyArray, _build_array), (np.dtype, _build_dtype),
 
 
 class _RestrictedUnpickler(pickle._Unpickler):
-    """The allow-listed unpickler (module docstring). The pure-Python unpickler, because its
-    BUILD opcode can be replaced; it also needs no recursion for deeply nested data."""
+    """The allow-listed unpickler (module docstring): the pure-Python one, whose BUILD can be
+    replaced and which needs no recursion for deeply nested data."""
 
     dispatch = dict(pickle._Unpickler.dispatch)
 
@@ -397,7 +322,7 @@ def _unpickle(file, path: str, allowed: dict, persistent_load=None):
         raise WeightsError(f'{path}: damaged zip archive ({type(error).__name__})') from None
     except Exception as error:  # damaged pickles raise anything from EOFError to TypeError
         raise WeightsError(f'{path}: cannot unpickle ({type(error).__name__}: '
-                           f'{_short_repr.repr(str(error))[1:-1]})') from None
+                           f'{describe(str(error))[1:-1]})') from None
 
 
 # The three formats
@@ -410,7 +335,7 @@ def _load_torch_zip(file, path: str) -> dict:
         raise
     except ZIP_ERRORS as error:
         raise WeightsError(f'{path}: damaged zip archive ({type(error).__name__}: '
-                           f'{_short_repr.repr(str(error))[1:-1]})') from None
+                           f'{describe(str(error))[1:-1]})') from None
 
 
 def _read_torch_archive(path: str, archive: zipfile.ZipFile):
@@ -460,7 +385,7 @@ def _load_safetensors(file, path: str) -> tuple:
         header_size = struct.unpack('<Q', data[:8])[0]
         header = json.loads(data[8:8 + header_size]).get('__metadata__') or {}
     except Exception as error:  # SafetensorError, and ValueError/TypeError for odd dtypes
-        raise WeightsError(f'{path}: damaged safetensors file ({_short_repr.repr(str(error))[1:-1]})') from None
+        raise WeightsError(f'{path}: damaged safetensors file ({describe(str(error))[1:-1]})') from None
     meta = {}
     for key in META_KEYS:
         if key in header:
@@ -471,12 +396,13 @@ def _load_safetensors(file, path: str) -> tuple:
                                    f'{describe(header[key])}') from None
     # Files that safetensors.torch wrote say so with format 'pt'; our own files record the layout.
     layout = header.get('layout', 'torch' if header.get('format') == 'pt' else 'paddle')
+    if layout not in ('torch', 'paddle'):
+        raise WeightsError(f"{path}: layout {describe(layout)}, expected 'torch' or 'paddle'")
     return state, meta, layout
 
 
 def _sniff(file, path: str) -> str:
-    """'torch', 'legacy-torch', 'pickle' or 'safetensors', judged from the first bytes of the
-    open file (left at its start)."""
+    """'torch', 'pickle' or 'safetensors', judged from the first bytes of the file (left at its start)."""
     head = file.read(16)
     file.seek(0)
     if not head:
@@ -484,27 +410,77 @@ def _sniff(file, path: str) -> str:
     if head.startswith(ZIP_MAGIC):
         return 'torch'
     if head.startswith(LEGACY_TORCH_MAGIC):
-        return 'legacy-torch'
+        raise WeightsError(f'{path}: legacy (pre-1.6, non-zip) torch.save format is not supported; '
+                           f're-save it with torch>=1.6: torch.save(torch.load(old), new)')
     if head[:1] == b'\x80' and head[1:2] in (b'\x02', b'\x03', b'\x04', b'\x05'):  # PROTO 2..5
         return 'pickle'
     if len(head) > 8 and head[8:9] == b'{':  # u64 header length, then a JSON header
         return 'safetensors'
     raise WeightsError(f'{path}: not a weights file: expected a torch.save zip archive, a '
-                       f'paddle.save pickle (.pdparams/.pdckpt) or a .safetensors file')
+                       'paddle.save pickle (.pdparams/.pdckpt) or a .safetensors file')
+
+
+# The metadata schema
+
+def check_data_config(config, source: str) -> dict:
+    """A recorded evaluation transform (data_config), checked; WeightsError naming source otherwise."""
+    if not isinstance(config, dict):
+        raise WeightsError(f'{source}: data_config is {describe(config)}, expected a dict')
+    for key, value in config.items():
+        if key not in DATA_CONFIG or not DATA_CONFIG[key][0](value):
+            expected = DATA_CONFIG[key][1] if key in DATA_CONFIG else f'only {", ".join(DATA_CONFIG)}'
+            raise WeightsError(f'{source}: data_config {describe(key)} is {describe(value)}, expected {expected}')
+    return config
+
+
+def check_class_names(names, source: str) -> list | None:
+    """Recorded class names: None (not recorded) or a list of at most MAX_CLASSES short strings."""
+    if names is not None and not (isinstance(names, list) and len(names) <= MAX_CLASSES and all(
+            isinstance(name, str) and len(name) < MAX_NAME_CHARS for name in names)):
+        raise WeightsError(f'{source}: class_names is {describe(names)}, expected a list of at most '
+                           f'{MAX_CLASSES} strings')
+    return names
+
+
+def check_meta(meta: dict, source: str) -> dict:
+    """What a weights file or checkpoint records besides weights (META_KEYS; None: not recorded),
+    checked: the one schema of recorded metadata."""
+    unknown = set(meta) - set(META_KEYS)
+    if unknown:
+        raise WeightsError(f'{source}: unknown meta keys {sorted(unknown)}, expected {META_KEYS}')
+    if meta.get('model_name') is not None and not isinstance(meta['model_name'], str):
+        raise WeightsError(f'{source}: model_name is {describe(meta["model_name"])}, expected a str')
+    check_class_names(meta.get('class_names'), source)
+    if meta.get('data_config') is not None:
+        check_data_config(meta['data_config'], source)
+    return meta
 
 
 # Public API
 
+def _read(path: str, pickle_only: bool = False):
+    """(kind, content) of the file at path: opened once, checked, read by the safe readers."""
+    with open_regular_file(path, MAX_FILE_BYTES) as file:   # what is checked is what is read
+        kind = _sniff(file, path)
+        if pickle_only and kind != 'pickle':
+            raise WeightsError(f'{path}: expected a paddle.save pickle (.pdckpt), found a {kind} file')
+        if kind == 'safetensors':
+            return kind, _load_safetensors(file, path)
+        return kind, (_load_torch_zip(file, path) if kind == 'torch' else _unpickle(file, path, PADDLE_ALLOWED_GLOBALS))
+
+
+def _recorded_meta(path: str, content) -> dict:
+    """The metadata a file's dict records, checked (WeightsError if the file holds no dict)."""
+    if not isinstance(content, dict):
+        raise WeightsError(f'{path}: expected a dict, found {describe(content)}')
+    return check_meta({key: content[key] for key in META_KEYS if key in content}, path)
+
+
 def read_checkpoint(path: str) -> dict:
     """The whole dict of a .pdckpt/.pdparams pickle (model, optimizer, epoch, ...), for resuming."""
     path = os.fspath(path)
-    with open_regular_file(path, MAX_FILE_BYTES) as file:
-        kind = _sniff(file, path)
-        if kind != 'pickle':
-            raise WeightsError(f'{path}: expected a paddle.save pickle (.pdckpt), found a {kind} file')
-        checkpoint = _unpickle(file, path, PADDLE_ALLOWED_GLOBALS)
-    if not isinstance(checkpoint, dict):
-        raise WeightsError(f'{path}: expected a dict, found {describe(checkpoint)}')
+    checkpoint = _read(path, pickle_only=True)[1]
+    _recorded_meta(path, checkpoint)
     return checkpoint
 
 
@@ -520,190 +496,73 @@ def check_state(path: str, state) -> dict[str, np.ndarray]:
                 and isinstance(value[1], np.ndarray)):
             value = value[1]  # (tensor name, array): a paddle tensor pickled inside a container
         if not isinstance(key, str) or not isinstance(value, np.ndarray):
-            raise WeightsError(f'{path}: state dict entry {describe(key)} is {describe(value)}, '
-                               f'expected an array')
+            raise WeightsError(f'{path}: state dict entry {describe(key)} is {describe(value)}, expected an array')
         if value.dtype.kind not in NUMERIC_KINDS or value.dtype.fields is not None:
             raise WeightsError(f'{path}: state dict entry {describe(key)} has non-numeric dtype')
-        if not value.dtype.isnative:
-            value = value.astype(value.dtype.newbyteorder('='))
         # DistributedDataParallel saves its wrapped module's keys under 'module.'.
-        arrays[key[len('module.'):] if key.startswith('module.') else key] = value
+        arrays[key[len('module.'):] if key.startswith('module.') else key] = value.astype(
+            value.dtype.newbyteorder('='), copy=False)
     if not arrays:
         raise WeightsError(f'{path}: the state dict is empty')
     return arrays
 
 
-def _select_state(path: str, container: dict, ema: bool) -> dict:
-    if ema:
-        if 'model_ema' not in container:
-            keys = [key for key in container if isinstance(key, str)][:8]
-            raise WeightsError(f"{path}: no 'model_ema' entry (has {', '.join(map(describe, keys))})")
-        state = container['model_ema']
-    elif 'model' in container:
-        state = container['model']
-    elif 'state_dict' in container:
-        state = container['state_dict']
-    else:
-        state = container  # a bare state dict
-    return check_state(path, state)
-
-
-def check_data_config(config, source: str) -> dict:
-    """A recorded evaluation transform (data_config of a weights file or export), checked;
-    WeightsError naming the file and the value otherwise."""
-    checks = {'input_size': lambda v: type(v) is int and INPUT_SIZE_RANGE[0] <= v <= INPUT_SIZE_RANGE[1],
-              'crop_pct': lambda v: type(v) in (int, float) and CROP_PCT_RANGE[0] <= v <= CROP_PCT_RANGE[1],
-              'interpolation': lambda v: isinstance(v, str) and v in INTERPOLATION_NAMES}
-    expected = {'input_size': f'an integer in {list(INPUT_SIZE_RANGE)}',
-                'crop_pct': f'a number in {list(CROP_PCT_RANGE)}',
-                'interpolation': f'one of {", ".join(INTERPOLATION_NAMES)}'}
-    if not isinstance(config, dict):
-        raise WeightsError(f'{source}: data_config is {describe(config)}, expected a dict')
-    for key, value in config.items():
-        if key not in checks or not checks[key](value):
-            raise WeightsError(f'{source}: data_config {describe(key)} is {describe(value)}, '
-                               f'expected {expected.get(key, "only " + ", ".join(checks))}')
-    return config
-
-
-def _check_meta(path: str, meta: dict) -> dict:
-    expected = {'model_name': str, 'class_names': list, 'data_config': dict}
-    for key, value in meta.items():
-        if not isinstance(value, expected[key]):
-            raise WeightsError(f'{path}: {key} is {describe(value)}, expected a {expected[key].__name__}')
-    names = meta.get('class_names')
-    if names is not None and (len(names) > MAX_CLASS_NAMES
-                              or not all(isinstance(n, str) and len(n) < 1000 for n in names)):
-        raise WeightsError(f'{path}: class_names must be a list of at most {MAX_CLASS_NAMES} strings')
-    if 'data_config' in meta:
-        check_data_config(meta['data_config'], path)
-    return meta
-
-
 def read_weights(path: str, ema: bool = False) -> tuple[dict[str, np.ndarray], dict, str]:
-    """Read a weight file into (state dict of numpy arrays, meta, layout).
+    """(state dict of numpy arrays, meta, layout) of a weights file.
 
     layout is 'torch' (Linear weights [out, in]) or 'paddle' ([in, out]); see torch_to_paddle.
-    meta holds whichever of model_name, class_names, data_config the file records ({} for
-    files from elsewhere), each checked (_check_meta: the one schema of recorded metadata).
+    meta holds what the file records of META_KEYS ({} for files from elsewhere), checked.
     From a checkpoint dict the state is 'model', else 'state_dict', else the dict itself;
-    ema=True takes 'model_ema' (timm's ModelEma) instead. Everything else in a training
-    checkpoint (optimizer, lr_scheduler, epoch, scaler, args) is read safely and ignored.
+    ema=True takes 'model_ema' (timm's ModelEma). The rest of a training checkpoint (optimizer,
+    epoch, args, an mmcv 'meta') is read safely and ignored.
     """
     path = os.fspath(path)
-    with open_regular_file(path, MAX_FILE_BYTES) as file:   # what is checked is what is read
-        kind = _sniff(file, path)
-        if kind == 'legacy-torch':
-            raise WeightsError(f'{path}: legacy (pre-1.6, non-zip) torch.save format is not supported; '
-                               f're-save it with torch>=1.6: torch.save(torch.load(old), new)')
-        if kind == 'safetensors':
-            if ema:
-                raise WeightsError(f"{path}: a .safetensors file holds one state dict, no 'model_ema'")
-            state, meta, layout = _load_safetensors(file, path)
-            container = state
-        else:
-            container = (_load_torch_zip(file, path) if kind == 'torch'
-                         else _unpickle(file, path, PADDLE_ALLOWED_GLOBALS))
-            if not isinstance(container, dict):
-                raise WeightsError(f'{path}: expected a dict, found {describe(container)}')
-            meta = {key: container[key] for key in META_KEYS if key in container}
-            layout = 'torch' if kind == 'torch' else 'paddle'
-    if layout not in LAYOUTS:
-        raise WeightsError(f'{path}: layout {describe(layout)}, expected one of {LAYOUTS}')
-    return _select_state(path, container, ema), _check_meta(path, meta), layout
+    kind, content = _read(path)
+    if kind == 'safetensors':
+        if ema:
+            raise WeightsError(f"{path}: a .safetensors file holds one state dict, no 'model_ema'")
+        state, meta, layout = content
+        return check_state(path, state), check_meta(meta, path), layout
+    meta = _recorded_meta(path, content)
+    if ema and 'model_ema' not in content:
+        keys = [key for key in content if isinstance(key, str)][:8]
+        raise WeightsError(f"{path}: no 'model_ema' entry (has {', '.join(map(describe, keys))})")
+    state = content['model_ema'] if ema else content.get('model', content.get('state_dict', content))
+    return check_state(path, state), meta, 'torch' if kind == 'torch' else 'paddle'
 
 
 def torch_to_paddle(state: dict) -> dict:
-    """Convert a state dict from PyTorch layout to Paddle layout.
+    """A state dict from PyTorch layout to Paddle layout.
 
     torch.nn.Linear stores its weight as [out, in] and computes x @ W.T; paddle.nn.Linear stores
     [in, out] and computes x @ W. In CycleMLP every 2-D '.weight' is a Linear (mlp_c, proj,
-    reweight and mlp fc1/fc2, head), so those are transposed. Convolution and CycleFC weights are
-    4-D [out, in, kh, kw] in both frameworks, and 1-D LayerNorm weights and biases need nothing.
+    reweight and mlp fc1/fc2, head), so those are transposed; convolution and CycleFC weights are
+    [out, in, kh, kw] in both, and LayerNorm's 1-D tensors need nothing.
     """
     return {key: np.ascontiguousarray(value.T) if value.ndim == 2 and key.endswith('.weight')
             else value for key, value in state.items()}
 
 
-def _temporary_path(path: str) -> str:
-    """A new name beside path for a write in progress. The file is not created here: the writer
-    creates it, with the mode the umask gives (mkstemp's would be 0600 whatever the umask)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)   # the folders a command writes into are made, as mkdir -p
-    return os.path.join(directory, f'.{os.path.basename(path)}.{secrets.token_hex(6)}.tmp')
-
-
-def remove_stale_temporaries(path: str) -> list[str]:
-    """Remove the temporary files that writes of path left behind when the process was killed
-    during the write (SIGKILL); returns their names."""
-    directory, name = os.path.split(os.path.abspath(path))
-    stale = [entry for entry in os.listdir(directory)
-             if entry.startswith(f'.{name}.') and entry.endswith('.tmp')]
-    for entry in stale:
-        os.remove(os.path.join(directory, entry))
-    return stale
-
-
-def _umask() -> int:
-    """The process's umask, read without changing it (Linux); else set and put back."""
-    try:
-        with open('/proc/self/status') as status:
-            return int(next(line for line in status if line.startswith('Umask:')).split()[1], 8)
-    except (OSError, StopIteration, ValueError):
-        mask = os.umask(0o022)
-        os.umask(mask)
-        return mask
-
-
-def _write_atomically(path: str, write) -> None:
-    """Call write(temporary path), then move the result onto path; on any failure remove it."""
-    try:
-        temporary = _temporary_path(path)
-    except OSError as error:
-        raise WeightsError(f'{path}: cannot write ({error.strerror})') from None
-    try:
-        write(temporary)
-        os.chmod(temporary, 0o666 & ~_umask())     # safetensors writes 0600 whatever the umask
-        os.replace(temporary, path)
-    except BaseException as error:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        if isinstance(error, OSError):
-            raise WeightsError(f'{path}: cannot write ({error.strerror or error})') from None
-        raise
-
-
 def atomic_save(obj, path: str) -> None:
     """paddle.save obj (numpy arrays and plain Python values) to path, all or nothing."""
     import paddle  # here: reading and converting weights does not need the framework
-    _write_atomically(os.fspath(path), lambda temporary: paddle.save(obj, temporary))
+    write_atomically(os.fspath(path), lambda temporary: paddle.save(obj, temporary))
 
 
 def write_weights(path: str, state: dict[str, np.ndarray], meta: dict | None = None) -> None:
-    """Write a Paddle-layout state dict and its meta to a .pdparams or .safetensors file.
-
-    .pdparams holds {'model': state, **meta} as numpy arrays, readable by read_weights and by
-    paddle.load alike; .safetensors holds the arrays with meta JSON-encoded in its header.
-    """
+    """Write a Paddle-layout state dict and its meta to a .pdparams ({'model': state, **meta}) or
+    a .safetensors file (meta JSON-encoded in its header)."""
     path = os.fspath(path)
-    meta = dict(meta or {})
-    unknown = set(meta) - set(META_KEYS)
-    if unknown:
-        raise WeightsError(f'{path}: unknown meta keys {sorted(unknown)}, expected {META_KEYS}')
-    _check_meta(path, meta)
+    meta = check_meta(dict(meta or {}), path)
     for key, value in state.items():
         if not isinstance(value, np.ndarray):
-            raise WeightsError(f'{path}: state entry {key!r} is a {type(value).__name__}, '
-                               f'expected a numpy array')
+            raise WeightsError(f'{path}: state entry {key!r} is a {type(value).__name__}, expected a numpy array')
     suffix = os.path.splitext(path)[1]
     if suffix == '.pdparams':
         atomic_save({'model': dict(state), **meta}, path)
     elif suffix == '.safetensors':
-        header = {key: json.dumps(value) for key, value in meta.items()}
-        header['layout'] = 'paddle'
+        header = {**{key: json.dumps(value) for key, value in meta.items()}, 'layout': 'paddle'}
         arrays = {key: np.ascontiguousarray(value) for key, value in state.items()}
-        _write_atomically(path, lambda temporary: safetensors.numpy.save_file(
-            arrays, temporary, metadata=header))
+        write_atomically(path, lambda temporary: safetensors.numpy.save_file(arrays, temporary, metadata=header))
     else:
-        raise WeightsError(f'{path}: cannot write {suffix or "a file without suffix"}, '
-                           f'expected one of {WRITE_SUFFIXES}')
+        raise WeightsError(f'{path}: cannot write {suffix or "a file without suffix"}, expected one of {WRITE_SUFFIXES}')
