@@ -77,14 +77,12 @@ class _TorchDtype:
 
 
 _TORCH_DTYPES = {name: _TorchDtype(name, 'uint16' if name == 'bfloat16' else name) for name in
-                 ('float32', 'float16', 'bfloat16', 'float64', 'int64', 'int32', 'int16', 'int8',
-                  'uint8', 'bool')}
+                 ('float32', 'float16', 'bfloat16', 'float64', 'int64', 'int32', 'int16', 'int8', 'uint8', 'bool')}
 _BFLOAT16 = _TORCH_DTYPES['bfloat16']
-_TORCH_STORAGE_CLASSES = {
-    'FloatStorage': 'float32', 'HalfStorage': 'float16', 'BFloat16Storage': 'bfloat16',
-    'DoubleStorage': 'float64', 'LongStorage': 'int64', 'IntStorage': 'int32',
-    'ShortStorage': 'int16', 'CharStorage': 'int8', 'ByteStorage': 'uint8', 'BoolStorage': 'bool',
-}
+# The legacy typed storage classes, in the order of _TORCH_DTYPES.
+_TORCH_STORAGE_CLASSES = dict(zip(('FloatStorage', 'HalfStorage', 'BFloat16Storage', 'DoubleStorage', 'LongStorage',
+                                   'IntStorage', 'ShortStorage', 'CharStorage', 'ByteStorage', 'BoolStorage'),
+                                  _TORCH_DTYPES.values()))
 
 
 class _Storage:
@@ -150,29 +148,6 @@ def _rebuild_parameter(data, *_):
     return data  # requires_grad, hooks and Python attributes set on a Parameter are not weights
 
 
-def _torch_globals() -> dict:
-    allowed = {
-        'collections.OrderedDict': collections.OrderedDict,
-        'argparse.Namespace': argparse.Namespace,  # 'args' in official checkpoints; a plain bag
-        'torch._utils._rebuild_tensor_v2': _rebuild_tensor_v2,
-        'torch._utils._rebuild_tensor_v3': _rebuild_tensor_v3,
-        'torch._utils._rebuild_parameter': _rebuild_parameter,
-        'torch._utils._rebuild_parameter_with_state': _rebuild_parameter,
-        'torch.storage.UntypedStorage': _TORCH_DTYPES['uint8'],
-        '_codecs.encode': _latin1_encode,
-    }
-    for storage_class, dtype_name in _TORCH_STORAGE_CLASSES.items():
-        allowed[f'torch.{storage_class}'] = _TORCH_DTYPES[dtype_name]
-    for dtype_name, dtype in _TORCH_DTYPES.items():
-        allowed[f'torch.{dtype_name}'] = dtype
-    # Plain values of an mmcv/mmseg/mmdet checkpoint's 'meta' (save_best writes numpy scalars;
-    # sets appear too): built as checked values, like everything else, and never used.
-    for module in ('numpy.core.multiarray', 'numpy._core.multiarray'):
-        allowed[f'{module}.scalar'] = _numpy_scalar
-    allowed.update({'numpy.dtype': _numpy_dtype, 'builtins.set': set, '__builtin__.set': set})
-    return allowed
-
-
 # Stand-ins for the globals that pickled numpy arrays name (paddle.save, any numpy version)
 
 def _numpy_dtype(spec, align=False, copy=False) -> np.dtype:
@@ -210,24 +185,27 @@ def _latin1_encode(text, encoding='latin1'):
     return text.encode('latin1')
 
 
-def _numpy_globals() -> dict:
-    allowed = {
-        'collections.OrderedDict': collections.OrderedDict,
-        'numpy.ndarray': _NumpyArrayType,
-        'numpy.dtype': _numpy_dtype,
-        '_codecs.encode': _latin1_encode,
-        # paddle.save pickles a tensor nested in a container as the tuple (name, ndarray).
-        'builtins.tuple': tuple,
-        '__builtin__.tuple': tuple,
-    }
-    for module in ('numpy.core.multiarray', 'numpy._core.multiarray'):  # numpy 1.x, 2.x
-        allowed[f'{module}._reconstruct'] = _numpy_reconstruct
-        allowed[f'{module}.scalar'] = _numpy_scalar
-    return allowed
-
-
-TORCH_ALLOWED_GLOBALS = _torch_globals()
-PADDLE_ALLOWED_GLOBALS = _numpy_globals()
+# Every global a weights file may name (torch.save's, paddle.save's, and the plain values of an
+# mmcv checkpoint's 'meta': numpy scalars, sets), each a stand-in that builds checked values.
+ALLOWED_GLOBALS = {
+    'collections.OrderedDict': collections.OrderedDict,
+    'argparse.Namespace': argparse.Namespace,  # 'args' in official checkpoints; a plain bag
+    'torch._utils._rebuild_tensor_v2': _rebuild_tensor_v2,
+    'torch._utils._rebuild_tensor_v3': _rebuild_tensor_v3,
+    'torch._utils._rebuild_parameter': _rebuild_parameter,
+    'torch._utils._rebuild_parameter_with_state': _rebuild_parameter,
+    'torch.storage.UntypedStorage': _TORCH_DTYPES['uint8'],
+    **{f'torch.{name}': dtype for name, dtype in {**_TORCH_STORAGE_CLASSES, **_TORCH_DTYPES}.items()},
+    '_codecs.encode': _latin1_encode,
+    'numpy.ndarray': _NumpyArrayType,
+    'numpy.dtype': _numpy_dtype,
+    # paddle.save pickles a tensor in a container as the tuple (name, ndarray); protocol 2 says __builtin__.
+    'builtins.tuple': tuple, '__builtin__.tuple': tuple, 'builtins.set': set, '__builtin__.set': set,
+    'numpy.core.multiarray._reconstruct': _numpy_reconstruct,       # numpy 1.x
+    'numpy._core.multiarray._reconstruct': _numpy_reconstruct,      # numpy 2.x
+    'numpy.core.multiarray.scalar': _numpy_scalar,
+    'numpy._core.multiarray.scalar': _numpy_scalar,
+}
 
 
 # BUILD: the state a pickle may set, by the type of object it sets it on
@@ -283,17 +261,16 @@ class _RestrictedUnpickler(pickle._Unpickler):
 
     dispatch = dict(pickle._Unpickler.dispatch)
 
-    def __init__(self, file, allowed: dict, persistent_load=None):
+    def __init__(self, file, persistent_load=None):
         super().__init__(file)
-        self.allowed = allowed
         self.load_persistent = persistent_load
 
     def find_class(self, module: str, name: str):
         key = f'{module}.{name}'
-        if key not in self.allowed:
+        if key not in ALLOWED_GLOBALS:
             raise WeightsError(f'refusing to load global {describe(key)}: weight files may only '
                                'name tensor and container types')
-        return self.allowed[key]
+        return ALLOWED_GLOBALS[key]
 
     def persistent_load(self, pid):
         if self.load_persistent is None:
@@ -313,9 +290,9 @@ class _RestrictedUnpickler(pickle._Unpickler):
     dispatch[pickle.BUILD[0]] = load_build
 
 
-def _unpickle(file, path: str, allowed: dict, persistent_load=None):
+def _unpickle(file, path: str, persistent_load=None):
     try:
-        return _RestrictedUnpickler(file, allowed, persistent_load).load()
+        return _RestrictedUnpickler(file, persistent_load).load()
     except WeightsError as error:
         raise WeightsError(f'{path}: {error}') from None
     except ZIP_ERRORS as error:  # a damaged storage member, read from inside persistent_load
@@ -373,7 +350,7 @@ def _read_torch_archive(path: str, archive: zipfile.ZipFile):
         return storages[key]
 
     with archive.open(pickles[0]) as file:
-        result = _unpickle(file, path, TORCH_ALLOWED_GLOBALS, load_storage)
+        result = _unpickle(file, path, load_storage)
         file.read()   # to the end, where zipfile checks the member's CRC
     return result
 
@@ -466,7 +443,7 @@ def _read(path: str, pickle_only: bool = False):
             raise WeightsError(f'{path}: expected a paddle.save pickle (.pdckpt), found a {kind} file')
         if kind == 'safetensors':
             return kind, _load_safetensors(file, path)
-        return kind, (_load_torch_zip(file, path) if kind == 'torch' else _unpickle(file, path, PADDLE_ALLOWED_GLOBALS))
+        return kind, (_load_torch_zip(file, path) if kind == 'torch' else _unpickle(file, path))
 
 
 def _recorded_meta(path: str, content) -> dict:
