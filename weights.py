@@ -4,15 +4,13 @@ Read, recognised by content: torch.save zip archives (the official releases, tra
 checkpoints), paddle.save pickles (.pdparams/.pdckpt) and .safetensors files. Written: .pdparams
 (numpy arrays, which paddle.load reads too) and .safetensors, atomically (safe_io).
 
-A pickle is a program: torch.load (before weights_only) and paddle.load import and call whatever
-it names. Here it is read by an unpickler that
-  * resolves every name through an allow-list of stand-ins defined here and imports nothing;
-  * sets state (BUILD) only on the arrays, dtypes and containers the load itself created,
-    rebuilt from checked values, never on a class, a function or an object shared with the process;
-  * bounds what the file declares by what it holds: a tensor by its storage, a storage by its
-    zip member (stored uncompressed, as torch.save writes it), an array by its bytes.
-Anything else is a WeightsError before anything from the file has run, and messages print at
-most a few characters of what a file contains. Its metadata passes one schema (check_meta).
+A pickle is a program: torch.load (before weights_only) and paddle.load call whatever it names.
+Here it is read by an unpickler that resolves every name through an allow-list of stand-ins
+defined here (importing nothing), sets state (BUILD) only on the arrays, dtypes and containers
+the load itself created, from checked values, and bounds what the file declares by what it holds
+(a tensor by its storage, a storage by its uncompressed zip member, an array by its bytes).
+Anything else is a WeightsError before anything from the file has run. The metadata a file
+records passes one schema (check_meta), the same for weights, checkpoints and exports.
 """
 from __future__ import annotations
 
@@ -37,7 +35,6 @@ META_KEYS = ('model_name', 'class_names', 'data_config')
 WRITE_SUFFIXES = ('.pdparams', '.safetensors')
 # torch.save files from before PyTorch 1.6 start with a pickled magic number, not a zip header.
 LEGACY_TORCH_MAGIC = b'\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19'
-ZIP_MAGIC = b'PK\x03\x04'
 # paddle.save of a dict of tensors adds this bookkeeping entry (structured name -> tensor name).
 PADDLE_NAME_TABLE_KEY = 'StructuredToParameterName@@'
 # Numeric kinds only: object ('O') and void/structured ('V') dtypes could smuggle in pickled objects.
@@ -45,7 +42,7 @@ NUMERIC_KINDS = 'biufc'
 MAX_PICKLE_BYTES = 64 << 20      # the data.pkl of a torch.save archive (a training checkpoint's is < 1 MB)
 MAX_FILE_BYTES = 16 << 30        # B5's training checkpoint (weights, EMA, two moments) is about 1.2 GB
 MAX_ARRAY_DIMS = 32
-# The schema of recorded metadata (weights, checkpoints, exports): class names and data_config.
+# The schema of recorded metadata: class names, and the evaluation transform (data_config).
 MAX_CLASSES = 100_000            # ImageNet-21k has 21,841
 MAX_NAME_CHARS = 1000
 INPUT_SIZE_RANGE = (8, 4096)
@@ -56,7 +53,8 @@ DATA_CONFIG = {  # key: (check, what is expected)
                    f'an integer in {list(INPUT_SIZE_RANGE)}'),
     'crop_pct': (lambda v: type(v) in (int, float) and CROP_PCT_RANGE[0] <= v <= CROP_PCT_RANGE[1],
                  f'a number in {list(CROP_PCT_RANGE)}'),
-    'interpolation': (lambda v: isinstance(v, str) and v in INTERPOLATION_NAMES, f'one of {", ".join(INTERPOLATION_NAMES)}'),
+    'interpolation': (lambda v: isinstance(v, str) and v in INTERPOLATION_NAMES,
+                      f'one of {", ".join(INTERPOLATION_NAMES)}'),
 }
 # What a damaged zip archive raises while it is read, besides BadZipFile.
 ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError,
@@ -69,11 +67,7 @@ class _TorchDtype:
     """What a torch storage class or dtype global stands for: how to read its bytes with numpy."""
 
     def __init__(self, name: str, numpy_dtype: str):
-        self.name = name
-        self.numpy_dtype = np.dtype(numpy_dtype)  # bfloat16 is read as uint16, then widened
-
-    def __repr__(self) -> str:
-        return f'torch.{self.name}'
+        self.name, self.numpy_dtype = name, np.dtype(numpy_dtype)  # bfloat16 is read as uint16, then widened
 
 
 _TORCH_DTYPES = {name: _TorchDtype(name, 'uint16' if name == 'bfloat16' else name) for name in
@@ -89,9 +83,7 @@ class _Storage:
     """The raw bytes of one torch storage (`<root>/data/<key>` in the zip) and their dtype."""
 
     def __init__(self, raw: bytes, dtype: _TorchDtype, big_endian: bool):
-        self.raw = raw
-        self.dtype = dtype
-        self.big_endian = big_endian
+        self.raw, self.dtype, self.big_endian = raw, dtype, big_endian
 
     def elements(self, dtype: _TorchDtype) -> np.ndarray:
         """The bytes as elements of dtype (a tensor's own, for untyped storages), native order."""
@@ -302,25 +294,14 @@ def _unpickle(file, path: str, persistent_load=None):
                            f'{describe(str(error))[1:-1]})') from None
 
 
-# The three formats
+# The three formats, and the one schema of their metadata
 
-def _load_torch_zip(file, path: str) -> dict:
-    try:
-        with zipfile.ZipFile(file) as archive:
-            return _read_torch_archive(path, archive)
-    except WeightsError:
-        raise
-    except ZIP_ERRORS as error:
-        raise WeightsError(f'{path}: damaged zip archive ({type(error).__name__}: '
-                           f'{describe(str(error))[1:-1]})') from None
-
-
-def _read_torch_archive(path: str, archive: zipfile.ZipFile):
+def _read_torch_archive(file, path: str) -> dict:
+    archive = zipfile.ZipFile(file)
     members = {info.filename: info for info in archive.infolist()}
     pickles = [name for name in members if name.endswith('/data.pkl') and name.count('/') == 1]
     if len(pickles) != 1:
-        raise WeightsError(f'{path}: a torch.save archive holds exactly one <root>/data.pkl, '
-                           f'found {len(pickles)}')
+        raise WeightsError(f'{path}: a torch.save archive holds exactly one <root>/data.pkl, found {len(pickles)}')
     if members[pickles[0]].file_size > MAX_PICKLE_BYTES:
         raise WeightsError(f'{path}: data.pkl declares {members[pickles[0]].file_size} bytes; '
                            'torch.save writes far less')
@@ -349,25 +330,24 @@ def _read_torch_archive(path: str, archive: zipfile.ZipFile):
             storages[key] = _Storage(archive.read(info), dtype, big_endian)
         return storages[key]
 
-    with archive.open(pickles[0]) as file:
-        result = _unpickle(file, path, load_storage)
-        file.read()   # to the end, where zipfile checks the member's CRC
+    with archive.open(pickles[0]) as member:
+        result = _unpickle(member, path, load_storage)
+        member.read()   # to the end, where zipfile checks the member's CRC
     return result
 
 
-def _load_safetensors(file, path: str) -> tuple:
+def _read_safetensors(file, path: str) -> tuple[dict, str]:
+    """({'model': arrays, **meta}, layout) of a .safetensors file; its meta is JSON in the header."""
     data = file.read()
     try:
-        state = safetensors.numpy.load(data)
-        header_size = struct.unpack('<Q', data[:8])[0]
-        header = json.loads(data[8:8 + header_size]).get('__metadata__') or {}
+        container = {'model': safetensors.numpy.load(data)}
+        header = json.loads(data[8:8 + struct.unpack('<Q', data[:8])[0]]).get('__metadata__') or {}
     except Exception as error:  # SafetensorError, and ValueError/TypeError for odd dtypes
         raise WeightsError(f'{path}: damaged safetensors file ({describe(str(error))[1:-1]})') from None
-    meta = {}
     for key in META_KEYS:
         if key in header:
             try:
-                meta[key] = json.loads(header[key])
+                container[key] = json.loads(header[key])
             except (ValueError, RecursionError):
                 raise WeightsError(f'{path}: metadata {key!r} is not JSON of sane depth: '
                                    f'{describe(header[key])}') from None
@@ -375,29 +355,46 @@ def _load_safetensors(file, path: str) -> tuple:
     layout = header.get('layout', 'torch' if header.get('format') == 'pt' else 'paddle')
     if layout not in ('torch', 'paddle'):
         raise WeightsError(f"{path}: layout {describe(layout)}, expected 'torch' or 'paddle'")
-    return state, meta, layout
+    return container, layout
 
 
-def _sniff(file, path: str) -> str:
-    """'torch', 'pickle' or 'safetensors', judged from the first bytes of the file (left at its start)."""
-    head = file.read(16)
-    file.seek(0)
-    if not head:
-        raise WeightsError(f'{path}: file is empty')
-    if head.startswith(ZIP_MAGIC):
-        return 'torch'
-    if head.startswith(LEGACY_TORCH_MAGIC):
-        raise WeightsError(f'{path}: legacy (pre-1.6, non-zip) torch.save format is not supported; '
-                           f're-save it with torch>=1.6: torch.save(torch.load(old), new)')
-    if head[:1] == b'\x80' and head[1:2] in (b'\x02', b'\x03', b'\x04', b'\x05'):  # PROTO 2..5
-        return 'pickle'
-    if len(head) > 8 and head[8:9] == b'{':  # u64 header length, then a JSON header
-        return 'safetensors'
-    raise WeightsError(f'{path}: not a weights file: expected a torch.save zip archive, a '
-                       'paddle.save pickle (.pdparams/.pdckpt) or a .safetensors file')
+def _read(path: str, pickle_only: bool = False) -> tuple[dict, str]:
+    """(the dict a weights file holds, its layout): the file opened once and checked, its format
+    recognised by its first bytes, and read by the safe readers; its metadata checked."""
+    path = os.fspath(path)
+    with open_regular_file(path, MAX_FILE_BYTES) as file:   # what is checked is what is read
+        head = file.read(16)
+        file.seek(0)
+        if not head:
+            raise WeightsError(f'{path}: file is empty')
+        if head.startswith(LEGACY_TORCH_MAGIC):
+            raise WeightsError(f'{path}: legacy (pre-1.6, non-zip) torch.save format is not supported; '
+                               're-save it with torch>=1.6: torch.save(torch.load(old), new)')
+        kind = ('torch' if head.startswith(b'PK\x03\x04') else
+                'pickle' if head[:1] == b'\x80' and head[1:2] in (b'\x02', b'\x03', b'\x04', b'\x05') else
+                'safetensors' if head[8:9] == b'{' else None)     # a u64 header length, then JSON
+        if kind is None:
+            raise WeightsError(f'{path}: not a weights file: expected a torch.save zip archive, a '
+                               'paddle.save pickle (.pdparams/.pdckpt) or a .safetensors file')
+        if pickle_only and kind != 'pickle':
+            raise WeightsError(f'{path}: expected a paddle.save pickle (.pdckpt), found a {kind} file')
+        if kind == 'safetensors':
+            content, layout = _read_safetensors(file, path)
+        elif kind == 'pickle':
+            content, layout = _unpickle(file, path), 'paddle'
+        else:
+            try:
+                content, layout = _read_torch_archive(file, path), 'torch'
+            except WeightsError:
+                raise
+            except ZIP_ERRORS as error:
+                raise WeightsError(f'{path}: damaged zip archive ({type(error).__name__}: '
+                                   f'{describe(str(error))[1:-1]})') from None
+    if not isinstance(content, dict):
+        raise WeightsError(f'{path}: expected a dict, found {describe(content)}')
+    check_meta({key: content[key] for key in META_KEYS if key in content}, path)
+    return content, layout
 
-
-# The metadata schema
 
 def check_data_config(config, source: str) -> dict:
     """A recorded evaluation transform (data_config), checked; WeightsError naming source otherwise."""
@@ -435,30 +432,9 @@ def check_meta(meta: dict, source: str) -> dict:
 
 # Public API
 
-def _read(path: str, pickle_only: bool = False):
-    """(kind, content) of the file at path: opened once, checked, read by the safe readers."""
-    with open_regular_file(path, MAX_FILE_BYTES) as file:   # what is checked is what is read
-        kind = _sniff(file, path)
-        if pickle_only and kind != 'pickle':
-            raise WeightsError(f'{path}: expected a paddle.save pickle (.pdckpt), found a {kind} file')
-        if kind == 'safetensors':
-            return kind, _load_safetensors(file, path)
-        return kind, (_load_torch_zip(file, path) if kind == 'torch' else _unpickle(file, path))
-
-
-def _recorded_meta(path: str, content) -> dict:
-    """The metadata a file's dict records, checked (WeightsError if the file holds no dict)."""
-    if not isinstance(content, dict):
-        raise WeightsError(f'{path}: expected a dict, found {describe(content)}')
-    return check_meta({key: content[key] for key in META_KEYS if key in content}, path)
-
-
 def read_checkpoint(path: str) -> dict:
     """The whole dict of a .pdckpt/.pdparams pickle (model, optimizer, epoch, ...), for resuming."""
-    path = os.fspath(path)
-    checkpoint = _read(path, pickle_only=True)[1]
-    _recorded_meta(path, checkpoint)
-    return checkpoint
+    return _read(path, pickle_only=True)[0]
 
 
 def check_state(path: str, state) -> dict[str, np.ndarray]:
@@ -488,24 +464,16 @@ def read_weights(path: str, ema: bool = False) -> tuple[dict[str, np.ndarray], d
     """(state dict of numpy arrays, meta, layout) of a weights file.
 
     layout is 'torch' (Linear weights [out, in]) or 'paddle' ([in, out]); see torch_to_paddle.
-    meta holds what the file records of META_KEYS ({} for files from elsewhere), checked.
-    From a checkpoint dict the state is 'model', else 'state_dict', else the dict itself;
-    ema=True takes 'model_ema' (timm's ModelEma). The rest of a training checkpoint (optimizer,
-    epoch, args, an mmcv 'meta') is read safely and ignored.
+    meta: what the file records of META_KEYS ({} for files from elsewhere). The state is the
+    dict's 'model', else 'state_dict', else the dict itself; with ema, 'model_ema' (timm's
+    ModelEma). The rest of a checkpoint (optimizer, args, an mmcv 'meta') is read and ignored.
     """
-    path = os.fspath(path)
-    kind, content = _read(path)
-    if kind == 'safetensors':
-        if ema:
-            raise WeightsError(f"{path}: a .safetensors file holds one state dict, no 'model_ema'")
-        state, meta, layout = content
-        return check_state(path, state), check_meta(meta, path), layout
-    meta = _recorded_meta(path, content)
-    if ema and 'model_ema' not in content:
-        keys = [key for key in content if isinstance(key, str)][:8]
+    container, layout = _read(path)
+    if ema and 'model_ema' not in container:
+        keys = [key for key in container if isinstance(key, str)][:8]
         raise WeightsError(f"{path}: no 'model_ema' entry (has {', '.join(map(describe, keys))})")
-    state = content['model_ema'] if ema else content.get('model', content.get('state_dict', content))
-    return check_state(path, state), meta, 'torch' if kind == 'torch' else 'paddle'
+    state = container['model_ema'] if ema else container.get('model', container.get('state_dict', container))
+    return check_state(path, state), {key: container[key] for key in META_KEYS if key in container}, layout
 
 
 def torch_to_paddle(state: dict) -> dict:
