@@ -1,18 +1,14 @@
 """The official CycleMLP weights by name, downloaded once into a cache folder, checked and reused
-(zoo.load_model('CycleMLP_B1'), --weights CycleMLP_B1). docs/hardening.md tells the whole story.
+(docs/hardening.md tells the whole story).
 
-The cache folder is $CYCLEMLP_CACHE, else paddle.hub's convention: $PADDLE_HOME/cyclemlp, with
-PADDLE_HOME defaulting to $XDG_CACHE_HOME/paddle or ~/.cache/paddle; always absolute. Files come
-from the official release, or from $CYCLEMLP_MIRROR, an http(s) base URL serving the same names
-(a user:password@ in it is sent as basic authentication to that host only, never printed).
-
-The release publishes no checksums. A download is checked by what is known: its announced length,
-its variant's size bound (RELEASES), progress within $CYCLEMLP_TIMEOUT seconds and an overall
-$CYCLEMLP_DEADLINE, and the caller's structural check (zoo: that variant's keys and shapes, read
-safely). It streams into a temporary file that takes the name only once checked; its sha256 is
-then recorded beside it (NAME.sha256, sha256sum's format) and verified at every later use, so a
-damaged cache is downloaded again. A file put into the cache by hand is checked, then recorded.
-A lock file lets one process download while the others (ranks on one machine) wait for its file.
+The cache folder is $CYCLEMLP_CACHE, else paddle.hub's $PADDLE_HOME/cyclemlp (PADDLE_HOME:
+$XDG_CACHE_HOME/paddle or ~/.cache/paddle), always absolute. Files come from the official release
+or from $CYCLEMLP_MIRROR, an http(s) base URL serving the same names (user:password@ in it is sent
+as basic authentication to that host only, never printed). The release publishes no checksums: a
+download is bounded (its variant's size, $CYCLEMLP_TIMEOUT without progress, $CYCLEMLP_DEADLINE
+overall), passes the caller's structural check, and only then takes its name; its sha256, recorded
+beside it (NAME.sha256), is verified at every later use. A lock file lets one process download
+while the others wait for its file.
 """
 import base64
 import fcntl
@@ -122,7 +118,8 @@ def official_weights(name: str, check: Callable[[str], None]) -> str:
     by_hand = f'download {release_url(name)} by hand and put it at {path}'
     try:
         os.makedirs(folder, exist_ok=True)
-        lock = open_regular_file(os.path.join(folder, f'.{file_name}.lock'), SIDE_FILE_BYTES, os.O_RDWR | os.O_CREAT)
+        lock_path = os.path.join(folder, f'.{file_name}.lock')
+        lock = open_regular_file(lock_path, SIDE_FILE_BYTES, os.O_RDWR | os.O_CREAT)
     except (OSError, WeightsError) as error:
         if os.path.isfile(path):             # a read-only cache: its file, checked, unrecorded
             return _checked(path, _verified(path, published), check, record=False)
@@ -144,15 +141,17 @@ def official_weights(name: str, check: Callable[[str], None]) -> str:
 def _verified(path: str, published: Optional[str]) -> Optional[bool]:
     """Whether the file matches its published or recorded sha256; None if there is neither (a
     file put into the cache by hand)."""
+    expected = published or _recorded(path)
+    return None if expected is None else sha256_of(path) == expected
+
+
+def _recorded(path: str) -> Optional[str]:
     record = path + '.sha256'
-    if published is None and not os.path.lexists(record):
+    if not os.path.lexists(record):         # a file put into the cache by hand
         return None
-    if published is None:
-        with open_regular_file(record, SIDE_FILE_BYTES) as file:
-            words = file.read().split()
-        if not (words and re.fullmatch(rb'[0-9a-f]{64}', words[0])):
-            return None
-    return sha256_of(path) == (published or words[0].decode())
+    with open_regular_file(record, SIDE_FILE_BYTES) as file:
+        words = file.read().split()
+    return words[0].decode() if words and re.fullmatch(rb'[0-9a-f]{64}', words[0]) else None
 
 
 def _checked(path: str, verified: Optional[bool], check: Callable[[str], None], record: bool) -> str:
@@ -175,7 +174,8 @@ def _write_record(path: str, digest: str) -> None:
     write_atomically(path + '.sha256', lambda temporary: Path(temporary).write_text(line, encoding='ascii'))
 
 
-def _download(name: str, path: str, published: Optional[str], check: Callable[[str], None], by_hand: str) -> None:
+def _download(name: str, path: str, published: Optional[str], check: Callable[[str], None],
+              by_hand: str) -> None:
     url = release_url(name)
     digests = []
 
@@ -226,7 +226,8 @@ def _fetch(name: str, temporary: str, by_hand: str) -> str:
             while chunk := response.read1(CHUNK):   # what has arrived: a trickle meets the deadline
                 written += len(chunk)
                 if written > bound:
-                    raise DownloadError(f'{url}: more than the {bound} bytes {name}\'s file can have; {by_hand}')
+                    raise DownloadError(f'{url}: more than the {bound} bytes {name}\'s file can have; '
+                                        f'{by_hand}')
                 now = time.monotonic()
                 if now > start + allowed:
                     raise DownloadError(f'{url}: not finished within {allowed:g} s ({written} bytes '

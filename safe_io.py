@@ -93,7 +93,8 @@ def remove_stale_temporaries(path: str) -> list[str]:
     """Remove the temporaries that writes of path left when their process was killed (SIGKILL);
     returns their names."""
     directory, name = os.path.split(os.path.abspath(path))
-    stale = [entry for entry in os.listdir(directory) if entry.startswith(f'.{name}.') and entry.endswith('.tmp')]
+    stale = [entry for entry in os.listdir(directory)
+             if entry.startswith(f'.{name}.') and entry.endswith('.tmp')]
     for entry in stale:
         os.remove(os.path.join(directory, entry))
     return stale

@@ -70,13 +70,13 @@ class _TorchDtype:
         self.name, self.numpy_dtype = name, np.dtype(numpy_dtype)  # bfloat16 is read as uint16, then widened
 
 
-_TORCH_DTYPES = {name: _TorchDtype(name, 'uint16' if name == 'bfloat16' else name) for name in
-                 ('float32', 'float16', 'bfloat16', 'float64', 'int64', 'int32', 'int16', 'int8', 'uint8', 'bool')}
+_TORCH_DTYPES = {name: _TorchDtype(name, 'uint16' if name == 'bfloat16' else name) for name in (
+    'float32', 'float16', 'bfloat16', 'float64', 'int64', 'int32', 'int16', 'int8', 'uint8', 'bool')}
 _BFLOAT16 = _TORCH_DTYPES['bfloat16']
 # The legacy typed storage classes, in the order of _TORCH_DTYPES.
-_TORCH_STORAGE_CLASSES = dict(zip(('FloatStorage', 'HalfStorage', 'BFloat16Storage', 'DoubleStorage', 'LongStorage',
-                                   'IntStorage', 'ShortStorage', 'CharStorage', 'ByteStorage', 'BoolStorage'),
-                                  _TORCH_DTYPES.values()))
+_TORCH_STORAGE_CLASSES = dict(zip((
+    'FloatStorage', 'HalfStorage', 'BFloat16Storage', 'DoubleStorage', 'LongStorage', 'IntStorage',
+    'ShortStorage', 'CharStorage', 'ByteStorage', 'BoolStorage'), _TORCH_DTYPES.values()))
 
 
 class _Storage:
@@ -203,7 +203,7 @@ ALLOWED_GLOBALS = {
 # BUILD: the state a pickle may set, by the type of object it sets it on
 
 def _build_array(target: _EmptyArray, state) -> np.ndarray:
-    """ndarray.__setstate__'s (version, shape, dtype, is_fortran, raw bytes), checked: a new native-order array."""
+    """ndarray.__setstate__'s (version, shape, dtype, is_fortran, raw bytes), checked: a new array."""
     if not (isinstance(state, tuple) and len(state) == 5):
         raise WeightsError('array state is not (version, shape, dtype, order, data)')
     _, shape, dtype, fortran, raw = state
@@ -301,7 +301,7 @@ def _read_torch_archive(file, path: str) -> dict:
     members = {info.filename: info for info in archive.infolist()}
     pickles = [name for name in members if name.endswith('/data.pkl') and name.count('/') == 1]
     if len(pickles) != 1:
-        raise WeightsError(f'{path}: a torch.save archive holds exactly one <root>/data.pkl, found {len(pickles)}')
+        raise WeightsError(f'{path}: a torch.save archive holds one <root>/data.pkl, found {len(pickles)}')
     if members[pickles[0]].file_size > MAX_PICKLE_BYTES:
         raise WeightsError(f'{path}: data.pkl declares {members[pickles[0]].file_size} bytes; '
                            'torch.save writes far less')
@@ -403,7 +403,8 @@ def check_data_config(config, source: str) -> dict:
     for key, value in config.items():
         if key not in DATA_CONFIG or not DATA_CONFIG[key][0](value):
             expected = DATA_CONFIG[key][1] if key in DATA_CONFIG else f'only {", ".join(DATA_CONFIG)}'
-            raise WeightsError(f'{source}: data_config {describe(key)} is {describe(value)}, expected {expected}')
+            raise WeightsError(f'{source}: data_config {describe(key)} is {describe(value)}, '
+                               f'expected {expected}')
     return config
 
 
@@ -449,7 +450,8 @@ def check_state(path: str, state) -> dict[str, np.ndarray]:
                 and isinstance(value[1], np.ndarray)):
             value = value[1]  # (tensor name, array): a paddle tensor pickled inside a container
         if not isinstance(key, str) or not isinstance(value, np.ndarray):
-            raise WeightsError(f'{path}: state dict entry {describe(key)} is {describe(value)}, expected an array')
+            raise WeightsError(f'{path}: state dict entry {describe(key)} is {describe(value)}, '
+                               'expected an array')
         if value.dtype.kind not in NUMERIC_KINDS or value.dtype.fields is not None:
             raise WeightsError(f'{path}: state dict entry {describe(key)} has non-numeric dtype')
         # DistributedDataParallel saves its wrapped module's keys under 'module.'.
@@ -501,13 +503,14 @@ def write_weights(path: str, state: dict[str, np.ndarray], meta: dict | None = N
     meta = check_meta(dict(meta or {}), path)
     for key, value in state.items():
         if not isinstance(value, np.ndarray):
-            raise WeightsError(f'{path}: state entry {key!r} is a {type(value).__name__}, expected a numpy array')
+            raise WeightsError(f'{path}: state entry {describe(key)} is {describe(value)}, expected an array')
     suffix = os.path.splitext(path)[1]
     if suffix == '.pdparams':
         atomic_save({'model': dict(state), **meta}, path)
     elif suffix == '.safetensors':
         header = {**{key: json.dumps(value) for key, value in meta.items()}, 'layout': 'paddle'}
         arrays = {key: np.ascontiguousarray(value) for key, value in state.items()}
-        write_atomically(path, lambda temporary: safetensors.numpy.save_file(arrays, temporary, metadata=header))
+        write_atomically(path, lambda temporary: safetensors.numpy.save_file(arrays, temporary, header))
     else:
-        raise WeightsError(f'{path}: cannot write {suffix or "a file without suffix"}, expected one of {WRITE_SUFFIXES}')
+        raise WeightsError(f'{path}: cannot write {suffix or "a file without suffix"}, '
+                           f'expected one of {WRITE_SUFFIXES}')
