@@ -10,6 +10,7 @@ first: the architecture read off its shapes (bounded by the parameters it holds)
 and shapes compared on a model built without memory (paddle.LazyGuard).
 """
 import os
+import zlib  # noqa: F401  before Paddle: Paddle 2.6 bundles a zlib that crashes one loaded after it
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
