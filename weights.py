@@ -22,7 +22,6 @@ import os
 import pickle
 import struct
 import zipfile
-import zlib
 
 import numpy as np
 import safetensors
@@ -56,9 +55,8 @@ DATA_CONFIG = {  # key: (check, what is expected)
     'interpolation': (lambda v: isinstance(v, str) and v in INTERPOLATION_NAMES,
                       f'one of {", ".join(INTERPOLATION_NAMES)}'),
 }
-# What a damaged zip archive raises while it is read, besides BadZipFile.
-ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError,
-              zlib.error, EOFError, OSError, ValueError, struct.error, KeyError, IndexError, OverflowError)
+# What a file of each kind is called when reading it fails with an error of the libraries.
+DAMAGED = {'torch': 'damaged zip archive', 'pickle': 'cannot unpickle', 'safetensors': 'damaged safetensors file'}
 
 
 # Stand-ins for the globals that torch.save pickles name
@@ -282,28 +280,16 @@ class _RestrictedUnpickler(pickle._Unpickler):
     dispatch[pickle.BUILD[0]] = load_build
 
 
-def _unpickle(file, path: str, persistent_load=None):
-    try:
-        return _RestrictedUnpickler(file, persistent_load).load()
-    except WeightsError as error:
-        raise WeightsError(f'{path}: {error}') from None
-    except ZIP_ERRORS as error:  # a damaged storage member, read from inside persistent_load
-        raise WeightsError(f'{path}: damaged zip archive ({type(error).__name__})') from None
-    except Exception as error:  # damaged pickles raise anything from EOFError to TypeError
-        raise WeightsError(f'{path}: cannot unpickle ({type(error).__name__}: '
-                           f'{describe(str(error))[1:-1]})') from None
-
-
 # The three formats, and the one schema of their metadata
 
-def _read_torch_archive(file, path: str) -> dict:
+def _read_torch_archive(file) -> dict:
     archive = zipfile.ZipFile(file)
     members = {info.filename: info for info in archive.infolist()}
     pickles = [name for name in members if name.endswith('/data.pkl') and name.count('/') == 1]
     if len(pickles) != 1:
-        raise WeightsError(f'{path}: a torch.save archive holds one <root>/data.pkl, found {len(pickles)}')
+        raise WeightsError(f'a torch.save archive holds one <root>/data.pkl, found {len(pickles)}')
     if members[pickles[0]].file_size > MAX_PICKLE_BYTES:
-        raise WeightsError(f'{path}: data.pkl declares {members[pickles[0]].file_size} bytes; '
+        raise WeightsError(f'data.pkl declares {members[pickles[0]].file_size} bytes; '
                            'torch.save writes far less')
     # The root folder is 'archive' in files torch writes to a stream, the file's stem otherwise.
     root = pickles[0][:-len('data.pkl')]
@@ -331,65 +317,66 @@ def _read_torch_archive(file, path: str) -> dict:
         return storages[key]
 
     with archive.open(pickles[0]) as member:
-        result = _unpickle(member, path, load_storage)
+        result = _RestrictedUnpickler(member, load_storage).load()
         member.read()   # to the end, where zipfile checks the member's CRC
     return result
 
 
-def _read_safetensors(file, path: str) -> tuple[dict, str]:
+def _read_safetensors(file) -> tuple[dict, str]:
     """({'model': arrays, **meta}, layout) of a .safetensors file; its meta is JSON in the header."""
     data = file.read()
-    try:
-        container = {'model': safetensors.numpy.load(data)}
-        header = json.loads(data[8:8 + struct.unpack('<Q', data[:8])[0]]).get('__metadata__') or {}
-    except Exception as error:  # SafetensorError, and ValueError/TypeError for odd dtypes
-        raise WeightsError(f'{path}: damaged safetensors file ({describe(str(error))[1:-1]})') from None
+    container = {'model': safetensors.numpy.load(data)}
+    header = json.loads(data[8:8 + struct.unpack('<Q', data[:8])[0]]).get('__metadata__') or {}
     for key in META_KEYS:
         if key in header:
             try:
                 container[key] = json.loads(header[key])
             except (ValueError, RecursionError):
-                raise WeightsError(f'{path}: metadata {key!r} is not JSON of sane depth: '
+                raise WeightsError(f'metadata {key!r} is not JSON of sane depth: '
                                    f'{describe(header[key])}') from None
     # Files that safetensors.torch wrote say so with format 'pt'; our own files record the layout.
     layout = header.get('layout', 'torch' if header.get('format') == 'pt' else 'paddle')
     if layout not in ('torch', 'paddle'):
-        raise WeightsError(f"{path}: layout {describe(layout)}, expected 'torch' or 'paddle'")
+        raise WeightsError(f"layout {describe(layout)}, expected 'torch' or 'paddle'")
     return container, layout
 
 
+def _kind(file) -> str:
+    """'torch', 'pickle' or 'safetensors', judged from the first bytes of the file (left at its start)."""
+    head = file.read(16)
+    file.seek(0)
+    if not head:
+        raise WeightsError('file is empty')
+    if head.startswith(LEGACY_TORCH_MAGIC):
+        raise WeightsError('legacy (pre-1.6, non-zip) torch.save format is not supported; '
+                           're-save it with torch>=1.6: torch.save(torch.load(old), new)')
+    if head.startswith(b'PK\x03\x04'):
+        return 'torch'
+    if head[:1] == b'\x80' and head[1:2] in (b'\x02', b'\x03', b'\x04', b'\x05'):   # PROTO 2..5
+        return 'pickle'
+    if head[8:9] == b'{':          # a u64 header length, then a JSON header
+        return 'safetensors'
+    raise WeightsError('not a weights file: expected a torch.save zip archive, a paddle.save pickle '
+                       '(.pdparams/.pdckpt) or a .safetensors file')
+
+
 def _read(path: str, pickle_only: bool = False) -> tuple[dict, str]:
-    """(the dict a weights file holds, its layout): the file opened once and checked, its format
-    recognised by its first bytes, and read by the safe readers; its metadata checked."""
-    path = os.fspath(path)
+    """(the dict a weights file holds, its layout): the file opened once and checked, read by the
+    safe readers, its metadata checked. Every failure is one WeightsError naming the file."""
+    path, kind = os.fspath(path), None
     with open_regular_file(path, MAX_FILE_BYTES) as file:   # what is checked is what is read
-        head = file.read(16)
-        file.seek(0)
-        if not head:
-            raise WeightsError(f'{path}: file is empty')
-        if head.startswith(LEGACY_TORCH_MAGIC):
-            raise WeightsError(f'{path}: legacy (pre-1.6, non-zip) torch.save format is not supported; '
-                               're-save it with torch>=1.6: torch.save(torch.load(old), new)')
-        kind = ('torch' if head.startswith(b'PK\x03\x04') else
-                'pickle' if head[:1] == b'\x80' and head[1:2] in (b'\x02', b'\x03', b'\x04', b'\x05') else
-                'safetensors' if head[8:9] == b'{' else None)     # a u64 header length, then JSON
-        if kind is None:
-            raise WeightsError(f'{path}: not a weights file: expected a torch.save zip archive, a '
-                               'paddle.save pickle (.pdparams/.pdckpt) or a .safetensors file')
-        if pickle_only and kind != 'pickle':
-            raise WeightsError(f'{path}: expected a paddle.save pickle (.pdckpt), found a {kind} file')
-        if kind == 'safetensors':
-            content, layout = _read_safetensors(file, path)
-        elif kind == 'pickle':
-            content, layout = _unpickle(file, path), 'paddle'
-        else:
-            try:
-                content, layout = _read_torch_archive(file, path), 'torch'
-            except WeightsError:
-                raise
-            except ZIP_ERRORS as error:
-                raise WeightsError(f'{path}: damaged zip archive ({type(error).__name__}: '
-                                   f'{describe(str(error))[1:-1]})') from None
+        try:
+            kind = _kind(file)
+            if pickle_only and kind != 'pickle':
+                raise WeightsError(f'expected a paddle.save pickle (.pdckpt), found a {kind} file')
+            content, layout = (_read_safetensors(file) if kind == 'safetensors' else
+                               (_RestrictedUnpickler(file).load(), 'paddle') if kind == 'pickle' else
+                               (_read_torch_archive(file), 'torch'))
+        except WeightsError as error:
+            raise WeightsError(f'{path}: {error}') from None
+        except Exception as error:   # a damaged file raises anything from EOFError to zlib.error
+            raise WeightsError(f'{path}: {DAMAGED.get(kind, "cannot read")} ({type(error).__name__}: '
+                               f'{describe(str(error))[1:-1]})') from None
     if not isinstance(content, dict):
         raise WeightsError(f'{path}: expected a dict, found {describe(content)}')
     check_meta({key: content[key] for key in META_KEYS if key in content}, path)
