@@ -1,16 +1,11 @@
 """Reading and writing CycleMLP weight files safely, without PyTorch.
 
-Read, recognised by content: torch.save zip archives (the official releases, training
-checkpoints), paddle.save pickles (.pdparams/.pdckpt) and .safetensors files. Written: .pdparams
-(numpy arrays, which paddle.load reads too) and .safetensors, atomically (safe_io).
-
-A pickle is a program: torch.load (before weights_only) and paddle.load call whatever it names.
-Here it is read by an unpickler that resolves every name through an allow-list of stand-ins
-defined here (importing nothing), sets state (BUILD) only on the arrays, dtypes and containers
-the load itself created, from checked values, and bounds what the file declares by what it holds
-(a tensor by its storage, a storage by its uncompressed zip member, an array by its bytes).
-Anything else is a WeightsError before anything from the file has run. The metadata a file
-records passes one schema (check_meta), the same for weights, checkpoints and exports.
+Read, recognised by content: torch.save zip archives, paddle.save pickles (.pdparams/.pdckpt),
+.safetensors. Written, atomically: .pdparams (numpy arrays: paddle.load reads it too), .safetensors.
+A pickle is a program (torch.load before weights_only and paddle.load call what it names); here
+an unpickler resolves every name through an allow-list of stand-ins, sets state only on objects
+the load created, from checked values, and bounds what a file declares by what it holds. Anything
+else is a WeightsError before anything from the file has run. Recorded metadata passes one schema.
 """
 from __future__ import annotations
 
@@ -22,6 +17,7 @@ import os
 import pickle
 import struct
 import zipfile
+import zlib  # noqa: F401  before Paddle (atomic_save): Paddle 2.6 bundles a zlib that crashes a later one
 
 import numpy as np
 import safetensors
@@ -466,13 +462,9 @@ def read_weights(path: str, ema: bool = False) -> tuple[dict[str, np.ndarray], d
 
 
 def torch_to_paddle(state: dict) -> dict:
-    """A state dict from PyTorch layout to Paddle layout.
-
-    torch.nn.Linear stores its weight as [out, in] and computes x @ W.T; paddle.nn.Linear stores
-    [in, out] and computes x @ W. In CycleMLP every 2-D '.weight' is a Linear (mlp_c, proj,
-    reweight and mlp fc1/fc2, head), so those are transposed; convolution and CycleFC weights are
-    [out, in, kh, kw] in both, and LayerNorm's 1-D tensors need nothing.
-    """
+    """A state dict from PyTorch layout to Paddle's: torch.nn.Linear stores [out, in] (x @ W.T),
+    paddle.nn.Linear [in, out] (x @ W). Every 2-D '.weight' of CycleMLP is a Linear's; convolution
+    and CycleFC weights are [out, in, kh, kw] in both, and LayerNorm's are 1-D."""
     return {key: np.ascontiguousarray(value.T) if value.ndim == 2 and key.endswith('.weight')
             else value for key, value in state.items()}
 
