@@ -387,8 +387,8 @@ def test_a_cache_folder_that_cannot_be_written(cache, server, release, tmp_path,
     folder.mkdir()
     monkeypatch.setenv(download.CACHE_VARIABLE, str(folder))
     with read_only(folder):
-        with pytest.raises(download.DownloadError, match=rf'read-only/\.{FILE}\.lock: cannot open \((Permission denied|'
-                                                         r'Operation not permitted)\); set CYCLEMLP_CACHE to a writable'):
+        with pytest.raises(download.DownloadError, match=rf'read-only/\.{FILE}\.lock: cannot open \((Permission '
+                                                         r'denied|Operation not permitted)\); set CYCLEMLP_CACHE'):
             zoo.weights_file(NAME)
     (folder / FILE).write_bytes(release['data'])
     with read_only(folder):                               # a read-only cache with the file: used
@@ -550,8 +550,9 @@ def within(seconds):
 
 
 @pytest.mark.parametrize('side_file', [f'{FILE}.sha256', f'.{FILE}.lock'], ids=['record', 'lock'])
-@pytest.mark.parametrize('kind, problem', [('fifo', 'not a regular file'), ('symlink to /dev/zero', 'not a regular file'),
-                                           ('oversized', '4294967296 bytes, more than the 4096 it may hold')])
+@pytest.mark.parametrize('kind, problem', [
+    ('fifo', 'not a regular file'), ('symlink to /dev/zero', 'not a regular file'),
+    ('oversized', '4294967296 bytes, more than the 4096 it may hold')])
 def test_the_cache_side_files_are_checked_before_use(cache, server, side_file, kind, problem):
     """A FIFO, a device or a huge file where the cache keeps its record or lock is one line, at
     once (the same open-and-check as every weights file's); nothing is downloaded. The record is

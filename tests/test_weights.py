@@ -504,14 +504,17 @@ def test_convert_never_replaces_a_file_without_being_asked(tmp_path, capsys):
 
 
 @pytest.mark.parametrize('suffix', ['.pdparams', '.safetensors'])
-def test_written_files_follow_the_umask(tmp_path, suffix):
+def test_written_files_are_synced_beside_their_name_and_follow_the_umask(tmp_path, monkeypatch, suffix):
     path = tmp_path / f'w{suffix}'
+    synced, fsync = [], os.fsync
+    monkeypatch.setattr(os, 'fsync', lambda fd: (synced.append(os.readlink(f'/proc/self/fd/{fd}')), fsync(fd)))
     old = os.umask(0o027)
     try:
         write_weights(path, {'w': np.ones(2, np.float32)})
     finally:
         os.umask(old)
-    assert path.stat().st_mode & 0o777 == 0o640
+    assert path.stat().st_mode & 0o777 == 0o640 and os.umask(old) == old
+    assert len(synced) == 1 and re.fullmatch(re.escape(f'{tmp_path}/.{path.name}.') + r'[^/]+\.tmp', synced[0])
 
 
 BAD_META = {  # what a file records -> what the one error says
