@@ -53,8 +53,7 @@ PROGRESS_INTERVAL = 0.2          # seconds between progress line updates
 
 
 class DownloadError(WeightsError):
-    """Official weights that cannot be had: the message names the URL, what went wrong and where
-    to put the file by hand."""
+    """Official weights that cannot be had: the URL, what went wrong, where to put the file by hand."""
 
 
 def cache_folder() -> str:
@@ -139,8 +138,7 @@ def official_weights(name: str, check: Callable[[str], None]) -> str:
 
 
 def _verified(path: str, published: Optional[str]) -> Optional[bool]:
-    """Whether the file matches its published or recorded sha256; None if there is neither (a
-    file put into the cache by hand)."""
+    """Whether the file matches its published or recorded sha256; None if there is neither."""
     expected = published or _recorded(path)
     return None if expected is None else sha256_of(path) == expected
 
@@ -155,8 +153,7 @@ def _recorded(path: str) -> Optional[str]:
 
 
 def _checked(path: str, verified: Optional[bool], check: Callable[[str], None], record: bool) -> str:
-    """path, once it matched its sha256 (verified) or, unrecorded (None), passes check (and is
-    then recorded)."""
+    """path, once it matched its sha256 (verified) or, unrecorded (None), passed check (and is recorded)."""
     if verified is False:
         raise DownloadError(f'{path} is damaged (it does not match its sha256); delete it to download it again')
     if verified is None:
@@ -193,8 +190,7 @@ def _download(name: str, path: str, published: Optional[str], check: Callable[[s
 
 
 def _opener() -> urllib.request.OpenerDirector:
-    """urllib's opener with its http(s) handlers only: a redirect to file:// or ftp:// fails as
-    an unknown URL type."""
+    """urllib's opener with its http(s) handlers only: a redirect to file:// or ftp:// fails."""
     opener = urllib.request.OpenerDirector()
     for handler in (urllib.request.ProxyHandler, urllib.request.UnknownHandler, urllib.request.HTTPHandler,
                     urllib.request.HTTPSHandler, urllib.request.HTTPRedirectHandler,
