@@ -4,10 +4,8 @@ into a Paddle-layout .pdparams or .safetensors file.
     python convert_weights.py CycleMLP_B1.pth cyclemlp_b1.pdparams
     converted CycleMLP_B1: 222 tensors (15,155,400 parameters) from CycleMLP_B1.pth to cyclemlp_b1.pdparams
 
-The weights are loaded into the model they describe before anything is written, so a file that
-does not fit CycleMLP (missing or extra keys, wrong shapes, foreign CycleFC offsets) is refused.
-The output records the model name, so later commands need only the file. Reading never runs
-code from the file (see weights.py), so untrusted downloads are safe to convert.
+The weights are loaded into the model they describe first, so a file that does not fit CycleMLP
+is refused; reading never runs code from the file (weights.py). The output records the model name.
 """
 import argparse
 import os

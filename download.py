@@ -1,33 +1,14 @@
-"""The official CycleMLP weights by name: downloaded once into a cache folder, checked, reused.
+"""The official CycleMLP weights by name, downloaded once into a cache folder, checked and reused
+(docs/hardening.md tells the whole story).
 
-    zoo.load_model('CycleMLP_B1')                      # and --weights CycleMLP_B1 on every command
-
-The cache folder is $CYCLEMLP_CACHE, else Paddle's own cache convention (paddle.hub):
-$PADDLE_HOME/cyclemlp, with PADDLE_HOME defaulting to $XDG_CACHE_HOME/paddle or ~/.cache/paddle;
-always absolute (with no home folder for ~, it must be set). Files come from the official GitHub
-release, or from $CYCLEMLP_MIRROR, an http(s) base URL that serves the same file names (a site
-without internet access hosts them itself; a user:password@ in it is sent as basic authentication
-to that host only, and never printed). A file put into the cache folder by hand is used as it is.
-
-What is checked. The official release publishes no checksums, so a download cannot be compared
-with one. It is checked by what is known for certain: the whole length the server announced, a
-readable archive, and the caller's structural check (zoo: exact keys and shapes of that variant,
-read by the safe weights reader, so nothing in the file runs). Then its sha256 is recorded
-beside it (NAME.sha256, in `sha256sum` format) and verified at every later use, so a damaged
-cache is found: the file is downloaded again. RELEASES has a place for published sha256 values;
-one given there is required of every download and cached file.
-
-Bounds. A download holds at most the bytes its variant's file can have (RELEASES), waits at most
-$CYCLEMLP_TIMEOUT seconds for progress, ends by $CYCLEMLP_DEADLINE seconds (default: the bound at
-MIN_SPEED, at least MIN_DEADLINE) and speaks only http(s), to the mirror and every redirect. The
-cache's side files (record, lock) are opened once without blocking, then checked on the descriptor.
-
-How. The download streams into a temporary file beside its final name (with a progress line on
-stderr when that is a terminal), and only a checked file is renamed into place: an interrupted,
-killed or wrong download never becomes the cached file, and the next run removes what a killed
-one left. A lock file serialises processes that need the same file: one downloads, the others
-(other commands, or the ranks paddle.distributed.launch starts on one machine) wait and then use
-its file.
+The cache folder is $CYCLEMLP_CACHE, else paddle.hub's $PADDLE_HOME/cyclemlp (PADDLE_HOME:
+$XDG_CACHE_HOME/paddle or ~/.cache/paddle), always absolute. Files come from the official release
+or from $CYCLEMLP_MIRROR, an http(s) base URL serving the same names (user:password@ in it is sent
+as basic authentication to that host only, never printed). The release publishes no checksums: a
+download is bounded (its variant's size, $CYCLEMLP_TIMEOUT without progress, $CYCLEMLP_DEADLINE
+overall), passes the caller's structural check, and only then takes its name; its sha256, recorded
+beside it (NAME.sha256), is verified at every later use. A lock file lets one process download
+while the others wait for its file.
 """
 import base64
 import fcntl
@@ -36,7 +17,6 @@ import http.client
 import os
 import re
 import socket
-import stat
 import sys
 import time
 import urllib.error
@@ -45,12 +25,13 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Optional, Tuple
 
-from weights import WeightsError, _write_atomically, one_line, printable, remove_stale_temporaries, sha256_of
+from safe_io import (WeightsError, one_line, open_regular_file, printable, remove_stale_temporaries, sha256_of,
+                     write_atomically)
 
 RELEASE_URL = 'https://github.com/ShoufaChen/CycleMLP/releases/download/v0.1'
 # name: (release file, the most bytes it can have, its published sha256; None: none published).
-# The release's exact sizes are not known here; the bound is the variant's parameter count x 4
-# (float32) plus 4 MiB for the CycleFC offset buffers, the pickle and the zip headers.
+# The bound is the variant's parameter count x 4 (float32) plus 4 MiB for the CycleFC offset
+# buffers, the pickle and the zip headers.
 RELEASES = {
     'CycleMLP_B1': ('CycleMLP_B1.pth', 15_155_400 * 4 + (4 << 20), None),
     'CycleMLP_B2': ('CycleMLP_B2.pth', 26_802_504 * 4 + (4 << 20), None),
@@ -72,8 +53,7 @@ PROGRESS_INTERVAL = 0.2          # seconds between progress line updates
 
 
 class DownloadError(WeightsError):
-    """Official weights that cannot be had: the message names the URL, what went wrong and where
-    to put the file by hand."""
+    """Official weights that cannot be had: the URL, what went wrong, where to put the file by hand."""
 
 
 def cache_folder() -> str:
@@ -90,7 +70,7 @@ def release_url(name: str) -> str:
 
 
 def _source(name: str) -> Tuple[str, Optional[str]]:
-    """(the URL of variant name's file, without credentials; the Authorization header value a
+    """(the URL of variant name's file, without credentials; the Authorization header a
     user:password@ in the mirror asks for, else None), or DownloadError naming the variable."""
     base = os.environ.get(MIRROR_VARIABLE) or RELEASE_URL
     try:
@@ -126,9 +106,9 @@ def _seconds(variable: str, default: float) -> float:
 
 
 def official_weights(name: str, check: Callable[[str], None]) -> str:
-    """The path of the cached official weights of variant `name`, downloading them first if the
-    cache lacks them or holds a damaged copy. check(path) raises WeightsError unless the file
-    holds that variant's weights. Raises DownloadError (one line) when the file cannot be had."""
+    """The path of the cached official weights of variant `name`, downloaded first if the cache
+    lacks them or holds a damaged copy. check(path) raises WeightsError unless the file holds
+    that variant's weights. DownloadError (one line) when the file cannot be had."""
     file_name, _, published = RELEASES[name]
     folder = cache_folder()
     path = os.path.join(folder, file_name)
@@ -137,60 +117,45 @@ def official_weights(name: str, check: Callable[[str], None]) -> str:
     by_hand = f'download {release_url(name)} by hand and put it at {path}'
     try:
         os.makedirs(folder, exist_ok=True)
-        lock = _open_side_file(os.path.join(folder, f'.{file_name}.lock'), os.O_RDWR | os.O_CREAT)
-    except OSError as error:
+        lock_path = os.path.join(folder, f'.{file_name}.lock')
+        lock = open_regular_file(lock_path, SIDE_FILE_BYTES, os.O_RDWR | os.O_CREAT)
+    except (OSError, WeightsError) as error:
         if os.path.isfile(path):             # a read-only cache: its file, checked, unrecorded
             return _checked(path, _verified(path, published), check, record=False)
-        raise DownloadError(f'cache folder {folder}: {error.strerror}; set {CACHE_VARIABLE} to a '
-                            f'writable folder, or {by_hand}') from None
+        problem = f'cache folder {folder}: {error.strerror}' if isinstance(error, OSError) else error
+        raise DownloadError(f'{problem}; set {CACHE_VARIABLE} to a writable folder, or {by_hand}') from None
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)    # another process may be downloading it: wait for it
         verified = _verified(path, published) if os.path.isfile(path) else False
         if verified is not False:
             return _checked(path, verified, check, record=True)
-        if os.path.isfile(path):
+        if os.path.isfile(path):             # replaced once the new one is checked
             print(f'{printable(path)} does not match its {"published" if published else "recorded"} '
-                  'sha256 (damaged): downloading it again', file=sys.stderr)   # it is replaced once the new one is checked
+                  'sha256 (damaged): downloading it again', file=sys.stderr)
         remove_stale_temporaries(path)      # what downloads killed before their end left
         _download(name, path, published, check, by_hand)
     return path
 
 
-def _open_side_file(path: str, flags: int = os.O_RDONLY):
-    """One of the cache's side files (NAME.sha256, the lock) opened once, without blocking (a FIFO
-    there cannot hang it), and checked on that descriptor: a regular file of at most
-    SIDE_FILE_BYTES, else DownloadError. OSError when it cannot be opened."""
-    descriptor = os.open(path, flags | os.O_NONBLOCK, 0o666)
-    info = os.fstat(descriptor)
-    if stat.S_ISREG(info.st_mode) and info.st_size <= SIDE_FILE_BYTES:
-        return os.fdopen(descriptor, 'rb')
-    os.close(descriptor)
-    raise DownloadError(f'{printable(path)}: not a regular file of at most {SIDE_FILE_BYTES} bytes '
-                        '(the cache keeps a small file of its own there); delete it')
-
-
 def _verified(path: str, published: Optional[str]) -> Optional[bool]:
-    """Whether the file matches its published or recorded sha256; None if there is neither (a
-    file put into the cache by hand)."""
+    """Whether the file matches its published or recorded sha256; None if there is neither."""
     expected = published or _recorded(path)
     return None if expected is None else sha256_of(path) == expected
 
 
 def _recorded(path: str) -> Optional[str]:
-    try:
-        with _open_side_file(path + '.sha256') as file:
-            words = file.read(SIDE_FILE_BYTES).split()
-    except OSError:                         # none (a file put there by hand), or unreadable
+    record = path + '.sha256'
+    if not os.path.lexists(record):         # a file put into the cache by hand
         return None
+    with open_regular_file(record, SIDE_FILE_BYTES) as file:
+        words = file.read().split()
     return words[0].decode() if words and re.fullmatch(rb'[0-9a-f]{64}', words[0]) else None
 
 
 def _checked(path: str, verified: Optional[bool], check: Callable[[str], None], record: bool) -> str:
-    """path, once it matched its sha256 (verified, from _verified) or, unrecorded (None), passes
-    check (and is then recorded)."""
+    """path, once it matched its sha256 (verified) or, unrecorded (None), passed check (and is recorded)."""
     if verified is False:
-        raise DownloadError(f'{path} is damaged (it does not match its sha256); delete it to '
-                            'download it again')
+        raise DownloadError(f'{path} is damaged (it does not match its sha256); delete it to download it again')
     if verified is None:
         try:
             check(path)
@@ -203,7 +168,7 @@ def _checked(path: str, verified: Optional[bool], check: Callable[[str], None], 
 
 def _write_record(path: str, digest: str) -> None:
     line = f'{digest}  {os.path.basename(path)}\n'
-    _write_atomically(path + '.sha256', lambda temporary: Path(temporary).write_text(line, encoding='ascii'))
+    write_atomically(path + '.sha256', lambda temporary: Path(temporary).write_text(line, encoding='ascii'))
 
 
 def _download(name: str, path: str, published: Optional[str], check: Callable[[str], None],
@@ -220,13 +185,12 @@ def _download(name: str, path: str, published: Optional[str], check: Callable[[s
         except WeightsError as error:
             detail = str(error).replace(temporary, 'the file')
             raise DownloadError(f'{url}: not {name}\'s weights ({detail}); {by_hand}') from None
-    _write_atomically(path, fetch_and_check)    # only a checked file takes the name
+    write_atomically(path, fetch_and_check)    # only a checked file takes the name
     _write_record(path, digests[0])
 
 
 def _opener() -> urllib.request.OpenerDirector:
-    """urllib's opener with its http(s) handlers only: a redirect to file:// or ftp:// fails as
-    an unknown URL type."""
+    """urllib's opener with its http(s) handlers only: a redirect to file:// or ftp:// fails."""
     opener = urllib.request.OpenerDirector()
     for handler in (urllib.request.ProxyHandler, urllib.request.UnknownHandler, urllib.request.HTTPHandler,
                     urllib.request.HTTPSHandler, urllib.request.HTTPRedirectHandler,
@@ -236,41 +200,46 @@ def _opener() -> urllib.request.OpenerDirector:
 
 
 def _fetch(name: str, temporary: str, by_hand: str) -> str:
-    """Stream variant name's file into temporary, within its bounds; its sha256, or DownloadError."""
+    """Stream variant name's file into temporary, within its bounds, with a progress line when
+    stderr is a terminal; its sha256, or DownloadError."""
     url, authorization = _source(name)
     bound = RELEASES[name][1]
     seconds = _seconds(TIMEOUT_VARIABLE, DEFAULT_TIMEOUT)
     allowed = _seconds(DEADLINE_VARIABLE, max(MIN_DEADLINE, bound / MIN_SPEED))
-    deadline = time.monotonic() + allowed
     request = urllib.request.Request(url, headers={'User-Agent': 'cyclemlp-paddle'})
     if authorization:
         request.add_unredirected_header('Authorization', authorization)   # not sent on to a redirect
-    written = 0
+    digest, written, expected = hashlib.sha256(), 0, None
+    start = shown = time.monotonic()
     try:
-        with _opener().open(request, timeout=seconds) as response:
+        with _opener().open(request, timeout=seconds) as response, open(temporary, 'wb', buffering=0) as file:
             if 'html' in response.headers.get('Content-Type', ''):
                 raise DownloadError(f'{url}: the server sent a web page, not a weights file; {by_hand}')
             expected = response.length           # the Content-Length http.client reads up to, or None
             if expected is not None and expected > bound:
                 raise DownloadError(f'{url}: the server announces {expected} bytes, more than the {bound} bytes '
                                     f'{name}\'s file can have; {by_hand}')
-            digest = hashlib.sha256()
-            progress = Progress(os.path.basename(url), expected)
-            try:
-                with open_for_writing(temporary, by_hand) as file:
-                    while chunk := response.read1(CHUNK):   # what has arrived: a trickle meets the deadline
-                        written += len(chunk)
-                        if written > bound:
-                            raise DownloadError(f'{url}: more than the {bound} bytes {name}\'s file can '
-                                                f'have; {by_hand}')
-                        if time.monotonic() > deadline:
-                            raise DownloadError(f'{url}: not finished within {allowed:g} s ({written} bytes '
-                                                f'in; {DEADLINE_VARIABLE} allows more); {by_hand}')
-                        write(file, chunk, by_hand)
-                        digest.update(chunk)
-                        progress.update(written)
-            finally:
-                progress.close()        # so that an error starts on a line of its own
+            while chunk := response.read1(CHUNK):   # what has arrived: a trickle meets the deadline
+                written += len(chunk)
+                if written > bound:
+                    raise DownloadError(f'{url}: more than the {bound} bytes {name}\'s file can have; '
+                                        f'{by_hand}')
+                now = time.monotonic()
+                if now > start + allowed:
+                    raise DownloadError(f'{url}: not finished within {allowed:g} s ({written} bytes '
+                                        f'in; {DEADLINE_VARIABLE} allows more); {by_hand}')
+                digest.update(chunk)
+                try:
+                    while chunk:              # an unbuffered write may write part of the chunk
+                        chunk = chunk[file.write(chunk):]
+                except OSError as error:      # unbuffered: a full disk fails here, not at close
+                    raise DownloadError(f'{temporary}: cannot write the download ({error.strerror}); '
+                                        f'{by_hand}') from None
+                if sys.stderr.isatty() and now - shown >= PROGRESS_INTERVAL:
+                    shown = now
+                    sys.stderr.write(f'\r{os.path.basename(url)} {written / 2**20:.1f}'
+                                     f'{f"/{expected / 2**20:.1f}" if expected else ""} MB '
+                                     f'{written / 2**20 / max(now - start, 1e-9):.1f} MB/s ')
     except DownloadError:
         raise
     except urllib.error.HTTPError as error:
@@ -285,44 +254,9 @@ def _fetch(name: str, temporary: str, by_hand: str) -> str:
     except (http.client.HTTPException, OSError, ValueError) as error:   # a reset connection, a URL http.client refuses
         raise DownloadError(f'{url}: the download failed after {written} bytes '
                             f'({type(error).__name__}: {one_line(error)}); {by_hand}') from None
+    finally:
+        if shown != start:
+            sys.stderr.write('\n')          # so that an error starts on a line of its own
     if expected is not None and written != expected:
         raise DownloadError(f'{url}: the download ended after {written} of {expected} bytes; {by_hand}')
     return digest.hexdigest()
-
-
-def open_for_writing(path: str, by_hand: str):
-    try:
-        return open(path, 'wb', buffering=0)   # unbuffered: a full disk fails in write()
-    except OSError as error:
-        raise DownloadError(f'{path}: cannot write the download ({error.strerror}); {by_hand}') from None
-
-
-def write(file, chunk: bytes, by_hand: str) -> None:
-    remaining = memoryview(chunk)
-    try:
-        while remaining:              # an unbuffered write may write part of the chunk
-            remaining = remaining[file.write(remaining):]
-    except OSError as error:
-        raise DownloadError(f'{file.name}: cannot write the download ({error.strerror}); {by_hand}') from None
-
-
-class Progress:
-    """A one-line progress report on stderr (MB done of the total, speed), only when stderr is a
-    terminal."""
-
-    def __init__(self, name: str, total: Optional[int]):
-        self.name, self.total = name, f'/{total / 2**20:.1f}' if total else ''
-        self.start = self.shown = time.monotonic()
-        self.active = sys.stderr.isatty()
-
-    def update(self, done: int) -> None:
-        now = time.monotonic()
-        if self.active and now - self.shown >= PROGRESS_INTERVAL:
-            self.shown = now
-            speed = done / 2**20 / max(now - self.start, 1e-9)
-            sys.stderr.write(f'\r{self.name} {done / 2**20:.1f}{self.total} MB {speed:.1f} MB/s ')
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.active and self.shown != self.start:
-            sys.stderr.write('\n')

@@ -1,57 +1,35 @@
 """Reading and writing CycleMLP weight files safely, without PyTorch.
 
-Formats read (recognised by content, not by suffix):
-  * PyTorch `torch.save` zip archives (the official release files and training checkpoints);
-  * pickles written by `paddle.save` (.pdparams / .pdckpt: PaddleClas-layout state dicts and this
-    repo's own files);
-  * .safetensors files.
-
-A pickle is a program: it names the functions it calls and the objects whose state it sets.
-`torch.load` (before weights_only) and `paddle.load` import and call whatever a file names, so
-opening a downloaded checkpoint with them runs arbitrary code. Here a pickle is read by an
-unpickler that
-  * resolves every name through an allow-list of stand-ins defined in this file (or inert
-    types such as OrderedDict) and imports nothing;
-  * sets state (the BUILD opcode) only on the arrays, dtypes and containers the load itself
-    created, rebuilding them from checked values, never on a class, a function or any object
-    shared with the rest of the process;
-  * bounds what the file may declare by what it holds: a tensor cannot hold more elements
-    than its storage, a storage is exactly as large as its zip member, which must be stored
-    uncompressed as torch.save writes it, and an array exactly as large as its bytes.
-Anything else stops the load with a WeightsError before anything from the file has run, and
-error messages never print what a file contains beyond a few characters.
-
-Formats written: .pdparams (a `paddle.save` pickle of numpy arrays, so `paddle.load` reads it as
-well) and .safetensors. Writes go to a temporary file that replaces the target only once
-complete, so an interrupted write never leaves a broken file behind.
+Read, recognised by content: torch.save zip archives, paddle.save pickles (.pdparams/.pdckpt),
+.safetensors. Written, atomically: .pdparams (numpy arrays: paddle.load reads it too), .safetensors.
+A pickle is a program (torch.load before weights_only and paddle.load call what it names); here
+an unpickler resolves every name through an allow-list of stand-ins, sets state only on objects
+the load created, from checked values, and bounds what a file declares by what it holds. Anything
+else is a WeightsError before anything from the file has run. Recorded metadata passes one schema.
 """
 from __future__ import annotations
 
 import argparse
 import collections
-import hashlib
 import json
 import math
 import os
 import pickle
-import reprlib
-import secrets
-import stat
 import struct
-import unicodedata
 import zipfile
-import zlib
+import zlib  # noqa: F401  before Paddle (atomic_save): Paddle 2.6 bundles a zlib that crashes a later one
 
 import numpy as np
 import safetensors
 import safetensors.numpy
 
+from safe_io import (WeightsError, describe, one_line, open_regular_file, printable,  # noqa: F401 (re-exported)
+                     remove_stale_temporaries, sha256_of, write_atomically)
+
 META_KEYS = ('model_name', 'class_names', 'data_config')
-LAYOUTS = ('torch', 'paddle')
 WRITE_SUFFIXES = ('.pdparams', '.safetensors')
 # torch.save files from before PyTorch 1.6 start with a pickled magic number, not a zip header.
 LEGACY_TORCH_MAGIC = b'\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19'
-ZIP_MAGIC = b'PK\x03\x04'
 # paddle.save of a dict of tensors adds this bookkeeping entry (structured name -> tensor name).
 PADDLE_NAME_TABLE_KEY = 'StructuredToParameterName@@'
 # Numeric kinds only: object ('O') and void/structured ('V') dtypes could smuggle in pickled objects.
@@ -59,72 +37,22 @@ NUMERIC_KINDS = 'biufc'
 MAX_PICKLE_BYTES = 64 << 20      # the data.pkl of a torch.save archive (a training checkpoint's is < 1 MB)
 MAX_FILE_BYTES = 16 << 30        # B5's training checkpoint (weights, EMA, two moments) is about 1.2 GB
 MAX_ARRAY_DIMS = 32
-MAX_CLASS_NAMES = 100_000
-# The evaluation transform a file records (data_config): its keys and their bounds.
+# The schema of recorded metadata: class names, and the evaluation transform (data_config).
+MAX_CLASSES = 100_000            # ImageNet-21k has 21,841
+MAX_NAME_CHARS = 1000
 INPUT_SIZE_RANGE = (8, 4096)
 CROP_PCT_RANGE = (0.05, 1.0)
 INTERPOLATION_NAMES = ('bicubic', 'bilinear', 'nearest')
-# What a damaged zip archive raises while it is read, besides BadZipFile.
-ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError,
-              zlib.error, EOFError, OSError, ValueError, struct.error, KeyError, IndexError, OverflowError)
-
-_short_repr = reprlib.Repr()
-_short_repr.maxlevel, _short_repr.maxstring, _short_repr.maxother = 1, 40, 40
-_short_repr.maxlist = _short_repr.maxtuple = _short_repr.maxdict = _short_repr.maxset = 3
-
-
-def printable(text) -> str:
-    """text with every control and format character (newlines, terminal escapes, bidi
-    overrides) written as an escape, so that a name from a file or a folder prints as one line
-    that says what it holds."""
-    return ''.join(character if unicodedata.category(character) not in ('Cc', 'Cf')
-                   else repr(character)[1:-1] for character in str(text))
-
-
-def one_line(text, limit: int = 200) -> str:
-    """A message from elsewhere (a C++ error, a server), on one line, printable, bounded."""
-    return printable(' '.join(str(text).split()))[:limit]
-
-
-def open_regular_file(path: str, max_bytes: int | None = None):
-    """path opened for reading if it is a regular file of at most max_bytes; WeightsError for a
-    missing file, a FIFO, device or folder (a read would block forever or never end), or a
-    larger file. Opened without blocking and checked on the descriptor: what is read is what
-    was checked, even if the path is swapped afterwards."""
-    try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise WeightsError(f'{path}: no such file') from None
-    except OSError as error:
-        raise WeightsError(f'{path}: cannot read ({error.strerror})') from None
-    status = os.fstat(descriptor)
-    problem = ('not a regular file' if not stat.S_ISREG(status.st_mode) else
-               f'{status.st_size} bytes, more than the {max_bytes} it may hold'
-               if max_bytes is not None and status.st_size > max_bytes else None)
-    if problem:
-        os.close(descriptor)
-        raise WeightsError(f'{path}: {problem}')
-    return os.fdopen(descriptor, 'rb')
-
-
-def sha256_of(path: str) -> str:
-    """The sha256 of a regular file (open_regular_file)."""
-    digest = hashlib.sha256()
-    with open_regular_file(path) as file:
-        for chunk in iter(lambda: file.read(1 << 20), b''):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def describe(value) -> str:
-    """A bounded description of an untrusted value, safe to put in an error message."""
-    if isinstance(value, (str, bytes, int, float, bool, type(None))):
-        return _short_repr.repr(value)
-    return f'a {type(value).__name__}'
-
-
-class WeightsError(ValueError):
-    """A weight file is missing, damaged, hostile or not what was expected."""
+DATA_CONFIG = {  # key: (check, what is expected)
+    'input_size': (lambda v: type(v) is int and INPUT_SIZE_RANGE[0] <= v <= INPUT_SIZE_RANGE[1],
+                   f'an integer in {list(INPUT_SIZE_RANGE)}'),
+    'crop_pct': (lambda v: type(v) in (int, float) and CROP_PCT_RANGE[0] <= v <= CROP_PCT_RANGE[1],
+                 f'a number in {list(CROP_PCT_RANGE)}'),
+    'interpolation': (lambda v: isinstance(v, str) and v in INTERPOLATION_NAMES,
+                      f'one of {", ".join(INTERPOLATION_NAMES)}'),
+}
+# What a file of each kind is called when reading it fails with an error of the libraries.
+DAMAGED = {'torch': 'damaged zip archive', 'pickle': 'cannot unpickle', 'safetensors': 'damaged safetensors file'}
 
 
 # Stand-ins for the globals that torch.save pickles name
@@ -133,31 +61,23 @@ class _TorchDtype:
     """What a torch storage class or dtype global stands for: how to read its bytes with numpy."""
 
     def __init__(self, name: str, numpy_dtype: str):
-        self.name = name
-        self.numpy_dtype = np.dtype(numpy_dtype)  # bfloat16 is read as uint16, then widened
-
-    def __repr__(self) -> str:
-        return f'torch.{self.name}'
+        self.name, self.numpy_dtype = name, np.dtype(numpy_dtype)  # bfloat16 is read as uint16, then widened
 
 
-_TORCH_DTYPES = {name: _TorchDtype(name, 'uint16' if name == 'bfloat16' else name) for name in
-                 ('float32', 'float16', 'bfloat16', 'float64', 'int64', 'int32', 'int16', 'int8',
-                  'uint8', 'bool')}
+_TORCH_DTYPES = {name: _TorchDtype(name, 'uint16' if name == 'bfloat16' else name) for name in (
+    'float32', 'float16', 'bfloat16', 'float64', 'int64', 'int32', 'int16', 'int8', 'uint8', 'bool')}
 _BFLOAT16 = _TORCH_DTYPES['bfloat16']
-_TORCH_STORAGE_CLASSES = {
-    'FloatStorage': 'float32', 'HalfStorage': 'float16', 'BFloat16Storage': 'bfloat16',
-    'DoubleStorage': 'float64', 'LongStorage': 'int64', 'IntStorage': 'int32',
-    'ShortStorage': 'int16', 'CharStorage': 'int8', 'ByteStorage': 'uint8', 'BoolStorage': 'bool',
-}
+# The legacy typed storage classes, in the order of _TORCH_DTYPES.
+_TORCH_STORAGE_CLASSES = dict(zip((
+    'FloatStorage', 'HalfStorage', 'BFloat16Storage', 'DoubleStorage', 'LongStorage', 'IntStorage',
+    'ShortStorage', 'CharStorage', 'ByteStorage', 'BoolStorage'), _TORCH_DTYPES.values()))
 
 
 class _Storage:
     """The raw bytes of one torch storage (`<root>/data/<key>` in the zip) and their dtype."""
 
     def __init__(self, raw: bytes, dtype: _TorchDtype, big_endian: bool):
-        self.raw = raw
-        self.dtype = dtype
-        self.big_endian = big_endian
+        self.raw, self.dtype, self.big_endian = raw, dtype, big_endian
 
     def elements(self, dtype: _TorchDtype) -> np.ndarray:
         """The bytes as elements of dtype (a tensor's own, for untyped storages), native order."""
@@ -167,12 +87,9 @@ class _Storage:
 
 
 def _strided_copy(storage: _Storage, dtype: _TorchDtype, offset, size, stride) -> np.ndarray:
-    """Rebuild a tensor as a view of its storage (offset, size, stride in elements), then copy.
-
-    The geometry is checked first: as_strided trusts its arguments and would otherwise read
-    outside the buffer if a file lied about them, and a view that repeats elements (a zero
-    stride) could declare far more elements than the file holds.
-    """
+    """A tensor as a copy of a view of its storage (offset, size, stride in elements). The geometry
+    is checked first: as_strided trusts it and would read outside the buffer if a file lied, and
+    a view that repeats elements (a zero stride) could declare far more than the file holds."""
     if not isinstance(storage, _Storage):
         raise WeightsError(f'a tensor is built from {describe(storage)}, expected a storage')
     if not (isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)
@@ -213,35 +130,8 @@ def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, bac
     return _strided_copy(storage, dtype, storage_offset, size, stride)
 
 
-def _rebuild_parameter(data, requires_grad, backward_hooks):
-    return data
-
-
-def _rebuild_parameter_with_state(data, requires_grad, backward_hooks, state):
-    return data  # the state holds Python attributes set on the Parameter, irrelevant to weights
-
-
-def _torch_globals() -> dict:
-    allowed = {
-        'collections.OrderedDict': collections.OrderedDict,
-        'argparse.Namespace': argparse.Namespace,  # 'args' in official checkpoints; a plain bag
-        'torch._utils._rebuild_tensor_v2': _rebuild_tensor_v2,
-        'torch._utils._rebuild_tensor_v3': _rebuild_tensor_v3,
-        'torch._utils._rebuild_parameter': _rebuild_parameter,
-        'torch._utils._rebuild_parameter_with_state': _rebuild_parameter_with_state,
-        'torch.storage.UntypedStorage': _TORCH_DTYPES['uint8'],
-        '_codecs.encode': _latin1_encode,
-    }
-    for storage_class, dtype_name in _TORCH_STORAGE_CLASSES.items():
-        allowed[f'torch.{storage_class}'] = _TORCH_DTYPES[dtype_name]
-    for dtype_name, dtype in _TORCH_DTYPES.items():
-        allowed[f'torch.{dtype_name}'] = dtype
-    # Plain values of an mmcv/mmseg/mmdet checkpoint's 'meta' (save_best writes numpy scalars;
-    # sets appear too): built as checked values, like everything else, and never used.
-    for module in ('numpy.core.multiarray', 'numpy._core.multiarray'):
-        allowed[f'{module}.scalar'] = _numpy_scalar
-    allowed.update({'numpy.dtype': _numpy_dtype, 'builtins.set': set, '__builtin__.set': set})
-    return allowed
+def _rebuild_parameter(data, *_):
+    return data  # requires_grad, hooks and Python attributes set on a Parameter are not weights
 
 
 # Stand-ins for the globals that pickled numpy arrays name (paddle.save, any numpy version)
@@ -254,11 +144,8 @@ def _numpy_dtype(spec, align=False, copy=False) -> np.dtype:
 
 
 class _NumpyArrayType:
-    """Stands for numpy.ndarray, which pickles name only as _reconstruct's first argument.
-
-    The real class is not handed out: called directly it would build arrays from arguments of
-    the file's choosing, outside the checks below.
-    """
+    """Stands for numpy.ndarray (named only as _reconstruct's first argument): the real class,
+    called directly, would build arrays from arguments of the file's choosing, unchecked."""
 
 
 class _EmptyArray:
@@ -284,31 +171,33 @@ def _latin1_encode(text, encoding='latin1'):
     return text.encode('latin1')
 
 
-def _numpy_globals() -> dict:
-    allowed = {
-        'collections.OrderedDict': collections.OrderedDict,
-        'numpy.ndarray': _NumpyArrayType,
-        'numpy.dtype': _numpy_dtype,
-        '_codecs.encode': _latin1_encode,
-        # paddle.save pickles a tensor nested in a container as the tuple (name, ndarray).
-        'builtins.tuple': tuple,
-        '__builtin__.tuple': tuple,
-    }
-    for module in ('numpy.core.multiarray', 'numpy._core.multiarray'):  # numpy 1.x, 2.x
-        allowed[f'{module}._reconstruct'] = _numpy_reconstruct
-        allowed[f'{module}.scalar'] = _numpy_scalar
-    return allowed
-
-
-TORCH_ALLOWED_GLOBALS = _torch_globals()
-PADDLE_ALLOWED_GLOBALS = _numpy_globals()
+# Every global a weights file may name (torch.save's, paddle.save's, and the plain values of an
+# mmcv checkpoint's 'meta': numpy scalars, sets), each a stand-in that builds checked values.
+ALLOWED_GLOBALS = {
+    'collections.OrderedDict': collections.OrderedDict,
+    'argparse.Namespace': argparse.Namespace,  # 'args' in official checkpoints; a plain bag
+    'torch._utils._rebuild_tensor_v2': _rebuild_tensor_v2,
+    'torch._utils._rebuild_tensor_v3': _rebuild_tensor_v3,
+    'torch._utils._rebuild_parameter': _rebuild_parameter,
+    'torch._utils._rebuild_parameter_with_state': _rebuild_parameter,
+    'torch.storage.UntypedStorage': _TORCH_DTYPES['uint8'],
+    **{f'torch.{name}': dtype for name, dtype in {**_TORCH_STORAGE_CLASSES, **_TORCH_DTYPES}.items()},
+    '_codecs.encode': _latin1_encode,
+    'numpy.ndarray': _NumpyArrayType,
+    'numpy.dtype': _numpy_dtype,
+    # paddle.save pickles a tensor in a container as the tuple (name, ndarray); protocol 2 says __builtin__.
+    'builtins.tuple': tuple, '__builtin__.tuple': tuple, 'builtins.set': set, '__builtin__.set': set,
+    'numpy.core.multiarray._reconstruct': _numpy_reconstruct,       # numpy 1.x
+    'numpy._core.multiarray._reconstruct': _numpy_reconstruct,      # numpy 2.x
+    'numpy.core.multiarray.scalar': _numpy_scalar,
+    'numpy._core.multiarray.scalar': _numpy_scalar,
+}
 
 
 # BUILD: the state a pickle may set, by the type of object it sets it on
 
 def _build_array(target: _EmptyArray, state) -> np.ndarray:
-    """ndarray.__setstate__'s (version, shape, dtype, is_fortran, raw bytes), checked, as a new
-    array in native byte order."""
+    """ndarray.__setstate__'s (version, shape, dtype, is_fortran, raw bytes), checked: a new array."""
     if not (isinstance(state, tuple) and len(state) == 5):
         raise WeightsError('array state is not (version, shape, dtype, order, data)')
     _, shape, dtype, fortran, raw = state
@@ -326,8 +215,8 @@ def _build_array(target: _EmptyArray, state) -> np.ndarray:
 
 
 def _build_dtype(target: np.dtype, state) -> np.dtype:
-    """np.dtype.__setstate__ for a plain numeric dtype: only its byte order may be set, and on
-    a new dtype (np.dtype('f4') is a process-wide singleton)."""
+    """np.dtype.__setstate__ of a plain numeric dtype: only its byte order, set on a new dtype
+    (np.dtype('f4') is a process-wide singleton)."""
     if not (isinstance(state, tuple) and len(state) in (8, 9) and state[0] == 3
             and state[1] in ('<', '>', '|', '=') and state[2:5] == (None, None, None)
             and state[5:8] == (-1, -1, 0)):
@@ -336,8 +225,8 @@ def _build_dtype(target: np.dtype, state) -> np.dtype:
 
 
 def _build_instance_dict(target, state):
-    """OrderedDict (torch: its _metadata) and argparse.Namespace instances of this load: their
-    instance attributes, a dict of str keys; the class is never touched."""
+    """The attributes (a dict of str keys) of an OrderedDict or argparse.Namespace this load made;
+    never of a class."""
     if isinstance(state, tuple) and len(state) == 2 and state[0] is None:
         state = state[1]  # (dict state, slot state) as protocol 2+ writes it without a dict
     if not (isinstance(state, dict) and all(isinstance(key, str) for key in state)):
@@ -353,22 +242,21 @@ _BUILDERS = ((_EmptyArray, _build_array), (np.dtype, _build_dtype),
 
 
 class _RestrictedUnpickler(pickle._Unpickler):
-    """The allow-listed unpickler (module docstring). The pure-Python unpickler, because its
-    BUILD opcode can be replaced; it also needs no recursion for deeply nested data."""
+    """The allow-listed unpickler (module docstring): the pure-Python one, whose BUILD can be
+    replaced and which needs no recursion for deeply nested data."""
 
     dispatch = dict(pickle._Unpickler.dispatch)
 
-    def __init__(self, file, allowed: dict, persistent_load=None):
+    def __init__(self, file, persistent_load=None):
         super().__init__(file)
-        self.allowed = allowed
         self.load_persistent = persistent_load
 
     def find_class(self, module: str, name: str):
         key = f'{module}.{name}'
-        if key not in self.allowed:
+        if key not in ALLOWED_GLOBALS:
             raise WeightsError(f'refusing to load global {describe(key)}: weight files may only '
                                'name tensor and container types')
-        return self.allowed[key]
+        return ALLOWED_GLOBALS[key]
 
     def persistent_load(self, pid):
         if self.load_persistent is None:
@@ -388,39 +276,16 @@ class _RestrictedUnpickler(pickle._Unpickler):
     dispatch[pickle.BUILD[0]] = load_build
 
 
-def _unpickle(file, path: str, allowed: dict, persistent_load=None):
-    try:
-        return _RestrictedUnpickler(file, allowed, persistent_load).load()
-    except WeightsError as error:
-        raise WeightsError(f'{path}: {error}') from None
-    except ZIP_ERRORS as error:  # a damaged storage member, read from inside persistent_load
-        raise WeightsError(f'{path}: damaged zip archive ({type(error).__name__})') from None
-    except Exception as error:  # damaged pickles raise anything from EOFError to TypeError
-        raise WeightsError(f'{path}: cannot unpickle ({type(error).__name__}: '
-                           f'{_short_repr.repr(str(error))[1:-1]})') from None
+# The three formats, and the one schema of their metadata
 
-
-# The three formats
-
-def _load_torch_zip(file, path: str) -> dict:
-    try:
-        with zipfile.ZipFile(file) as archive:
-            return _read_torch_archive(path, archive)
-    except WeightsError:
-        raise
-    except ZIP_ERRORS as error:
-        raise WeightsError(f'{path}: damaged zip archive ({type(error).__name__}: '
-                           f'{_short_repr.repr(str(error))[1:-1]})') from None
-
-
-def _read_torch_archive(path: str, archive: zipfile.ZipFile):
+def _read_torch_archive(file) -> dict:
+    archive = zipfile.ZipFile(file)
     members = {info.filename: info for info in archive.infolist()}
     pickles = [name for name in members if name.endswith('/data.pkl') and name.count('/') == 1]
     if len(pickles) != 1:
-        raise WeightsError(f'{path}: a torch.save archive holds exactly one <root>/data.pkl, '
-                           f'found {len(pickles)}')
+        raise WeightsError(f'a torch.save archive holds one <root>/data.pkl, found {len(pickles)}')
     if members[pickles[0]].file_size > MAX_PICKLE_BYTES:
-        raise WeightsError(f'{path}: data.pkl declares {members[pickles[0]].file_size} bytes; '
+        raise WeightsError(f'data.pkl declares {members[pickles[0]].file_size} bytes; '
                            'torch.save writes far less')
     # The root folder is 'archive' in files torch writes to a stream, the file's stem otherwise.
     root = pickles[0][:-len('data.pkl')]
@@ -447,65 +312,113 @@ def _read_torch_archive(path: str, archive: zipfile.ZipFile):
             storages[key] = _Storage(archive.read(info), dtype, big_endian)
         return storages[key]
 
-    with archive.open(pickles[0]) as file:
-        result = _unpickle(file, path, TORCH_ALLOWED_GLOBALS, load_storage)
-        file.read()   # to the end, where zipfile checks the member's CRC
+    with archive.open(pickles[0]) as member:
+        result = _RestrictedUnpickler(member, load_storage).load()
+        member.read()   # to the end, where zipfile checks the member's CRC
     return result
 
 
-def _load_safetensors(file, path: str) -> tuple:
+def _read_safetensors(file) -> tuple[dict, str]:
+    """({'model': arrays, **meta}, layout) of a .safetensors file; its meta is JSON in the header."""
     data = file.read()
-    try:
-        state = safetensors.numpy.load(data)
-        header_size = struct.unpack('<Q', data[:8])[0]
-        header = json.loads(data[8:8 + header_size]).get('__metadata__') or {}
-    except Exception as error:  # SafetensorError, and ValueError/TypeError for odd dtypes
-        raise WeightsError(f'{path}: damaged safetensors file ({_short_repr.repr(str(error))[1:-1]})') from None
-    meta = {}
+    container = {'model': safetensors.numpy.load(data)}
+    header = json.loads(data[8:8 + struct.unpack('<Q', data[:8])[0]]).get('__metadata__') or {}
     for key in META_KEYS:
         if key in header:
             try:
-                meta[key] = json.loads(header[key])
+                container[key] = json.loads(header[key])
             except (ValueError, RecursionError):
-                raise WeightsError(f'{path}: metadata {key!r} is not JSON of sane depth: '
+                raise WeightsError(f'metadata {key!r} is not JSON of sane depth: '
                                    f'{describe(header[key])}') from None
     # Files that safetensors.torch wrote say so with format 'pt'; our own files record the layout.
     layout = header.get('layout', 'torch' if header.get('format') == 'pt' else 'paddle')
-    return state, meta, layout
+    if layout not in ('torch', 'paddle'):
+        raise WeightsError(f"layout {describe(layout)}, expected 'torch' or 'paddle'")
+    return container, layout
 
 
-def _sniff(file, path: str) -> str:
-    """'torch', 'legacy-torch', 'pickle' or 'safetensors', judged from the first bytes of the
-    open file (left at its start)."""
+def _kind(file) -> str:
+    """'torch', 'pickle' or 'safetensors', judged from the first bytes of the file (left at its start)."""
     head = file.read(16)
     file.seek(0)
     if not head:
-        raise WeightsError(f'{path}: file is empty')
-    if head.startswith(ZIP_MAGIC):
-        return 'torch'
+        raise WeightsError('file is empty')
     if head.startswith(LEGACY_TORCH_MAGIC):
-        return 'legacy-torch'
-    if head[:1] == b'\x80' and head[1:2] in (b'\x02', b'\x03', b'\x04', b'\x05'):  # PROTO 2..5
+        raise WeightsError('legacy (pre-1.6, non-zip) torch.save format is not supported; '
+                           're-save it with torch>=1.6: torch.save(torch.load(old), new)')
+    if head.startswith(b'PK\x03\x04'):
+        return 'torch'
+    if head[:1] == b'\x80' and head[1:2] in (b'\x02', b'\x03', b'\x04', b'\x05'):   # PROTO 2..5
         return 'pickle'
-    if len(head) > 8 and head[8:9] == b'{':  # u64 header length, then a JSON header
+    if head[8:9] == b'{':          # a u64 header length, then a JSON header
         return 'safetensors'
-    raise WeightsError(f'{path}: not a weights file: expected a torch.save zip archive, a '
-                       f'paddle.save pickle (.pdparams/.pdckpt) or a .safetensors file')
+    raise WeightsError('not a weights file: expected a torch.save zip archive, a paddle.save pickle '
+                       '(.pdparams/.pdckpt) or a .safetensors file')
+
+
+def _read(path: str, pickle_only: bool = False) -> tuple[dict, str]:
+    """(the dict a weights file holds, its layout): the file opened once and checked, read by the
+    safe readers, its metadata checked. Every failure is one WeightsError naming the file."""
+    path, kind = os.fspath(path), None
+    with open_regular_file(path, MAX_FILE_BYTES) as file:   # what is checked is what is read
+        try:
+            kind = _kind(file)
+            if pickle_only and kind != 'pickle':
+                raise WeightsError(f'expected a paddle.save pickle (.pdckpt), found a {kind} file')
+            content, layout = (_read_safetensors(file) if kind == 'safetensors' else
+                               (_RestrictedUnpickler(file).load(), 'paddle') if kind == 'pickle' else
+                               (_read_torch_archive(file), 'torch'))
+        except WeightsError as error:
+            raise WeightsError(f'{path}: {error}') from None
+        except Exception as error:   # a damaged file raises anything from EOFError to zlib.error
+            raise WeightsError(f'{path}: {DAMAGED.get(kind, "cannot read")} ({type(error).__name__}: '
+                               f'{describe(str(error))[1:-1]})') from None
+    if not isinstance(content, dict):
+        raise WeightsError(f'{path}: expected a dict, found {describe(content)}')
+    check_meta({key: content[key] for key in META_KEYS if key in content}, path)
+    return content, layout
+
+
+def check_data_config(config, source: str) -> dict:
+    """A recorded evaluation transform (data_config), checked; WeightsError naming source otherwise."""
+    if not isinstance(config, dict):
+        raise WeightsError(f'{source}: data_config is {describe(config)}, expected a dict')
+    for key, value in config.items():
+        if key not in DATA_CONFIG or not DATA_CONFIG[key][0](value):
+            expected = DATA_CONFIG[key][1] if key in DATA_CONFIG else f'only {", ".join(DATA_CONFIG)}'
+            raise WeightsError(f'{source}: data_config {describe(key)} is {describe(value)}, '
+                               f'expected {expected}')
+    return config
+
+
+def check_class_names(names, source: str) -> list | None:
+    """Recorded class names: None (not recorded) or a list of at most MAX_CLASSES short strings."""
+    if names is not None and not (isinstance(names, list) and len(names) <= MAX_CLASSES and all(
+            isinstance(name, str) and len(name) < MAX_NAME_CHARS for name in names)):
+        raise WeightsError(f'{source}: class_names is {describe(names)}, expected a list of at most '
+                           f'{MAX_CLASSES} strings')
+    return names
+
+
+def check_meta(meta: dict, source: str) -> dict:
+    """What a weights file or checkpoint records besides weights (META_KEYS; None: not recorded),
+    checked: the one schema of recorded metadata."""
+    unknown = set(meta) - set(META_KEYS)
+    if unknown:
+        raise WeightsError(f'{source}: unknown meta keys {sorted(unknown)}, expected {META_KEYS}')
+    if meta.get('model_name') is not None and not isinstance(meta['model_name'], str):
+        raise WeightsError(f'{source}: model_name is {describe(meta["model_name"])}, expected a str')
+    check_class_names(meta.get('class_names'), source)
+    if meta.get('data_config') is not None:
+        check_data_config(meta['data_config'], source)
+    return meta
 
 
 # Public API
 
 def read_checkpoint(path: str) -> dict:
     """The whole dict of a .pdckpt/.pdparams pickle (model, optimizer, epoch, ...), for resuming."""
-    path = os.fspath(path)
-    with open_regular_file(path, MAX_FILE_BYTES) as file:
-        kind = _sniff(file, path)
-        if kind != 'pickle':
-            raise WeightsError(f'{path}: expected a paddle.save pickle (.pdckpt), found a {kind} file')
-        checkpoint = _unpickle(file, path, PADDLE_ALLOWED_GLOBALS)
-    if not isinstance(checkpoint, dict):
-        raise WeightsError(f'{path}: expected a dict, found {describe(checkpoint)}')
-    return checkpoint
+    return _read(path, pickle_only=True)[0]
 
 
 def check_state(path: str, state) -> dict[str, np.ndarray]:
@@ -521,189 +434,62 @@ def check_state(path: str, state) -> dict[str, np.ndarray]:
             value = value[1]  # (tensor name, array): a paddle tensor pickled inside a container
         if not isinstance(key, str) or not isinstance(value, np.ndarray):
             raise WeightsError(f'{path}: state dict entry {describe(key)} is {describe(value)}, '
-                               f'expected an array')
+                               'expected an array')
         if value.dtype.kind not in NUMERIC_KINDS or value.dtype.fields is not None:
             raise WeightsError(f'{path}: state dict entry {describe(key)} has non-numeric dtype')
-        if not value.dtype.isnative:
-            value = value.astype(value.dtype.newbyteorder('='))
         # DistributedDataParallel saves its wrapped module's keys under 'module.'.
-        arrays[key[len('module.'):] if key.startswith('module.') else key] = value
+        arrays[key[len('module.'):] if key.startswith('module.') else key] = value.astype(
+            value.dtype.newbyteorder('='), copy=False)
     if not arrays:
         raise WeightsError(f'{path}: the state dict is empty')
     return arrays
 
 
-def _select_state(path: str, container: dict, ema: bool) -> dict:
-    if ema:
-        if 'model_ema' not in container:
-            keys = [key for key in container if isinstance(key, str)][:8]
-            raise WeightsError(f"{path}: no 'model_ema' entry (has {', '.join(map(describe, keys))})")
-        state = container['model_ema']
-    elif 'model' in container:
-        state = container['model']
-    elif 'state_dict' in container:
-        state = container['state_dict']
-    else:
-        state = container  # a bare state dict
-    return check_state(path, state)
-
-
-def check_data_config(config, source: str) -> dict:
-    """A recorded evaluation transform (data_config of a weights file or export), checked;
-    WeightsError naming the file and the value otherwise."""
-    checks = {'input_size': lambda v: type(v) is int and INPUT_SIZE_RANGE[0] <= v <= INPUT_SIZE_RANGE[1],
-              'crop_pct': lambda v: type(v) in (int, float) and CROP_PCT_RANGE[0] <= v <= CROP_PCT_RANGE[1],
-              'interpolation': lambda v: isinstance(v, str) and v in INTERPOLATION_NAMES}
-    expected = {'input_size': f'an integer in {list(INPUT_SIZE_RANGE)}',
-                'crop_pct': f'a number in {list(CROP_PCT_RANGE)}',
-                'interpolation': f'one of {", ".join(INTERPOLATION_NAMES)}'}
-    if not isinstance(config, dict):
-        raise WeightsError(f'{source}: data_config is {describe(config)}, expected a dict')
-    for key, value in config.items():
-        if key not in checks or not checks[key](value):
-            raise WeightsError(f'{source}: data_config {describe(key)} is {describe(value)}, '
-                               f'expected {expected.get(key, "only " + ", ".join(checks))}')
-    return config
-
-
-def _check_meta(path: str, meta: dict) -> dict:
-    expected = {'model_name': str, 'class_names': list, 'data_config': dict}
-    for key, value in meta.items():
-        if not isinstance(value, expected[key]):
-            raise WeightsError(f'{path}: {key} is {describe(value)}, expected a {expected[key].__name__}')
-    names = meta.get('class_names')
-    if names is not None and (len(names) > MAX_CLASS_NAMES
-                              or not all(isinstance(n, str) and len(n) < 1000 for n in names)):
-        raise WeightsError(f'{path}: class_names must be a list of at most {MAX_CLASS_NAMES} strings')
-    if 'data_config' in meta:
-        check_data_config(meta['data_config'], path)
-    return meta
-
-
 def read_weights(path: str, ema: bool = False) -> tuple[dict[str, np.ndarray], dict, str]:
-    """Read a weight file into (state dict of numpy arrays, meta, layout).
+    """(state dict of numpy arrays, meta, layout) of a weights file.
 
     layout is 'torch' (Linear weights [out, in]) or 'paddle' ([in, out]); see torch_to_paddle.
-    meta holds whichever of model_name, class_names, data_config the file records ({} for
-    files from elsewhere), each checked (_check_meta: the one schema of recorded metadata).
-    From a checkpoint dict the state is 'model', else 'state_dict', else the dict itself;
-    ema=True takes 'model_ema' (timm's ModelEma) instead. Everything else in a training
-    checkpoint (optimizer, lr_scheduler, epoch, scaler, args) is read safely and ignored.
+    meta: what the file records of META_KEYS ({} for files from elsewhere). The state is the
+    dict's 'model', else 'state_dict', else the dict itself; with ema, 'model_ema' (timm's
+    ModelEma). The rest of a checkpoint (optimizer, args, an mmcv 'meta') is read and ignored.
     """
-    path = os.fspath(path)
-    with open_regular_file(path, MAX_FILE_BYTES) as file:   # what is checked is what is read
-        kind = _sniff(file, path)
-        if kind == 'legacy-torch':
-            raise WeightsError(f'{path}: legacy (pre-1.6, non-zip) torch.save format is not supported; '
-                               f're-save it with torch>=1.6: torch.save(torch.load(old), new)')
-        if kind == 'safetensors':
-            if ema:
-                raise WeightsError(f"{path}: a .safetensors file holds one state dict, no 'model_ema'")
-            state, meta, layout = _load_safetensors(file, path)
-            container = state
-        else:
-            container = (_load_torch_zip(file, path) if kind == 'torch'
-                         else _unpickle(file, path, PADDLE_ALLOWED_GLOBALS))
-            if not isinstance(container, dict):
-                raise WeightsError(f'{path}: expected a dict, found {describe(container)}')
-            meta = {key: container[key] for key in META_KEYS if key in container}
-            layout = 'torch' if kind == 'torch' else 'paddle'
-    if layout not in LAYOUTS:
-        raise WeightsError(f'{path}: layout {describe(layout)}, expected one of {LAYOUTS}')
-    return _select_state(path, container, ema), _check_meta(path, meta), layout
+    container, layout = _read(path)
+    if ema and 'model_ema' not in container:
+        keys = [key for key in container if isinstance(key, str)][:8]
+        raise WeightsError(f"{path}: no 'model_ema' entry (has {', '.join(map(describe, keys))})")
+    state = container['model_ema'] if ema else container.get('model', container.get('state_dict', container))
+    return check_state(path, state), {key: container[key] for key in META_KEYS if key in container}, layout
 
 
 def torch_to_paddle(state: dict) -> dict:
-    """Convert a state dict from PyTorch layout to Paddle layout.
-
-    torch.nn.Linear stores its weight as [out, in] and computes x @ W.T; paddle.nn.Linear stores
-    [in, out] and computes x @ W. In CycleMLP every 2-D '.weight' is a Linear (mlp_c, proj,
-    reweight and mlp fc1/fc2, head), so those are transposed. Convolution and CycleFC weights are
-    4-D [out, in, kh, kw] in both frameworks, and 1-D LayerNorm weights and biases need nothing.
-    """
+    """A state dict from PyTorch layout to Paddle's: torch.nn.Linear stores [out, in] (x @ W.T),
+    paddle.nn.Linear [in, out] (x @ W). Every 2-D '.weight' of CycleMLP is a Linear's; convolution
+    and CycleFC weights are [out, in, kh, kw] in both, and LayerNorm's are 1-D."""
     return {key: np.ascontiguousarray(value.T) if value.ndim == 2 and key.endswith('.weight')
             else value for key, value in state.items()}
-
-
-def _temporary_path(path: str) -> str:
-    """A new name beside path for a write in progress. The file is not created here: the writer
-    creates it, with the mode the umask gives (mkstemp's would be 0600 whatever the umask)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)   # the folders a command writes into are made, as mkdir -p
-    return os.path.join(directory, f'.{os.path.basename(path)}.{secrets.token_hex(6)}.tmp')
-
-
-def remove_stale_temporaries(path: str) -> list[str]:
-    """Remove the temporary files that writes of path left behind when the process was killed
-    during the write (SIGKILL); returns their names."""
-    directory, name = os.path.split(os.path.abspath(path))
-    stale = [entry for entry in os.listdir(directory)
-             if entry.startswith(f'.{name}.') and entry.endswith('.tmp')]
-    for entry in stale:
-        os.remove(os.path.join(directory, entry))
-    return stale
-
-
-def _umask() -> int:
-    """The process's umask, read without changing it (Linux); else set and put back."""
-    try:
-        with open('/proc/self/status') as status:
-            return int(next(line for line in status if line.startswith('Umask:')).split()[1], 8)
-    except (OSError, StopIteration, ValueError):
-        mask = os.umask(0o022)
-        os.umask(mask)
-        return mask
-
-
-def _write_atomically(path: str, write) -> None:
-    """Call write(temporary path), then move the result onto path; on any failure remove it."""
-    try:
-        temporary = _temporary_path(path)
-    except OSError as error:
-        raise WeightsError(f'{path}: cannot write ({error.strerror})') from None
-    try:
-        write(temporary)
-        os.chmod(temporary, 0o666 & ~_umask())     # safetensors writes 0600 whatever the umask
-        os.replace(temporary, path)
-    except BaseException as error:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        if isinstance(error, OSError):
-            raise WeightsError(f'{path}: cannot write ({error.strerror or error})') from None
-        raise
 
 
 def atomic_save(obj, path: str) -> None:
     """paddle.save obj (numpy arrays and plain Python values) to path, all or nothing."""
     import paddle  # here: reading and converting weights does not need the framework
-    _write_atomically(os.fspath(path), lambda temporary: paddle.save(obj, temporary))
+    write_atomically(os.fspath(path), lambda temporary: paddle.save(obj, temporary))
 
 
 def write_weights(path: str, state: dict[str, np.ndarray], meta: dict | None = None) -> None:
-    """Write a Paddle-layout state dict and its meta to a .pdparams or .safetensors file.
-
-    .pdparams holds {'model': state, **meta} as numpy arrays, readable by read_weights and by
-    paddle.load alike; .safetensors holds the arrays with meta JSON-encoded in its header.
-    """
+    """Write a Paddle-layout state dict and its meta to a .pdparams ({'model': state, **meta}) or
+    a .safetensors file (meta JSON-encoded in its header)."""
     path = os.fspath(path)
-    meta = dict(meta or {})
-    unknown = set(meta) - set(META_KEYS)
-    if unknown:
-        raise WeightsError(f'{path}: unknown meta keys {sorted(unknown)}, expected {META_KEYS}')
-    _check_meta(path, meta)
+    meta = check_meta(dict(meta or {}), path)
     for key, value in state.items():
         if not isinstance(value, np.ndarray):
-            raise WeightsError(f'{path}: state entry {key!r} is a {type(value).__name__}, '
-                               f'expected a numpy array')
+            raise WeightsError(f'{path}: state entry {describe(key)} is {describe(value)}, expected an array')
     suffix = os.path.splitext(path)[1]
     if suffix == '.pdparams':
         atomic_save({'model': dict(state), **meta}, path)
     elif suffix == '.safetensors':
-        header = {key: json.dumps(value) for key, value in meta.items()}
-        header['layout'] = 'paddle'
+        header = {**{key: json.dumps(value) for key, value in meta.items()}, 'layout': 'paddle'}
         arrays = {key: np.ascontiguousarray(value) for key, value in state.items()}
-        _write_atomically(path, lambda temporary: safetensors.numpy.save_file(
-            arrays, temporary, metadata=header))
+        write_atomically(path, lambda temporary: safetensors.numpy.save_file(arrays, temporary, header))
     else:
         raise WeightsError(f'{path}: cannot write {suffix or "a file without suffix"}, '
                            f'expected one of {WRITE_SUFFIXES}')

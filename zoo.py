@@ -1,20 +1,16 @@
 """CycleMLP models by name and with weights: create_model, load_model, and the paper's counts.
 
-    from zoo import create_model, load_model
     model = create_model('CycleMLP_B1', num_classes=1000, drop_path_rate=0.1)   # fresh weights
     model = create_model('CycleMLP_B1', pretrained=True)   # the official ImageNet-1k weights
     model, meta = load_model('CycleMLP_B1.pth')     # any weights file; meta: what it records
 
-Wherever weights are accepted, a variant name (CycleMLP_B1 .. CycleMLP_B5) means its official
-release file, downloaded once into a cache folder and checked (download.py); an existing path
-always means the file.
-
-A weights file decides the size of the model built from it, so its structure is checked before
-anything is built: the architecture is read off its tensor shapes (or the name it records), and
-its keys and shapes are compared with that architecture's on a model built without memory
-(paddle.LazyGuard); only a file that fits becomes a model.
+Wherever weights are accepted, a variant name means its official file (download.py); an existing
+path always means the file. A file decides the size of the model built from it, so it is checked
+first: the architecture read off its shapes (bounded by the parameters it holds), then its keys
+and shapes compared on a model built without memory (paddle.LazyGuard).
 """
 import os
+import zlib  # noqa: F401  before Paddle: Paddle 2.6 bundles a zlib that crashes one loaded after it
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -51,9 +47,8 @@ def parameter_count(layers: Sequence[int], embed_dims: Sequence[int], mlp_ratios
 
 
 def config_from_state(state: Dict[str, np.ndarray], source: str = 'weights') -> dict:
-    """Read layers, embed_dims, mlp_ratios and num_classes off a CycleNet state dict, or raise
-    WeightsError: the blocks of each stage numbered 0..n-1, the tensors read 1-D and not empty,
-    and the model no larger than the file (it must hold every parameter)."""
+    """layers, embed_dims, mlp_ratios and num_classes read off a CycleNet state dict, or
+    WeightsError; the model they describe is no larger than the file (it holds every parameter)."""
     def length(key: str) -> int:
         if key not in state:
             raise WeightsError(f'{source}: not a CycleMLP state dict (no {key})')
@@ -84,8 +79,7 @@ def config_from_state(state: Dict[str, np.ndarray], source: str = 'weights') -> 
 
 
 def weights_file(weights: str) -> str:
-    """The file `weights` means: an existing path, else the cached official weights of the
-    variant it names (downloaded and checked once), else WeightsError."""
+    """The file `weights` means: an existing path, else the official weights of the variant it names."""
     weights = str(weights)
     if os.path.exists(weights) or weights not in download.RELEASES:
         if not os.path.lexists(weights):
@@ -96,16 +90,14 @@ def weights_file(weights: str) -> str:
 
 
 def check_official(path: str, name: str) -> None:
-    """WeightsError unless path holds the weights of variant `name` with ImageNet-1k's 1000
-    classes, key for key and shape for shape (read safely; nothing is built but shapes)."""
+    """WeightsError unless path holds variant name's 1000-class weights, key for key and shape for shape."""
     state, _ = read_state(path)
     with paddle.LazyGuard():
         fitting_state(CycleNet(**ARCHITECTURES[name]), state, path)
 
 
 def read_state(path: str, ema: bool = False) -> Tuple[Dict[str, np.ndarray], dict]:
-    """(Paddle-layout state dict, meta) of any weights file weights.read_weights reads, or of
-    the official weights a variant name means (weights_file)."""
+    """(Paddle-layout state dict, meta) of a weights file or variant name (weights_file)."""
     state, meta, layout = read_weights(weights_file(path), ema=ema)
     return (torch_to_paddle(state) if layout == 'torch' else state), meta
 
@@ -116,12 +108,11 @@ def numpy_state(model: nn.Layer) -> Dict[str, np.ndarray]:
 
 def fitting_state(model: CycleNet, state: Dict[str, np.ndarray], source: str = 'weights',
                   drop_head: bool = False, fresh: Sequence[str] = ()) -> Dict[str, np.ndarray]:
-    """The entries of state to load into model, or WeightsError listing every mismatch:
-    missing and unexpected keys, other shapes, CycleFC offsets other than the official pattern,
-    values that are not finite. With drop_head, a classifier of another class count is left out
-    (fine-tuning on a new label set); otherwise a different class count is an error. The model's
-    keys in `fresh` may be missing from state (they keep their initialisation). Reads only shapes and the offset
-    buffers, so model may be built under paddle.LazyGuard."""
+    """The entries of state to load into model, or WeightsError listing every mismatch: missing and
+    unexpected keys, other shapes, CycleFC offsets other than the official pattern, values that are
+    not finite. drop_head leaves out a classifier of another class count (fine-tuning); keys in
+    `fresh` may be missing (they keep their initialisation). Reads only shapes and the offset
+    buffers of model, so it may be built under paddle.LazyGuard."""
     expected = model.state_dict()
     file_classes = state['head.bias'].shape[0] if 'head.bias' in state else None
     if file_classes is not None and file_classes != model.num_classes:
@@ -155,7 +146,6 @@ def fitting_state(model: CycleNet, state: Dict[str, np.ndarray], source: str = '
 
 
 def assign(model: nn.Layer, state: Dict[str, np.ndarray]) -> None:
-    """Set the model's tensors to state's arrays (checked by fitting_state)."""
     parameters = model.state_dict()
     for key, value in state.items():
         parameters[key].set_value(paddle.to_tensor(value, dtype=parameters[key].dtype))
@@ -163,8 +153,8 @@ def assign(model: nn.Layer, state: Dict[str, np.ndarray]) -> None:
 
 def load_state(model: CycleNet, state: Dict[str, np.ndarray], source: str = 'weights',
                drop_head: bool = False, fresh: Sequence[str] = ()) -> Optional[int]:
-    """Load a Paddle-layout state dict into model (see fitting_state); returns the class count
-    of a head left out with drop_head, else None."""
+    """Load a Paddle-layout state dict into model (fitting_state); the class count of a head left
+    out, or None."""
     loaded = fitting_state(model, state, source, drop_head, fresh)
     assign(model, loaded)
     return state['head.bias'].shape[0] if 'head.bias' in state and 'head.bias' not in loaded else None
@@ -177,32 +167,25 @@ def check_name(name: Optional[str]) -> None:
 
 def create_model(name: Optional[str] = None, pretrained: bool = False, weights: Optional[str] = None,
                  ema: bool = False, drop_head: bool = False, **kwargs) -> CycleNet:
-    """Build a model by name (a key of ARCHITECTURES): fresh, with the official ImageNet-1k
-    weights (pretrained), or with weights from any supported file (see load_model, which also
-    returns what the file records). drop_head leaves a head of another class count fresh."""
+    """A model by name (a key of ARCHITECTURES): fresh, with the official ImageNet-1k weights
+    (pretrained), or with any weights file's (load_model)."""
+    check_name(name)
     if pretrained and weights is not None:
         raise ValueError('create_model: pretrained means the official weights; give weights or pretrained')
-    if pretrained:
-        check_name(name)
-        weights = name
+    weights = name if pretrained else weights
     if weights is not None:
         return load_model(weights, name, ema, drop_head, **kwargs)[0]
     if name is None:
         raise ValueError(f'create_model needs a model name, one of {", ".join(ARCHITECTURES)}, or weights')
-    check_name(name)
     return CycleNet(**ARCHITECTURES[name], **kwargs)
 
 
 def load_model(weights: str, name: Optional[str] = None, ema: bool = False, drop_head: bool = False,
                **kwargs) -> Tuple[CycleNet, dict]:
-    """(model, meta) from a weights file: an official PyTorch release or training checkpoint
-    (.pth), a .pdparams (this repo's or the earlier PaddleClas-layout reproduction's), a
-    .safetensors file or this repo's training checkpoint (.pdckpt), or a variant name for its
-    official weights (weights_file); ema picks the EMA weights of a training checkpoint. When name is None the architecture is the one the file records
-    or, for foreign files, the one its tensor shapes describe. num_classes defaults to the
-    file's class count. meta is what the file records besides weights (class_names,
-    data_config; {} for files from elsewhere), for the commands to use.
-    """
+    """(model, meta) from any weights file read_weights reads, or a variant name (weights_file);
+    ema picks a checkpoint's EMA weights. The architecture is name's, else the one the file
+    records, else the one its shapes describe; num_classes defaults to the file's. meta is what
+    the file records besides weights (class_names, data_config; {} for files from elsewhere)."""
     check_name(name)
     state, meta = read_state(weights, ema)
     config = config_from_state(state, weights)
@@ -221,22 +204,19 @@ def load_model(weights: str, name: Optional[str] = None, ema: bool = False, drop
 
 def create_backbone(name: str, weights: Optional[str] = None, fork_last3: bool = False,
                     drop_path_rate: float = 0.0) -> Tuple[CycleNet, str]:
-    """(model, what was loaded) for the official feature backbone of variant `name` (the
-    official CycleMLP_Bx_feat: CycleNet(fork_feat=True), see cyclemlp.py), for detection and
-    segmentation. weights: none (fresh), ImageNet weights (any file load_model reads, or a
-    variant name for the official ones: the classifier and its norm are dropped, the four output
-    norms start fresh), or a dense checkpoint of the official backbone (an mmseg/mmdet file,
-    whose 'state_dict' holds it under 'backbone.'; its neck and head are left out)."""
+    """(model, what was loaded) for variant name's feature backbone (the official
+    CycleMLP_Bx_feat: CycleNet(fork_feat=True)), for detection and segmentation; weights: none
+    (fresh), or any file load_backbone takes."""
     check_name(name)
     model = CycleNet(**ARCHITECTURES[name], drop_path_rate=drop_path_rate, fork_feat=True, fork_last3=fork_last3)
     return model, 'fresh' if weights is None else load_backbone(model, weights)
 
 
 def load_backbone(model: CycleNet, weights: str) -> str:
-    """Load weights into a feature backbone (create_backbone); returns what was loaded and what
-    was left out, in words. The kind of file decides what it must hold: a dense checkpoint
-    (keys under 'backbone.') is this backbone trained, output norms included (a file of the other
-    variant, or one without its norms, does not fit); ImageNet weights start the norms fresh."""
+    """Load weights into a feature backbone; returns what was loaded and left out, in words. The
+    kind of file decides what it must hold: a dense checkpoint (an mmseg/mmdet file, keys under
+    'backbone.') is this backbone trained, output norms included; ImageNet weights (a file or a
+    variant name) lose their classifier, and the four output norms start fresh."""
     state, _ = read_state(weights)
     notes = []
     dense = any(key.startswith('backbone.') for key in state)
@@ -262,14 +242,10 @@ def count_parameters(model: nn.Layer) -> int:
 
 
 def count_flops(model: CycleNet, input_size: Sequence[int] = (224, 224)) -> int:
-    """The paper's FLOPs of one image: fvcore's count, as the official main.py runs it.
-
-    That is multiply-accumulates of convolutions, Linear layers and CycleFC (counted as the 1x1
-    convolution it is, via the official fvcore handle for deform_conv2d), plus fvcore's default
-    5 per element for each affine LayerNorm. Activations, the softmax and the shift itself are
-    not counted. (Without the LayerNorm term B3..B5 come out 0.1 G below the paper's table.)
-    Counted from the layer shapes, so that the count does not depend on how the layers compute.
-    """
+    """The paper's FLOPs of one image: fvcore's count, as the official main.py runs it, from the
+    layer shapes: multiply-accumulates of convolutions, Linear layers and CycleFC (a 1x1
+    convolution, the official fvcore handle), plus fvcore's 5 per element of each affine
+    LayerNorm (without it B3..B5 come out 0.1 G below the paper's table)."""
     def size(param):
         return int(np.prod(param.shape))
 

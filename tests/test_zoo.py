@@ -78,13 +78,6 @@ def test_official_checkpoint_loads_by_its_shapes():
         np.testing.assert_allclose(logits, official[key], atol=1e-4, rtol=0)
 
 
-def test_another_variant_lists_what_differs(tiny_file):
-    _, _, path = tiny_file
-    with pytest.raises(WeightsError, match='missing keys') as error:
-        zoo.create_model('CycleMLP_B1', weights=path, num_classes=6)
-    assert 'tiny.pdparams' in str(error.value) and 'shape' in str(error.value)
-
-
 def test_a_file_naming_a_big_variant_is_refused_before_the_model_is_built(tiny_file, tmp_path, monkeypatch):
     """A small file whose metadata says CycleMLP_B5 must not cost a B5 (300 MB of parameters):
     only a model without memory (paddle.LazyGuard) is built to check it against."""
@@ -107,20 +100,6 @@ def test_a_file_naming_a_big_variant_is_refused_before_the_model_is_built(tiny_f
         zoo.load_model(path)
 
 
-def test_the_state_dict_structure_is_checked_before_a_model_is_built(tmp_path):
-    state = {k: v.numpy() for k, v in CycleNet(**TINY_CONFIG, num_classes=10).state_dict().items()}
-    for change, message in (
-            ({'network.0.9999999.norm1.weight': np.ones(8, np.float32)}, 'the blocks of network.0 are not numbered 0..n-1'),
-            ({'network.2.0.norm1.weight': np.array(1.0, np.float32)}, 'network.2.0.norm1.weight has shape [], expected a non-empty vector'),
-            ({'head.bias': np.zeros(0, np.float32)}, 'head.bias has shape [0], expected a non-empty vector'),
-            ({'network.0.0.mlp.fc1.bias': np.zeros(512, np.float32)}, 'more parameters than the file holds'),
-            ({'network.2.0.norm1.weight': np.ones(2, np.float32)}, 'embed_dims must be four integers in [4, 8192]')):
-        path = tmp_path / 'odd.pdparams'
-        write_weights(path, {**state, **change})
-        with pytest.raises(WeightsError, match=re.escape(f'{path}: ') + '.*' + re.escape(message)):
-            zoo.load_model(str(path))
-
-
 def test_class_count_mismatch_needs_drop_head(tiny_file):
     model, state, path = tiny_file
     with pytest.raises(WeightsError, match='6-class head'):
@@ -130,16 +109,6 @@ def test_class_count_mismatch_needs_drop_head(tiny_file):
     np.testing.assert_array_equal(tuned.norm.weight.numpy(), state['norm.weight'])
 
 
-def test_changed_offsets_are_refused(tiny_file, tmp_path):
-    _, state, _ = tiny_file
-    state = dict(state)
-    state['network.4.1.attn.sfc_w.offset'] = -state['network.4.1.attn.sfc_w.offset']
-    path = str(tmp_path / 'bad.safetensors')
-    write_weights(path, state)
-    with pytest.raises(WeightsError, match='network.4.1.attn.sfc_w.offset: offsets differ'):
-        zoo.create_model(weights=path)
-
-
 def test_arguments_are_checked_before_the_file_is_read(tmp_path):
     with pytest.raises(ValueError, match='num_classes must be an integer'):
         zoo.create_model('CycleMLP_B1', num_classes='10')
@@ -147,13 +116,51 @@ def test_arguments_are_checked_before_the_file_is_read(tmp_path):
         zoo.load_model(os.devnull, 'B1')
 
 
-def test_weights_that_are_not_finite_are_refused(tiny_file, tmp_path):
-    _, state, _ = tiny_file
-    for key, value in (('head.bias', np.nan), ('network.2.0.attn.proj.weight', np.inf)):
-        changed = dict(state)
-        changed[key] = changed[key].copy()
-        changed[key].flat[0] = value
-        path = str(tmp_path / 'odd.pdparams')
-        write_weights(path, changed)
-        with pytest.raises(WeightsError, match=f'{re.escape(key)}: holds NaN or infinite values'):
-            zoo.load_model(path)
+def _changed(key, change):
+    return lambda state: {**state, key: change(state[key].copy())}
+
+
+def _first(value):
+    def change(array):
+        array.flat[0] = value
+        return array
+    return change
+
+
+NOT_FITTING = {  # a tiny model's state, changed -> what the one error says
+    'blocks not numbered 0..n-1': (lambda state: {**state, 'network.0.9999999.norm1.weight': np.ones(8, np.float32)},
+                                   'the blocks of network.0 are not numbered 0..n-1'),
+    'a scalar norm': (_changed('network.2.0.norm1.weight', lambda value: np.array(1.0, np.float32)),
+                      'network.2.0.norm1.weight has shape [], expected a non-empty vector'),
+    'an empty head': (_changed('head.bias', lambda value: np.zeros(0, np.float32)),
+                      'head.bias has shape [0], expected a non-empty vector'),
+    'more parameters than the file': (_changed('network.0.0.mlp.fc1.bias', lambda value: np.zeros(512, np.float32)),
+                                      'more parameters than the file holds'),
+    'no CycleNet': (_changed('network.2.0.norm1.weight', lambda value: np.ones(2, np.float32)),
+                    'embed_dims must be four integers in [4, 8192]'),
+    'changed offsets': (_changed('network.4.1.attn.sfc_w.offset', lambda value: -value),
+                        'network.4.1.attn.sfc_w.offset: offsets differ from the CycleFC pattern'),
+    'NaN': (_changed('head.bias', _first(np.nan)), 'head.bias: holds NaN or infinite values'),
+    'inf': (_changed('network.2.0.attn.proj.weight', _first(np.inf)),
+            'network.2.0.attn.proj.weight: holds NaN or infinite values'),
+    'a missing tensor': (lambda state: {key: value for key, value in state.items() if key != 'norm.bias'},
+                         "missing keys (1): 'norm.bias'"),
+    'another variant': ('CycleMLP_B1', 'does not fit CycleNet [2, 2, 4, 2] [64, 128, 320, 512]: missing keys'),
+    'another class count': (3, '6-class head but the model has 3 classes'),
+}
+
+
+@pytest.mark.parametrize('kind', NOT_FITTING)
+def test_a_file_that_does_not_fit_is_refused_before_a_model_is_built(tiny_file, tmp_path, kind):
+    """A file's structure (keys, shapes, offsets, finite values, the architecture its shapes
+    describe) is checked before a model is built from it; every mismatch is one error naming it."""
+    _, state, path = tiny_file
+    change, message = NOT_FITTING[kind]
+    arguments = {}
+    if callable(change):
+        path = tmp_path / 'odd.pdparams'
+        write_weights(path, change(state))
+    else:
+        arguments = {'name': change, 'num_classes': 6} if isinstance(change, str) else {'num_classes': change}
+    with pytest.raises(WeightsError, match=re.escape(f'{path}') + '.*' + re.escape(message)):
+        zoo.load_model(str(path), **arguments)
