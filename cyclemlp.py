@@ -31,6 +31,7 @@ import paddle.nn.functional as F
 import fast_layers
 from cycle_fc import CycleFC
 from fast_layers import LayerNorm, Linear   # Paddle's layers, with a faster CPU backward
+from weights import MAX_CLASSES
 
 # timm's trunc_normal_(std=.02) cuts at +-2 in absolute value, i.e. at 100 standard deviations:
 # in float32 that is a plain normal, which is what we draw.
@@ -235,7 +236,6 @@ ARCHITECTURES = {
 MAX_BLOCKS_PER_STAGE = 1000
 MAX_CHANNELS = 8192
 MAX_MLP_RATIO = 64
-MAX_CLASSES = 100_000
 
 
 def check_arguments(layers, embed_dims, mlp_ratios, num_classes, drop_path_rate, fork_feat=False,

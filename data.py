@@ -22,7 +22,7 @@ import zlib  # noqa: F401  before Paddle: Paddle 2.6 bundles a zlib that crashes
 import paddle
 from PIL import Image, ImageOps
 
-from weights import INTERPOLATION_NAMES, printable
+from weights import INTERPOLATION_NAMES, MAX_CLASSES, printable
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -42,7 +42,6 @@ IMAGE_EXTENSIONS = frozenset(ext.lower() for ext, image_format in Image.register
 # (UnidentifiedImageError and truncation are OSErrors; some plugins raise the others).
 UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error,
                            Image.DecompressionBombError)
-MAX_CLASSES = 100_000      # labels of a list file (ImageNet-21k has 21,841 classes)
 # Give up when this many consecutive training samples cannot be read: the data is broken.
 MAX_CONSECUTIVE_UNREADABLE = 100
 # Repeated augmentation (DeiT's RASampler).

@@ -28,7 +28,6 @@ from PIL import Image
 import download
 import zoo
 from conftest import REPO_ROOT, photo_like_array, tiny_state
-from cyclemlp import CycleMLP_B1
 from torch_files import paddle_to_torch, write_release
 from weights import WeightsError, read_weights
 
@@ -46,7 +45,7 @@ def release(tmp_path_factory):
     root = tmp_path_factory.mktemp('release')
     paddle.seed(0)
     path = root / FILE
-    write_release(path, paddle_to_torch(zoo.numpy_state(CycleMLP_B1())))
+    write_release(path, paddle_to_torch(zoo.numpy_state(zoo.create_model('CycleMLP_B1'))))
     other = root / 'other.pth'
     write_release(other, paddle_to_torch(tiny_state(0, 1000)))
     return dict(path=path, data=path.read_bytes(), other=other.read_bytes())
