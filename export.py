@@ -2,42 +2,25 @@
 
     python export.py --weights CycleMLP_B1.pth --output exported/ [--dynamic-size] [--onnx]
 
-writes into the folder
-    model.json (Paddle 3) or model.pdmodel (Paddle 2.x), model.pdiparams   for Paddle Inference
-    model.onnx           with --onnx, converted by paddle2onnx (pip install paddle2onnx onnxruntime)
-    meta.json            model, input size, crop_pct, interpolation, mean, std, class names,
-                         the checks, and the sha256 of each file above
-The input is float32 'images' (N, 3, S, S) normalised as data.eval_transform does, N free;
-with --dynamic-size H and W are free too (the CycleFC gather indices are built in the graph
-from the input size). The output is the logits (N, classes).
+writes model.json (Paddle 3) or model.pdmodel (Paddle 2.x) and model.pdiparams for Paddle Inference,
+model.onnx with --onnx (paddle2onnx: pip install paddle2onnx onnxruntime), and meta.json: the model,
+its evaluation transform and class names, the checks below and the sha256 of each model file. The
+input is float32 'images' (N, 3, S, S) normalised as data.eval_transform does (with --dynamic-size H
+and W are free too); the output is the logits (N, classes). The graph is the fastest exact
+formulation measured (docs/deployment.md): fast_layers.fused_mixer in the first two stages.
 
-The graph is the fastest exact formulation measured (docs/deployment.md): the token mixers of
-the first two stages as fast_layers.fused_mixer (one gather and batched matmuls, proj folded
-in), the rest as the official computation; with --dynamic-size all of it is the official one.
-
-Nothing is trusted unchecked: before the files are put in place, the Paddle model runs in Paddle
-Inference's predictor with its default CPU Config (oneDNN on, as deployments run it) and with
-the Config predict.py runs (PADDLE_INFERENCE_SETTINGS), and model.onnx in ONNX Runtime with
-predict.py's session options, and each must give the eager model's logits within 1e-4 of the
-largest logit (at a non-square size too, for --dynamic-size). The checks run on the CPU, eager
-model included, whatever GPU the machine has: there no TF32 matmul can make a right export look
-wrong. meta.json records the checks, the runtime settings they ran with, and the sha256 of every
-model file, which a reader checks (read_meta, checked_file). The export is
-built in a temporary folder inside the output and its files replace an earlier export's only
-once it is complete; files export.py did not write are never touched, and --output is locked
-while an export writes into it.
-
-This exports cleanly because CycleFC is plain gather and matmul ops; ports that compute it with
-deformable convolution have no ONNX equivalent for it.
+Before its files are put in place, the export must give the eager model's logits within
+PARITY_TOLERANCE in Paddle Inference (its default Config and predict.py's) and in ONNX Runtime. The
+checks run on the CPU, where no TF32 matmul can make a right export look wrong. The export is built
+in a temporary folder inside --output (locked meanwhile) and replaces an earlier export only once
+complete; files export.py did not write are never touched. CycleFC is plain gather and matmul ops,
+so it converts to ONNX, unlike ports that compute it with deformable convolution.
 """
 import argparse
-import contextlib
 import glob
 import json
 import os
-import secrets
 import shutil
-import sys
 import tempfile
 import warnings
 from typing import Callable, List, Optional, Sequence
@@ -48,11 +31,11 @@ import fast_layers
 import numpy as np
 import paddle
 
-from cli import bounded, held_signals, locked, model_args_parser, resolve_data_config
+from cli import bounded, locked, model_args_parser, resolve_data_config
 from cyclemlp import MAX_CLASSES, CycleNet
 from data import IMAGENET_MEAN, IMAGENET_STD
 from weights import WeightsError, check_data_config, describe, one_line, open_regular_file, printable, sha256_of
-from zoo import count_parameters, load_model, variant_name
+from zoo import load_model, variant_name
 
 IMAGENET_CLASSES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'imagenet_classes.txt')
 IMAGENET_NUM_CLASSES = 1000
@@ -78,10 +61,6 @@ ONNXRUNTIME_SETTINGS = dict(
     graph_optimization_level='ORT_ENABLE_ALL',   # LayerNorm, BiasGelu fused, NCHWc convolutions: 1.2x DISABLE_ALL
     allow_spinning=False,   # threads that spin after a run take the cores from what runs next
 )
-# What Paddle and paddle2onnx print from C++ while a model is exported and checked, which tells a
-# user nothing: Paddle 3.3 logs "not support input out tensor" on a model's first export, its
-# oneDNN passes print ReduceMeanCheckIfOneDNNSupport (on stdout), paddle2onnx its progress.
-NATIVE_NOISE = (b'not support input out tensor', b'ReduceMeanCheckIfOneDNNSupport', b'[Paddle2ONNX]')
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -106,8 +85,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def default_class_names(stored: Optional[Sequence[str]], num_classes: int) -> Optional[List[str]]:
-    """The names a weights file stores, else ImageNet-1k's for a 1000-class model (WordNet
-    lemmas in class-index order, as timm ships them, Apache-2.0), else None."""
+    """The names a weights file stores, else ImageNet-1k's for a 1000-class model (timm's list), else None."""
     if stored and len(stored) == num_classes:
         return list(stored)
     if num_classes == IMAGENET_NUM_CLASSES:
@@ -116,32 +94,18 @@ def default_class_names(stored: Optional[Sequence[str]], num_classes: int) -> Op
     return None
 
 
-# Reading an export: an untrusted folder. meta.json is read with bounds and its values checked;
-# the model files must be the ones whose sha256 it records, and the model must take the input
-# and give the classes it describes.
-
-def read_regular_file(path: str, limit: int) -> bytes:
-    """The bytes of a regular file no larger than limit; WeightsError for anything else (a FIFO
-    would block the read forever, /dev/zero would fill the memory)."""
-    with open_regular_file(path) as file:
-        data = file.read(limit + 1)
-    if len(data) > limit:
-        raise WeightsError(f'{path}: larger than the {limit >> 20} MiB export.py ever writes')
-    return data
-
+# Reading an export, an untrusted folder: meta.json is read with a bound and checked, the model
+# files must have the sha256 it records, and the model must run on the size and classes it records.
 
 def read_meta(directory: str) -> dict:
-    """DIR/meta.json, checked: num_classes, input_size, dynamic_size, crop_pct, interpolation,
-    class_names (a list of num_classes strings, or null) and files (name: sha256)."""
+    """DIR/meta.json, checked to be what export.py writes (the one reader: predict.py, and export.py
+    before it replaces or deletes anything)."""
     path = os.path.join(directory, META_FILE)
-    if not os.path.lexists(path):
-        raise WeightsError(f'{path}: cannot read (No such file or directory); expected a folder written '
-                           'by export.py')
-    data = read_regular_file(path, MAX_META_BYTES)
-    try:
-        meta = json.loads(data)
-    except (ValueError, RecursionError):
-        raise WeightsError(f'{path}: not JSON of sane depth; expected the meta.json export.py writes') from None
+    with open_regular_file(path, MAX_META_BYTES) as file:
+        try:
+            meta = json.loads(file.read())
+        except (ValueError, RecursionError):
+            raise WeightsError(f'{path}: not JSON of sane depth; expected the meta.json export.py writes') from None
     if not isinstance(meta, dict):
         raise WeightsError(f'{path}: expected a JSON object, found {describe(meta)}')
     checks = {'num_classes': lambda v: type(v) is int and 1 <= v <= MAX_CLASSES,
@@ -219,8 +183,7 @@ def paddle_runner(directory: str, default_config: bool = False, device: Optional
             config.switch_ir_optim(PADDLE_INFERENCE_SETTINGS['ir_optim'])
             settings.update(PADDLE_INFERENCE_SETTINGS)
     try:
-        with native_noise_dropped():     # its oneDNN passes print on stdout
-            predictor = paddle.inference.create_predictor(config)
+        predictor = paddle.inference.create_predictor(config)
     except Exception as error:  # Paddle raises its own C++ error types for a damaged model
         raise WeightsError(f'{directory}: Paddle Inference cannot load the model ({one_line(error)})') from None
     images = predictor.get_input_handle(predictor.get_input_names()[0])
@@ -233,8 +196,7 @@ def paddle_runner(directory: str, default_config: bool = False, device: Optional
         return logits.copy_to_cpu()
 
     run.settings = settings
-    with native_noise_dropped():         # and again on the first run
-        return probed(run, directory, meta, 'Paddle Inference', size)
+    return probed(run, directory, meta, 'Paddle Inference', size)
 
 
 def onnx_runner(directory: str, size: Optional[int] = None) -> Callable[[np.ndarray], np.ndarray]:
@@ -285,19 +247,14 @@ def export_paddle(model: CycleNet, output: str, input_size: Optional[int]) -> No
 
 
 def without_dead_nodes(model) -> None:
-    """Remove, in place, the nodes (constants mostly) whose outputs nothing uses, in the graph and
-    its subgraphs: paddle2onnx leaves them, and ONNX Runtime warns about each when loading."""
+    """Remove, in place, the nodes whose outputs nothing uses, in the graph and its If branches:
+    paddle2onnx leaves them, and ONNX Runtime warns about each when loading."""
     import onnx
 
-    def graphs(graph):
-        """The graph and its subgraphs (If branches), innermost first: rewriting a graph's node
-        list copies its nodes, so their subgraphs must be final by then."""
+    def graphs(graph):   # innermost first: rewriting a node list copies the subgraphs it holds
         for node in graph.node:
             for attribute in node.attribute:
-                subgraphs = list(attribute.graphs)
-                if attribute.type == onnx.AttributeProto.GRAPH:
-                    subgraphs.append(attribute.g)
-                for subgraph in subgraphs:
+                for subgraph in list(attribute.graphs) + [attribute.g] * (attribute.type == onnx.AttributeProto.GRAPH):
                     yield from graphs(subgraph)
         yield graph
 
@@ -324,8 +281,7 @@ def onnx_converts_dynamic_sizes() -> bool:
 
 
 def export_onnx(output: str, opset: int) -> None:
-    """Convert output's Paddle inference model (meta.json written) to output/model.onnx with
-    paddle2onnx."""
+    """Convert output's Paddle inference model (meta.json written) to output/model.onnx."""
     import onnx
     import paddle2onnx
     graph = os.path.join(output, model_file(read_meta(output)))
@@ -343,8 +299,7 @@ def export_onnx(output: str, opset: int) -> None:
 
 
 def write_meta(folder: str, meta: dict) -> None:
-    """meta.json, with the sha256 of every model file in folder, so that a reader can tie them
-    to each other and to it."""
+    """meta.json, with the sha256 of every model file in folder, which a reader checks."""
     known = meta.get('files', {})
     meta['files'] = {name: known.get(name) or sha256_of(os.path.join(folder, name)) for name in EXPORT_FILES
                      if os.path.exists(os.path.join(folder, name))}
@@ -352,67 +307,33 @@ def write_meta(folder: str, meta: dict) -> None:
         json.dump(meta, file, indent=2)
 
 
-@contextlib.contextmanager
-def native_noise_dropped():
-    """Run the block with file descriptors 1 and 2 (where C++ code prints) going to a temporary
-    file; afterwards pass every line on to stderr but NATIVE_NOISE. stdout stays for results."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    with tempfile.TemporaryFile() as captured:
-        try:
-            os.dup2(captured.fileno(), 1)
-            os.dup2(captured.fileno(), 2)
-            yield
-        finally:
-            with held_signals():        # a Ctrl-C must not leave stdout and stderr in the file
-                sys.stdout.flush()
-                sys.stderr.flush()
-                for descriptor, original in zip((1, 2), saved):
-                    os.dup2(original, descriptor)
-                    os.close(original)
-            captured.seek(0)
-            for line in captured:
-                if not any(noise in line for noise in NATIVE_NOISE):
-                    sys.stderr.buffer.write(line)
-            sys.stderr.flush()
-
-
-class ParityError(WeightsError):
-    """An export that runs but does not give the eager model's logits."""
-
-
 def check_parity(model: CycleNet, run: Callable[[np.ndarray], np.ndarray], sizes, name: str) -> float:
-    """Largest difference from the eager logits (the model on the device Paddle is set to:
-    export.py's main sets CHECK_DEVICE), relative to the largest logit, over random batches of
-    each (height, width); WeightsError beyond PARITY_TOLERANCE."""
+    """Largest difference of run's logits from the eager model's (on CHECK_DEVICE), relative to the
+    largest logit, over a random batch of each (height, width); WeightsError beyond PARITY_TOLERANCE."""
     worst = 0.0
     rng = np.random.default_rng(0)
     for height, width in sizes:
         images = rng.standard_normal((CHECK_BATCH, 3, height, width)).astype(np.float32)
-        with held_signals(), paddle.no_grad():
+        with paddle.no_grad():
             expected = model(paddle.to_tensor(images)).numpy()
         difference = float(np.abs(run(images) - expected).max() / max(np.abs(expected).max(), 1e-12))
         if not difference <= PARITY_TOLERANCE:
-            raise ParityError(f'{name} gives logits {difference:.2g} (relative) away from the eager '
+            raise WeightsError(f'{name} gives logits {difference:.2g} (relative) away from the eager '
                                f'model at {height}x{width}; the export was not written')
         worst = max(worst, difference)
     return worst
 
 
 def earlier_export(output: str) -> List[str]:
-    """The files of an earlier export in output (those its meta.json lists, and meta.json),
-    which a new export may replace; WeightsError if output holds a file of an export's name that
-    no meta.json of export.py lists (the user's own, or listed by a meta.json that read_meta does
-    not recognise as export.py's), or is not a folder. Anything else in the folder is left alone."""
+    """The files of an earlier export in output, which a new export may replace; WeightsError if
+    output is not a folder or holds a file of an export's name that no meta.json of export.py lists
+    (the user's own, or listed by a meta.json read_meta does not recognise). Other files stay."""
     if not os.path.exists(output):
         return []
     if not os.path.isdir(output):
         raise WeightsError(f'{output}: exists and is not a folder; choose another --output')
     present = [name for name in EXPORT_FILES + (META_FILE,) if os.path.lexists(os.path.join(output, name))]
-    if not present:
-        return []
-    try:   # recognised as export.py's by its whole content (read_meta), not by a 'files' key
+    try:   # recognised as export.py's by its whole content, not by a 'files' key
         listed = set(read_meta(output)['files']) | {META_FILE}
     except WeightsError:
         listed = set()
@@ -424,41 +345,21 @@ def earlier_export(output: str) -> List[str]:
 
 
 def install(temporary: str, output: str, earlier: List[str]) -> None:
-    """Move the new export's files from temporary into output, meta.json first, and remove the
-    earlier export's files that the new one does not have; no other file is touched. While the
-    files change a reader refuses the folder (they do not match meta.json), and an install killed
-    midway leaves a folder the next export replaces."""
+    """Move the new export's files into output, meta.json first, and remove the earlier export's
+    files the new one does not have. Meanwhile a reader refuses the folder (the files do not match
+    meta.json), and an install killed midway leaves a folder the next export replaces."""
     new = [name for name in EXPORT_FILES if os.path.exists(os.path.join(temporary, name))]
-    os.replace(os.path.join(temporary, META_FILE), os.path.join(output, META_FILE))
-    for name in new:
+    for name in [META_FILE] + new:
         os.replace(os.path.join(temporary, name), os.path.join(output, name))
     for name in set(earlier) - set(new) - {META_FILE}:
         os.remove(os.path.join(output, name))
 
 
-def write_failure(folder: str, size: int) -> Optional[str]:
-    """The OS's reason why size bytes cannot be written in folder, or None if they can.
-    paddle.jit.save reports no write error (found here: on a full disk it leaves a truncated
-    model file, and Paddle Inference then reports a parse error), so a failed export asks the
-    file system directly."""
-    probe = os.path.join(folder, f'.probe.{secrets.token_hex(4)}')
-    try:
-        with open(probe, 'wb', buffering=0) as file:
-            for _ in range(size >> 20):
-                file.write(bytes(1 << 20))
-        return None
-    except OSError as error:
-        return error.strerror or str(error)
-    finally:
-        if os.path.exists(probe):
-            os.remove(probe)
-
-
-def build_export(model: CycleNet, output: str, args: argparse.Namespace, recorded: dict, sizes,
-                 earlier: List[str]) -> dict:
+def build_export(model: CycleNet, output: str, args: argparse.Namespace, recorded: dict, sizes) -> dict:
     """Write the export into a temporary folder inside output, check it, install it; its meta."""
     for stale in glob.glob(os.path.join(glob.escape(output), '.export.*.tmp')):   # what a killed export left
         shutil.rmtree(stale, ignore_errors=True)     # (no other export runs: output is locked)
+    earlier = earlier_export(output)
     temporary = tempfile.mkdtemp(prefix='.export.', suffix='.tmp', dir=output)
     try:
         meta = dict(model_name=variant_name(model.config), model_args=model.config,
@@ -469,33 +370,20 @@ def build_export(model: CycleNet, output: str, args: argparse.Namespace, recorde
                     class_names=default_class_names(recorded.get('class_names'), model.num_classes),
                     weights=os.path.basename(args.weights), ema=args.ema,
                     paddle_version=paddle.__version__, parity={})
-        try:
-            with native_noise_dropped():
-                with held_signals():   # tracing runs the model's code: Ctrl-C there would be Paddle's error
-                    export_paddle(model, temporary, None if args.dynamic_size else args.input_size)
-                write_meta(temporary, meta)
-                runners = {'paddle_inference_default_config': (
-                    paddle_runner(temporary, default_config=True, device=CHECK_DEVICE),
-                    'Paddle Inference (default Config)'),
-                    'paddle_inference': (paddle_runner(temporary, device=CHECK_DEVICE),
-                                         "Paddle Inference (predict.py's Config)")}
-                if args.onnx:
-                    export_onnx(temporary, args.opset)
-                    write_meta(temporary, meta)
-                    runners['onnxruntime'] = (onnx_runner(temporary), 'ONNX Runtime')
-                checks = {key: check_parity(model, run, sizes, name) for key, (run, name) in runners.items()}
-            meta['parity'] = {'tolerance': PARITY_TOLERANCE, 'sizes': sizes, 'max_difference': checks,
-                              'runtime_settings': {key: run.settings for key, (run, _) in runners.items()}}
+        export_paddle(model, temporary, None if args.dynamic_size else args.input_size)
+        write_meta(temporary, meta)
+        runners = {'paddle_inference_default_config': (
+            paddle_runner(temporary, default_config=True, device=CHECK_DEVICE), 'Paddle Inference (default Config)'),
+            'paddle_inference': (paddle_runner(temporary, device=CHECK_DEVICE), "Paddle Inference (predict.py's Config)")}
+        if args.onnx:
+            export_onnx(temporary, args.opset)
             write_meta(temporary, meta)
-        except (WeightsError, OSError) as error:
-            # A write paddle.jit.save did not report shows as a model that cannot be read back.
-            problem = None if isinstance(error, ParityError) else write_failure(
-                temporary, 4 * count_parameters(model) + (16 << 20))
-            if problem:
-                raise WeightsError(f'{output}: cannot write the export ({problem})') from None
-            raise
-        with held_signals():
-            install(temporary, output, earlier)
+            runners['onnxruntime'] = (onnx_runner(temporary), 'ONNX Runtime')
+        checks = {key: check_parity(model, run, sizes, name) for key, (run, name) in runners.items()}
+        meta['parity'] = {'tolerance': PARITY_TOLERANCE, 'sizes': sizes, 'max_difference': checks,
+                          'runtime_settings': {key: run.settings for key, (run, _) in runners.items()}}
+        write_meta(temporary, meta)
+        install(temporary, output, earlier)
         return meta
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
@@ -531,7 +419,7 @@ def main(args: argparse.Namespace) -> None:
     os.makedirs(output, exist_ok=True)
     with locked(output, '--output', wait=True):     # another export into it: this one waits
         try:
-            meta = build_export(model, output, args, recorded, sizes, earlier_export(output))
+            meta = build_export(model, output, args, recorded, sizes)
         except BaseException:
             if created and not os.listdir(output):
                 os.rmdir(output)
