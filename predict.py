@@ -5,23 +5,13 @@
     python predict.py cat.jpg --inference-model exported/                  # Paddle Inference
     python predict.py cat.jpg --inference-model exported/ --runtime onnx   # ONNX Runtime
 
-Preprocessing is the official evaluation transform (data.eval_transform: bicubic resize of the
-shorter side to input_size / crop_pct, center crop, ImageNet normalisation) on the fully decoded
-image, so the same weights on the same file give the official model's probabilities, whatever
-the image's size. Unlike the official evaluation (and evaluate.py), the EXIF orientation of a
-photo is applied first, so that it is classified the way up a person sees it. Any image Pillow
-reads is accepted (modes converted as data.load_image does); an image that cannot be read gets
-a one-line error and the others are still predicted (exit code 1). Pillow's decompression-bomb
-guard stays on: such a file is reported like any unreadable one.
-
---fast-decode trades exactness for speed on large photos: when the shorter side is at least
-LARGE_IMAGE_FACTOR times the resize target, a JPEG is decoded at a reduced scale (Pillow's
-draft, DCT scaling) and any other image is shrunk by an integer box filter, both to no less
-than twice the target, before the bicubic resize. Probabilities then differ slightly from the
-official transform's.
-
-Class names: those the weights file (or exported model) records, else the ImageNet-1k names
-for a 1000-class model, else none (export.default_class_names).
+Preprocessing is the official evaluation transform (data.eval_transform) on the fully decoded image,
+so the same weights on the same file give the official model's probabilities. Unlike evaluate.py,
+the EXIF orientation of a photo is applied first: it is classified the way up a person sees it. An
+image that cannot be read (Pillow's decompression-bomb guard stays on) is one error line, the others
+are still predicted, and the exit code is 1. --fast-decode shrinks very large photos cheaply before
+the resize (JPEG DCT scaling, else a box filter, to no less than twice the target): faster, with
+slightly different probabilities.
 """
 import argparse
 import json
@@ -37,7 +27,7 @@ import paddle.nn.functional as F
 from PIL import Image, ImageOps
 
 import export
-from cli import bounded, held_signals, model_args_parser, resolve_data_config
+from cli import bounded, model_args_parser, resolve_data_config
 from data import IMAGE_EXTENSIONS, UNREADABLE_IMAGE_ERRORS, eval_transform, is_regular_file, load_image, normalize
 from weights import WeightsError, printable
 from zoo import load_model
@@ -80,32 +70,28 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def load_image_reduced(path: str, resize_size: int) -> Image.Image:
-    """An RGB image for the evaluation transform, shrunk cheaply first if very large
-    (--fast-decode; see the module docstring). Ordinary images are exactly load_image's."""
-    if not is_regular_file(path):
-        return load_image(path, exif_orientation=True)   # which says what the path is
-    with Image.open(path) as img:
-        if min(img.size) < LARGE_IMAGE_FACTOR * resize_size:
-            return load_image(path, exif_orientation=True)
-        if img.format == 'JPEG':
-            # draft picks the smallest DCT scale (1/2, 1/4, 1/8) that keeps at least this size.
-            scale = SHRINK_TO_FACTOR * resize_size / min(img.size)
-            img.draft('RGB', (int(np.ceil(img.width * scale)), int(np.ceil(img.height * scale))))
-            img.load()
-            # JPEG modes are L, RGB and CMYK, for which load_image's conversion is Pillow's own.
-            img = ImageOps.exif_transpose(img).convert('RGB')
-        else:
-            img = load_image(path, exif_orientation=True)
-    factor = min(img.size) // (SHRINK_TO_FACTOR * resize_size)
-    return img.reduce(factor) if factor > 1 else img
+    """load_image's RGB image, shrunk cheaply first if its shorter side is at least LARGE_IMAGE_FACTOR
+    times resize_size (--fast-decode), to no less than SHRINK_TO_FACTOR times it."""
+    target = SHRINK_TO_FACTOR * resize_size
+    image = None
+    if is_regular_file(path):      # else load_image says what the path is
+        with Image.open(path) as img:
+            if img.format == 'JPEG' and min(img.size) >= LARGE_IMAGE_FACTOR * resize_size:
+                # draft picks the smallest DCT scale (1/2, 1/4, 1/8) that keeps at least target;
+                # JPEG modes are L, RGB and CMYK, for which load_image's conversion is Pillow's own.
+                scale = target / min(img.size)
+                img.draft('RGB', (int(np.ceil(img.width * scale)), int(np.ceil(img.height * scale))))
+                img.load()
+                image = ImageOps.exif_transpose(img).convert('RGB')
+    if image is None:
+        image = load_image(path, exif_orientation=True)
+    factor = min(image.size) // target
+    return image.reduce(factor) if factor > 1 else image
 
 
 def expand_inputs(paths: Sequence[str]) -> Iterator[Tuple[str, Optional[str]]]:
-    """(path, None) for each image to predict, or (path, error) for an input that yields none.
-
-    Folders are searched recursively for files with an image extension, in sorted order.
-    Files named explicitly are tried whatever their extension.
-    """
+    """(path, None) per image to predict, (path, error) per input that yields none. Folders are searched
+    recursively for image extensions, in sorted order; files named explicitly are tried whatever theirs."""
     for path in paths:
         if not os.path.isdir(path):
             yield path, None
@@ -119,20 +105,13 @@ def expand_inputs(paths: Sequence[str]) -> Iterator[Tuple[str, Optional[str]]]:
 
 
 def describe_error(path: str, error: Exception) -> str:
-    """One line naming what went wrong with path, without repeating the path."""
+    """One line naming what went wrong with path, without repeating the path (Pillow names it)."""
     if isinstance(error, FileNotFoundError):
         return 'no such file'
-    if isinstance(error, IsADirectoryError):
-        return 'is a directory'
-    if isinstance(error, Image.DecompressionBombError):
-        return f'refused by Pillow\'s decompression-bomb guard ({error})'
-    if os.path.isfile(path) and os.path.getsize(path) == 0:
-        return 'file is empty'
     message = str(error)
-    for form in (repr(path), f"'{path}'", path):      # Pillow names the file, quoted or as a repr
+    for form in (repr(path), f"'{path}'", path):
         message = message.replace(form, '')
-    message = message.strip() or type(error).__name__
-    return 'cannot read image: ' + ' '.join(message.split())
+    return 'cannot read image: ' + (' '.join(message.split()) or type(error).__name__)
 
 
 class Predictor:
@@ -151,9 +130,7 @@ class Predictor:
         return normalize(self.transform(image))
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        with held_signals():     # Ctrl-C inside a Paddle op would become Paddle's own error
-            logits = self.forward(batch)
-        return F.softmax(paddle.to_tensor(logits, dtype='float32'), axis=-1).numpy()
+        return F.softmax(paddle.to_tensor(self.forward(batch), dtype='float32'), axis=-1).numpy()
 
 
 def eager_predictor(args) -> Predictor:
@@ -190,9 +167,8 @@ def top_predictions(probabilities: np.ndarray, topk: int, class_names: Optional[
 
 def predict(predictor: Predictor, paths: Sequence[str], topk: int = DEFAULT_TOPK,
             batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[dict]:
-    """{'image', 'predictions'} or {'image', 'error'} per image, in input order, batch by batch.
-    An error is given as soon as it is found (the images before it are predicted first); the
-    model's output for an image must be finite, or that image gets an error."""
+    """{'image', 'predictions'} or {'image', 'error'} per image, in input order, batch by batch; an
+    error as soon as it is found (the images before it predicted first), and for a non-finite output."""
     pending: List[Tuple[str, np.ndarray]] = []
 
     def flush():
@@ -219,7 +195,7 @@ def predict(predictor: Predictor, paths: Sequence[str], topk: int = DEFAULT_TOPK
 
 
 def format_result(result: dict) -> str:
-    """The text output of one result; names from files and folders are printed escaped (weights.printable)."""
+    """The text output of one result, names from files and folders escaped (weights.printable)."""
     if 'error' in result:
         return f'error: {printable(result["image"])}: {printable(result["error"])}'
     lines = [printable(result['image'])]
