@@ -4,12 +4,10 @@
     ...
     * Acc@1 78.900 Acc@5 94.500 loss 0.912
 
-The weights may be anything `zoo.load_model` reads (the official .pth release, a
-.pdparams, a .safetensors file, a training checkpoint; `--ema` for its EMA weights); the model
-name and evaluation transform are taken from the file when it records them. Images are read as
-the official loader reads them (data.load_image: no EXIF rotation). Under
-`python -m paddle.distributed.launch` every rank evaluates its own shard and the sums are
-reduced, so each validation image counts exactly once. train.py imports the `evaluate` loop.
+The weights are anything zoo.load_model reads; the model name and evaluation transform are taken from
+the file when it records them. Images are read as the official loader reads them (no EXIF rotation).
+Under `python -m paddle.distributed.launch` every rank evaluates its own shard and the sums are
+reduced, so each image counts once. train.py imports the `evaluate` loop.
 """
 import argparse
 import datetime
@@ -24,7 +22,7 @@ import paddle
 import paddle.distributed as dist
 import paddle.nn.functional as F
 
-from cli import held_signals, init_distributed, loader_args_parser, model_args_parser, resolve_data_config, static_if
+from cli import init_distributed, loader_args_parser, model_args_parser, resolve_data_config, static_if
 from data import DatasetError, build_dataset, build_loader, check_image_headers, eval_transform, iterate
 from weights import printable
 from zoo import load_model
@@ -61,15 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def evaluate(model: paddle.nn.Layer, loader, print_freq: int = 10,
              amp_dtype: Optional[str] = None, log: Callable[[str], None] = print,
              header: str = 'Test:') -> Dict[str, float]:
-    """Top-1 and top-5 accuracy (percent), mean cross-entropy and image count over `loader`.
-
-    Top-5 becomes top-min(5, classes) for models with fewer classes. Sums stay on the device
-    during the loop (the host waits for them only at log lines); with several ranks they are
-    summed with all_reduce afterwards, so the result covers every rank's shard: the
-    evaluation sampler gives each image to exactly one rank. Rank 0 alone logs, through `log`.
-    amp_dtype ('float16' or 'bfloat16') runs the forward under autocast; the loss is float32.
-    The model is put in eval mode and returned to training mode afterwards if it was in it.
-    """
+    """Top-1 and top-min(5, classes) accuracy (percent), mean cross-entropy and image count over
+    loader, summed over every rank's shard (the sampler gives each image to one rank). The sums stay
+    on the device: the host waits for them only at log lines. Rank 0 alone logs, through log."""
     was_training = model.training
     model.eval()
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -79,7 +71,7 @@ def evaluate(model: paddle.nn.Layer, loader, print_freq: int = 10,
     images = 0
     start = time.time()
     for step, (batch, labels) in enumerate(iterate(loader)):
-        with held_signals(), paddle.amp.auto_cast(enable=amp_dtype is not None, dtype=amp_dtype or 'float16'):
+        with paddle.amp.auto_cast(enable=amp_dtype is not None, dtype=amp_dtype or 'float16'):
             logits = model(batch)
         logits = logits.astype('float32')
         labels = labels.reshape([-1, 1]).astype('int64')

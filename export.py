@@ -3,18 +3,12 @@
     python export.py --weights CycleMLP_B1.pth --output exported/ [--dynamic-size] [--onnx]
 
 writes model.json (Paddle 3) or model.pdmodel (Paddle 2.x) and model.pdiparams for Paddle Inference,
-model.onnx with --onnx (paddle2onnx: pip install paddle2onnx onnxruntime), and meta.json: the model,
-its evaluation transform and class names, the checks below and the sha256 of each model file. The
-input is float32 'images' (N, 3, S, S) normalised as data.eval_transform does (with --dynamic-size H
-and W are free too); the output is the logits (N, classes). The graph is the fastest exact
-formulation measured (docs/deployment.md): fast_layers.fused_mixer in the first two stages.
-
-Before its files are put in place, the export must give the eager model's logits within
-PARITY_TOLERANCE in Paddle Inference (its default Config and predict.py's) and in ONNX Runtime. The
-checks run on the CPU, where no TF32 matmul can make a right export look wrong. The export is built
-in a temporary folder inside --output (locked meanwhile) and replaces an earlier export only once
-complete; files export.py did not write are never touched. CycleFC is plain gather and matmul ops,
-so it converts to ONNX, unlike ports that compute it with deformable convolution.
+model.onnx with --onnx (pip install paddle2onnx onnxruntime), and meta.json (model, transform, class
+names, checks, each file's sha256). Input: float32 'images' (N, 3, S, S) normalised as
+data.eval_transform does, H and W free with --dynamic-size; output: logits. The graph is the fastest
+exact one measured (docs/deployment.md). Nothing is put in place before every runtime gives the
+eager logits within PARITY_TOLERANCE, checked on the CPU (no TF32 matmul there). An earlier export's
+files are replaced only by a complete one; files export.py did not write are never touched.
 """
 import argparse
 import glob
@@ -67,9 +61,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         'CycleMLP export', parents=[model_args_parser()], allow_abbrev=False,
         description='Write a Paddle inference model (and optionally ONNX) of a checkpoint.')
-    parser.add_argument('--weights', required=True,
-                        help='.pth, .pdparams, .safetensors or training checkpoint, or a model name '
-                             '(CycleMLP_B1 ..) for its official weights, downloaded once (default: required)')
+    parser.add_argument('--weights', required=True, help='.pth, .pdparams, .safetensors or checkpoint, or a model '
+                        'name (CycleMLP_B1 ..) for its official weights, downloaded once (default: required)')
     parser.add_argument('--ema', action='store_true',
                         help="export a training checkpoint's EMA weights (default: off)")
     parser.add_argument('--output', required=True, metavar='DIR',
@@ -397,9 +390,7 @@ def main(args: argparse.Namespace) -> None:
     cpu_setup.configure(args.threads, CHECK_DEVICE)   # tracing needs no GPU, and the checks must not see TF32
     if args.onnx:
         try:  # checked before the slow export starts
-            import onnx  # noqa: F401
-            import onnxruntime  # noqa: F401
-            import paddle2onnx  # noqa: F401
+            import onnx, onnxruntime, paddle2onnx  # noqa: F401, E401
         except ImportError:
             raise WeightsError('--onnx needs paddle2onnx, an optional dependency: '
                                'pip install paddle2onnx onnxruntime') from None

@@ -133,30 +133,26 @@ class Predictor:
         return F.softmax(paddle.to_tensor(self.forward(batch), dtype='float32'), axis=-1).numpy()
 
 
-def eager_predictor(args) -> Predictor:
-    model, meta = load_model(args.weights or DEFAULT_WEIGHTS, args.model, ema=args.ema)
-    model.eval()
-    resolve_data_config(args, meta.get('data_config'), args.weights or DEFAULT_WEIGHTS)
-
-    @paddle.no_grad()
-    def forward(batch: np.ndarray) -> np.ndarray:
-        return model(paddle.to_tensor(batch)).numpy()
-
-    return Predictor(forward, export.default_class_names(meta.get('class_names'), model.num_classes),
-                     args.input_size, args.crop_pct, args.eval_interpolation, args.fast_decode)
-
-
-def exported_predictor(args) -> Predictor:
-    meta = export.read_meta(args.inference_model)
-    input_size = args.input_size or meta['input_size']
-    if not meta['dynamic_size'] and input_size != meta['input_size']:
-        raise WeightsError(f'{args.inference_model} was exported for {meta["input_size"]}x'
-                           f'{meta["input_size"]} inputs, not {input_size}; re-export it with '
-                           '--dynamic-size or that --input-size')
-    forward = export.load_runner(args.inference_model, args.runtime, input_size)
-    return Predictor(forward, export.default_class_names(meta['class_names'], meta['num_classes']),
-                     input_size, args.crop_pct or meta['crop_pct'],
-                     args.eval_interpolation or meta['interpolation'], args.fast_decode)
+def load_predictor(args: argparse.Namespace) -> Predictor:
+    """The model of --inference-model or --weights, with the evaluation transform it records."""
+    if args.inference_model:
+        meta = export.read_meta(args.inference_model)
+        resolve_data_config(args, {key: meta[key] for key in ('input_size', 'crop_pct', 'interpolation')},
+                            args.inference_model)
+        if not meta['dynamic_size'] and args.input_size != meta['input_size']:
+            raise WeightsError(f'{args.inference_model} was exported for {meta["input_size"]}x'
+                               f'{meta["input_size"]} inputs, not {args.input_size}; re-export it with '
+                               '--dynamic-size or that --input-size')
+        forward = export.load_runner(args.inference_model, args.runtime, args.input_size)
+        class_names, num_classes = meta['class_names'], meta['num_classes']
+    else:
+        model, recorded = load_model(args.weights or DEFAULT_WEIGHTS, args.model, ema=args.ema)
+        model.eval()
+        resolve_data_config(args, recorded.get('data_config'), args.weights or DEFAULT_WEIGHTS)
+        forward = paddle.no_grad()(lambda batch: model(paddle.to_tensor(batch)).numpy())
+        class_names, num_classes = recorded.get('class_names'), model.num_classes
+    return Predictor(forward, export.default_class_names(class_names, num_classes), args.input_size,
+                     args.crop_pct, args.eval_interpolation, args.fast_decode)
 
 
 def top_predictions(probabilities: np.ndarray, topk: int, class_names: Optional[List[str]]) -> List[dict]:
@@ -206,9 +202,9 @@ def format_result(result: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Print predictions; return 0, or FAILED if any image could not be predicted."""
+    """Print predictions; the exit status is FAILED if any image could not be predicted."""
     cpu_setup.configure(args.threads, args.device)
-    predictor = exported_predictor(args) if args.inference_model else eager_predictor(args)
+    predictor = load_predictor(args)
     failed = 0
     for result in predict(predictor, args.images, args.topk, args.batch_size):
         failed += 'error' in result

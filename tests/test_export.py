@@ -221,7 +221,7 @@ def test_fixed_size_export_refuses_another_size(exports):
     args = predict.get_args_parser().parse_args(["x.png", "--inference-model", str(exports["fixed"]),
                                                  "--input-size", "48"])
     with pytest.raises(WeightsError, match=f"exported for {FIXED_SIZE}x{FIXED_SIZE} inputs, not 48"):
-        predict.exported_predictor(args)
+        predict.load_predictor(args)
 
 
 def full_disk(folder, meta):
@@ -253,9 +253,8 @@ def test_a_failed_export_writes_nothing_and_keeps_the_earlier_one(exports, tmp_p
     assert sorted(os.listdir(tmp_path)) == ["exported", "tiny.pdparams"]
 
 
-def test_export_writes_beside_other_files_and_never_over_them(exports, tmp_path, make_tiny_weights):
-    """The user's files in --output stay, through a first export and a re-export; files named like
-    an export's that export.py did not write are refused, not replaced."""
+def test_export_writes_beside_other_files(tmp_path, make_tiny_weights):
+    """The user's files in --output stay, through a first export and a re-export."""
     output = tmp_path / "results"
     output.mkdir()
     (output / "notes.txt").write_text("keep me")
@@ -265,16 +264,37 @@ def test_export_writes_beside_other_files_and_never_over_them(exports, tmp_path,
         export_in_process(str(weights), output, "--input-size", "32")
         assert {"notes.txt", "my.pdparams", "meta.json", "model.pdiparams"} <= set(os.listdir(output))
     assert (output / "notes.txt").read_text() == "keep me"
-    (output / "model.onnx").write_bytes(b"the user's own model")   # a name export.py uses, not written by it
-    with pytest.raises(WeightsError, match="holds model.onnx, which export.py did not write"):
-        export_in_process(str(weights), output, "--input-size", "32")
-    assert (output / "model.onnx").read_bytes() == b"the user's own model"
-    foreign = tmp_path / "foreign"
-    foreign.mkdir()
-    (foreign / "model.pdiparams").write_bytes(b"someone else's")
-    with pytest.raises(WeightsError, match="holds model.pdiparams, which export.py did not write"):
-        export_in_process(str(weights), foreign, "--input-size", "32")
-    assert os.listdir(foreign) == ["model.pdiparams"]
+
+
+def users_model_beside_an_export(folder, exports):
+    shutil.copytree(exports["fixed"], folder, dirs_exist_ok=True)
+    meta = json.loads((folder / "meta.json").read_text())
+    edit_meta(folder, files={name: sha for name, sha in meta["files"].items() if name != "model.onnx"})
+    (folder / "model.onnx").write_bytes(b"the user's own model")
+
+
+FOREIGN_FILES = {   # an --output holding files named like an export's that export.py did not write
+    "the user's model.onnx beside an export": (users_model_beside_an_export, "model.onnx"),
+    "a lone model.pdiparams": (lambda folder, exports: (folder / "model.pdiparams").write_bytes(b"someone else's"),
+                               "model.pdiparams"),
+    "a meta.json that lists it but is not export.py's": (lambda folder, exports: [
+        (folder / "model.pdiparams").write_bytes(b"the user's own file"),
+        (folder / "meta.json").write_text(json.dumps({"files": {"model.pdiparams": "0" * 64}}))],
+        "model.pdiparams, meta.json"),
+}
+
+
+@pytest.mark.parametrize("case", FOREIGN_FILES)
+def test_files_export_py_did_not_write_are_refused_not_replaced(exports, tmp_path, case):
+    """An earlier export is recognised by its whole meta.json (read_meta), not by a 'files' list."""
+    folder = tmp_path / "output"
+    folder.mkdir()
+    make, names = FOREIGN_FILES[case]
+    make(folder, exports)
+    before = {name: (folder / name).read_bytes() for name in os.listdir(folder)}
+    with pytest.raises(WeightsError, match=f"holds {names}, which export.py did not write"):
+        export_in_process(exports["weights"], folder, "--input-size", str(FIXED_SIZE))
+    assert {name: (folder / name).read_bytes() for name in os.listdir(folder)} == before
 
 
 def test_onnx_without_paddle2onnx_is_a_clear_error(tmp_path, make_tiny_weights, monkeypatch):
@@ -316,6 +336,8 @@ HOSTILE_EXPORTS = {   # what is done to a copy of the fixed export: the error it
                                "meta.json: not a regular file"),
     "meta.json 100k deep": (lambda folder, exports: (folder / "meta.json").write_text("[" * 100_000 + "]" * 100_000),
                             "meta.json: not JSON of sane depth"),
+    "meta.json a list": (lambda folder, exports: (folder / "meta.json").write_text("[]"),
+                         "meta.json: expected a JSON object, found a list"),
     "meta.json of 20 MiB": (lambda folder, exports: (folder / "meta.json").write_text(" " * (20 << 20)),
                             "meta.json: 20971520 bytes, more than the 16777216 it may hold"),
     "an old export": (lambda folder, exports: edit_meta(folder, files=None), "files is None, not what export.py writes; export again"),
@@ -370,17 +392,9 @@ def test_a_dynamic_size_onnx_export_is_refused_where_paddle2onnx_converts_it_wro
 
 def test_what_meta_json_claims_is_checked_before_the_runtime_meets_it(exports, tmp_path):
     """A fixed-size export marked dynamic by hand: the size predict.py will ask for is probed
-    when the export is read, one line; and a meta.json that is not export.py's (only a 'files'
-    list) decides nothing about what a new export replaces or deletes."""
+    when the export is read, one line."""
     folder = tmp_path / "fixed"
     shutil.copytree(exports["fixed"], folder)
     edit_meta(folder, dynamic_size=True)
     with pytest.raises(WeightsError, match="does not run in Paddle Inference on the 48x48 images it is asked for"):
         export.load_runner(str(folder), "paddle", 48)
-    mine = tmp_path / "mine"
-    mine.mkdir()
-    (mine / "model.pdiparams").write_bytes(b"the user's own file")
-    (mine / "meta.json").write_text(json.dumps({"files": {"model.pdiparams": "0" * 64}}))
-    with pytest.raises(WeightsError, match="holds model.pdiparams, meta.json, which export.py did not write"):
-        export_in_process(exports["weights"], mine, "--input-size", str(FIXED_SIZE))
-    assert (mine / "model.pdiparams").read_bytes() == b"the user's own file"
