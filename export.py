@@ -321,9 +321,7 @@ def earlier_export(output: str) -> List[str]:
     """The files of an earlier export in output, which a new export may replace; WeightsError if
     output is not a folder or holds a file of an export's name that no meta.json of export.py lists
     (the user's own, or listed by a meta.json read_meta does not recognise). Other files stay."""
-    if not os.path.exists(output):
-        return []
-    if not os.path.isdir(output):
+    if os.path.exists(output) and not os.path.isdir(output):
         raise WeightsError(f'{output}: exists and is not a folder; choose another --output')
     present = [name for name in EXPORT_FILES + (META_FILE,) if os.path.lexists(os.path.join(output, name))]
     try:   # recognised as export.py's by its whole content, not by a 'files' key
@@ -355,14 +353,12 @@ def build_export(model: CycleNet, output: str, args: argparse.Namespace, recorde
     earlier = earlier_export(output)
     temporary = tempfile.mkdtemp(prefix='.export.', suffix='.tmp', dir=output)
     try:
-        meta = dict(model_name=variant_name(model.config), model_args=model.config,
-                    num_classes=model.num_classes, input_size=args.input_size,
-                    dynamic_size=args.dynamic_size, crop_pct=args.crop_pct,
-                    interpolation=args.eval_interpolation, mean=list(IMAGENET_MEAN),
-                    std=list(IMAGENET_STD), input_name=INPUT_NAME,
-                    class_names=default_class_names(recorded.get('class_names'), model.num_classes),
-                    weights=os.path.basename(args.weights), ema=args.ema,
-                    paddle_version=paddle.__version__, parity={})
+        meta = dict(model_name=variant_name(model.config), model_args=model.config, num_classes=model.num_classes,
+                    input_size=args.input_size, dynamic_size=args.dynamic_size, crop_pct=args.crop_pct,
+                    interpolation=args.eval_interpolation, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD),
+                    input_name=INPUT_NAME, class_names=default_class_names(recorded.get('class_names'),
+                                                                           model.num_classes),
+                    weights=os.path.basename(args.weights), ema=args.ema, paddle_version=paddle.__version__)
         export_paddle(model, temporary, None if args.dynamic_size else args.input_size)
         write_meta(temporary, meta)
         runners = {'paddle_inference_default_config': (
