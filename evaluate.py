@@ -36,14 +36,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         description='Top-1 / top-5 accuracy and loss of a CycleMLP checkpoint on a validation set.')
     group = parser.add_argument_group('weights and output')
     group.add_argument('--weights', required=True,
-                       help='.pth, .pdparams, .safetensors or training checkpoint (.pdckpt), or a '
-                            'model name (CycleMLP_B1 ..) for its official weights, downloaded once '
-                            '(default: required)')
+                       help='.pth, .pdparams, .safetensors or checkpoint (.pdckpt), or a model name '
+                            '(CycleMLP_B1 ..) for its official weights, downloaded once (default: required)')
     group.add_argument('--ema', action='store_true',
                        help="evaluate a training checkpoint's EMA weights (default: off)")
-    group.add_argument('--json', action='store_true',
-                       help='print one JSON object {"acc1", "acc5", "loss", "images"} on stdout; '
-                            'progress goes to stderr (default: off)')
+    group.add_argument('--json', action='store_true', help='print one JSON object {"acc1", "acc5", "loss", '
+                       '"images"} on stdout; progress goes to stderr (default: off)')
     return parser
 
 

@@ -61,13 +61,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         'CycleMLP export', parents=[model_args_parser()], allow_abbrev=False,
         description='Write a Paddle inference model (and optionally ONNX) of a checkpoint.')
-    parser.add_argument('--weights', required=True, help='.pth, .pdparams, .safetensors or checkpoint, or a model '
-                        'name (CycleMLP_B1 ..) for its official weights, downloaded once (default: required)')
+    parser.add_argument('--weights', required=True,
+                        help='.pth, .pdparams, .safetensors or checkpoint, or a model name (CycleMLP_B1 ..) '
+                             'for its official weights, downloaded once (default: required)')
     parser.add_argument('--ema', action='store_true',
                         help="export a training checkpoint's EMA weights (default: off)")
     parser.add_argument('--output', required=True, metavar='DIR',
-                        help='folder to write (created with its parents); an earlier export there is '
-                             'replaced once the new one is complete, other files stay (default: required)')
+                        help='folder to write; an earlier export there is replaced once the new one is '
+                             'complete, other files stay (default: required)')
     parser.add_argument('--dynamic-size', action='store_true',
                         help='accept any input height and width, not only --input-size (default: off)')
     parser.add_argument('--onnx', action='store_true',
@@ -98,7 +99,7 @@ def read_meta(directory: str) -> dict:
         try:
             meta = json.loads(file.read())
         except (ValueError, RecursionError):
-            raise WeightsError(f'{path}: not JSON of sane depth; expected the meta.json export.py writes') from None
+            raise WeightsError(f'{path}: not JSON of sane depth, not what export.py writes') from None
     if not isinstance(meta, dict):
         raise WeightsError(f'{path}: expected a JSON object, found {describe(meta)}')
     checks = {'num_classes': lambda v: type(v) is int and 1 <= v <= MAX_CLASSES,
@@ -247,7 +248,8 @@ def without_dead_nodes(model) -> None:
     def graphs(graph):   # innermost first: rewriting a node list copies the subgraphs it holds
         for node in graph.node:
             for attribute in node.attribute:
-                for subgraph in list(attribute.graphs) + [attribute.g] * (attribute.type == onnx.AttributeProto.GRAPH):
+                single = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else []
+                for subgraph in list(attribute.graphs) + single:
                     yield from graphs(subgraph)
         yield graph
 
@@ -293,7 +295,7 @@ def export_onnx(output: str, opset: int) -> None:
 
 def write_meta(folder: str, meta: dict) -> None:
     """meta.json, with the sha256 of every model file in folder, which a reader checks."""
-    known = meta.get('files', {})
+    known = meta.get('files', {})   # the files the checks ran on are the ones recorded
     meta['files'] = {name: known.get(name) or sha256_of(os.path.join(folder, name)) for name in EXPORT_FILES
                      if os.path.exists(os.path.join(folder, name))}
     with open(os.path.join(folder, META_FILE), 'w', encoding='utf-8') as file:
@@ -353,17 +355,19 @@ def build_export(model: CycleNet, output: str, args: argparse.Namespace, recorde
     earlier = earlier_export(output)
     temporary = tempfile.mkdtemp(prefix='.export.', suffix='.tmp', dir=output)
     try:
-        meta = dict(model_name=variant_name(model.config), model_args=model.config, num_classes=model.num_classes,
-                    input_size=args.input_size, dynamic_size=args.dynamic_size, crop_pct=args.crop_pct,
-                    interpolation=args.eval_interpolation, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD),
-                    input_name=INPUT_NAME, class_names=default_class_names(recorded.get('class_names'),
-                                                                           model.num_classes),
+        names = default_class_names(recorded.get('class_names'), model.num_classes)
+        meta = dict(model_name=variant_name(model.config), model_args=model.config,
+                    num_classes=model.num_classes, input_size=args.input_size, dynamic_size=args.dynamic_size,
+                    crop_pct=args.crop_pct, interpolation=args.eval_interpolation, mean=list(IMAGENET_MEAN),
+                    std=list(IMAGENET_STD), input_name=INPUT_NAME, class_names=names,
                     weights=os.path.basename(args.weights), ema=args.ema, paddle_version=paddle.__version__)
         export_paddle(model, temporary, None if args.dynamic_size else args.input_size)
         write_meta(temporary, meta)
-        runners = {'paddle_inference_default_config': (
-            paddle_runner(temporary, default_config=True, device=CHECK_DEVICE), 'Paddle Inference (default Config)'),
-            'paddle_inference': (paddle_runner(temporary, device=CHECK_DEVICE), "Paddle Inference (predict.py's Config)")}
+        runners = {'paddle_inference_default_config': (paddle_runner(temporary, default_config=True,
+                                                                     device=CHECK_DEVICE),
+                                                       'Paddle Inference (default Config)'),
+                   'paddle_inference': (paddle_runner(temporary, device=CHECK_DEVICE),
+                                        "Paddle Inference (predict.py's Config)")}
         if args.onnx:
             export_onnx(temporary, args.opset)
             write_meta(temporary, meta)

@@ -47,11 +47,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                     'to the values the weights file or export.py recorded.')
     parser.add_argument('images', nargs='+', help='image files or folders (searched recursively)')
     source = parser.add_mutually_exclusive_group()
-    source.add_argument('--weights', help='.pth, .pdparams, .safetensors or training checkpoint, or '
-                                          'a model name for its official ImageNet-1k weights, '
-                                          'downloaded once (default: CycleMLP_B1, without --inference-model)')
-    source.add_argument('--inference-model', metavar='DIR',
-                        help='a folder written by export.py (default: None)')
+    source.add_argument('--weights', help='.pth, .pdparams, .safetensors or checkpoint, or a model name for '
+                                          'its official weights, downloaded once (default: CycleMLP_B1, '
+                                          'without --inference-model)')
+    source.add_argument('--inference-model', metavar='DIR', help='a folder export.py wrote (default: None)')
     parser.add_argument('--runtime', choices=export.RUNTIMES, default='paddle',
                         help='runtime of --inference-model: Paddle Inference, or ONNX Runtime on the '
                              'model.onnx of export.py --onnx (default: paddle)')
