@@ -8,7 +8,7 @@ names, checks, each file's sha256). Input: float32 'images' (N, 3, S, S) normali
 data.eval_transform does, H and W free with --dynamic-size; output: logits. The graph is the fastest
 exact one measured (docs/deployment.md). Nothing is put in place before every runtime gives the
 eager logits within PARITY_TOLERANCE, checked on the CPU (no TF32 matmul there). An earlier export's
-files are replaced only by a complete one; files export.py did not write are never touched.
+files are replaced only by a complete one (--output locked meanwhile); other files are never touched.
 """
 import argparse
 import glob
