@@ -24,7 +24,7 @@ import paddle.nn.functional as F
 
 from cli import init_distributed, loader_args_parser, model_args_parser, resolve_data_config, static_if
 from data import DatasetError, build_dataset, build_loader, check_image_headers, eval_transform, iterate
-from weights import printable
+from safe_io import printable
 from zoo import load_model
 
 TOP_K = 5

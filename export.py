@@ -26,9 +26,10 @@ import numpy as np
 import paddle
 
 from cli import bounded, locked, model_args_parser, resolve_data_config
-from cyclemlp import MAX_CLASSES, CycleNet
+from cyclemlp import CycleNet
 from data import IMAGENET_MEAN, IMAGENET_STD
-from weights import WeightsError, check_data_config, describe, one_line, open_regular_file, printable, sha256_of
+from safe_io import WeightsError, describe, one_line, open_regular_file, printable, sha256_of
+from weights import MAX_CLASSES, check_data_config
 from zoo import load_model, variant_name
 
 IMAGENET_CLASSES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'imagenet_classes.txt')

@@ -29,7 +29,7 @@ from PIL import Image, ImageOps
 import export
 from cli import bounded, model_args_parser, resolve_data_config
 from data import IMAGE_EXTENSIONS, UNREADABLE_IMAGE_ERRORS, eval_transform, is_regular_file, load_image, normalize
-from weights import WeightsError, printable
+from safe_io import WeightsError, printable
 from zoo import load_model
 
 DEFAULT_WEIGHTS = 'CycleMLP_B1'   # the official weights of the model the earlier Paddle port trained
