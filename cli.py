@@ -213,4 +213,3 @@ def run(main: Callable[[argparse.Namespace], object], args: argparse.Namespace,
         sys.exit(status if type(status) is int else 0)
     print(interrupted(), file=sys.stderr)
     sys.exit(128 + stop_requested[0])
-held_signals = contextlib.nullcontext  # TEMPORARY: evaluate, predict and export drop it in the next merge
