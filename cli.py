@@ -34,18 +34,18 @@ from weights import CROP_PCT_RANGE, INPUT_SIZE_RANGE, WeightsError, check_data_c
 
 # Flags
 
-def bounded(kind: type, low=None, high=None, low_open: bool = False, high_open: bool = False):
+def bounded(kind: type, low=-math.inf, high=math.inf, low_open: bool = False, high_open: bool = False):
     """An argparse type: `kind` parsed, finite and within [low, high] (an open end excludes it)."""
+    interval = ('(' if low_open else '[') + f'{low}, {high}' + (')' if high_open else ']')
+
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
-            expected = 'an integer' if kind is int else 'a number'
-            raise argparse.ArgumentTypeError(f'expected {expected}, got {text!r}') from None
-        if not math.isfinite(value) or (low is not None and (value <= low if low_open else value < low)) \
-                or (high is not None and (value >= high if high_open else value > high)):
-            interval = ('(' if low_open else '[') + f'{low if low is not None else "-inf"}, ' \
-                       f'{high if high is not None else "inf"}' + (')' if high_open else ']')
+            raise argparse.ArgumentTypeError(f'expected {"an integer" if kind is int else "a number"}, '
+                                             f'got {text!r}') from None
+        if not (math.isfinite(value) and (low < value if low_open else low <= value)
+                and (value < high if high_open else value <= high)):
             raise argparse.ArgumentTypeError(f'expected a value in {interval}, got {text}')
         return value
     parse.__name__ = kind.__name__   # argparse names the type in its messages
@@ -66,31 +66,24 @@ def model_args_parser(training: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     group = parser.add_argument_group('model and evaluation transform')
     recorded = '' if training else 'as recorded in the weights, else '
-    group.add_argument('--model', default='CycleMLP_B1' if training else None,
-                       choices=list(ARCHITECTURES), metavar='NAME',
-                       help=f'architecture, one of {", ".join(ARCHITECTURES)} (default: '
-                            + ('CycleMLP_B1)' if training else 'the one the weights file records)'))
+    group.add_argument('--model', default='CycleMLP_B1' if training else None, choices=list(ARCHITECTURES),
+                       metavar='NAME', help=f'architecture, one of {", ".join(ARCHITECTURES)} (default: '
+                       + ('CycleMLP_B1)' if training else 'the one the weights file records)'))
     group.add_argument('--input-size', '--input_size', type=bounded(int, *INPUT_SIZE_RANGE),
-                       default=EVAL_DEFAULTS['input_size'] if training else None,
-                       help=f'side of the square image the model sees, in {list(INPUT_SIZE_RANGE)} '
-                            f'(default: {recorded}{EVAL_DEFAULTS["input_size"]})')
+                       default=EVAL_DEFAULTS['input_size'] if training else None, help='side of the square '
+                       f'image the model sees (default: {recorded}{EVAL_DEFAULTS["input_size"]})')
     group.add_argument('--crop-pct', '--crop_pct', type=bounded(float, *CROP_PCT_RANGE),
-                       default=DEFAULT_CROP_PCT if training else None,
-                       help='evaluation resizes the shorter side to input_size / crop_pct, then '
-                            f'center-crops input_size; in {list(CROP_PCT_RANGE)} (default: '
-                            f'{recorded}{DEFAULT_CROP_PCT})')
+                       default=DEFAULT_CROP_PCT if training else None, help='evaluation resizes to input_size '
+                       f'/ crop_pct, then center-crops input_size (default: {recorded}{DEFAULT_CROP_PCT})')
     # dest is the name the evaluation transform reads; train.py has its own --train-interpolation.
     group.add_argument('--interpolation', '--eval-interpolation', dest='eval_interpolation',
                        default='bicubic' if training else None, choices=list(INTERPOLATIONS),
                        help=f'resampling of the evaluation resize (default: {recorded}bicubic)')
-    group.add_argument('--device', type=device_name, default=None,
-                       help='cpu, gpu (under the launcher: each rank\'s own GPU) or gpu:N; cuda and '
-                            'cuda:N, the official spellings, are the same (default: Paddle\'s '
-                            'default device, a GPU when Paddle has CUDA and one is visible)')
-    group.add_argument('--threads', type=bounded(int, 1, cpu_setup.MAX_THREADS), default=None,
-                       help='CPU threads of the compute kernels; no effect on GPU (default: '
-                            'OMP_NUM_THREADS if set, else every core this process may use, '
-                            f'{cpu_setup.available_cores()} here)')
+    group.add_argument('--device', type=device_name, help='cpu, gpu (under the launcher: each rank\'s own) '
+                       'or gpu:N, also spelled cuda (default: a GPU if Paddle has CUDA and one is visible)')
+    cores = cpu_setup.available_cores()
+    group.add_argument('--threads', type=bounded(int, 1, cpu_setup.MAX_THREADS),
+                       help=f'CPU compute threads (default: OMP_NUM_THREADS, else every core: {cores} here)')
     return parser
 
 
@@ -98,28 +91,22 @@ def loader_args_parser() -> argparse.ArgumentParser:
     """The data and loader flags train.py and evaluate.py share."""
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     group = parser.add_argument_group('data')
-    group.add_argument('--data-path', '--data_path', default=None,
-                       help='dataset root holding train/<class>/ and val/<class>/, or the root '
-                            'the list files are relative to (default: None)')
-    group.add_argument('--train-list', '--train_list', default=None,
-                       help='PaddleClas-style list file "relative/path label" of the training '
-                            'set (default: None, use DATA/train/<class>/)')
-    group.add_argument('--val-list', '--val_list', default=None,
-                       help='list file of the validation set (default: None, use DATA/val/<class>/)')
+    group.add_argument('--data-path', '--data_path', help='the folder of train/<class>/ and val/<class>/, or '
+                       'the root of the list files (default: None)')
+    group.add_argument('--train-list', '--train_list', help='PaddleClas-style list file "relative/path label" '
+                       'of the training set (default: None, DATA/train/<class>/)')
+    group.add_argument('--val-list', '--val_list', help='list file of the validation set (default: None, '
+                       'DATA/val/<class>/)')
     group.add_argument('--batch-size', '--batch_size', type=bounded(int, 1), default=64,
                        help='images per batch on each device (default: 64)')
     workers = cpu_setup.default_num_workers()
     group.add_argument('--num-workers', '--num_workers', type=bounded(int, 0), default=workers,
-                       help='data loading processes per device; 10 on GPU as in the official '
-                            f'main.py, on CPU a quarter of the cores, at least 1 (default: {workers} here)')
-    group.add_argument('--seed', type=bounded(int, 0, 2**31 - 1), default=0,
-                       help='random seed (default: 0)')
+                       help=f'loader processes per device: 10 on GPU, else cores / 4 (default: {workers})')
+    group.add_argument('--seed', type=bounded(int, 0, 2**31 - 1), default=0, help='random seed (default: 0)')
     group.add_argument('--print-freq', '--print_freq', type=bounded(int, 1), default=10,
                        help='log every this many iterations (default: 10)')
     group.add_argument('--to-static', '--to_static', action='store_true',
-                       help='run the model\'s forward as a static graph (paddle.jit.to_static), '
-                            'as PaddleClas and PaddleSeg name it; on GPU the road to fused kernels '
-                            '(default: off)')
+                       help='run the forward as a static graph (paddle.jit.to_static) (default: off)')
     return parser
 
 
@@ -204,7 +191,8 @@ def run(main: Callable[[argparse.Namespace], object], args: argparse.Namespace,
         status = main(args)
     except Exception as error:
         if not stop_requested:    # every error, expected or not, ends as one line
-            kind = '' if isinstance(error, USER_ERRORS) else f'unexpected {type(error).__name__} (please report it): '
+            expected = isinstance(error, USER_ERRORS)
+            kind = '' if expected else f'unexpected {type(error).__name__} (please report it): '
             print(f'error: {kind}{one_line(error, 1000)}', file=sys.stderr)
             sys.exit(1)
     except KeyboardInterrupt:

@@ -50,17 +50,14 @@ settings = CpuSettings()
 
 
 def is_amd_x86(cpuinfo_path: str = '/proc/cpuinfo') -> bool:
-    """True on an AMD x86-64 processor (Linux: /proc/cpuinfo; elsewhere: platform.processor())."""
+    """True on an AMD x86-64 processor, by the vendor in Linux's /proc/cpuinfo."""
     if platform.machine().lower() not in ('x86_64', 'amd64'):
         return False
     try:
         with open(cpuinfo_path, encoding='ascii', errors='replace') as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith('vendor_id'):
-                    return line.split(':', 1)[1].strip() == 'AuthenticAMD'
+            return any(line.startswith('vendor_id') and 'AuthenticAMD' in line for line in cpuinfo)
     except OSError:
-        pass
-    return 'AuthenticAMD' in platform.processor()
+        return False
 
 
 def on_cpu() -> bool:
@@ -77,20 +74,14 @@ def start_environment(pid='self') -> Optional[Dict[str, str]]:
     return dict(entry.decode('utf-8', 'replace').split('=', 1) for entry in entries if b'=' in entry)
 
 
-def user_threads_setting() -> Optional[str]:
-    """The OMP_NUM_THREADS the user set for this process (see the module doc), or None."""
+def user_threads() -> Optional[int]:
+    """The OMP_NUM_THREADS the user set for this process (see the module doc), or None;
+    ThreadSettingError if it is no thread count."""
     environment = start_environment()
     if environment is not None and LAUNCHER_VARIABLE in environment:
         environment = start_environment(os.getppid())
-    if environment is None:           # no /proc: the best this platform offers
-        environment = dict(os.environ)
-    return environment.get(THREADS_VARIABLE)
-
-
-def user_threads() -> Optional[int]:
-    """user_threads_setting() as a count, or ThreadSettingError naming what is wrong with it."""
-    value = user_threads_setting()
-    if value is None or value.strip() == '':
+    value = (os.environ if environment is None else environment).get(THREADS_VARIABLE)   # None: no /proc
+    if value is None or not value.strip():
         return None
     if not value.strip().isdigit() or not 1 <= int(value) <= MAX_THREADS:
         raise ThreadSettingError(f'{THREADS_VARIABLE}={value[:40]!r} in the environment: expected '

@@ -58,40 +58,28 @@ DEMO_PRESET = dict(
     aa='rand-m3-mstd0.5-inc1', mixup=0.2, cutmix=0.0, model_ema_decay=0.99,
     repeated_aug=False, drop_path=0.05, print_freq=50,
 )
-# The official main.py's flags that change nothing in this recipe: accepted so that an official
-# command line runs, but only with a value that means what this repo does (None: any value).
-# 'flag [alias]': (default, accepted values, what it is); the type is the default's, a bool
-# default makes a switch.
+# The official main.py's flags that change nothing here, with their defaults: accepted so that an
+# official command line runs ('flag alias'; the type is the default's, a bool default makes a switch).
 OFFICIAL_NO_EFFECT = {
-    '--drop': (0.0, None, 'dropout rate, which the official CycleMLP model ignores'),
-    '--model-ema-force-cpu': (False, None, 'EMA placement'),
-    '--opt': ('adamw', ('adamw',), 'optimizer; this recipe uses AdamW'),
-    '--momentum': (0.9, None, 'SGD momentum'),
-    '--sched': ('cosine', ('cosine',), 'lr schedule; this recipe uses timm\'s cosine'),
-    '--lr-noise': ([], ([],), 'lr noise, not implemented'),
-    '--lr-noise-pct': (0.67, None, 'lr noise limit'),
-    '--lr-noise-std': (1.0, None, 'lr noise std-dev'),
-    '--decay-epochs': (30.0, None, 'step schedule interval'),
-    '--cooldown-epochs': (10, None, 'cooldown, which the official run never reaches'),
-    '--patience-epochs': (10, None, 'plateau schedule patience'),
-    '--decay-rate --dr': (0.1, None, 'step schedule rate'),
-    '--resplit': (False, None, 'erasing of augmentation splits, which this recipe has none of'),
-    '--cutmix-minmax': ([], ([],), 'CutMix box bounds, not implemented'),
-    '--mixup-mode': ('batch', ('batch',), 'Mixup mode; this recipe mixes per batch'),
-    '--teacher-model': ('regnety_160', None, 'distillation teacher'),
-    '--teacher-path': ('', None, 'distillation teacher weights'),
-    '--distillation-type': ('none', ('none',), 'distillation, not implemented'),
-    '--distillation-alpha': (0.5, None, 'distillation weight'),
-    '--distillation-tau': (1.0, None, 'distillation temperature'),
-    '--data-set': ('IMNET', ('IMNET',), 'dataset; class folders or list files are read'),
-    '--mcloader': (False, (False,), 'memcached loader, not implemented'),
-    '--inat-category': ('name', None, 'iNaturalist granularity'),
-    '--start_epoch': (0, (0,), 'first epoch; --resume sets it'),
-    '--dist-eval': (False, None, 'distributed evaluation, which evaluation here always is'),
-    '--pin-mem': (True, None, 'pinned loader memory'),
-    '--no-pin-mem': (False, None, 'unpinned loader memory'),
-    '--world_size': (1, None, 'process count; the launcher sets it'),
-    '--dist_url': ('env://', None, 'rendezvous; the launcher sets it'),
+    '--drop': 0.0, '--model-ema-force-cpu': False, '--opt': 'adamw', '--momentum': 0.9, '--sched': 'cosine',
+    '--lr-noise': [], '--lr-noise-pct': 0.67, '--lr-noise-std': 1.0, '--decay-epochs': 30.0,
+    '--cooldown-epochs': 10, '--patience-epochs': 10, '--decay-rate --dr': 0.1, '--resplit': False,
+    '--cutmix-minmax': [], '--mixup-mode': 'batch', '--teacher-model': 'regnety_160', '--teacher-path': '',
+    '--distillation-type': 'none', '--distillation-alpha': 0.5, '--distillation-tau': 1.0,
+    '--data-set': 'IMNET', '--mcloader': False, '--inat-category': 'name', '--start_epoch': 0,
+    '--dist-eval': False, '--pin-mem': True, '--no-pin-mem': False, '--world_size': 1, '--dist_url': 'env://',
+}
+# Those of them that only their default means here, and why.
+OFFICIAL_DEFAULT_ONLY = {
+    '--opt': 'optimizer; this recipe uses AdamW',
+    '--sched': 'lr schedule; this recipe uses timm\'s cosine',
+    '--lr-noise': 'lr noise, not implemented',
+    '--cutmix-minmax': 'CutMix box bounds, not implemented',
+    '--mixup-mode': 'Mixup mode; this recipe mixes per batch',
+    '--distillation-type': 'distillation, not implemented',
+    '--data-set': 'dataset; class folders or list files are read',
+    '--mcloader': 'memcached loader, not implemented',
+    '--start_epoch': 'first epoch; --resume sets it',
 }
 
 
@@ -100,11 +88,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         'CycleMLP training', parents=[model_args_parser(training=True), loader_args_parser()],
         allow_abbrev=False, description='Train CycleMLP with the official recipe (DeiT / timm semantics).')
     fraction, nonnegative = bounded(float, 0.0, 1.0), bounded(float, 0.0)
+    positive, below_one = bounded(float, 0.0, low_open=True), bounded(float, 0.0, 1.0, high_open=True)
 
     # Model: drop path, custom shapes and the starting weights.
     group = parser.add_argument_group('model')
-    group.add_argument('--drop-path', type=bounded(float, 0.0, 1.0, high_open=True), default=0.1,
-                       metavar='RATE', help='stochastic depth rate of the last block (default: 0.1)')
+    group.add_argument('--drop-path', type=below_one, default=0.1, help='stochastic depth rate (default: 0.1)')
     group.add_argument('--layers', type=bounded(int, 1, MAX_BLOCKS_PER_STAGE), nargs=4, metavar='N',
                        help='a CycleNet of these stage depths instead of --model (default: None)')
     group.add_argument('--embed-dims', type=bounded(int, 4, MAX_CHANNELS), nargs=4, metavar='C',
@@ -116,19 +104,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     # Optimizer: AdamW without weight decay on biases and 1-D parameters.
     group = parser.add_argument_group('optimizer')
-    group.add_argument('--opt-eps', type=bounded(float, 0.0, low_open=True), default=1e-8, metavar='EPS',
-                       help='AdamW epsilon (default: 1e-8)')
-    group.add_argument('--opt-betas', type=bounded(float, 0.0, 1.0, high_open=True), nargs=2,
-                       default=[0.9, 0.999], metavar='BETA', help='AdamW betas (default: 0.9 0.999)')
-    group.add_argument('--weight-decay', type=nonnegative, default=0.05,
-                       help='decoupled weight decay (default: 0.05)')
-    group.add_argument('--clip-grad', type=bounded(float, 0.0, low_open=True), metavar='NORM',
-                       help='clip the global gradient norm to this (default: None, no clipping)')
+    group.add_argument('--opt-eps', type=positive, default=1e-8, help='AdamW epsilon (default: 1e-8)')
+    group.add_argument('--opt-betas', type=below_one, nargs=2, default=[0.9, 0.999],
+                       help='AdamW betas (default: 0.9 0.999)')
+    group.add_argument('--weight-decay', type=nonnegative, default=0.05, help='weight decay (default: 0.05)')
+    group.add_argument('--clip-grad', type=positive, help='max global gradient norm (default: None)')
 
     # Schedule: linear warmup, then timm's cosine, one value per epoch.
     group = parser.add_argument_group('schedule')
     group.add_argument('--epochs', type=bounded(int, 1), default=300, help='training epochs (default: 300)')
-    group.add_argument('--lr', type=bounded(float, 0.0, low_open=True), default=5e-4,
+    group.add_argument('--lr', type=positive, default=5e-4,
                        help=f'lr of a global batch of {LR_REFERENCE_BATCH}, scaled linearly (default: 5e-4)')
     group.add_argument('--warmup-lr', type=nonnegative, default=1e-6, help='first warmup lr (default: 1e-6)')
     group.add_argument('--warmup-epochs', type=bounded(int, 0), default=5, help='warmup epochs (default: 5)')
@@ -138,23 +123,20 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     # Augmentation: the training transform (augment.py) and the loss.
     group = parser.add_argument_group('augmentation')
-    group.add_argument('--aa', default='rand-m9-mstd0.5-inc1', metavar='POLICY',
+    group.add_argument('--aa', default='rand-m9-mstd0.5-inc1',
                        help='RandAugment policy, "none" to disable (default: rand-m9-mstd0.5-inc1)')
-    group.add_argument('--color-jitter', type=nonnegative, default=0.4, metavar='STRENGTH',
+    group.add_argument('--color-jitter', type=nonnegative, default=0.4,
                        help='colour jitter, used only without RandAugment (default: 0.4)')
     group.add_argument('--scale', type=bounded(float, 0.0, 1.0, low_open=True), nargs=2, default=[0.08, 1.0],
-                       metavar='FRACTION', help='area range of the random resized crop (default: 0.08 1.0)')
-    group.add_argument('--hflip', type=fraction, default=0.5, metavar='PROB',
-                       help='probability of a horizontal flip (default: 0.5)')
+                       help='area range of the random resized crop (default: 0.08 1.0)')
+    group.add_argument('--hflip', type=fraction, default=0.5, help='probability of a flip (default: 0.5)')
     group.add_argument('--train-interpolation', default='bicubic', choices=['random', 'bilinear', 'bicubic'],
                        help='resampling of the random resized crop (default: bicubic)')
     group.add_argument('--reprob', type=fraction, default=0.25, help='erasing probability (default: 0.25)')
     group.add_argument('--remode', default='pixel', choices=['const', 'rand', 'pixel'],
-                       help='random erasing fill (default: pixel)')
-    group.add_argument('--recount', type=bounded(int, 1, 100), default=1,
-                       help='random erasing boxes per image (default: 1)')
-    group.add_argument('--smoothing', type=bounded(float, 0.0, 1.0, high_open=True), default=0.1,
-                       help='label smoothing (default: 0.1)')
+                       help='erasing fill (default: pixel)')
+    group.add_argument('--recount', type=bounded(int, 1, 100), default=1, help='erasing boxes (default: 1)')
+    group.add_argument('--smoothing', type=below_one, default=0.1, help='label smoothing (default: 0.1)')
     group.add_argument('--repeated-aug', action='store_true', default=True,
                        help='repeated augmentation x3 across ranks (default: on)')
     group.add_argument('--no-repeated-aug', action='store_false', dest='repeated_aug',
@@ -164,8 +146,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group('mixup')
     group.add_argument('--mixup', type=nonnegative, default=0.8, help='Mixup alpha, 0: off (default: 0.8)')
     group.add_argument('--cutmix', type=nonnegative, default=1.0, help='CutMix alpha, 0: off (default: 1.0)')
-    group.add_argument('--mixup-prob', type=fraction, default=1.0,
-                       help='probability of mixing a batch (default: 1.0)')
+    group.add_argument('--mixup-prob', type=fraction, default=1.0, help='chance to mix a batch (default: 1.0)')
     group.add_argument('--mixup-switch-prob', type=fraction, default=0.5,
                        help='probability of CutMix rather than Mixup when both are on (default: 0.5)')
 
@@ -174,8 +155,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--model-ema', action='store_true', default=True,
                        help='keep an exponential moving average of the weights (default: on)')
     group.add_argument('--no-model-ema', action='store_false', dest='model_ema', help='do not (default: off)')
-    group.add_argument('--model-ema-decay', type=fraction, default=0.99996,
-                       help='EMA decay per step (default: 0.99996)')
+    group.add_argument('--model-ema-decay', type=fraction, default=0.99996, help='per step (default: 0.99996)')
 
     # Output and checkpoints.
     group = parser.add_argument_group('output and checkpoints')
@@ -187,15 +167,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                        'evaluation transform or class names differ from the checkpoint\'s (default: off)')
     group.add_argument('--overwrite', action='store_true',
                        help='start a new run in an --output-dir that holds one, deleting it (default: off)')
-    group.add_argument('--eval', action='store_true',
-                       help='only evaluate the --resume or --finetune weights (default: off)')
-    group.add_argument('--visualdl', action='store_true',
-                       help='also log scalars for VisualDL to OUTPUT/visualdl (default: off)')
+    group.add_argument('--eval', action='store_true', help='evaluate --resume/--finetune only (default: off)')
+    group.add_argument('--visualdl', action='store_true', help='also log to OUTPUT/visualdl (default: off)')
     group.add_argument('--flops', action='store_true', help='print the model\'s FLOPs (default: off)')
     preset = ', '.join(f'{key}={value}' for key, value in DEMO_PRESET.items() if key != 'data_path')
     group.add_argument('--demo', action='store_true',
-                       help=f'preset for the bundled digits in demo_data/: {preset}; explicit flags win '
-                            '(default: off)')
+                       help=f'digits in demo_data/ with {preset}; explicit flags win (default: off)')
 
     # Distributed and mixed precision.
     group = parser.add_argument_group('distributed and mixed precision')
@@ -205,11 +182,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help='float32 on GPU too, as always on CPU (default: off)')
 
     group = parser.add_argument_group('official main.py flags with no effect here')
-    for names, (default, accepted, what) in OFFICIAL_NO_EFFECT.items():
-        only = '' if accepted is None else f'; only {" or ".join(map(str, accepted))} is accepted'
+    for names, default in OFFICIAL_NO_EFFECT.items():
+        reason = OFFICIAL_DEFAULT_ONLY.get(names)
+        what = f'{reason}; only {default}' if reason else 'any value'
         kind = (dict(action='store_true') if isinstance(default, bool) else
                 dict(type=float, nargs='+') if isinstance(default, list) else dict(type=type(default)))
-        group.add_argument(*names.split(), default=default, help=f'{what}{only} (default: {default})', **kind)
+        group.add_argument(*names.split(), default=default, help=f'{what} (default: {default})', **kind)
     return parser
 
 
@@ -221,11 +199,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.demo:
         parser.set_defaults(**DEMO_PRESET)
         args = parser.parse_args(argv)
-    for names, (_, accepted, what) in OFFICIAL_NO_EFFECT.items():
-        flag = names.split()[0]
+    for flag, what in OFFICIAL_DEFAULT_ONLY.items():
         value = getattr(args, flag.lstrip('-').replace('-', '_'))
-        if accepted is not None and value not in accepted:
-            parser.error(f'{flag} {value}: {what}; only {" or ".join(map(str, accepted))} is accepted')
+        if value != OFFICIAL_NO_EFFECT[flag]:
+            parser.error(f'{flag} {value}: {what}; only {OFFICIAL_NO_EFFECT[flag]} is accepted')
     if args.data_path is None:
         parser.error('--data-path is required: the folder holding train/<class>/ and val/<class>/ '
                      '(or the root of --train-list / --val-list)')
