@@ -24,8 +24,7 @@ RUN_FILES = (CHECKPOINT_FILE, BEST_FILE, LOG_FILE)
 
 
 def expect(condition, source: str, what: str, value, expected: str) -> None:
-    """The one check of what a checkpoint holds: WeightsError 'SOURCE: WHAT is VALUE, expected
-    EXPECTED' unless condition holds."""
+    """The one check of what a checkpoint holds: unless condition, 'SOURCE: WHAT is VALUE, expected ...'."""
     if not condition:
         shown = (f'an array of shape {list(value.shape)} ({value.dtype})' if isinstance(value, np.ndarray)
                  else describe(value))
@@ -40,8 +39,8 @@ def to_numpy(value):
 
 
 def optimizer_state(optimizer: paddle.optimizer.Optimizer, model: CycleNet) -> dict:
-    """The optimizer's state keyed 'head.weight/moment1_0', not Paddle's 'linear_61.w_0_moment1_0':
-    generated names depend on what the process built before, so they differ between runs."""
+    """The optimizer's state keyed 'head.weight/moment1_0', not Paddle's 'linear_61.w_0_moment1_0'."""
+    # Generated names depend on what the process built before, so they differ between runs.
     paths = {param.name: name for name, param in model.named_parameters()}
     tensor_names = sorted(paths, key=len, reverse=True)  # longest first: linear_10 before linear_1
     state = {}
@@ -97,9 +96,8 @@ def save_checkpoint(path: str, run, epoch: int, best_acc1: float, args: argparse
     }, path)
 
 
-def load_checkpoint(path: str, run, args: argparse.Namespace) -> dict:
-    """Restore a checkpoint into the run, every part checked first, unless it continues a run of
-    another meaning (and not args.eval or args.allow_changes); returns it."""
+def load_checkpoint(path: str, run, args: argparse.Namespace) -> tuple:
+    """Restore a checkpoint into the run, every part checked first; (epochs trained, best acc1)."""
     checkpoint = read_checkpoint(path)
     epoch, best = checkpoint.get('epoch'), checkpoint.get('best_acc1')
     expect(type(epoch) is int and epoch >= 0, path, 'epoch', epoch,
@@ -121,12 +119,12 @@ def load_checkpoint(path: str, run, args: argparse.Namespace) -> dict:
         expect(isinstance(scaler_state, dict) and scaler_state, path, 'scaler', scaler_state,
                'a loss scaler\'s state')
         run.scaler.load_state_dict(scaler_state)
-    return checkpoint
+    return epoch, best
 
 
 def changes(checkpoint: dict, args: argparse.Namespace, class_names: List[str]) -> List[str]:
-    """How this run's evaluation transform and class names differ from the checkpoint's (other
-    model shapes do not load at all); read_checkpoint checked their types."""
+    """How this run's evaluation transform and class names differ from the checkpoint's."""
+    # Other model shapes do not load at all; read_checkpoint checked the recorded types.
     asked = data_config(args)
     differences = [f'{key} {asked[key]} (the checkpoint: {value})'
                    for key, value in (checkpoint.get('data_config') or {}).items() if asked[key] != value]

@@ -61,8 +61,8 @@ def device_name(text: str) -> str:
 
 
 def model_args_parser(training: bool = False) -> argparse.ArgumentParser:
-    """Every command's flags: the model, its evaluation transform, the device and threads. Except
-    for training the defaults are None: what the weights file records (resolve_data_config)."""
+    """Every command's flags: the model, its evaluation transform, the device and threads."""
+    # Except for training the defaults are None: what the weights file records (resolve_data_config).
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     group = parser.add_argument_group('model and evaluation transform')
     recorded = '' if training else 'as recorded in the weights, else '
@@ -130,8 +130,8 @@ class InUseError(Exception):
 
 @contextlib.contextmanager
 def locked(folder: str, flag: str, wait: bool = False):
-    """An exclusive lock on the folder itself while the block runs (else wait, or InUseError).
-    The kernel releases it when the process ends, however it ends; nothing is left in the folder."""
+    """An exclusive lock on the folder itself while the block runs (else wait, or InUseError)."""
+    # The kernel releases it when the process ends, however it ends; nothing is left in the folder.
     descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         try:
@@ -170,8 +170,7 @@ def request_stop(signum, frame) -> None:
 
 @contextlib.contextmanager
 def signals_deferred():
-    """Ctrl-C and SIGTERM wait (blocked by the kernel) until the block has run: for writes of
-    several files that must agree, each of them atomic."""
+    """Ctrl-C and SIGTERM wait (blocked by the kernel) until the block of writes that must agree has run."""
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield
@@ -181,10 +180,9 @@ def signals_deferred():
 
 def run(main: Callable[[argparse.Namespace], object], args: argparse.Namespace,
         interrupted: Callable[[], str] = lambda: 'interrupted') -> None:
-    """Run main(args) and exit: with its status if an int, else 0; any exception as one line and
-    1 (other than USER_ERRORS with its type named); after Ctrl-C or SIGTERM, whatever exception
-    it became inside Paddle, interrupted()'s line and 128 + the signal's number. Paddle's own
-    SIGTERM handler (a C++ stack dump) is replaced."""
+    """Run main(args) and exit: its status (an int, else 0); any exception as one line and 1; after
+    Ctrl-C or SIGTERM, whatever exception it became in Paddle, interrupted()'s line and 128 + signal."""
+    # Paddle's own SIGTERM handler (a C++ stack dump) is replaced.
     for signum in STOP_SIGNALS:
         signal.signal(signum, request_stop)
     try:

@@ -1,17 +1,12 @@
 """What the commands set up for the CPU: `configure()`, called from their main(), never on import.
 
 On a CPU device, and never over a setting the user made:
-threads   Paddle's CPU kernels use one thread unless told. configure() takes --threads, else the
-          OMP_NUM_THREADS the process was started with, else every core it may run on, shared
-          among the launcher's ranks on this machine; always set through Paddle.
-MKL       The MKL in Paddle's wheel takes a generic SSE path on AMD processors; MKL_DEBUG_CPU_TYPE=5
-          (read at MKL's first use, after configure()) selects its AVX2 code, about twice as fast
-          on AMD EPYC. Set on AMD x86-64 only (on Intel it would turn AVX-512 off); rounding only.
-memory    glibc returns large freed blocks to the system, so each of Paddle's temporaries was
-          page-faulted and zeroed anew; raised mmap and trim thresholds keep freed memory for
-          reuse: a B1 training step 1.3x faster for about 6% more peak memory.
-Importing Paddle sets OMP_NUM_THREADS to '1' when unset, so the user's setting is read from the
-start environment (/proc/self/environ; a launcher rank reads the launcher's).
+threads   Paddle's CPU kernels use one thread unless told: --threads, else the user's OMP_NUM_THREADS,
+          else every core this process may run on, shared among the launcher's ranks on this machine.
+MKL       The MKL in Paddle's wheel takes a generic SSE path on AMD; MKL_DEBUG_CPU_TYPE=5 selects its
+          AVX2 code, about twice as fast on AMD EPYC (on Intel it would turn AVX-512 off); rounding only.
+memory    glibc returns large freed blocks to the system, so each temporary is page-faulted and zeroed
+          anew; raised mmap and trim thresholds keep them: a B1 step 1.3x faster, ~6% more peak memory.
 """
 import ctypes
 import os
@@ -75,8 +70,9 @@ def start_environment(pid='self') -> Optional[Dict[str, str]]:
 
 
 def user_threads() -> Optional[int]:
-    """The OMP_NUM_THREADS the user set for this process (see the module doc), or None;
-    ThreadSettingError if it is no thread count."""
+    """The OMP_NUM_THREADS the user set for this process, or None; ThreadSettingError if no count."""
+    # Importing Paddle sets OMP_NUM_THREADS to '1' when unset, so the user's setting is read from the
+    # start environment (/proc/self/environ; a launcher rank reads the launcher's).
     environment = start_environment()
     if environment is not None and LAUNCHER_VARIABLE in environment:
         environment = start_environment(os.getppid())
@@ -129,7 +125,7 @@ def configure(threads: Optional[int] = None, device: Optional[str] = None) -> Cp
         return settings
     settings.threads = threads or user_threads() or available_cores()
     paddle.base.core.set_num_threads(settings.threads)
-    if is_amd_x86() and AMD_MKL_VARIABLE not in os.environ:
+    if is_amd_x86() and AMD_MKL_VARIABLE not in os.environ:   # read at MKL's first use, after this
         os.environ[AMD_MKL_VARIABLE] = AMD_MKL_VALUE
         settings.amd_mkl_path = True
     if not settings.freed_memory_kept:

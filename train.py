@@ -192,8 +192,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    """Parse argv (with --demo, the preset replaces the defaults: explicit flags still win) and
-    check what the flags mean together, and that --output-dir holds no run this one would overwrite."""
+    """Parse argv (--demo replaces the defaults) and check what the flags mean together."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
     if args.demo:
@@ -243,15 +242,14 @@ def scheduled_lr(epoch: int, base_lr: float, epochs: int, warmup_epochs: int, wa
 
 
 def soft_target_cross_entropy(logits: paddle.Tensor, targets: paddle.Tensor) -> paddle.Tensor:
-    """timm's SoftTargetCrossEntropy (label smoothing is in the targets), in float32 so
-    mixed-precision logits stay accurate."""
+    """timm's SoftTargetCrossEntropy, in float32 so mixed-precision logits stay accurate."""
     log_probs = F.log_softmax(logits.astype('float32'), axis=-1)
     return (-targets.astype('float32') * log_probs).sum(axis=-1).mean()
 
 
 class ModelEma:
-    """timm's ModelEma: ema = decay * ema + (1 - decay) * param after every step, in place on
-    the device. Buffers (CycleFC's integer offsets) are not averaged."""
+    """timm's ModelEma: ema = decay * ema + (1 - decay) * param after every step, on the device."""
+    # Buffers (CycleFC's integer offsets) are not averaged.
 
     def __init__(self, model: CycleNet, decay: float) -> None:
         self.module = CycleNet(**model.config)
@@ -289,8 +287,7 @@ def build_model(args: argparse.Namespace, num_classes: int, log: Callable[[str],
     if args.finetune:
         dropped = load_state(model, read_state(args.finetune)[0], source=args.finetune, drop_head=True)
         if dropped:
-            log(f'{args.finetune}: dropped its {dropped}-class head (head.weight, head.bias); '
-                f'the {num_classes}-class head starts from its initialisation')
+            log(f'{args.finetune}: dropped its {dropped}-class head for a new {num_classes}-class one')
         log(f'fine-tuning from {args.finetune}')
     return model
 
@@ -309,8 +306,8 @@ def build_optimizer(model: CycleNet, args: argparse.Namespace, lr: float) -> pad
 
 def train_one_epoch(model: paddle.nn.Layer, run: Run, erasing: Optional[RandomErasing], mixup: Optional[Mixup],
                     epoch: int, args: argparse.Namespace, log: Callable[[str], None]) -> Dict[str, float]:
-    """One pass over this rank's shard; the mean loss over all ranks and the lr. Losses are
-    summed on the device and read (and checked finite) only at log lines: no per-step host sync."""
+    """One pass over this rank's shard; the mean loss over all ranks and the lr."""
+    # Losses are summed on the device and read (and checked finite) only at log lines: no host sync.
     model.train()
     world_size, total_steps = dist.get_world_size(), len(run.train_loader)
     loss_sum = paddle.zeros([], dtype='float32')
@@ -343,9 +340,8 @@ def train_one_epoch(model: paddle.nn.Layer, run: Run, erasing: Optional[RandomEr
                 dist.all_reduce(current)
             loss_value, running_sum = (current.numpy() / world_size).tolist()
             if not (math.isfinite(loss_value) and math.isfinite(running_sum)):
-                raise FloatingPointError(f'loss is {loss_value} at epoch {epoch + 1}, iteration '
-                                         f'{step + 1}/{total_steps}; stopping (nothing was saved '
-                                         'for this epoch)')
+                raise FloatingPointError(f'loss is {loss_value} at epoch {epoch + 1}, iteration {step + 1}/'
+                                         f'{total_steps}; stopping (nothing was saved for this epoch)')
             elapsed = time.time() - start
             eta = elapsed / (step + 1) * (total_steps - step - 1)
             images_per_second = (step + 1) * images.shape[0] * world_size / max(elapsed, 1e-9)
@@ -360,23 +356,19 @@ def open_visualdl(args: argparse.Namespace):
 
 
 def build_run(args: argparse.Namespace, rank: int, world_size: int, log: Callable[[str], None]) -> Run:
-    """The datasets and loaders of this rank, the model (from --finetune weights if given), its
-    EMA, AdamW at the scaled lr and, for float16 AMP on GPU, the loss scaler."""
+    """This rank's data, the model, its EMA, AdamW at the scaled lr and (float16 AMP) the loss scaler."""
     train_set = build_dataset(True, args, train_transform(args))
     val_set = build_dataset(False, args,
                             eval_transform(args.input_size, args.crop_pct, args.eval_interpolation))
     check_image_headers(val_set)      # a broken validation image found before an epoch is spent
+    shard = dict(batch_size=args.batch_size, num_workers=args.num_workers, num_replicas=world_size, rank=rank,
+                 seed=args.seed)
     try:
-        train_loader = build_loader(train_set, is_train=True, batch_size=args.batch_size,
-                                    num_workers=args.num_workers, num_replicas=world_size,
-                                    rank=rank, seed=args.seed, repeated_aug=args.repeated_aug)
+        train_loader = build_loader(train_set, is_train=True, repeated_aug=args.repeated_aug, **shard)
     except ValueError as error:  # fewer images than one batch per rank
         raise DatasetError(f'{args.data_path}: {error}') from None
-    val_loader = build_loader(val_set, is_train=False, batch_size=args.batch_size,
-                              num_workers=args.num_workers, num_replicas=world_size, rank=rank,
-                              seed=args.seed)
-    on_gpu = paddle.get_device().startswith('gpu')
-    amp_dtype = args.amp_dtype if on_gpu and not args.no_amp else None
+    val_loader = build_loader(val_set, is_train=False, **shard)
+    amp_dtype = args.amp_dtype if paddle.get_device().startswith('gpu') and not args.no_amp else None
     paddle.seed(args.seed)  # the same initial weights on every rank
     model = build_model(args, len(train_set.classes), log)
     # Linear scaling rule: lr = base_lr * global batch / 512 (global batch = per-device batch x ranks).
@@ -407,8 +399,8 @@ def evaluate_run(run: Run, args: argparse.Namespace, log: Callable[[str], None])
 
 
 def main(args: argparse.Namespace) -> Dict[str, float]:
-    """Train (or with --eval only evaluate); returns the last epoch's log entry. Rank 0 holds
-    --output-dir's lock for the whole run: a second run into it stops at once."""
+    """Train (or with --eval only evaluate); returns the last epoch's log entry."""
+    # Rank 0 holds --output-dir's lock for the whole run: a second run into it stops at once.
     cpu_setup.configure(args.threads, args.device)
     rank, world_size = init_distributed()
     if rank != 0 or not args.output_dir or args.eval:
@@ -422,10 +414,8 @@ def train(args: argparse.Namespace, rank: int, world_size: int, writes_files: bo
     log = print if rank == 0 else (lambda line: None)
     resume = resolve_resume(args, world_size) if args.resume else None
     run = build_run(args, rank, world_size, log)
-    start_epoch, best_acc1 = 0, 0.0
+    start_epoch, best_acc1 = load_checkpoint(resume, run, args) if resume else (0, 0.0)
     if resume:
-        checkpoint = load_checkpoint(resume, run, args)
-        start_epoch, best_acc1 = checkpoint['epoch'], checkpoint['best_acc1']
         log(f'resumed from {printable(resume)} after epoch {start_epoch}')
     elif args.resume:
         log(f'no {CHECKPOINT_FILE} in {args.output_dir} yet: starting from scratch')
