@@ -160,22 +160,28 @@ def init_distributed() -> tuple:
 # Stopping: Ctrl-C and SIGTERM end a command at once
 
 stop_requested: List[int] = []
+deferring: List[bool] = []
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def request_stop(signum, frame) -> None:
     stop_requested.append(signum)
-    raise KeyboardInterrupt
+    if not deferring:
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
 def signals_deferred():
-    """Ctrl-C and SIGTERM wait (blocked by the kernel) until the block of writes that must agree has run."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    """Ctrl-C and SIGTERM wait until the block has run (files that must agree; Paddle's backward)."""
+    # Not the kernel's signal mask: the kernel hands a signal the main thread blocks to another
+    # thread (Paddle's compute threads), and Python then runs the handler in the main thread.
+    deferring.append(True)
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        deferring.pop()
+    if stop_requested and not deferring:
+        raise KeyboardInterrupt
 
 
 def run(main: Callable[[argparse.Namespace], object], args: argparse.Namespace,

@@ -322,13 +322,15 @@ def train_one_epoch(model: paddle.nn.Layer, run: Run, erasing: Optional[RandomEr
         with paddle.amp.auto_cast(enable=run.amp_dtype is not None, dtype=run.amp_dtype or 'float16'):
             logits = model(images)
         loss = soft_target_cross_entropy(logits, targets)
-        if run.scaler is not None:
-            run.scaler.scale(loss).backward()
-            run.scaler.step(run.optimizer)
-            run.scaler.update()
-        else:
-            loss.backward()
-            run.optimizer.step()
+        # A stop raised inside Paddle's C++ backward (in a PyLayer of fast_layers) would print a C++ warning.
+        with signals_deferred():
+            if run.scaler is not None:
+                run.scaler.scale(loss).backward()
+                run.scaler.step(run.optimizer)
+                run.scaler.update()
+            else:
+                loss.backward()
+                run.optimizer.step()
         run.optimizer.clear_grad()
         if run.ema is not None:
             run.ema.update()
