@@ -1,7 +1,6 @@
 """What every command shares: the flags of the model and its data, the distributed set-up, and
 one way to end (`run`): any exception as one line `error: ...` and exit code 1, Ctrl-C or SIGTERM
-as one line and 128 + the signal's number. Flags out of range are argparse's errors (exit code 2).
-"""
+as one line and 128 + the signal's number. Flags out of range are argparse's errors (exit code 2)."""
 import argparse
 import contextlib
 import fcntl
@@ -29,7 +28,8 @@ import paddle.distributed as dist  # noqa: E402
 import cpu_setup  # noqa: E402
 from cyclemlp import ARCHITECTURES  # noqa: E402
 from data import DEFAULT_CROP_PCT, EVAL_DEFAULTS, INTERPOLATIONS, DatasetError  # noqa: E402
-from weights import CROP_PCT_RANGE, INPUT_SIZE_RANGE, WeightsError, check_data_config, one_line  # noqa: E402
+from safe_io import WeightsError, one_line  # noqa: E402
+from weights import CROP_PCT_RANGE, INPUT_SIZE_RANGE, check_data_config  # noqa: E402
 
 
 # Flags

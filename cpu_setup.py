@@ -117,8 +117,7 @@ def select_device(device: str) -> None:
 
 
 def configure(threads: Optional[int] = None, device: Optional[str] = None) -> CpuSettings:
-    """Select `device` if given; on a CPU device set the threads, MKL's path and the allocator
-    (see the module doc). Returns what it set (also in `settings`)."""
+    """Select `device` if given; on a CPU device set what the module doc says; returns `settings`."""
     if device is not None:
         select_device(device)
     if not on_cpu():
@@ -139,7 +138,7 @@ def current_threads() -> int:
 
 
 def default_num_workers() -> int:
-    """DataLoader processes per rank: the official 10 on GPU (at most one per core); on CPU a
-    quarter of the cores, at least 1, since the compute threads already use every core."""
+    """DataLoader processes per rank: the official 10 on GPU (at most one per core), else cores / 4."""
+    # On CPU the compute threads already use every core.
     cores = available_cores()
     return min(10, cores) if not on_cpu() else max(1, cores // 4)

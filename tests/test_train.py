@@ -126,8 +126,7 @@ def test_official_command_lines_run_and_prefixes_select_nothing():
     assert 'unrecognized arguments: --dro 0.0' in parse_error('--data-path', 'd', '--dro', '0.0')
     assert 'unrecognized arguments: --drop-pa 0' in parse_error('--data-path', 'd', '--drop-pa', '0')
     # ... but never with a value that needs behaviour this repo does not have.
-    assert parse_error('--data-path', 'd', '--opt', 'sgd').endswith('--opt sgd: optimizer; this recipe '
-                                                                    'uses AdamW; only adamw is accepted')
+    assert parse_error('--data-path', 'd', '--opt', 'sgd').endswith('--opt sgd: only adamw is implemented here')
     assert '--lr-noise [0.5]' in parse_error('--data-path', 'd', '--lr-noise', '0.5')
     assert '--distillation-type hard' in parse_error('--data-path', 'd', '--distillation-type', 'hard')
 
