@@ -13,8 +13,8 @@ import paddle
 import paddle.distributed as dist
 
 from cyclemlp import CycleNet
-from weights import (WeightsError, atomic_save, check_state, describe, read_checkpoint,
-                     remove_stale_temporaries)
+from safe_io import WeightsError, describe, remove_stale_temporaries
+from weights import atomic_save, check_state, read_checkpoint
 from zoo import load_state, numpy_state, variant_name
 
 CHECKPOINT_FILE = 'checkpoint.pdckpt'
@@ -23,20 +23,24 @@ LOG_FILE = 'log.txt'
 RUN_FILES = (CHECKPOINT_FILE, BEST_FILE, LOG_FILE)
 
 
+def expect(condition, source: str, what: str, value, expected: str) -> None:
+    """The one check of what a checkpoint holds: unless condition, 'SOURCE: WHAT is VALUE, expected ...'."""
+    if not condition:
+        shown = (f'an array of shape {list(value.shape)} ({value.dtype})' if isinstance(value, np.ndarray)
+                 else describe(value))
+        raise WeightsError(f'{source}: {what} is {shown}, expected {expected}')
+
+
 def to_numpy(value):
-    """Tensors in nested dicts and lists as numpy arrays, which read_checkpoint reads back."""
-    if isinstance(value, paddle.Tensor):
-        return value.numpy()
+    """Tensors, also in dicts, as numpy arrays, which read_checkpoint reads back."""
     if isinstance(value, dict):
         return {key: to_numpy(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_numpy(item) for item in value]
-    return value
+    return value.numpy() if isinstance(value, paddle.Tensor) else value
 
 
 def optimizer_state(optimizer: paddle.optimizer.Optimizer, model: CycleNet) -> dict:
-    """The optimizer's state keyed 'head.weight/moment1_0', not Paddle's 'linear_61.w_0_moment1_0':
-    generated names depend on what the process built before, so they differ between runs."""
+    """The optimizer's state keyed 'head.weight/moment1_0', not Paddle's 'linear_61.w_0_moment1_0'."""
+    # Generated names depend on what the process built before, so they differ between runs.
     paths = {param.name: name for name, param in model.named_parameters()}
     tensor_names = sorted(paths, key=len, reverse=True)  # longest first: linear_10 before linear_1
     state = {}
@@ -48,38 +52,34 @@ def optimizer_state(optimizer: paddle.optimizer.Optimizer, model: CycleNet) -> d
 
 def load_optimizer_state(optimizer: paddle.optimizer.Optimizer, model: CycleNet, state, source: str) -> None:
     """Restore optimizer_state's output, checking every entry first."""
-    if not isinstance(state, dict):
-        raise WeightsError(f'{source}: optimizer is {describe(state)}, expected a dict')
+    expect(isinstance(state, dict), source, 'optimizer', state, 'a dict')
     params = dict(model.named_parameters())
     renamed = {}
     for key, value in state.items():
-        if not isinstance(key, str):
-            raise WeightsError(f'{source}: optimizer entry {describe(key)} is not a name')
+        expect(isinstance(key, str), source, 'an optimizer key', key, 'a str')
         path, _, accumulator = key.partition('/')
         if not accumulator:   # optimizer-wide entries ('LR_Scheduler' and the like)
             renamed[key] = value
             continue
-        if path not in params:
-            raise WeightsError(f'{source}: optimizer state names parameter {describe(path)} the model lacks')
-        param = params[path]
-        if not isinstance(value, np.ndarray) or value.dtype.kind != 'f':
-            raise WeightsError(f'{source}: optimizer entry {describe(key)} is {describe(value)}, '
-                               'expected a float array')
-        if accumulator.startswith('moment') and list(value.shape) != list(param.shape):
-            raise WeightsError(f'{source}: optimizer entry {describe(key)} has shape {list(value.shape)}, '
-                               f'the parameter {list(param.shape)}')
-        if not accumulator.startswith('moment') and value.size != 1:
-            raise WeightsError(f'{source}: optimizer entry {describe(key)} has {value.size} values, expected 1')
+        expect(path in params, source, f'the parameter of optimizer entry {describe(key)}', path,
+               'one of the model\'s')
+        param, moment = params[path], accumulator.startswith('moment')
+        expect(isinstance(value, np.ndarray) and value.dtype.kind == 'f' and (
+            list(value.shape) == list(param.shape) if moment else value.size == 1), source,
+            f'optimizer entry {describe(key)}', value, f'a float array of shape {list(param.shape)}'
+            if moment else 'one float')
         renamed[f'{param.name}_{accumulator}'] = value
     optimizer.set_state_dict(renamed)
 
 
-def model_meta(model: CycleNet, args: argparse.Namespace, class_names: List[str]) -> dict:
-    """What evaluate.py, predict.py and export.py need besides the weights."""
-    meta = dict(class_names=list(class_names), data_config=dict(
-        input_size=args.input_size, crop_pct=args.crop_pct, interpolation=args.eval_interpolation))
-    name = variant_name(model.config)
-    return {**meta, 'model_name': name} if name else meta   # custom shapes: from the file
+def data_config(args: argparse.Namespace) -> dict:
+    return dict(input_size=args.input_size, crop_pct=args.crop_pct, interpolation=args.eval_interpolation)
+
+
+def model_meta(run, args: argparse.Namespace) -> dict:
+    """What evaluate.py, predict.py and export.py need besides the weights (model_name None: custom)."""
+    return dict(model_name=variant_name(run.model.config), class_names=list(run.train_set.classes),
+                data_config=data_config(args))
 
 
 def save_checkpoint(path: str, run, epoch: int, best_acc1: float, args: argparse.Namespace) -> None:
@@ -88,38 +88,55 @@ def save_checkpoint(path: str, run, epoch: int, best_acc1: float, args: argparse
         'model': numpy_state(run.model),
         'model_ema': numpy_state(run.ema.module) if run.ema is not None else None,
         'optimizer': optimizer_state(run.optimizer, run.model),
-        'scaler': to_numpy(run.scaler.state_dict()) if run.scaler is not None else None,
+        'scaler': run.scaler.state_dict() if run.scaler is not None else None,   # numpy already
         'epoch': epoch,
         'best_acc1': best_acc1,
         'args': vars(args),
-        **model_meta(run.model, args, run.train_set.classes),
+        **model_meta(run, args),
     }, path)
 
 
-def load_checkpoint(path: str, model: CycleNet, ema, optimizer,
-                    scaler: Optional[paddle.amp.GradScaler]) -> dict:
-    """Restore a checkpoint into the objects, checked first; returns it."""
+def load_checkpoint(path: str, run, args: argparse.Namespace) -> tuple:
+    """Restore a checkpoint into the run, every part checked first; (epochs trained, best acc1)."""
     checkpoint = read_checkpoint(path)
-    missing = [key for key in ('model', 'optimizer', 'epoch', 'best_acc1') if key not in checkpoint]
-    if missing:
-        raise WeightsError(f'{path}: not a training checkpoint of train.py (no {", ".join(missing)})')
-    if type(checkpoint['epoch']) is not int or checkpoint['epoch'] < 0:
-        raise WeightsError(f'{path}: epoch is {describe(checkpoint["epoch"])}, expected a count of epochs')
-    best = checkpoint['best_acc1']
-    if type(best) not in (int, float) or not 0 <= best <= 100:
-        raise WeightsError(f'{path}: best_acc1 is {describe(best)}, expected a percentage')
-    load_state(model, check_state(path, checkpoint['model']), source=path)
-    if ema is not None:
+    epoch, best = checkpoint.get('epoch'), checkpoint.get('best_acc1')
+    expect(type(epoch) is int and epoch >= 0, path, 'epoch', epoch,
+           'a count of epochs (a checkpoint of train.py)')
+    expect(type(best) in (int, float) and 0 <= best <= 100, path, 'best_acc1', best, 'a percentage')
+    differences = changes(checkpoint, args, run.train_set.classes)
+    if differences and not (args.eval or args.allow_changes):
+        raise WeightsError(f'{path}: this run differs from the one the checkpoint continues: '
+                           + '; '.join(differences) + '. Resume with --allow-changes to go on anyway')
+    load_state(run.model, check_state(path, checkpoint.get('model')), source=path)
+    if run.ema is not None:
         # A checkpoint of a run without EMA starts the average from the restored weights.
         ema_state = checkpoint.get('model_ema')
-        load_state(ema.module, check_state(path, ema_state if ema_state is not None else checkpoint['model']),
-                   source=path)
-    load_optimizer_state(optimizer, model, checkpoint['optimizer'], path)
-    if scaler is not None and checkpoint.get('scaler'):
-        if not isinstance(checkpoint['scaler'], dict):
-            raise WeightsError(f'{path}: scaler is {describe(checkpoint["scaler"])}, expected a dict')
-        scaler.load_state_dict(checkpoint['scaler'])
-    return checkpoint
+        ema_state = checkpoint.get('model') if ema_state is None else ema_state
+        load_state(run.ema.module, check_state(path, ema_state), source=path)
+    load_optimizer_state(run.optimizer, run.model, checkpoint.get('optimizer'), path)
+    scaler_state = checkpoint.get('scaler')
+    if run.scaler is not None and scaler_state is not None:
+        expect(isinstance(scaler_state, dict) and scaler_state, path, 'scaler', scaler_state,
+               'a loss scaler\'s state')
+        run.scaler.load_state_dict(scaler_state)
+    return epoch, best
+
+
+def changes(checkpoint: dict, args: argparse.Namespace, class_names: List[str]) -> List[str]:
+    """How this run's evaluation transform and class names differ from the checkpoint's."""
+    # Other model shapes do not load at all; read_checkpoint checked the recorded types.
+    asked = data_config(args)
+    differences = [f'{key} {asked[key]} (the checkpoint: {value})'
+                   for key, value in (checkpoint.get('data_config') or {}).items() if asked[key] != value]
+    recorded = checkpoint.get('class_names')
+    if recorded is not None and recorded != list(class_names):
+        if len(recorded) != len(class_names):
+            differences.append(f'{len(class_names)} classes (the checkpoint: {len(recorded)})')
+        else:
+            index = next(i for i, (name, old) in enumerate(zip(class_names, recorded)) if name != old)
+            differences.append(f'class {index} is {describe(class_names[index])} (the checkpoint: '
+                               f'{describe(recorded[index])})')
+    return differences
 
 
 def resolve_resume(args: argparse.Namespace, world_size: int) -> Optional[str]:
@@ -146,31 +163,11 @@ def resolve_resume(args: argparse.Namespace, world_size: int) -> Optional[str]:
 def prepare_output_dir(args: argparse.Namespace) -> None:
     """Create --output-dir; with --overwrite remove its run; remove what a killed write left."""
     os.makedirs(args.output_dir, exist_ok=True)
-    if args.overwrite:
-        for name in RUN_FILES:
-            if os.path.exists(os.path.join(args.output_dir, name)):
-                os.remove(os.path.join(args.output_dir, name))
+    for name in RUN_FILES if args.overwrite else ():
+        if os.path.exists(os.path.join(args.output_dir, name)):
+            os.remove(os.path.join(args.output_dir, name))
     for name in (CHECKPOINT_FILE, BEST_FILE):
         remove_stale_temporaries(os.path.join(args.output_dir, name))
-
-
-def changes(checkpoint: dict, args: argparse.Namespace, class_names: List[str]) -> List[str]:
-    """How this run's input size, evaluation transform and class names differ from the
-    checkpoint's (other model shapes do not load at all)."""
-    recorded = checkpoint.get('data_config') or {}
-    asked = dict(input_size=args.input_size, crop_pct=args.crop_pct, interpolation=args.eval_interpolation)
-    differences = [f'{key} {asked[key]} (the checkpoint: {value})' for key, value in recorded.items()
-                   if key in asked and asked[key] != value]
-    recorded_names, names = checkpoint.get('class_names'), list(class_names)
-    recorded_names = recorded_names if isinstance(recorded_names, list) else None
-    if recorded_names not in (None, names):
-        if len(recorded_names) != len(names):
-            differences.append(f'{len(names)} classes (the checkpoint: {len(recorded_names)})')
-        else:
-            index = next(i for i, (a, b) in enumerate(zip(names, recorded_names)) if a != b)
-            differences.append(f'class {index} is {describe(names[index])} (the checkpoint: '
-                               f'{describe(recorded_names[index])})')
-    return differences
 
 
 def json_line(entry: dict) -> str:

@@ -1,7 +1,6 @@
 """What every command shares: the flags of the model and its data, the distributed set-up, and
 one way to end (`run`): any exception as one line `error: ...` and exit code 1, Ctrl-C or SIGTERM
-as one line and 128 + the signal's number. Flags out of range are argparse's errors (exit code 2).
-"""
+as one line and 128 + the signal's number. Flags out of range are argparse's errors (exit code 2)."""
 import argparse
 import contextlib
 import fcntl
@@ -29,23 +28,24 @@ import paddle.distributed as dist  # noqa: E402
 import cpu_setup  # noqa: E402
 from cyclemlp import ARCHITECTURES  # noqa: E402
 from data import DEFAULT_CROP_PCT, EVAL_DEFAULTS, INTERPOLATIONS, DatasetError  # noqa: E402
-from weights import CROP_PCT_RANGE, INPUT_SIZE_RANGE, WeightsError, check_data_config, one_line  # noqa: E402
+from safe_io import WeightsError, one_line  # noqa: E402
+from weights import CROP_PCT_RANGE, INPUT_SIZE_RANGE, check_data_config  # noqa: E402
 
 
 # Flags
 
-def bounded(kind: type, low=None, high=None, low_open: bool = False, high_open: bool = False):
+def bounded(kind: type, low=-math.inf, high=math.inf, low_open: bool = False, high_open: bool = False):
     """An argparse type: `kind` parsed, finite and within [low, high] (an open end excludes it)."""
+    interval = ('(' if low_open else '[') + f'{low}, {high}' + (')' if high_open else ']')
+
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
-            expected = 'an integer' if kind is int else 'a number'
-            raise argparse.ArgumentTypeError(f'expected {expected}, got {text!r}') from None
-        if not math.isfinite(value) or (low is not None and (value <= low if low_open else value < low)) \
-                or (high is not None and (value >= high if high_open else value > high)):
-            interval = ('(' if low_open else '[') + f'{low if low is not None else "-inf"}, ' \
-                       f'{high if high is not None else "inf"}' + (')' if high_open else ']')
+            raise argparse.ArgumentTypeError(f'expected {"an integer" if kind is int else "a number"}, '
+                                             f'got {text!r}') from None
+        if not (math.isfinite(value) and (low < value if low_open else low <= value)
+                and (value < high if high_open else value <= high)):
             raise argparse.ArgumentTypeError(f'expected a value in {interval}, got {text}')
         return value
     parse.__name__ = kind.__name__   # argparse names the type in its messages
@@ -61,36 +61,29 @@ def device_name(text: str) -> str:
 
 
 def model_args_parser(training: bool = False) -> argparse.ArgumentParser:
-    """Every command's flags: the model, its evaluation transform, the device and threads. Except
-    for training the defaults are None: what the weights file records (resolve_data_config)."""
+    """Every command's flags: the model, its evaluation transform, the device and threads."""
+    # Except for training the defaults are None: what the weights file records (resolve_data_config).
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     group = parser.add_argument_group('model and evaluation transform')
     recorded = '' if training else 'as recorded in the weights, else '
-    group.add_argument('--model', default='CycleMLP_B1' if training else None,
-                       choices=list(ARCHITECTURES), metavar='NAME',
-                       help=f'architecture, one of {", ".join(ARCHITECTURES)} (default: '
-                            + ('CycleMLP_B1)' if training else 'the one the weights file records)'))
+    group.add_argument('--model', default='CycleMLP_B1' if training else None, choices=list(ARCHITECTURES),
+                       metavar='NAME', help=f'architecture, one of {", ".join(ARCHITECTURES)} (default: '
+                       + ('CycleMLP_B1)' if training else 'the one the weights file records)'))
     group.add_argument('--input-size', '--input_size', type=bounded(int, *INPUT_SIZE_RANGE),
-                       default=EVAL_DEFAULTS['input_size'] if training else None,
-                       help=f'side of the square image the model sees, in {list(INPUT_SIZE_RANGE)} '
-                            f'(default: {recorded}{EVAL_DEFAULTS["input_size"]})')
+                       default=EVAL_DEFAULTS['input_size'] if training else None, help='side of the square '
+                       f'image the model sees (default: {recorded}{EVAL_DEFAULTS["input_size"]})')
     group.add_argument('--crop-pct', '--crop_pct', type=bounded(float, *CROP_PCT_RANGE),
-                       default=DEFAULT_CROP_PCT if training else None,
-                       help='evaluation resizes the shorter side to input_size / crop_pct, then '
-                            f'center-crops input_size; in {list(CROP_PCT_RANGE)} (default: '
-                            f'{recorded}{DEFAULT_CROP_PCT})')
+                       default=DEFAULT_CROP_PCT if training else None, help='evaluation resizes to input_size '
+                       f'/ crop_pct, then center-crops input_size (default: {recorded}{DEFAULT_CROP_PCT})')
     # dest is the name the evaluation transform reads; train.py has its own --train-interpolation.
     group.add_argument('--interpolation', '--eval-interpolation', dest='eval_interpolation',
                        default='bicubic' if training else None, choices=list(INTERPOLATIONS),
                        help=f'resampling of the evaluation resize (default: {recorded}bicubic)')
-    group.add_argument('--device', type=device_name, default=None,
-                       help='cpu, gpu (under the launcher: each rank\'s own GPU) or gpu:N; cuda and '
-                            'cuda:N, the official spellings, are the same (default: Paddle\'s '
-                            'default device, a GPU when Paddle has CUDA and one is visible)')
-    group.add_argument('--threads', type=bounded(int, 1, cpu_setup.MAX_THREADS), default=None,
-                       help='CPU threads of the compute kernels; no effect on GPU (default: '
-                            'OMP_NUM_THREADS if set, else every core this process may use, '
-                            f'{cpu_setup.available_cores()} here)')
+    group.add_argument('--device', type=device_name, help='cpu, gpu (under the launcher: each rank\'s own) '
+                       'or gpu:N, also spelled cuda (default: a GPU if Paddle has CUDA and one is visible)')
+    cores = cpu_setup.available_cores()
+    group.add_argument('--threads', type=bounded(int, 1, cpu_setup.MAX_THREADS),
+                       help=f'CPU compute threads (default: OMP_NUM_THREADS, else every core: {cores} here)')
     return parser
 
 
@@ -98,28 +91,22 @@ def loader_args_parser() -> argparse.ArgumentParser:
     """The data and loader flags train.py and evaluate.py share."""
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     group = parser.add_argument_group('data')
-    group.add_argument('--data-path', '--data_path', default=None,
-                       help='dataset root holding train/<class>/ and val/<class>/, or the root '
-                            'the list files are relative to (default: None)')
-    group.add_argument('--train-list', '--train_list', default=None,
-                       help='PaddleClas-style list file "relative/path label" of the training '
-                            'set (default: None, use DATA/train/<class>/)')
-    group.add_argument('--val-list', '--val_list', default=None,
-                       help='list file of the validation set (default: None, use DATA/val/<class>/)')
+    group.add_argument('--data-path', '--data_path', help='the folder of train/<class>/ and val/<class>/, or '
+                       'the root of the list files (default: None)')
+    group.add_argument('--train-list', '--train_list', help='PaddleClas-style list file "relative/path label" '
+                       'of the training set (default: None, DATA/train/<class>/)')
+    group.add_argument('--val-list', '--val_list', help='list file of the validation set (default: None, '
+                       'DATA/val/<class>/)')
     group.add_argument('--batch-size', '--batch_size', type=bounded(int, 1), default=64,
                        help='images per batch on each device (default: 64)')
     workers = cpu_setup.default_num_workers()
     group.add_argument('--num-workers', '--num_workers', type=bounded(int, 0), default=workers,
-                       help='data loading processes per device; 10 on GPU as in the official '
-                            f'main.py, on CPU a quarter of the cores, at least 1 (default: {workers} here)')
-    group.add_argument('--seed', type=bounded(int, 0, 2**31 - 1), default=0,
-                       help='random seed (default: 0)')
+                       help=f'loader processes per device: 10 on GPU, else cores / 4 (default: {workers})')
+    group.add_argument('--seed', type=bounded(int, 0, 2**31 - 1), default=0, help='random seed (default: 0)')
     group.add_argument('--print-freq', '--print_freq', type=bounded(int, 1), default=10,
                        help='log every this many iterations (default: 10)')
     group.add_argument('--to-static', '--to_static', action='store_true',
-                       help='run the model\'s forward as a static graph (paddle.jit.to_static), '
-                            'as PaddleClas and PaddleSeg name it; on GPU the road to fused kernels '
-                            '(default: off)')
+                       help='run the forward as a static graph (paddle.jit.to_static) (default: off)')
     return parser
 
 
@@ -143,8 +130,8 @@ class InUseError(Exception):
 
 @contextlib.contextmanager
 def locked(folder: str, flag: str, wait: bool = False):
-    """An exclusive lock on the folder itself while the block runs (else wait, or InUseError).
-    The kernel releases it when the process ends, however it ends; nothing is left in the folder."""
+    """An exclusive lock on the folder itself while the block runs (else wait, or InUseError)."""
+    # The kernel releases it when the process ends, however it ends; nothing is left in the folder.
     descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         try:
@@ -173,38 +160,43 @@ def init_distributed() -> tuple:
 # Stopping: Ctrl-C and SIGTERM end a command at once
 
 stop_requested: List[int] = []
+deferring: List[bool] = []
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def request_stop(signum, frame) -> None:
     stop_requested.append(signum)
-    raise KeyboardInterrupt
+    if not deferring:
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
 def signals_deferred():
-    """Ctrl-C and SIGTERM wait (blocked by the kernel) until the block has run: for writes of
-    several files that must agree, each of them atomic."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    """Ctrl-C and SIGTERM wait until the block has run (files that must agree; Paddle's backward)."""
+    # Not the kernel's signal mask: the kernel hands a signal the main thread blocks to another
+    # thread (Paddle's compute threads), and Python then runs the handler in the main thread.
+    deferring.append(True)
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        deferring.pop()
+    if stop_requested and not deferring:
+        raise KeyboardInterrupt
 
 
 def run(main: Callable[[argparse.Namespace], object], args: argparse.Namespace,
         interrupted: Callable[[], str] = lambda: 'interrupted') -> None:
-    """Run main(args) and exit: with its status if an int, else 0; any exception as one line and
-    1 (other than USER_ERRORS with its type named); after Ctrl-C or SIGTERM, whatever exception
-    it became inside Paddle, interrupted()'s line and 128 + the signal's number. Paddle's own
-    SIGTERM handler (a C++ stack dump) is replaced."""
+    """Run main(args) and exit: its status (an int, else 0); any exception as one line and 1; after
+    Ctrl-C or SIGTERM, whatever exception it became in Paddle, interrupted()'s line and 128 + signal."""
+    # Paddle's own SIGTERM handler (a C++ stack dump) is replaced.
     for signum in STOP_SIGNALS:
         signal.signal(signum, request_stop)
     try:
         status = main(args)
     except Exception as error:
         if not stop_requested:    # every error, expected or not, ends as one line
-            kind = '' if isinstance(error, USER_ERRORS) else f'unexpected {type(error).__name__} (please report it): '
+            expected = isinstance(error, USER_ERRORS)
+            kind = '' if expected else f'unexpected {type(error).__name__} (please report it): '
             print(f'error: {kind}{one_line(error, 1000)}', file=sys.stderr)
             sys.exit(1)
     except KeyboardInterrupt:

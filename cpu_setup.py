@@ -1,17 +1,12 @@
 """What the commands set up for the CPU: `configure()`, called from their main(), never on import.
 
 On a CPU device, and never over a setting the user made:
-threads   Paddle's CPU kernels use one thread unless told. configure() takes --threads, else the
-          OMP_NUM_THREADS the process was started with, else every core it may run on, shared
-          among the launcher's ranks on this machine; always set through Paddle.
-MKL       The MKL in Paddle's wheel takes a generic SSE path on AMD processors; MKL_DEBUG_CPU_TYPE=5
-          (read at MKL's first use, after configure()) selects its AVX2 code, about twice as fast
-          on AMD EPYC. Set on AMD x86-64 only (on Intel it would turn AVX-512 off); rounding only.
-memory    glibc returns large freed blocks to the system, so each of Paddle's temporaries was
-          page-faulted and zeroed anew; raised mmap and trim thresholds keep freed memory for
-          reuse: a B1 training step 1.3x faster for about 6% more peak memory.
-Importing Paddle sets OMP_NUM_THREADS to '1' when unset, so the user's setting is read from the
-start environment (/proc/self/environ; a launcher rank reads the launcher's).
+threads   Paddle's CPU kernels use one thread unless told: --threads, else the user's OMP_NUM_THREADS,
+          else every core this process may run on, shared among the launcher's ranks on this machine.
+MKL       The MKL in Paddle's wheel takes a generic SSE path on AMD; MKL_DEBUG_CPU_TYPE=5 selects its
+          AVX2 code, about twice as fast on AMD EPYC (on Intel it would turn AVX-512 off); rounding only.
+memory    glibc returns large freed blocks to the system, so each temporary is page-faulted and zeroed
+          anew; raised mmap and trim thresholds keep them: a B1 step 1.3x faster, ~6% more peak memory.
 """
 import ctypes
 import os
@@ -50,17 +45,14 @@ settings = CpuSettings()
 
 
 def is_amd_x86(cpuinfo_path: str = '/proc/cpuinfo') -> bool:
-    """True on an AMD x86-64 processor (Linux: /proc/cpuinfo; elsewhere: platform.processor())."""
+    """True on an AMD x86-64 processor, by the vendor in Linux's /proc/cpuinfo."""
     if platform.machine().lower() not in ('x86_64', 'amd64'):
         return False
     try:
         with open(cpuinfo_path, encoding='ascii', errors='replace') as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith('vendor_id'):
-                    return line.split(':', 1)[1].strip() == 'AuthenticAMD'
+            return any(line.startswith('vendor_id') and 'AuthenticAMD' in line for line in cpuinfo)
     except OSError:
-        pass
-    return 'AuthenticAMD' in platform.processor()
+        return False
 
 
 def on_cpu() -> bool:
@@ -77,20 +69,15 @@ def start_environment(pid='self') -> Optional[Dict[str, str]]:
     return dict(entry.decode('utf-8', 'replace').split('=', 1) for entry in entries if b'=' in entry)
 
 
-def user_threads_setting() -> Optional[str]:
-    """The OMP_NUM_THREADS the user set for this process (see the module doc), or None."""
+def user_threads() -> Optional[int]:
+    """The OMP_NUM_THREADS the user set for this process, or None; ThreadSettingError if no count."""
+    # Importing Paddle sets OMP_NUM_THREADS to '1' when unset, so the user's setting is read from the
+    # start environment (/proc/self/environ; a launcher rank reads the launcher's).
     environment = start_environment()
     if environment is not None and LAUNCHER_VARIABLE in environment:
         environment = start_environment(os.getppid())
-    if environment is None:           # no /proc: the best this platform offers
-        environment = dict(os.environ)
-    return environment.get(THREADS_VARIABLE)
-
-
-def user_threads() -> Optional[int]:
-    """user_threads_setting() as a count, or ThreadSettingError naming what is wrong with it."""
-    value = user_threads_setting()
-    if value is None or value.strip() == '':
+    value = (os.environ if environment is None else environment).get(THREADS_VARIABLE)   # None: no /proc
+    if value is None or not value.strip():
         return None
     if not value.strip().isdigit() or not 1 <= int(value) <= MAX_THREADS:
         raise ThreadSettingError(f'{THREADS_VARIABLE}={value[:40]!r} in the environment: expected '
@@ -130,15 +117,14 @@ def select_device(device: str) -> None:
 
 
 def configure(threads: Optional[int] = None, device: Optional[str] = None) -> CpuSettings:
-    """Select `device` if given; on a CPU device set the threads, MKL's path and the allocator
-    (see the module doc). Returns what it set (also in `settings`)."""
+    """Select `device` if given; on a CPU device set what the module doc says; returns `settings`."""
     if device is not None:
         select_device(device)
     if not on_cpu():
         return settings
     settings.threads = threads or user_threads() or available_cores()
     paddle.base.core.set_num_threads(settings.threads)
-    if is_amd_x86() and AMD_MKL_VARIABLE not in os.environ:
+    if is_amd_x86() and AMD_MKL_VARIABLE not in os.environ:   # read at MKL's first use, after this
         os.environ[AMD_MKL_VARIABLE] = AMD_MKL_VALUE
         settings.amd_mkl_path = True
     if not settings.freed_memory_kept:
@@ -152,7 +138,7 @@ def current_threads() -> int:
 
 
 def default_num_workers() -> int:
-    """DataLoader processes per rank: the official 10 on GPU (at most one per core); on CPU a
-    quarter of the cores, at least 1, since the compute threads already use every core."""
+    """DataLoader processes per rank: the official 10 on GPU (at most one per core), else cores / 4."""
+    # On CPU the compute threads already use every core.
     cores = available_cores()
     return min(10, cores) if not on_cpu() else max(1, cores // 4)

@@ -26,15 +26,16 @@ import paddle.distributed as dist
 import paddle.nn.functional as F
 
 from augment import Mixup, RandomErasing, rand_augment, smooth_one_hot, train_transform
-from checkpoint import (BEST_FILE, CHECKPOINT_FILE, LOG_FILE, RUN_FILES, changes, json_line, load_checkpoint,
+from checkpoint import (BEST_FILE, CHECKPOINT_FILE, LOG_FILE, RUN_FILES, json_line, load_checkpoint,
                         model_meta, prepare_output_dir, resolve_resume, save_checkpoint)
 from cli import (bounded, init_distributed, loader_args_parser, locked, model_args_parser, signals_deferred,
                  static_if)
 from cyclemlp import MAX_BLOCKS_PER_STAGE, MAX_CHANNELS, MAX_MLP_RATIO, CycleNet
-from data import (DatasetError, ImageDataset, build_dataset, build_loader,
-                  check_image_headers, eval_transform, iterate, set_loader_epoch)
+from data import (DatasetError, ImageDataset, build_dataset, build_loader, check_image_headers, eval_transform,
+                  iterate, set_loader_epoch)
 from evaluate import evaluate
-from weights import WeightsError, printable, write_weights
+from safe_io import WeightsError, printable
+from weights import write_weights
 from zoo import count_flops, count_parameters, create_model, load_state, numpy_state, read_state, variant_name
 
 LR_REFERENCE_BATCH = 512  # the base lr is the lr of a global batch of this many images
@@ -57,117 +58,76 @@ DEMO_PRESET = dict(
     aa='rand-m3-mstd0.5-inc1', mixup=0.2, cutmix=0.0, model_ema_decay=0.99,
     repeated_aug=False, drop_path=0.05, print_freq=50,
 )
-# The official main.py's flags that change nothing in this recipe: accepted so that an official
-# command line runs, but only with a value that means what this repo does (None: any value).
-# flag or (flag, alias): (default, accepted values, what it is); the type is the default's, a
-# bool default makes a switch.
+# The official main.py's flags that change nothing here, with their defaults: accepted so that an
+# official command line runs ('flag alias'; the type is the default's, a bool default makes a switch).
 OFFICIAL_NO_EFFECT = {
-    '--drop': (0.0, None, 'dropout rate, which the official CycleMLP model ignores'),
-    '--model-ema-force-cpu': (False, None, 'EMA placement'),
-    '--opt': ('adamw', ('adamw',), 'optimizer; this recipe uses AdamW'),
-    '--momentum': (0.9, None, 'SGD momentum'),
-    '--sched': ('cosine', ('cosine',), 'lr schedule; this recipe uses timm\'s cosine'),
-    '--lr-noise': ([], ([],), 'lr noise, not implemented'),
-    '--lr-noise-pct': (0.67, None, 'lr noise limit'),
-    '--lr-noise-std': (1.0, None, 'lr noise std-dev'),
-    '--decay-epochs': (30.0, None, 'step schedule interval'),
-    '--cooldown-epochs': (10, None, 'cooldown, which the official run never reaches'),
-    '--patience-epochs': (10, None, 'plateau schedule patience'),
-    ('--decay-rate', '--dr'): (0.1, None, 'step schedule rate'),
-    '--resplit': (False, None, 'erasing of augmentation splits, which this recipe has none of'),
-    '--cutmix-minmax': ([], ([],), 'CutMix box bounds, not implemented'),
-    '--mixup-mode': ('batch', ('batch',), 'Mixup mode; this recipe mixes per batch'),
-    '--teacher-model': ('regnety_160', None, 'distillation teacher'),
-    '--teacher-path': ('', None, 'distillation teacher weights'),
-    '--distillation-type': ('none', ('none',), 'distillation, not implemented'),
-    '--distillation-alpha': (0.5, None, 'distillation weight'),
-    '--distillation-tau': (1.0, None, 'distillation temperature'),
-    '--data-set': ('IMNET', ('IMNET',), 'dataset; class folders or list files are read'),
-    '--mcloader': (False, (False,), 'memcached loader, not implemented'),
-    '--inat-category': ('name', None, 'iNaturalist granularity'),
-    '--start_epoch': (0, (0,), 'first epoch; --resume sets it'),
-    '--dist-eval': (False, None, 'distributed evaluation, which evaluation here always is (each '
-                    'image once)'),
-    '--pin-mem': (True, None, 'pinned loader memory'),
-    '--no-pin-mem': (False, None, 'unpinned loader memory'),
-    '--world_size': (1, None, 'process count; the launcher sets it'),
-    '--dist_url': ('env://', None, 'rendezvous; the launcher sets it'),
+    '--drop': 0.0, '--model-ema-force-cpu': False, '--opt': 'adamw', '--momentum': 0.9, '--sched': 'cosine',
+    '--lr-noise': [], '--lr-noise-pct': 0.67, '--lr-noise-std': 1.0, '--decay-epochs': 30.0,
+    '--cooldown-epochs': 10, '--patience-epochs': 10, '--decay-rate --dr': 0.1, '--resplit': False,
+    '--cutmix-minmax': [], '--mixup-mode': 'batch', '--teacher-model': 'regnety_160', '--teacher-path': '',
+    '--distillation-type': 'none', '--distillation-alpha': 0.5, '--distillation-tau': 1.0,
+    '--data-set': 'IMNET', '--mcloader': False, '--inat-category': 'name', '--start_epoch': 0,
+    '--dist-eval': False, '--pin-mem': True, '--no-pin-mem': False, '--world_size': 1, '--dist_url': 'env://',
 }
+# Those of them that this repo implements only with their default (the others: any value).
+OFFICIAL_DEFAULT_ONLY = ('--opt', '--sched', '--lr-noise', '--cutmix-minmax', '--mixup-mode',
+                         '--distillation-type', '--data-set', '--mcloader', '--start_epoch')
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         'CycleMLP training', parents=[model_args_parser(training=True), loader_args_parser()],
         allow_abbrev=False, description='Train CycleMLP with the official recipe (DeiT / timm semantics).')
-    fraction = bounded(float, 0.0, 1.0)
+    fraction, nonnegative = bounded(float, 0.0, 1.0), bounded(float, 0.0)
+    positive, below_one = bounded(float, 0.0, low_open=True), bounded(float, 0.0, 1.0, high_open=True)
 
     # Model: drop path, custom shapes and the starting weights.
     group = parser.add_argument_group('model')
-    group.add_argument('--drop-path', type=bounded(float, 0.0, 1.0, high_open=True), default=0.1,
-                       metavar='RATE', help='stochastic depth rate of the last block (default: 0.1)')
-    group.add_argument('--layers', type=bounded(int, 1, MAX_BLOCKS_PER_STAGE), nargs=4, default=None,
-                       metavar='N',
-                       help='train a CycleNet with these four stage depths instead of --model; '
-                            'needs --embed-dims and --mlp-ratios (default: None)')
-    group.add_argument('--embed-dims', type=bounded(int, 4, MAX_CHANNELS), nargs=4, default=None, metavar='C',
-                       help='stage widths of a --layers model, at least 4 (default: None)')
+    group.add_argument('--drop-path', type=below_one, default=0.1, help='stochastic depth rate (default: 0.1)')
+    group.add_argument('--layers', type=bounded(int, 1, MAX_BLOCKS_PER_STAGE), nargs=4, metavar='N',
+                       help='a CycleNet of these stage depths instead of --model (default: None)')
+    group.add_argument('--embed-dims', type=bounded(int, 4, MAX_CHANNELS), nargs=4, metavar='C',
+                       help='stage widths of a --layers model (default: None)')
     group.add_argument('--mlp-ratios', type=bounded(float, 0.0, MAX_MLP_RATIO, low_open=True), nargs=4,
-                       default=None, metavar='R', help='MLP expansion ratios of a --layers model (default: None)')
-    group.add_argument('--finetune', default=None, metavar='PATH',
-                       help='start from these weights (any file load_model reads, or a model name '
-                            'for its official ImageNet-1k weights); a head of another class count '
-                            'is replaced (default: None)')
+                       metavar='R', help='MLP expansion ratios of a --layers model (default: None)')
+    group.add_argument('--finetune', metavar='PATH', help='start from these weights (a file or a model name); '
+                       'a head of another class count is replaced (default: None)')
 
     # Optimizer: AdamW without weight decay on biases and 1-D parameters.
     group = parser.add_argument_group('optimizer')
-    group.add_argument('--opt-eps', type=bounded(float, 0.0, low_open=True), default=1e-8, metavar='EPS',
-                       help='AdamW epsilon (default: 1e-8)')
-    group.add_argument('--opt-betas', type=bounded(float, 0.0, 1.0, high_open=True), nargs=2,
-                       default=[0.9, 0.999], metavar='BETA', help='AdamW betas (default: 0.9 0.999)')
-    group.add_argument('--weight-decay', type=bounded(float, 0.0), default=0.05,
-                       help='decoupled weight decay (default: 0.05)')
-    group.add_argument('--clip-grad', type=bounded(float, 0.0, low_open=True), default=None, metavar='NORM',
-                       help='clip the global gradient norm to this (default: None, no clipping)')
+    group.add_argument('--opt-eps', type=positive, default=1e-8, help='AdamW epsilon (default: 1e-8)')
+    group.add_argument('--opt-betas', type=below_one, nargs=2, default=[0.9, 0.999],
+                       help='AdamW betas (default: 0.9 0.999)')
+    group.add_argument('--weight-decay', type=nonnegative, default=0.05, help='weight decay (default: 0.05)')
+    group.add_argument('--clip-grad', type=positive, help='max global gradient norm (default: None)')
 
     # Schedule: linear warmup, then timm's cosine, one value per epoch.
     group = parser.add_argument_group('schedule')
     group.add_argument('--epochs', type=bounded(int, 1), default=300, help='training epochs (default: 300)')
-    group.add_argument('--lr', type=bounded(float, 0.0, low_open=True), default=5e-4,
-                       help=f'learning rate of a global batch of {LR_REFERENCE_BATCH}, scaled '
-                            f'linearly with the real global batch (default: 5e-4)')
-    group.add_argument('--warmup-lr', type=bounded(float, 0.0), default=1e-6,
-                       help='learning rate the warmup starts from (default: 1e-6)')
-    group.add_argument('--warmup-epochs', type=bounded(int, 0), default=5,
-                       help='epochs of linear warmup (default: 5)')
-    group.add_argument('--min-lr', type=bounded(float, 0.0), default=1e-5,
-                       help='learning rate the cosine ends at (default: 1e-5)')
+    group.add_argument('--lr', type=positive, default=5e-4,
+                       help=f'lr of a global batch of {LR_REFERENCE_BATCH}, scaled linearly (default: 5e-4)')
+    group.add_argument('--warmup-lr', type=nonnegative, default=1e-6, help='first warmup lr (default: 1e-6)')
+    group.add_argument('--warmup-epochs', type=bounded(int, 0), default=5, help='warmup epochs (default: 5)')
+    group.add_argument('--min-lr', type=nonnegative, default=1e-5, help='last cosine lr (default: 1e-5)')
     group.add_argument('--eval-interval', type=bounded(int, 1), default=1, metavar='N',
                        help='evaluate every N epochs and after the last (default: 1)')
 
-    # Augmentation: the training transform (data.py) and the loss.
+    # Augmentation: the training transform (augment.py) and the loss.
     group = parser.add_argument_group('augmentation')
-    group.add_argument('--aa', default='rand-m9-mstd0.5-inc1', metavar='POLICY',
-                       help='RandAugment policy string, "none" to disable '
-                            '(default: rand-m9-mstd0.5-inc1)')
-    group.add_argument('--color-jitter', type=bounded(float, 0.0), default=0.4, metavar='STRENGTH',
+    group.add_argument('--aa', default='rand-m9-mstd0.5-inc1',
+                       help='RandAugment policy, "none" to disable (default: rand-m9-mstd0.5-inc1)')
+    group.add_argument('--color-jitter', type=nonnegative, default=0.4,
                        help='colour jitter, used only without RandAugment (default: 0.4)')
-    group.add_argument('--scale', type=bounded(float, 0.0, 1.0, low_open=True), nargs=2,
-                       default=[0.08, 1.0], metavar='FRACTION',
-                       help='area range of the random resized crop, as timm\'s train.py '
-                            '(default: 0.08 1.0)')
-    group.add_argument('--hflip', type=fraction, default=0.5, metavar='PROB',
-                       help='probability of a horizontal flip, as timm\'s train.py (default: 0.5)')
-    group.add_argument('--train-interpolation', default='bicubic',
-                       choices=['random', 'bilinear', 'bicubic'],
+    group.add_argument('--scale', type=bounded(float, 0.0, 1.0, low_open=True), nargs=2, default=[0.08, 1.0],
+                       help='area range of the random resized crop (default: 0.08 1.0)')
+    group.add_argument('--hflip', type=fraction, default=0.5, help='probability of a flip (default: 0.5)')
+    group.add_argument('--train-interpolation', default='bicubic', choices=['random', 'bilinear', 'bicubic'],
                        help='resampling of the random resized crop (default: bicubic)')
-    group.add_argument('--reprob', type=fraction, default=0.25,
-                       help='random erasing probability (default: 0.25)')
+    group.add_argument('--reprob', type=fraction, default=0.25, help='erasing probability (default: 0.25)')
     group.add_argument('--remode', default='pixel', choices=['const', 'rand', 'pixel'],
-                       help='random erasing fill (default: pixel)')
-    group.add_argument('--recount', type=bounded(int, 1, 100), default=1,
-                       help='random erasing boxes per image (default: 1)')
-    group.add_argument('--smoothing', type=bounded(float, 0.0, 1.0, high_open=True), default=0.1,
-                       help='label smoothing (default: 0.1)')
+                       help='erasing fill (default: pixel)')
+    group.add_argument('--recount', type=bounded(int, 1, 100), default=1, help='erasing boxes (default: 1)')
+    group.add_argument('--smoothing', type=below_one, default=0.1, help='label smoothing (default: 0.1)')
     group.add_argument('--repeated-aug', action='store_true', default=True,
                        help='repeated augmentation x3 across ranks (default: on)')
     group.add_argument('--no-repeated-aug', action='store_false', dest='repeated_aug',
@@ -175,12 +135,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     # Mixup / CutMix on the batch (mode 'batch').
     group = parser.add_argument_group('mixup')
-    group.add_argument('--mixup', type=bounded(float, 0.0), default=0.8,
-                       help='Mixup alpha, 0 disables (default: 0.8)')
-    group.add_argument('--cutmix', type=bounded(float, 0.0), default=1.0,
-                       help='CutMix alpha, 0 disables (default: 1.0)')
-    group.add_argument('--mixup-prob', type=fraction, default=1.0,
-                       help='probability of mixing a batch (default: 1.0)')
+    group.add_argument('--mixup', type=nonnegative, default=0.8, help='Mixup alpha, 0: off (default: 0.8)')
+    group.add_argument('--cutmix', type=nonnegative, default=1.0, help='CutMix alpha, 0: off (default: 1.0)')
+    group.add_argument('--mixup-prob', type=fraction, default=1.0, help='chance to mix a batch (default: 1.0)')
     group.add_argument('--mixup-switch-prob', type=fraction, default=0.5,
                        help='probability of CutMix rather than Mixup when both are on (default: 0.5)')
 
@@ -188,72 +145,53 @@ def get_args_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group('EMA')
     group.add_argument('--model-ema', action='store_true', default=True,
                        help='keep an exponential moving average of the weights (default: on)')
-    group.add_argument('--no-model-ema', action='store_false', dest='model_ema',
-                       help='do not (default: off)')
-    group.add_argument('--model-ema-decay', type=fraction, default=0.99996,
-                       help='EMA decay per step (default: 0.99996)')
+    group.add_argument('--no-model-ema', action='store_false', dest='model_ema', help='do not (default: off)')
+    group.add_argument('--model-ema-decay', type=fraction, default=0.99996, help='per step (default: 0.99996)')
 
     # Output and checkpoints.
     group = parser.add_argument_group('output and checkpoints')
     group.add_argument('--output-dir', '--output_dir', default='', metavar='DIR',
-                       help=f'where {CHECKPOINT_FILE}, {BEST_FILE} and {LOG_FILE} go; empty '
-                            f'writes nothing (default: "")')
-    group.add_argument('--resume', default=None, metavar='PATH',
-                       help=f'continue from a {CHECKPOINT_FILE}; "auto" takes OUTPUT/{CHECKPOINT_FILE} '
-                            f'when it exists (default: None)')
-    group.add_argument('--allow-changes', action='store_true',
-                       help='resume even though the input size, evaluation transform or class '
-                            'names differ from the checkpoint\'s (default: off)')
+                       help=f'where {", ".join(RUN_FILES)} go; empty writes nothing (default: "")')
+    group.add_argument('--resume', metavar='PATH', help=f'continue from a {CHECKPOINT_FILE}; "auto": '
+                       f'OUTPUT/{CHECKPOINT_FILE} when it exists (default: None)')
+    group.add_argument('--allow-changes', action='store_true', help='resume even though the input size, '
+                       'evaluation transform or class names differ from the checkpoint\'s (default: off)')
     group.add_argument('--overwrite', action='store_true',
-                       help='start a new run in an --output-dir that holds one, deleting its '
-                            f'{", ".join(RUN_FILES)} (default: off)')
-    group.add_argument('--eval', action='store_true',
-                       help='only evaluate the --resume or --finetune weights (default: off)')
-    group.add_argument('--visualdl', action='store_true',
-                       help='also log scalars for VisualDL to OUTPUT/visualdl (default: off)')
-    group.add_argument('--flops', action='store_true',
-                       help='print the model\'s FLOPs at --input-size, as the official --flops (default: off)')
+                       help='start a new run in an --output-dir that holds one, deleting it (default: off)')
+    group.add_argument('--eval', action='store_true', help='evaluate --resume/--finetune only (default: off)')
+    group.add_argument('--visualdl', action='store_true', help='also log to OUTPUT/visualdl (default: off)')
+    group.add_argument('--flops', action='store_true', help='print the model\'s FLOPs (default: off)')
+    preset = ', '.join(f'{key}={value}' for key, value in DEMO_PRESET.items() if key != 'data_path')
     group.add_argument('--demo', action='store_true',
-                       help='preset for the bundled digits in demo_data/: ' + ', '.join(
-                           f'{key}={value}' for key, value in DEMO_PRESET.items() if key != 'data_path')
-                       + '; explicit flags still win (default: off)')
+                       help=f'digits in demo_data/ with {preset}; explicit flags win (default: off)')
 
     # Distributed and mixed precision.
     group = parser.add_argument_group('distributed and mixed precision')
     group.add_argument('--amp-dtype', default='float16', choices=['float16', 'bfloat16'],
                        help='autocast dtype on GPU; float16 uses loss scaling (default: float16)')
     group.add_argument('--no-amp', '--no_amp', action='store_true',
-                       help='train in float32 on GPU too (mixed precision is always off on CPU) '
-                            '(default: off)')
+                       help='float32 on GPU too, as always on CPU (default: off)')
 
-    group = parser.add_argument_group('official main.py flags with no effect here (accepted so '
-                                      'that an official command line runs)')
-    for names, (default, accepted, what) in OFFICIAL_NO_EFFECT.items():
-        names = (names,) if isinstance(names, str) else names
-        only = '' if accepted is None else f'; only {" or ".join(map(str, accepted))} is accepted'
-        help_text = f'{what}{only} (default: {default})'
-        if isinstance(default, bool):
-            group.add_argument(*names, action='store_true', default=default, help=help_text)
-        elif isinstance(default, list):
-            group.add_argument(*names, type=float, nargs='+', default=default, help=help_text)
-        else:
-            group.add_argument(*names, type=type(default), default=default, help=help_text)
+    group = parser.add_argument_group('official main.py flags with no effect here')
+    for names, default in OFFICIAL_NO_EFFECT.items():
+        what = f'only {default}' if names in OFFICIAL_DEFAULT_ONLY else 'any value'
+        kind = (dict(action='store_true') if isinstance(default, bool) else
+                dict(type=float, nargs='+') if isinstance(default, list) else dict(type=type(default)))
+        group.add_argument(*names.split(), default=default, help=f'{what} (default: {default})', **kind)
     return parser
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    """Parse argv; with --demo, the preset replaces the defaults and explicit flags still win.
-    Checks what the flags mean together and that --output-dir can take the run."""
+    """Parse argv (--demo replaces the defaults) and check what the flags mean together."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
     if args.demo:
         parser.set_defaults(**DEMO_PRESET)
         args = parser.parse_args(argv)
-    for names, (_, accepted, what) in OFFICIAL_NO_EFFECT.items():
-        flag = names if isinstance(names, str) else names[0]
+    for flag in OFFICIAL_DEFAULT_ONLY:
         value = getattr(args, flag.lstrip('-').replace('-', '_'))
-        if accepted is not None and value not in accepted:
-            parser.error(f'{flag} {value}: {what}; only {" or ".join(map(str, accepted))} is accepted')
+        if value != OFFICIAL_NO_EFFECT[flag]:
+            parser.error(f'{flag} {value}: only {OFFICIAL_NO_EFFECT[flag]} is implemented here')
     if args.data_path is None:
         parser.error('--data-path is required: the folder holding train/<class>/ and val/<class>/ '
                      '(or the root of --train-list / --val-list)')
@@ -270,33 +208,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         rand_augment(args.aa)
     except ValueError as error:
         parser.error(f'--aa: {error}')
-    if args.output_dir:
-        problem = output_dir_problem(args)
-        if problem:
-            parser.error(problem)
+    own_checkpoint = os.path.abspath(os.path.join(args.output_dir, CHECKPOINT_FILE))
+    continues = args.resume == 'auto' or (args.resume and os.path.abspath(args.resume) == own_checkpoint)
+    found = [name for name in RUN_FILES
+             if args.output_dir and os.path.exists(os.path.join(args.output_dir, name))]
+    if found and not (args.eval or args.overwrite or continues):
+        parser.error(f'--output-dir {args.output_dir} holds a run ({", ".join(found)}): continue it with '
+                     '--resume auto, or start over with --overwrite')
     if args.visualdl and importlib.util.find_spec('visualdl') is None:
         parser.error('--visualdl needs the visualdl package (pip install visualdl)')
     return args
-
-
-def output_dir_problem(args: argparse.Namespace) -> Optional[str]:
-    """Why --output-dir cannot take this run, or None: it (or a folder above it) is a file, or
-    it holds a run that this command would overwrite without --resume or --overwrite."""
-    existing = Path(args.output_dir)
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        return f'--output-dir {args.output_dir}: {existing} is not a folder'
-    if args.eval or args.overwrite or not Path(args.output_dir).is_dir():
-        return None
-    own_checkpoint = os.path.join(args.output_dir, CHECKPOINT_FILE)
-    if args.resume and (args.resume == 'auto' or os.path.abspath(args.resume) == os.path.abspath(own_checkpoint)):
-        return None
-    found = [name for name in RUN_FILES if os.path.exists(os.path.join(args.output_dir, name))]
-    if found:
-        return (f'--output-dir {args.output_dir} holds a run ({", ".join(found)}): continue it with '
-                f'--resume auto, or start over with --overwrite')
-    return None
 
 
 def scheduled_lr(epoch: int, base_lr: float, epochs: int, warmup_epochs: int, warmup_lr: float,
@@ -310,25 +231,15 @@ def scheduled_lr(epoch: int, base_lr: float, epochs: int, warmup_epochs: int, wa
     return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * t / epochs))
 
 
-def epoch_seed(seed: int, rank: int, epoch: int) -> int:
-    return seed + rank * RANK_SEED_STRIDE + epoch * EPOCH_SEED_STRIDE
-
-
 def soft_target_cross_entropy(logits: paddle.Tensor, targets: paddle.Tensor) -> paddle.Tensor:
     """timm's SoftTargetCrossEntropy, in float32 so mixed-precision logits stay accurate."""
     log_probs = F.log_softmax(logits.astype('float32'), axis=-1)
     return (-targets.astype('float32') * log_probs).sum(axis=-1).mean()
 
 
-def label_smoothing_cross_entropy(logits: paddle.Tensor, labels: paddle.Tensor,
-                                  smoothing: float = 0.1) -> paddle.Tensor:
-    """timm's LabelSmoothingCrossEntropy; smoothing 0 is plain cross entropy."""
-    return soft_target_cross_entropy(logits, smooth_one_hot(labels, logits.shape[-1], smoothing))
-
-
 class ModelEma:
-    """timm's ModelEma: ema = decay * ema + (1 - decay) * param after every step, in place on
-    the device. Buffers (CycleFC's integer offsets) are not averaged."""
+    """timm's ModelEma: ema = decay * ema + (1 - decay) * param after every step, on the device."""
+    # Buffers (CycleFC's integer offsets) are not averaged.
 
     def __init__(self, model: CycleNet, decay: float) -> None:
         self.module = CycleNet(**model.config)
@@ -366,8 +277,7 @@ def build_model(args: argparse.Namespace, num_classes: int, log: Callable[[str],
     if args.finetune:
         dropped = load_state(model, read_state(args.finetune)[0], source=args.finetune, drop_head=True)
         if dropped:
-            log(f'{args.finetune}: dropped its {dropped}-class head (head.weight, head.bias); '
-                f'the {num_classes}-class head starts from its initialisation')
+            log(f'{args.finetune}: dropped its {dropped}-class head for a new {num_classes}-class one')
         log(f'fine-tuning from {args.finetune}')
     return model
 
@@ -384,47 +294,37 @@ def build_optimizer(model: CycleNet, args: argparse.Namespace, lr: float) -> pad
         grad_clip=paddle.nn.ClipGradByGlobalNorm(args.clip_grad) if args.clip_grad else None)
 
 
-def train_step(model: paddle.nn.Layer, ema: Optional[ModelEma], optimizer, scaler: Optional[paddle.amp.GradScaler],
-               mixup: Optional[Mixup], images: paddle.Tensor, labels: paddle.Tensor, smoothing: float,
-               amp_dtype: Optional[str]) -> paddle.Tensor:
-    """One optimizer step on a batch (Mixup, forward, loss, backward, update, EMA); its loss."""
-    if mixup is not None:
-        images, targets = mixup(images, labels)
-    with paddle.amp.auto_cast(enable=amp_dtype is not None, dtype=amp_dtype or 'float16'):
-        logits = model(images)
-    # Both losses compute in float32; with Mixup the label smoothing is in the targets.
-    if mixup is not None:
-        loss = soft_target_cross_entropy(logits, targets)
-    else:
-        loss = label_smoothing_cross_entropy(logits, labels, smoothing)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
-    optimizer.clear_grad()
-    if ema is not None:
-        ema.update()
-    return loss.detach()
-
-
-def train_one_epoch(model: paddle.nn.Layer, ema: Optional[ModelEma], loader, optimizer,
-                    scaler: Optional[paddle.amp.GradScaler], erasing: Optional[RandomErasing],
-                    mixup: Optional[Mixup], epoch: int, args: argparse.Namespace, amp_dtype: Optional[str],
-                    log: Callable[[str], None]) -> Dict[str, float]:
-    """One pass over this rank's shard; the mean loss over all ranks and the lr. Losses are
-    summed on the device and read (and checked finite) only at log lines: no per-step host sync."""
+def train_one_epoch(model: paddle.nn.Layer, run: Run, erasing: Optional[RandomErasing], mixup: Optional[Mixup],
+                    epoch: int, args: argparse.Namespace, log: Callable[[str], None]) -> Dict[str, float]:
+    """One pass over this rank's shard; the mean loss over all ranks and the lr."""
+    # Losses are summed on the device and read (and checked finite) only at log lines: no host sync.
     model.train()
-    world_size = dist.get_world_size()
-    total_steps = len(loader)
+    world_size, total_steps = dist.get_world_size(), len(run.train_loader)
     loss_sum = paddle.zeros([], dtype='float32')
     start = time.time()
-    for step, (images, labels) in enumerate(iterate(loader)):
+    for step, (images, labels) in enumerate(iterate(run.train_loader)):
         if erasing is not None:
             images = erasing(images)
-        loss = train_step(model, ema, optimizer, scaler, mixup, images, labels, args.smoothing, amp_dtype)
+        if mixup is not None:
+            images, targets = mixup(images, labels)
+        else:
+            targets = smooth_one_hot(labels, len(run.train_set.classes), args.smoothing)
+        with paddle.amp.auto_cast(enable=run.amp_dtype is not None, dtype=run.amp_dtype or 'float16'):
+            logits = model(images)
+        loss = soft_target_cross_entropy(logits, targets)
+        # A stop raised inside Paddle's C++ backward (in a PyLayer of fast_layers) would print a C++ warning.
+        with signals_deferred():
+            if run.scaler is not None:
+                run.scaler.scale(loss).backward()
+                run.scaler.step(run.optimizer)
+                run.scaler.update()
+            else:
+                loss.backward()
+                run.optimizer.step()
+        run.optimizer.clear_grad()
+        if run.ema is not None:
+            run.ema.update()
+        loss = loss.detach()
         loss_sum = loss_sum + loss
         if step % args.print_freq == 0 or step == total_steps - 1:
             current = paddle.stack([loss, loss_sum])
@@ -432,41 +332,35 @@ def train_one_epoch(model: paddle.nn.Layer, ema: Optional[ModelEma], loader, opt
                 dist.all_reduce(current)
             loss_value, running_sum = (current.numpy() / world_size).tolist()
             if not (math.isfinite(loss_value) and math.isfinite(running_sum)):
-                raise FloatingPointError(f'loss is {loss_value} at epoch {epoch + 1}, iteration '
-                                         f'{step + 1}/{total_steps}; stopping (nothing was saved '
-                                         'for this epoch)')
+                raise FloatingPointError(f'loss is {loss_value} at epoch {epoch + 1}, iteration {step + 1}/'
+                                         f'{total_steps}; stopping (nothing was saved for this epoch)')
             elapsed = time.time() - start
             eta = elapsed / (step + 1) * (total_steps - step - 1)
             images_per_second = (step + 1) * images.shape[0] * world_size / max(elapsed, 1e-9)
             log(f'Epoch [{epoch + 1}/{args.epochs}] [{step + 1:>{len(str(total_steps))}}/{total_steps}] '
-                f'eta {datetime.timedelta(seconds=int(eta))} lr {optimizer.get_lr():.6f} '
+                f'eta {datetime.timedelta(seconds=int(eta))} lr {run.optimizer.get_lr():.6f} '
                 f'loss {loss_value:.4f} ({running_sum / (step + 1):.4f}) {images_per_second:.0f} img/s')
     # The last step always logs, so running_sum is the all-rank total and is finite.
-    return dict(loss=running_sum / total_steps, lr=optimizer.get_lr())
-
-
+    return dict(loss=running_sum / total_steps, lr=run.optimizer.get_lr())
 def open_visualdl(args: argparse.Namespace):
     from visualdl import LogWriter   # parse_args checked that it is installed
     return LogWriter(logdir=os.path.join(args.output_dir, 'visualdl'))
 
 
 def build_run(args: argparse.Namespace, rank: int, world_size: int, log: Callable[[str], None]) -> Run:
-    """The datasets and loaders of this rank, the model (from --finetune weights if given), its
-    EMA, AdamW at the scaled lr and, for float16 AMP on GPU, the loss scaler."""
+    """This rank's data, the model, its EMA, AdamW at the scaled lr and (float16 AMP) the loss scaler."""
     train_set = build_dataset(True, args, train_transform(args))
-    val_set = build_dataset(False, args, eval_transform(args.input_size, args.crop_pct, args.eval_interpolation))
+    val_set = build_dataset(False, args,
+                            eval_transform(args.input_size, args.crop_pct, args.eval_interpolation))
     check_image_headers(val_set)      # a broken validation image found before an epoch is spent
+    shard = dict(batch_size=args.batch_size, num_workers=args.num_workers, num_replicas=world_size, rank=rank,
+                 seed=args.seed)
     try:
-        train_loader = build_loader(train_set, is_train=True, batch_size=args.batch_size,
-                                    num_workers=args.num_workers, num_replicas=world_size,
-                                    rank=rank, seed=args.seed, repeated_aug=args.repeated_aug)
+        train_loader = build_loader(train_set, is_train=True, repeated_aug=args.repeated_aug, **shard)
     except ValueError as error:  # fewer images than one batch per rank
         raise DatasetError(f'{args.data_path}: {error}') from None
-    val_loader = build_loader(val_set, is_train=False, batch_size=args.batch_size,
-                              num_workers=args.num_workers, num_replicas=world_size, rank=rank,
-                              seed=args.seed)
-    on_gpu = paddle.get_device().startswith('gpu')
-    amp_dtype = args.amp_dtype if on_gpu and not args.no_amp else None
+    val_loader = build_loader(val_set, is_train=False, **shard)
+    amp_dtype = args.amp_dtype if paddle.get_device().startswith('gpu') and not args.no_amp else None
     paddle.seed(args.seed)  # the same initial weights on every rank
     model = build_model(args, len(train_set.classes), log)
     # Linear scaling rule: lr = base_lr * global batch / 512 (global batch = per-device batch x ranks).
@@ -478,8 +372,8 @@ def build_run(args: argparse.Namespace, rank: int, world_size: int, log: Callabl
               build_optimizer(model, args, base_lr),
               paddle.amp.GradScaler(init_loss_scaling=INIT_LOSS_SCALE) if amp_dtype == 'float16' else None,
               amp_dtype, base_lr)
-    log(f'{variant_name(model.config) or "CycleNet"} {model.config}: {count_parameters(model):,} '
-        f'parameters; {len(train_set)} training images, {len(val_set)} validation images, '
+    log(f'{variant_name(model.config) or "CycleNet"} {model.config}: {count_parameters(model):,} parameters; '
+        f'{len(train_set)} training images, {len(val_set)} validation images, '
         f'{len(train_set.classes)} classes; {world_size} process{"es" if world_size > 1 else ""}, '
         f'global batch {args.batch_size * world_size}, lr {base_lr:.3g}, '
         f'{"AMP " + amp_dtype if amp_dtype else "float32"}')
@@ -487,20 +381,18 @@ def build_run(args: argparse.Namespace, rank: int, world_size: int, log: Callabl
 
 
 def evaluate_run(run: Run, args: argparse.Namespace, log: Callable[[str], None]) -> Dict[str, float]:
-    """test_acc1, test_acc5, test_loss of the model and, with an EMA, the same of the EMA
-    (keys ending in _ema)."""
-    stats = {f'test_{key}': value for key, value in evaluate(
-        run.model, run.val_loader, args.print_freq, run.amp_dtype, log).items() if key != 'images'}
-    if run.ema is not None:
-        stats.update({f'test_{key}_ema': value for key, value in evaluate(
-            run.ema.module, run.val_loader, args.print_freq, run.amp_dtype, log,
-            header='Test (EMA):').items() if key != 'images'})
+    """test_acc1, test_acc5, test_loss of the model and, with an EMA, of the EMA (keys ending in _ema)."""
+    stats = {}
+    for model, suffix in [(run.model, '')] + ([(run.ema.module, '_ema')] if run.ema is not None else []):
+        results = evaluate(model, run.val_loader, args.print_freq, run.amp_dtype, log,
+                           header='Test (EMA):' if suffix else 'Test:')
+        stats.update({f'test_{key}{suffix}': value for key, value in results.items() if key != 'images'})
     return stats
 
 
 def main(args: argparse.Namespace) -> Dict[str, float]:
-    """Train (or with --eval only evaluate); returns the last epoch's log entry. Rank 0 holds
-    --output-dir's lock for the whole run: a second run into it stops at once."""
+    """Train (or with --eval only evaluate); returns the last epoch's log entry."""
+    # Rank 0 holds --output-dir's lock for the whole run: a second run into it stops at once.
     cpu_setup.configure(args.threads, args.device)
     rank, world_size = init_distributed()
     if rank != 0 or not args.output_dir or args.eval:
@@ -514,15 +406,8 @@ def train(args: argparse.Namespace, rank: int, world_size: int, writes_files: bo
     log = print if rank == 0 else (lambda line: None)
     resume = resolve_resume(args, world_size) if args.resume else None
     run = build_run(args, rank, world_size, log)
-
-    start_epoch, best_acc1 = 0, 0.0
+    start_epoch, best_acc1 = load_checkpoint(resume, run, args) if resume else (0, 0.0)
     if resume:
-        checkpoint = load_checkpoint(resume, run.model, run.ema, run.optimizer, run.scaler)
-        start_epoch, best_acc1 = checkpoint['epoch'], checkpoint['best_acc1']
-        differences = changes(checkpoint, args, run.train_set.classes)
-        if differences and not (args.eval or args.allow_changes):
-            raise WeightsError(f'{resume}: this run differs from the one the checkpoint continues: '
-                               + '; '.join(differences) + '. Resume with --allow-changes to go on anyway')
         log(f'resumed from {printable(resume)} after epoch {start_epoch}')
     elif args.resume:
         log(f'no {CHECKPOINT_FILE} in {args.output_dir} yet: starting from scratch')
@@ -541,7 +426,7 @@ def train(args: argparse.Namespace, rank: int, world_size: int, writes_files: bo
     for epoch in range(start_epoch, args.epochs):
         epoch_start = time.time()
         # Everything random in this epoch depends on (seed, epoch, rank) only: exact resumes.
-        seed = epoch_seed(args.seed, rank, epoch)
+        seed = args.seed + rank * RANK_SEED_STRIDE + epoch * EPOCH_SEED_STRIDE
         paddle.seed(seed)  # drop path, erasing's noise
         set_loader_epoch(run.train_loader, epoch)
         erasing = RandomErasing(args.reprob, args.remode, args.recount, seed=seed) if args.reprob > 0 else None
@@ -549,8 +434,7 @@ def train(args: argparse.Namespace, rank: int, world_size: int, writes_files: bo
                       args.smoothing, seed=seed) if args.mixup > 0 or args.cutmix > 0 else None
         run.optimizer.set_lr(scheduled_lr(epoch, run.base_lr, args.epochs, args.warmup_epochs,
                                           args.warmup_lr, args.min_lr))
-        train_stats = train_one_epoch(parallel_model, run.ema, run.train_loader, run.optimizer, run.scaler,
-                                      erasing, mixup, epoch, args, run.amp_dtype, log)
+        train_stats = train_one_epoch(parallel_model, run, erasing, mixup, epoch, args, log)
         entry = dict(epoch=epoch + 1, lr=train_stats['lr'], train_loss=train_stats['loss'])
         if run.train_set.skipped:
             entry['skipped_images'] = run.train_set.skipped
@@ -566,8 +450,9 @@ def train(args: argparse.Namespace, rank: int, world_size: int, writes_files: bo
             with signals_deferred():       # the epoch's files, all of them or none
                 if improved:
                     write_weights(os.path.join(args.output_dir, BEST_FILE), numpy_state(run.model),
-                                  model_meta(run.model, args, run.train_set.classes))
-                save_checkpoint(os.path.join(args.output_dir, CHECKPOINT_FILE), run, epoch + 1, best_acc1, args)
+                                  model_meta(run, args))
+                save_checkpoint(os.path.join(args.output_dir, CHECKPOINT_FILE), run, epoch + 1,
+                                best_acc1, args)
                 with open(os.path.join(args.output_dir, LOG_FILE), 'a') as log_file:
                     log_file.write(json_line(entry) + '\n')
                 if visualdl is not None:

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -123,3 +124,23 @@ def test_every_error_of_a_command_is_one_line_and_exit_code_1(capsys, error, lin
         signal.signal(signal.SIGTERM, handlers[1])
     assert exit_info.value.code == 1
     assert capsys.readouterr().err == line + '\n'
+
+
+def test_a_stop_inside_signals_deferred_waits_for_the_end_of_the_block():
+    """Whichever thread the kernel hands the signal to (Paddle's compute threads too), the handler
+    raises only once the block has run."""
+    import cli
+    previous = signal.signal(signal.SIGTERM, cli.request_stop)
+    other_thread = threading.Thread(target=time.sleep, args=(2,), daemon=True)
+    other_thread.start()
+    finished = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with cli.signals_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.2)          # the signal has arrived by now
+                finished.append(True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        cli.stop_requested.clear()
+    assert finished == [True]
