@@ -457,7 +457,7 @@ def test_convert_official_checkpoint(tmp_path, capsys):
 
 def test_convert_names_the_variant_and_refuses_what_does_not_fit(tmp_path, capsys):
     import cyclemlp
-    state = {k: v.numpy() for k, v in cyclemlp.CycleMLP_B1(num_classes=4).state_dict().items()}
+    state = {k: v.numpy() for k, v in cyclemlp.CycleNet(**cyclemlp.ARCHITECTURES['CycleMLP_B1'], num_classes=4).state_dict().items()}
     source = tmp_path / 'paddleclas_b1.pdparams'
     paddle.save(state, str(source))                 # PaddleClas layout: a bare Paddle state dict
     result = convert(capsys, source, tmp_path / 'b1.pdparams')
