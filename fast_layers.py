@@ -43,15 +43,17 @@ Two kinds of speed-up:
   broadcasting multiply is 20x slower than on equal shapes).
 """
 import contextlib
-from typing import Iterator
+import copy
+from typing import Iterator, Optional
 
+import numpy as np
 import zlib  # noqa: F401  before Paddle: Paddle 2.6 bundles a zlib that crashes one loaded after it
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 from paddle.autograd import PyLayer
 
-from cycle_fc import IndexCache, gather_columns
+from cycle_fc import IndexCache, gather_columns, shift_order, shifted_slices
 
 ENABLED = True
 _TRACING_FUSED_MIXER = False     # set by fused_mixer_traced(), for export.py only
@@ -237,10 +239,15 @@ def fused_mixer(mixer: nn.Layer, x: paddle.Tensor) -> paddle.Tensor:
     matmuls (see the module doc)."""
     _, height, width, dim = x.shape        # the batch is -1 while traced for an export: never used
     pixels = height * width
-    index = _mixer_indices.get((dim, height, width), lambda: _mixer_index(mixer, height, width))
-    flat = x.flatten(start_axis=1)                                            # (B, H*W*C)
-    zero = paddle.zeros_like(flat[:, :1])
-    shifted = gather_columns(paddle.concat([flat, zero, zero + 1], axis=1), index)
+    if mixer.sfc_h.grouped:             # channels in shift order (grouped_by_shift): slices
+        kernels = max(mixer.sfc_h.kernel_size), max(mixer.sfc_w.kernel_size)
+        shifted = paddle.concat(shifted_slices(x, kernels[0], True) + shifted_slices(x, kernels[1], False)
+                                + [paddle.ones_like(x[:, :, :, :1])], axis=-1)
+    else:
+        index = _mixer_indices.get((dim, height, width), lambda: _mixer_index(mixer, height, width))
+        flat = x.flatten(start_axis=1)                                            # (B, H*W*C)
+        zero = paddle.zeros_like(flat[:, :1])
+        shifted = gather_columns(paddle.concat([flat, zero, zero + 1], axis=1), index)
     shifted = shifted.reshape([0, pixels, 2 * dim + 1])                   # X: (B, H*W, 2C + 1)
     plain = x.reshape([0, pixels, dim])                                      # x: (B, H*W, C)
     # FC weights as (in, out): CycleFC stores (out, in, 1, 1), Paddle Linear (in, out).
@@ -272,3 +279,47 @@ def fused_mixer(mixer: nn.Layer, x: paddle.Tensor) -> paddle.Tensor:
     out = (paddle.bmm(shifted, paddle.concat([shifted_weights, bias_row], axis=1))
            + paddle.bmm(plain, plain_weights)).reshape([0, height, width, dim])
     return out if fold_proj else mixer.proj(out)
+
+
+def _take(tensor: paddle.Tensor, order: Optional[np.ndarray], axis: int) -> None:
+    if order is not None:
+        tensor.set_value(np.take(tensor.numpy(), order, axis=axis))
+
+
+def _permute(layer: nn.Layer, inputs: Optional[np.ndarray], outputs: Optional[np.ndarray]) -> None:
+    """Reorder a layer's inputs and outputs (Linear weight [in, out]; CycleFC, Conv2D [out, in, ..];
+    LayerNorm [out])."""
+    out_axis = 1 if isinstance(layer, nn.Linear) else 0
+    _take(layer.weight, inputs, 1 - out_axis)
+    _take(layer.weight, outputs, out_axis)
+    if layer.bias is not None:
+        _take(layer.bias, outputs, 0)
+
+
+def grouped_by_shift(model: nn.Layer) -> nn.Layer:
+    """A copy of the classifier `model` that computes the same logits with each stage's channels
+    stored in shift order (cycle_fc.shift_order): every layer's weights are permuted to match, so
+    that each CycleFC shift is slices of a padded map (cycle_fc.shifted_slices), not a gather.
+    For exports, where the gather cost 12-18% of the time (docs/deployment.md)."""
+    model = copy.deepcopy(model)
+    previous = None
+    for convolution, stage in zip([model.patch_embed] + list(model.network[1::2]), model.network[::2]):
+        shifts = stage[0].attn.sfc_h
+        order = shift_order(shifts.in_channels, max(shifts.kernel_size))
+        _permute(convolution.proj, previous, order)
+        for block in stage:
+            mixer = block.attn
+            for layer in (block.norm1, block.norm2):
+                _permute(layer, None, order)
+            for layer in (mixer.sfc_h, mixer.sfc_w, mixer.mlp_c, mixer.proj):
+                _permute(layer, order, order)
+            mixer.sfc_h.grouped = mixer.sfc_w.grouped = True
+            # the re-weighting logits are read as (C, 3): channel c's three are 3c, 3c + 1, 3c + 2
+            _permute(mixer.reweight.fc1, order, None)
+            _permute(mixer.reweight.fc2, None, (3 * order[:, None] + np.arange(3)).ravel())
+            _permute(block.mlp.fc1, order, None)
+            _permute(block.mlp.fc2, None, order)
+        previous = order
+    _permute(model.norm, None, previous)
+    _permute(model.head, previous, None)
+    return model
