@@ -22,7 +22,7 @@ predict.py's session options, and each must give the eager model's logits within
 largest logit (at a non-square size too, for --dynamic-size). The checks run on the CPU, eager
 model included, whatever GPU the machine has: there no TF32 matmul can make a right export look
 wrong. meta.json records the checks, the runtime settings they ran with, and the sha256 of every
-model file, which a reader checks (read_meta, checked_file). The export is
+model file, which a reader checks (read_meta, checked_bytes). The export is
 built in a temporary folder inside the output and its files replace an earlier export's only
 once it is complete; files export.py did not write are never touched, and --output is locked
 while an export writes into it.
@@ -33,6 +33,7 @@ deformable convolution have no ONNX equivalent for it.
 import argparse
 import contextlib
 import glob
+import hashlib
 import json
 import os
 import secrets
@@ -40,7 +41,7 @@ import shutil
 import sys
 import tempfile
 import warnings
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence
 
 import cli  # first: imports Paddle without its import-time notices
 import cpu_setup
@@ -159,17 +160,39 @@ def read_meta(directory: str) -> dict:
     return meta
 
 
-def checked_file(directory: str, meta: dict, name: str) -> str:
-    """DIR/name, once it is the file meta.json records (same sha256): not another export's file
-    copied in, not a damaged one."""
+def checked_bytes(directory: str, meta: dict, name: str) -> bytes:
+    """The bytes of DIR/name, read once, if they are the file meta.json records (same sha256):
+    not another export's file copied in, not a damaged one. The runtimes load these bytes, not
+    the path again, so what runs is what was checked."""
     path = os.path.join(directory, name)
     if name not in meta['files']:
         raise WeightsError(f'{directory}: this export has no {name}'
                            + ('; export with --onnx' if name == ONNX_FILE else ''))
-    if sha256_of(path) != meta['files'][name]:
+    with open_regular_file(path) as file:
+        data = file.read()
+    if hashlib.sha256(data).hexdigest() != meta['files'][name]:
         raise WeightsError(f'{path}: not the file meta.json records (another export\'s, or damaged); '
                            'export again')
-    return path
+    return data
+
+
+@contextlib.contextmanager
+def paddle_config(directory: str, meta: dict) -> Iterator[paddle.inference.Config]:
+    """A Config holding the checked model (checked_bytes): from memory for a Paddle 2.x
+    model.pdmodel; Paddle 3.3 crashes reading a model.json from memory, so there from a copy of
+    the checked bytes in a private folder (mode 0700), removed when the block ends."""
+    name = model_file(meta)
+    program, params = checked_bytes(directory, meta, name), checked_bytes(directory, meta, PARAMS_FILE)
+    if name == 'model.pdmodel':
+        config = paddle.inference.Config()
+        config.set_model_buffer(program, len(program), params, len(params))
+        yield config
+        return
+    with tempfile.TemporaryDirectory(prefix='cyclemlp-export.') as private:
+        for file_name, data in ((name, program), (PARAMS_FILE, params)):
+            with open(os.path.join(private, file_name), 'wb') as file:
+                file.write(data)
+        yield paddle.inference.Config(os.path.join(private, name), os.path.join(private, PARAMS_FILE))
 
 
 def model_file(meta: dict) -> str:
@@ -201,28 +224,27 @@ def paddle_runner(directory: str, default_config: bool = False, device: Optional
     one, e.g. gpu:1), with PADDLE_INFERENCE_SETTINGS on the CPU, or with default_config its
     default Config (only the thread count set). run.settings says what it runs with."""
     meta = read_meta(directory)
-    config = paddle.inference.Config(checked_file(directory, meta, model_file(meta)),
-                                     checked_file(directory, meta, PARAMS_FILE))
-    config.disable_glog_info()
     device = device or paddle.get_device()
-    if device.startswith('gpu'):
-        config.enable_use_gpu(256, int(device.partition(':')[2] or 0))
-        settings = dict(device=device)
-    else:
-        config.disable_gpu()
-        config.set_cpu_math_library_num_threads(cpu_setup.current_threads())
-        settings = dict(device='cpu', threads=cpu_setup.current_threads())
-        if default_config:
-            settings['config'] = 'default'
+    with paddle_config(directory, meta) as config:   # read by create_predictor, inside the block
+        config.disable_glog_info()
+        if device.startswith('gpu'):
+            config.enable_use_gpu(256, int(device.partition(':')[2] or 0))
+            settings = dict(device=device)
         else:
-            config.enable_mkldnn() if PADDLE_INFERENCE_SETTINGS['onednn'] else config.disable_mkldnn()
-            config.switch_ir_optim(PADDLE_INFERENCE_SETTINGS['ir_optim'])
-            settings.update(PADDLE_INFERENCE_SETTINGS)
-    try:
-        with native_noise_dropped():     # its oneDNN passes print on stdout
-            predictor = paddle.inference.create_predictor(config)
-    except Exception as error:  # Paddle raises its own C++ error types for a damaged model
-        raise WeightsError(f'{directory}: Paddle Inference cannot load the model ({one_line(error)})') from None
+            config.disable_gpu()
+            config.set_cpu_math_library_num_threads(cpu_setup.current_threads())
+            settings = dict(device='cpu', threads=cpu_setup.current_threads())
+            if default_config:
+                settings['config'] = 'default'
+            else:
+                config.enable_mkldnn() if PADDLE_INFERENCE_SETTINGS['onednn'] else config.disable_mkldnn()
+                config.switch_ir_optim(PADDLE_INFERENCE_SETTINGS['ir_optim'])
+                settings.update(PADDLE_INFERENCE_SETTINGS)
+        try:
+            with native_noise_dropped():     # its oneDNN passes print on stdout
+                predictor = paddle.inference.create_predictor(config)
+        except Exception as error:  # Paddle raises its own C++ error types for a damaged model
+            raise WeightsError(f'{directory}: Paddle Inference cannot load the model ({one_line(error)})') from None
     images = predictor.get_input_handle(predictor.get_input_names()[0])
     logits = predictor.get_output_handle(predictor.get_output_names()[0])
 
@@ -241,7 +263,7 @@ def onnx_runner(directory: str, size: Optional[int] = None) -> Callable[[np.ndar
     """Logits of a batch from ONNX Runtime's CPU provider on DIR/model.onnx, with
     ONNXRUNTIME_SETTINGS and the command's thread count; run.settings says so."""
     meta = read_meta(directory)
-    path = checked_file(directory, meta, ONNX_FILE)
+    model = checked_bytes(directory, meta, ONNX_FILE)
     try:
         import onnxruntime
     except ImportError:
@@ -253,9 +275,10 @@ def onnx_runner(directory: str, size: Optional[int] = None) -> Callable[[np.ndar
     options.add_session_config_entry('session.intra_op.allow_spinning',
                                      '1' if ONNXRUNTIME_SETTINGS['allow_spinning'] else '0')
     try:
-        session = onnxruntime.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+        session = onnxruntime.InferenceSession(model, options, providers=['CPUExecutionProvider'])
     except Exception as error:  # onnxruntime's own exception types
-        raise WeightsError(f'{path}: ONNX Runtime cannot load it ({one_line(error)})') from None
+        raise WeightsError(f'{os.path.join(directory, ONNX_FILE)}: ONNX Runtime cannot load it '
+                           f'({one_line(error)})') from None
 
     def run(batch: np.ndarray) -> np.ndarray:
         return session.run(None, {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})[0]
@@ -274,14 +297,13 @@ def load_runner(directory: str, runtime: str, size: Optional[int] = None) -> Cal
 
 def export_paddle(model: CycleNet, output: str, input_size: Optional[int]) -> None:
     """paddle.jit.save an inference model to output/model.*; input_size None = dynamic H, W.
-    The token mixers are traced as fast_layers.fused_mixer where it measured faster."""
+    Traced with its channels in shift order (the shifts are slices, not gathers) and the token
+    mixers as fast_layers.fused_mixer where that measured faster (docs/deployment.md)."""
     spec = paddle.static.InputSpec([None, 3, input_size, input_size], 'float32', INPUT_NAME)
     model.eval()
     with warnings.catch_warnings(), fast_layers.fused_mixer_traced():
-        # Paddle's own code warns while tracing (full_like asks a graph value for its place;
-        # both sides of a branch on a symbolic size differ in type); the checks below stand.
-        warnings.simplefilter('ignore', UserWarning)
-        paddle.jit.save(model, os.path.join(output, 'model'), input_spec=[spec])
+        warnings.simplefilter('ignore', UserWarning)   # Paddle's own code warns while tracing
+        paddle.jit.save(fast_layers.grouped_by_shift(model), os.path.join(output, 'model'), input_spec=[spec])
 
 
 def without_dead_nodes(model) -> None:
