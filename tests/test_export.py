@@ -1,7 +1,7 @@
 """export.py: the Paddle inference model in Paddle Inference's predictor (default Config, oneDNN
 on and off, predict.py's Config) and the ONNX model in ONNX Runtime give the eager logits, at a
-fixed size and, with --dynamic-size, at several; a fixed-size export holds the fused mixer where
-it was chosen; the ONNX file is clean; predict.py runs exports in both runtimes, its output
+fixed size and, with --dynamic-size, at several; exports are gather-free and hold the fused mixer
+where it was chosen; the runtimes run the bytes that were checked; the ONNX file is clean; predict.py runs exports in both runtimes, its output
 untouched by the runtimes' own printing; a failed export writes nothing."""
 import importlib.util
 import json
@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import paddle
@@ -130,13 +131,41 @@ def onnx_op_count(directory, op_type):
     return sum(node.op_type == op_type for node in onnx.load(str(directory / "model.onnx")).graph.node)
 
 
-def test_fixed_size_exports_hold_the_fused_mixer_where_proj_folds_in(exports):
-    """The tiny model at 64x64 has one block at 16x16 (C 8) and one at 8x8 (C 16), where
-    H*W >= 3C: one gather each (fused_mixer); two blocks at 4x4 (C 24) and one at 2x2 (C 32):
-    two gathers each (the official CycleFC pair). With --dynamic-size every mixer is official."""
-    assert onnx_op_count(exports["fixed"], "Gather") == 1 + 1 + 2 * 2 + 2
-    if ONNX_DYNAMIC:
-        assert onnx_op_count(exports["dynamic"], "Gather") == 2 * 5
+def test_exports_are_gather_free_with_the_fused_mixer_where_proj_folds_in(exports, tmp_path, monkeypatch):
+    """The channels are traced in shift order: no Gather in any export. The tiny model at 64x64
+    has one block at 16x16 (C 8) and one at 8x8 (C 16), where H*W >= 3C: those two are traced
+    as the fused mixer; two blocks at 4x4 (C 24) and one at 2x2 (C 32) as the official mixer;
+    with --dynamic-size every mixer is official."""
+    for name in ("fixed", "dynamic") if ONNX_DYNAMIC else ("fixed",):
+        assert onnx_op_count(exports[name], "Gather") == 0
+    fused = []
+    traced = fast_layers.fused_mixer
+    monkeypatch.setattr(fast_layers, "fused_mixer", lambda mixer, x: fused.append(x.shape[1:]) or traced(mixer, x))
+    for size in (FIXED_SIZE, None):
+        export.export_paddle(create_model(weights=exports["weights"]), str(tmp_path), size)
+    assert fused == [[16, 16, 8], [8, 8, 16]]
+
+
+def test_the_runtimes_run_the_bytes_that_were_checked(exports, tmp_path, monkeypatch):
+    """Each file swapped for junk right after it was checked changes nothing: the runtimes load
+    the checked bytes, not the path again; Paddle's private copy is gone once it is loaded."""
+    folder = tmp_path / "fixed"
+    shutil.copytree(exports["fixed"], folder)
+    checked = export.checked_bytes
+
+    def swapped_after_the_check(directory, meta, name):
+        data = checked(directory, meta, name)
+        (folder / name).write_bytes(b"swapped after the check")
+        return data
+    monkeypatch.setattr(export, "checked_bytes", swapped_after_the_check)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "private"))
+    os.mkdir(tmp_path / "private")
+    model = create_model(weights=exports["weights"])
+    model.eval()
+    images = np.random.default_rng(2).standard_normal((2, 3, FIXED_SIZE, FIXED_SIZE)).astype(np.float32)
+    for runtime in ("paddle", "onnx"):
+        assert_close_to(eager_logits(model, images), export.load_runner(str(folder), runtime)(images))
+    assert os.listdir(tmp_path / "private") == []
 
 
 def test_tracing_for_export_leaves_eager_computation_alone(exports):
