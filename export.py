@@ -8,12 +8,12 @@ writes into the folder
     meta.json            model, input size, crop_pct, interpolation, mean, std, class names,
                          the checks, and the sha256 of each file above
 The input is float32 'images' (N, 3, S, S) normalised as data.eval_transform does, N free;
-with --dynamic-size H and W are free too (the CycleFC gather indices are built in the graph
-from the input size). The output is the logits (N, classes).
+with --dynamic-size H and W are free too. The output is the logits (N, classes).
 
-The graph is the fastest exact formulation measured (docs/deployment.md): the token mixers of
-the first two stages as fast_layers.fused_mixer (one gather and batched matmuls, proj folded
-in), the rest as the official computation; with --dynamic-size all of it is the official one.
+The graph is the fastest exact formulation measured (docs/deployment.md): every stage's channels
+in shift order (fast_layers.grouped_by_shift: the CycleFC shifts are slices, no gather), and the
+token mixers of the first two stages as fast_layers.fused_mixer (proj folded in), the rest as
+the official computation; with --dynamic-size every mixer is the official one.
 
 Nothing is trusted unchecked: before the files are put in place, the Paddle model runs in Paddle
 Inference's predictor with its default CPU Config (oneDNN on, as deployments run it) and with
@@ -27,7 +27,7 @@ built in a temporary folder inside the output and its files replace an earlier e
 once it is complete; files export.py did not write are never touched, and --output is locked
 while an export writes into it.
 
-This exports cleanly because CycleFC is plain gather and matmul ops; ports that compute it with
+This exports cleanly because CycleFC is plain slices and matmuls; ports that compute it with
 deformable convolution have no ONNX equivalent for it.
 """
 import argparse

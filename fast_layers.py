@@ -1,46 +1,34 @@
 """Faster computation of CycleMLP's layers: the same numbers, by other Paddle ops.
 
-cyclemlp.py is the paper's model as the official code computes it. This module computes the
-same functions faster, and cyclemlp.py hands over to it in three places: its Linear and
-LayerNorm layers are the ones below (Paddle's layers, same parameters and state-dict names),
-`Mlp.forward` calls `mlp`, and `CycleMLP.forward` calls `fused_mixer`. Everything here is
-tested against the official computation, forward and gradients (tests/test_fast_layers.py),
-and the model's official logits hold with it on and off (tests/test_cyclemlp.py).
-
-The switch: set `fast_layers.ENABLED = False` and the model computes exactly as the official
-code does (benchmark.py does so to measure it).
-
-Exports: a traced graph gets the official computation, unless export.py traces inside
-`fused_mixer_traced()`, which puts `fused_mixer` (forward only, float32, fixed input size) in
-the exported graph where `proj` folds into it (H*W >= 3C): fewer passes over the maps and no
-per-pixel proj, which measured faster in Paddle Inference and ONNX Runtime alike
-(docs/deployment.md). Eager computation is the same with it or without.
-
-Two kinds of speed-up:
+cyclemlp.py computes the model as the official code does, and hands over to this module in three
+places: its Linear and LayerNorm are the ones below (Paddle's layers, same parameters and names),
+`Mlp.forward` calls `mlp`, `CycleMLP.forward` calls `fused_mixer`. All of it is tested against
+the official computation, forward and gradients (tests/test_fast_layers.py, test_cyclemlp.py).
+`fast_layers.ENABLED = False` switches it off: the model then computes as the official code does.
 
 * The token mixer as one gather and two batched matmuls (`fused_mixer`, float32 on the CPU in
-  eager mode, like the rules below). Every branch of the mixer is linear and the re-weighting only scales output
-  channels per image, so the mixer is
+  eager mode). Every branch is linear and the re-weighting only scales output channels per image:
 
       X = [shift_W(x) | shift_H(x) | 1]                        (B, H*W, 2C + 1), one gather
       mean(h + w + c) = mean(X) @ [Wh; Ww; bh + bw] + mean(x) @ Wc   (mean and FC commute)
       h*a0 + w*a1 + c*a2 = X @ [Wh*a0; Ww*a1; bh*a0 + bw*a1] + x @ (Wc*a2)
 
-  which replaces two gathers, three matmuls and the bias and re-weighting passes over
-  (B, H, W, C) by one gather and matmuls of the same FLOPs; building the per-image weights
-  costs 3C x C per image, less than those passes while 3*H*W >= C (every stage but the last).
-  Where H*W >= 3C (the first two stages) `proj` is folded in as well, X @ (M @ Wp) + bp,
-  saving its C x C per pixel for 3C x C x C per image. The column of ones carries the biases
-  into the matmul, because a broadcast add over a whole map costs more than the extra column
-  on Paddle's CPU kernels.
+  which replaces two gathers, three matmuls and the bias and re-weighting passes over the maps by
+  matmuls of the same FLOPs, plus 3C x C per image for the per-image weights: less than those
+  passes while 3*H*W >= C (every stage but the last). Where H*W >= 3C (the first two stages)
+  `proj` folds in too, X @ (M @ Wp) + bp. The column of ones carries the biases into the matmul
+  (cheaper than a broadcast add over a map on Paddle's CPU kernels).
 
-* Backward rules for float32 on the CPU in eager mode, where Paddle's own kernels are slow
-  (GPU, mixed precision and exports use Paddle's layers unchanged): Paddle reduces a (rows, C)
-  gradient to the (C,) gradient of a bias or a LayerNorm weight on one thread (100 ms for
-  50k x 256, where a matmul with a row of ones takes 1 ms); Linear adds its bias inside the
-  matmul (addmm); the MLP recomputes GELU in its backward instead of keeping its output (the
-  largest map of each block); per-image weights are built from expanded operands (Paddle's
-  broadcasting multiply is 20x slower than on equal shapes).
+* Backward rules for float32 on the CPU in eager mode, where Paddle's own kernels are slow:
+  Paddle reduces a (rows, C) gradient to a bias's or LayerNorm weight's on one thread (100 ms for
+  50k x 256; a matmul with a row of ones takes 1 ms); Linear adds its bias inside the matmul
+  (addmm); the MLP recomputes GELU in its backward instead of keeping its output (the largest map
+  of each block); per-image weights are built from expanded operands (Paddle's broadcasting
+  multiply is 20x slower than on equal shapes).
+
+* Exports (docs/deployment.md): export.py traces `grouped_by_shift(model)`, the model with each
+  stage's channels stored in shift order, where a CycleFC shift is slices of a padded map, not a
+  gather; inside `fused_mixer_traced()` the mixers where `proj` folds in are `fused_mixer`.
 """
 import contextlib
 import copy
