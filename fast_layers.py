@@ -254,7 +254,7 @@ def fused_mixer(mixer: nn.Layer, x: paddle.Tensor) -> paddle.Tensor:
         scaled = ScaleColumns.apply(weights, a)
     else:   # traced for export: both operands expanded, as in ScaleColumns (the batch may be symbolic);
         # Paddle Inference's oneDNN multiply broadcasting both took 50x longer (108 ms against 2)
-        shape = [paddle.shape(a)[0]] + weights.shape
+        shape = [paddle.shape(a)[0]] + list(weights.shape)
         scaled = weights.unsqueeze(0).expand(shape) * a.unsqueeze(2).expand(shape)
     scaled = scaled.reshape([-1, 3 * dim, dim])
     bias_row = (biases * a).sum(axis=1, keepdim=True)                      # (B, 1, C)

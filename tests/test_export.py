@@ -140,7 +140,11 @@ def test_exports_are_gather_free_with_the_fused_mixer_where_proj_folds_in(export
         assert onnx_op_count(exports[name], "Gather") == 0
     fused = []
     traced = fast_layers.fused_mixer
-    monkeypatch.setattr(fast_layers, "fused_mixer", lambda mixer, x: fused.append(x.shape[1:]) or traced(mixer, x))
+
+    def recorded(mixer, x):
+        fused.append(list(x.shape[1:]))
+        return traced(mixer, x)
+    monkeypatch.setattr(fast_layers, "fused_mixer", recorded)
     for size in (FIXED_SIZE, None):
         export.export_paddle(create_model(weights=exports["weights"]), str(tmp_path), size)
     assert fused == [[16, 16, 8], [8, 8, 16]]
