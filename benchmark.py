@@ -10,8 +10,8 @@ Steps are interleaved (one of each in turn, repeated; medians), so that a shared
 hits all alike. Peak memory of a training step: a fresh process per implementation, on the model's
 device (on CPU the growth of peak RSS and Paddle's host allocation peak, on GPU its allocated
 peak and its peak above the steady state). Deployed (unless --skip-deploy): export.py's model at
-batch 1 and 16 in Paddle Inference as predict.py ships it and with its default Config, and ONNX
-Runtime as shipped (export.py's runners, the same threads), beside eager; each row names its device.
+batch 1 and 16 in Paddle Inference and ONNX Runtime as predict.py ships them (export.py's
+runners, the same threads), beside eager; each row names its device.
 --json prints one JSON object; a ratio that cannot be computed is null.
 """
 import argparse
@@ -219,9 +219,8 @@ def deployed_inference(args) -> List[dict]:
         onnx = subprocess.run(command + ['--onnx'], capture_output=True).returncode == 0
         if not onnx:
             run_child(command)
+        # As predict.py runs them; the default Config (the same settings) is export.py's check only.
         runners = {'eager': eager, 'paddle-inference': export.paddle_runner(output)}
-        if eager.settings['device'] == 'cpu':   # on GPU the CPU default Config is not a deployment of it
-            runners['paddle-inference-default-config'] = export.paddle_runner(output, default_config=True)
         if onnx:
             runners['onnxruntime'] = export.onnx_runner(output)
     rows = []

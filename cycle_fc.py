@@ -16,7 +16,8 @@ deformable convolution always lands exactly on a pixel: the whole layer is a gat
 channels followed by a matrix multiply. Earlier Paddle ports call `deform_conv2d`, which computes
 bilinear weights and an im2col buffer for every pixel and is several times slower than the FC it
 stands for, and which does not export cleanly to ONNX. Here the shift is one gather over a
-precomputed flat index, and the FC is one matmul, both on channel-last tensors.
+precomputed flat index, and the FC is one matmul, both on channel-last tensors; in exports, with
+the channels stored grouped by shift, the shift is slices (shifted_slices).
 """
 from typing import Callable, Dict, List, Sequence, Tuple
 
@@ -98,11 +99,9 @@ def shifted_positions(height, width, channels: int, shifts: np.ndarray, along_wi
     (H, W, C). Built from Paddle ops, so height and width may be symbolic when the model is
     exported with dynamic input sizes.
 
-    The shift is added after the strides are applied (position + shift * stride, not
-    (row + shift) * stride): no integer sum is ever multiplied by a constant. Paddle Inference's
-    oneDNN pass operator_scale_onednn_fuse_pass folds such a multiplication into the add as an
-    output scale that its int64 kernel then ignores (Paddle 3.3, the default CPU Config), which
-    made exported models read the wrong pixels (tests/test_export.py keeps the reproduction).
+    The shift is added after the strides (position + shift * stride, not (row + shift) * stride):
+    Paddle Inference's oneDNN passes (3.3) compute an integer sum times a constant wrongly
+    (tests/test_export.py keeps the reproduction); exports use shifted_slices instead.
     """
     row_stride = width * channels                                   # elements per image row
     rows = paddle.arange(height, dtype='int64').reshape([-1, 1, 1])                 # (H, 1, 1)
