@@ -16,9 +16,10 @@ deformable convolution always lands exactly on a pixel: the whole layer is a gat
 channels followed by a matrix multiply. Earlier Paddle ports call `deform_conv2d`, which computes
 bilinear weights and an im2col buffer for every pixel and is several times slower than the FC it
 stands for, and which does not export cleanly to ONNX. Here the shift is one gather over a
-precomputed flat index, and the FC is one matmul, both on channel-last tensors.
+precomputed flat index, and the FC is one matmul, both on channel-last tensors; in exports, with
+the channels stored grouped by shift, the shift is slices (shifted_slices).
 """
-from typing import Callable, Dict, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 import zlib  # noqa: F401  before Paddle: Paddle 2.6 bundles a zlib that crashes one loaded after it
@@ -33,6 +34,28 @@ def channel_shifts(channels: int, kernel: int) -> np.ndarray:
     """Integer shift of each input channel along the kernel's long side (official gen_offset)."""
     c = np.arange(channels)
     return (c + kernel // 2) % kernel - kernel // 2
+
+
+def shift_order(channels: int, kernel: int) -> np.ndarray:
+    """The channels grouped by shift: 0, K, 2K, .., then 1, K + 1, .. (fast_layers.grouped_by_shift)."""
+    return np.concatenate([np.arange(group, channels, kernel) for group in range(kernel)])
+
+
+def shifted_slices(x: paddle.Tensor, kernel: int, along_width: bool) -> List[paddle.Tensor]:
+    """The shift of channel-last x whose channels are in shift_order: each group's channels are
+    contiguous, so each group shifted is one slice of x zero-padded along the axis (no gather,
+    no index; the slice bounds do not depend on the size). Returns the groups in order."""
+    axis, low = (2 if along_width else 1), kernel // 2
+    zeros = paddle.zeros_like(x[:, :, :1] if along_width else x[:, :1])
+    padded = paddle.concat([zeros] * low + [x] + [zeros] * (kernel - 1 - low), axis=axis)
+    parts, first = [], 0
+    for group, shift in enumerate(channel_shifts(min(kernel, x.shape[-1]), kernel)):
+        count = len(range(group, x.shape[-1], kernel))
+        start, stop = low + shift, low + shift - (kernel - 1) or None      # stop counted from the end
+        parts.append(padded[:, :, start:stop, first:first + count] if along_width
+                     else padded[:, start:stop, :, first:first + count])
+        first += count
+    return parts
 
 
 # Paddle 2.x computes the gradient of paddle.gather along axis 1 wrongly (checked with 2.6.2 on
@@ -76,11 +99,9 @@ def shifted_positions(height, width, channels: int, shifts: np.ndarray, along_wi
     (H, W, C). Built from Paddle ops, so height and width may be symbolic when the model is
     exported with dynamic input sizes.
 
-    The shift is added after the strides are applied (position + shift * stride, not
-    (row + shift) * stride): no integer sum is ever multiplied by a constant. Paddle Inference's
-    oneDNN pass operator_scale_onednn_fuse_pass folds such a multiplication into the add as an
-    output scale that its int64 kernel then ignores (Paddle 3.3, the default CPU Config), which
-    made exported models read the wrong pixels (tests/test_export.py keeps the reproduction).
+    The shift is added after the strides (position + shift * stride, not (row + shift) * stride):
+    Paddle Inference's oneDNN passes (3.3) compute an integer sum times a constant wrongly
+    (tests/test_export.py keeps the reproduction); exports use shifted_slices instead.
     """
     row_stride = width * channels                                   # elements per image row
     rows = paddle.arange(height, dtype='int64').reshape([-1, 1, 1])                 # (H, 1, 1)
@@ -139,6 +160,7 @@ class CycleFC(nn.Layer):
         self.bias = self.create_parameter([out_channels], is_bias=True, default_initializer=init)
         self.register_buffer('offset', paddle.to_tensor(self.official_offset()), persistable=True)
         self._index_cache = IndexCache()
+        self.grouped = False     # input channels in shift_order (fast_layers.grouped_by_shift sets it)
 
     def official_offset(self) -> np.ndarray:
         """The official `offset` buffer: (dy, dx) per input channel, shape [1, 2C, 1, 1]."""
@@ -152,6 +174,8 @@ class CycleFC(nn.Layer):
 
     def shift(self, x: paddle.Tensor) -> paddle.Tensor:
         """Shift each channel of channel-last x by its offset: (B, H, W, C) -> (B, H, W, C)."""
+        if self.grouped:
+            return paddle.concat(shifted_slices(x, max(self.kernel_size), self.along_width), axis=-1)
         _, height, width, channels = x.shape
         index = self._index_cache.get((height, width), lambda: self.source_index(height, width).flatten())
         # Speed: a gather along one flat axis is the fastest copy Paddle has on CPU here

@@ -11,13 +11,16 @@ eager logits within PARITY_TOLERANCE, checked on the CPU (no TF32 matmul there).
 files are replaced only by a complete one (--output locked meanwhile); other files are never touched.
 """
 import argparse
+import contextlib
 import glob
+import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import warnings
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence
 
 import cli  # first: imports Paddle without its import-time notices
 import cpu_setup
@@ -118,17 +121,53 @@ def read_meta(directory: str) -> dict:
     return meta
 
 
-def checked_file(directory: str, meta: dict, name: str) -> str:
-    """DIR/name, once it is the file meta.json records (same sha256): not another export's file
-    copied in, not a damaged one."""
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """File descriptor 1 on stderr while the block runs: Paddle 3.3's oneDNN kernel checks and
+    paddle2onnx print on stdout from C++, where only results go (predict.py --json)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def checked_bytes(directory: str, meta: dict, name: str) -> bytes:
+    """The bytes of DIR/name, read once, if they are the file meta.json records (same sha256):
+    not another export's file copied in, not a damaged one. The runtimes load these bytes, not
+    the path again, so what runs is what was checked."""
     path = os.path.join(directory, name)
     if name not in meta['files']:
         raise WeightsError(f'{directory}: this export has no {name}'
                            + ('; export with --onnx' if name == ONNX_FILE else ''))
-    if sha256_of(path) != meta['files'][name]:
+    with open_regular_file(path) as file:
+        data = file.read()
+    if hashlib.sha256(data).hexdigest() != meta['files'][name]:
         raise WeightsError(f'{path}: not the file meta.json records (another export\'s, or damaged); '
                            'export again')
-    return path
+    return data
+
+
+@contextlib.contextmanager
+def paddle_config(directory: str, meta: dict) -> Iterator[paddle.inference.Config]:
+    """A Config holding the checked model (checked_bytes): from memory for a Paddle 2.x
+    model.pdmodel; Paddle 3.3 crashes reading a model.json from memory, so there from a copy of
+    the checked bytes in a private folder (mode 0700), removed when the block ends."""
+    name = model_file(meta)
+    program, params = checked_bytes(directory, meta, name), checked_bytes(directory, meta, PARAMS_FILE)
+    if name == 'model.pdmodel':
+        config = paddle.inference.Config()
+        config.set_model_buffer(program, len(program), params, len(params))
+        yield config
+        return
+    with tempfile.TemporaryDirectory(prefix='cyclemlp-export.') as private:
+        for file_name, data in ((name, program), (PARAMS_FILE, params)):
+            with open(os.path.join(private, file_name), 'wb') as file:
+                file.write(data)
+        yield paddle.inference.Config(os.path.join(private, name), os.path.join(private, PARAMS_FILE))
 
 
 def model_file(meta: dict) -> str:
@@ -160,27 +199,27 @@ def paddle_runner(directory: str, default_config: bool = False, device: Optional
     one, e.g. gpu:1), with PADDLE_INFERENCE_SETTINGS on the CPU, or with default_config its
     default Config (only the thread count set). run.settings says what it runs with."""
     meta = read_meta(directory)
-    config = paddle.inference.Config(checked_file(directory, meta, model_file(meta)),
-                                     checked_file(directory, meta, PARAMS_FILE))
-    config.disable_glog_info()
     device = device or paddle.get_device()
-    if device.startswith('gpu'):
-        config.enable_use_gpu(256, int(device.partition(':')[2] or 0))
-        settings = dict(device=device)
-    else:
-        config.disable_gpu()
-        config.set_cpu_math_library_num_threads(cpu_setup.current_threads())
-        settings = dict(device='cpu', threads=cpu_setup.current_threads())
-        if default_config:
-            settings['config'] = 'default'
+    with paddle_config(directory, meta) as config:   # read by create_predictor, inside the block
+        config.disable_glog_info()
+        if device.startswith('gpu'):
+            config.enable_use_gpu(256, int(device.partition(':')[2] or 0))
+            settings = dict(device=device)
         else:
-            config.enable_mkldnn() if PADDLE_INFERENCE_SETTINGS['onednn'] else config.disable_mkldnn()
-            config.switch_ir_optim(PADDLE_INFERENCE_SETTINGS['ir_optim'])
-            settings.update(PADDLE_INFERENCE_SETTINGS)
-    try:
-        predictor = paddle.inference.create_predictor(config)
-    except Exception as error:  # Paddle raises its own C++ error types for a damaged model
-        raise WeightsError(f'{directory}: Paddle Inference cannot load the model ({one_line(error)})') from None
+            config.disable_gpu()
+            config.set_cpu_math_library_num_threads(cpu_setup.current_threads())
+            settings = dict(device='cpu', threads=cpu_setup.current_threads())
+            if default_config:
+                settings['config'] = 'default'
+            else:
+                config.enable_mkldnn() if PADDLE_INFERENCE_SETTINGS['onednn'] else config.disable_mkldnn()
+                config.switch_ir_optim(PADDLE_INFERENCE_SETTINGS['ir_optim'])
+                settings.update(PADDLE_INFERENCE_SETTINGS)
+        try:
+            with stdout_to_stderr():
+                predictor = paddle.inference.create_predictor(config)
+        except Exception as error:  # Paddle raises its own C++ error types for a damaged model
+            raise WeightsError(f'{directory}: Paddle Inference cannot load the model ({one_line(error)})') from None
     images = predictor.get_input_handle(predictor.get_input_names()[0])
     logits = predictor.get_output_handle(predictor.get_output_names()[0])
 
@@ -191,14 +230,15 @@ def paddle_runner(directory: str, default_config: bool = False, device: Optional
         return logits.copy_to_cpu()
 
     run.settings = settings
-    return probed(run, directory, meta, 'Paddle Inference', size)
+    with stdout_to_stderr():            # the first run prints too
+        return probed(run, directory, meta, 'Paddle Inference', size)
 
 
 def onnx_runner(directory: str, size: Optional[int] = None) -> Callable[[np.ndarray], np.ndarray]:
     """Logits of a batch from ONNX Runtime's CPU provider on DIR/model.onnx, with
     ONNXRUNTIME_SETTINGS and the command's thread count; run.settings says so."""
     meta = read_meta(directory)
-    path = checked_file(directory, meta, ONNX_FILE)
+    model = checked_bytes(directory, meta, ONNX_FILE)
     try:
         import onnxruntime
     except ImportError:
@@ -210,9 +250,10 @@ def onnx_runner(directory: str, size: Optional[int] = None) -> Callable[[np.ndar
     options.add_session_config_entry('session.intra_op.allow_spinning',
                                      '1' if ONNXRUNTIME_SETTINGS['allow_spinning'] else '0')
     try:
-        session = onnxruntime.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+        session = onnxruntime.InferenceSession(model, options, providers=['CPUExecutionProvider'])
     except Exception as error:  # onnxruntime's own exception types
-        raise WeightsError(f'{path}: ONNX Runtime cannot load it ({one_line(error)})') from None
+        raise WeightsError(f'{os.path.join(directory, ONNX_FILE)}: ONNX Runtime cannot load it '
+                           f'({one_line(error)})') from None
 
     def run(batch: np.ndarray) -> np.ndarray:
         return session.run(None, {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})[0]
@@ -231,14 +272,13 @@ def load_runner(directory: str, runtime: str, size: Optional[int] = None) -> Cal
 
 def export_paddle(model: CycleNet, output: str, input_size: Optional[int]) -> None:
     """paddle.jit.save an inference model to output/model.*; input_size None = dynamic H, W.
-    The token mixers are traced as fast_layers.fused_mixer where it measured faster."""
+    Traced with its channels in shift order (the shifts are slices, not gathers) and the token
+    mixers as fast_layers.fused_mixer where that measured faster (docs/deployment.md)."""
     spec = paddle.static.InputSpec([None, 3, input_size, input_size], 'float32', INPUT_NAME)
     model.eval()
     with warnings.catch_warnings(), fast_layers.fused_mixer_traced():
-        # Paddle's own code warns while tracing (full_like asks a graph value for its place;
-        # both sides of a branch on a symbolic size differ in type); the checks below stand.
-        warnings.simplefilter('ignore', UserWarning)
-        paddle.jit.save(model, os.path.join(output, 'model'), input_spec=[spec])
+        warnings.simplefilter('ignore', UserWarning)   # Paddle's own code warns while tracing
+        paddle.jit.save(fast_layers.grouped_by_shift(model), os.path.join(output, 'model'), input_spec=[spec])
 
 
 def without_dead_nodes(model) -> None:
@@ -268,14 +308,6 @@ def without_dead_nodes(model) -> None:
                 graph.node.extend(live)
 
 
-def onnx_converts_dynamic_sizes() -> bool:
-    """paddle2onnx 1.x (Paddle 2.x) turns the integer arithmetic of CycleFC's index on a symbolic
-    size into float and int32 casts, and the exported gather then reads at INT64_MIN (found with
-    Paddle 2.6.2 and paddle2onnx 1.3.1); fixed sizes convert right."""
-    import paddle2onnx
-    return int(paddle2onnx.__version__.split('.')[0]) >= 2
-
-
 def export_onnx(output: str, opset: int) -> None:
     """Convert output's Paddle inference model (meta.json written) to output/model.onnx."""
     import onnx
@@ -284,7 +316,8 @@ def export_onnx(output: str, opset: int) -> None:
     # save_file=None returns the bytes; passing a path would also run paddle2onnx's optional
     # polygraphy pass, which tries to pip-install onnx_graphsurgeon when it is missing.
     try:
-        onnx_bytes = paddle2onnx.export(graph, os.path.join(output, PARAMS_FILE), None, opset_version=opset)
+        with stdout_to_stderr():
+            onnx_bytes = paddle2onnx.export(graph, os.path.join(output, PARAMS_FILE), None, opset_version=opset)
     except Exception as error:  # paddle2onnx wraps its C++ errors in whatever it meets first
         raise WeightsError(f'paddle2onnx could not convert {graph}: {one_line(error)}') from None
     if not onnx_bytes:
@@ -395,10 +428,6 @@ def main(args: argparse.Namespace) -> None:
         except ImportError:
             raise WeightsError('--onnx needs paddle2onnx, an optional dependency: '
                                'pip install paddle2onnx onnxruntime') from None
-        if args.dynamic_size and not onnx_converts_dynamic_sizes():
-            raise WeightsError('--onnx --dynamic-size needs paddle2onnx 2 (with Paddle 3): paddle2onnx '
-                               f'{paddle2onnx.__version__} converts the dynamic-size gather index wrongly '
-                               '(ONNX Runtime then reads out of bounds); export a fixed size instead')
     output = os.path.abspath(args.output)
     earlier_export(output)          # refused before the slow work, and again at the end
     model, recorded = load_model(args.weights, args.model, ema=args.ema)

@@ -1,57 +1,47 @@
 """Faster computation of CycleMLP's layers: the same numbers, by other Paddle ops.
 
-cyclemlp.py is the paper's model as the official code computes it. This module computes the
-same functions faster, and cyclemlp.py hands over to it in three places: its Linear and
-LayerNorm layers are the ones below (Paddle's layers, same parameters and state-dict names),
-`Mlp.forward` calls `mlp`, and `CycleMLP.forward` calls `fused_mixer`. Everything here is
-tested against the official computation, forward and gradients (tests/test_fast_layers.py),
-and the model's official logits hold with it on and off (tests/test_cyclemlp.py).
-
-The switch: set `fast_layers.ENABLED = False` and the model computes exactly as the official
-code does (benchmark.py does so to measure it).
-
-Exports: a traced graph gets the official computation, unless export.py traces inside
-`fused_mixer_traced()`, which puts `fused_mixer` (forward only, float32, fixed input size) in
-the exported graph where `proj` folds into it (H*W >= 3C): fewer passes over the maps and no
-per-pixel proj, which measured faster in Paddle Inference and ONNX Runtime alike
-(docs/deployment.md). Eager computation is the same with it or without.
-
-Two kinds of speed-up:
+cyclemlp.py computes the model as the official code does, and hands over to this module in three
+places: its Linear and LayerNorm are the ones below (Paddle's layers, same parameters and names),
+`Mlp.forward` calls `mlp`, `CycleMLP.forward` calls `fused_mixer`. All of it is tested against
+the official computation, forward and gradients (tests/test_fast_layers.py, test_cyclemlp.py).
+`fast_layers.ENABLED = False` switches it off: the model then computes as the official code does.
 
 * The token mixer as one gather and two batched matmuls (`fused_mixer`, float32 on the CPU in
-  eager mode, like the rules below). Every branch of the mixer is linear and the re-weighting only scales output
-  channels per image, so the mixer is
+  eager mode). Every branch is linear and the re-weighting only scales output channels per image:
 
       X = [shift_W(x) | shift_H(x) | 1]                        (B, H*W, 2C + 1), one gather
       mean(h + w + c) = mean(X) @ [Wh; Ww; bh + bw] + mean(x) @ Wc   (mean and FC commute)
       h*a0 + w*a1 + c*a2 = X @ [Wh*a0; Ww*a1; bh*a0 + bw*a1] + x @ (Wc*a2)
 
-  which replaces two gathers, three matmuls and the bias and re-weighting passes over
-  (B, H, W, C) by one gather and matmuls of the same FLOPs; building the per-image weights
-  costs 3C x C per image, less than those passes while 3*H*W >= C (every stage but the last).
-  Where H*W >= 3C (the first two stages) `proj` is folded in as well, X @ (M @ Wp) + bp,
-  saving its C x C per pixel for 3C x C x C per image. The column of ones carries the biases
-  into the matmul, because a broadcast add over a whole map costs more than the extra column
-  on Paddle's CPU kernels.
+  which replaces two gathers, three matmuls and the bias and re-weighting passes over the maps by
+  matmuls of the same FLOPs, plus 3C x C per image for the per-image weights: less than those
+  passes while 3*H*W >= C (every stage but the last). Where H*W >= 3C (the first two stages)
+  `proj` folds in too, X @ (M @ Wp) + bp. The column of ones carries the biases into the matmul
+  (cheaper than a broadcast add over a map on Paddle's CPU kernels).
 
-* Backward rules for float32 on the CPU in eager mode, where Paddle's own kernels are slow
-  (GPU, mixed precision and exports use Paddle's layers unchanged): Paddle reduces a (rows, C)
-  gradient to the (C,) gradient of a bias or a LayerNorm weight on one thread (100 ms for
-  50k x 256, where a matmul with a row of ones takes 1 ms); Linear adds its bias inside the
-  matmul (addmm); the MLP recomputes GELU in its backward instead of keeping its output (the
-  largest map of each block); per-image weights are built from expanded operands (Paddle's
-  broadcasting multiply is 20x slower than on equal shapes).
+* Backward rules for float32 on the CPU in eager mode, where Paddle's own kernels are slow:
+  Paddle reduces a (rows, C) gradient to a bias's or LayerNorm weight's on one thread (100 ms for
+  50k x 256; a matmul with a row of ones takes 1 ms); Linear adds its bias inside the matmul
+  (addmm); the MLP recomputes GELU in its backward instead of keeping its output (the largest map
+  of each block); per-image weights are built from expanded operands (Paddle's broadcasting
+  multiply is 20x slower than on equal shapes).
+
+* Exports (docs/deployment.md): export.py traces `grouped_by_shift(model)`, the model with each
+  stage's channels stored in shift order, where a CycleFC shift is slices of a padded map, not a
+  gather; inside `fused_mixer_traced()` the mixers where `proj` folds in are `fused_mixer`.
 """
 import contextlib
-from typing import Iterator
+import copy
+from typing import Iterator, Optional
 
+import numpy as np
 import zlib  # noqa: F401  before Paddle: Paddle 2.6 bundles a zlib that crashes one loaded after it
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 from paddle.autograd import PyLayer
 
-from cycle_fc import IndexCache, gather_columns
+from cycle_fc import IndexCache, gather_columns, shift_order, shifted_slices
 
 ENABLED = True
 _TRACING_FUSED_MIXER = False     # set by fused_mixer_traced(), for export.py only
@@ -237,10 +227,15 @@ def fused_mixer(mixer: nn.Layer, x: paddle.Tensor) -> paddle.Tensor:
     matmuls (see the module doc)."""
     _, height, width, dim = x.shape        # the batch is -1 while traced for an export: never used
     pixels = height * width
-    index = _mixer_indices.get((dim, height, width), lambda: _mixer_index(mixer, height, width))
-    flat = x.flatten(start_axis=1)                                            # (B, H*W*C)
-    zero = paddle.zeros_like(flat[:, :1])
-    shifted = gather_columns(paddle.concat([flat, zero, zero + 1], axis=1), index)
+    if mixer.sfc_h.grouped:             # channels in shift order (grouped_by_shift): slices
+        kernels = max(mixer.sfc_h.kernel_size), max(mixer.sfc_w.kernel_size)
+        shifted = paddle.concat(shifted_slices(x, kernels[0], True) + shifted_slices(x, kernels[1], False)
+                                + [paddle.ones_like(x[:, :, :, :1])], axis=-1)
+    else:
+        index = _mixer_indices.get((dim, height, width), lambda: _mixer_index(mixer, height, width))
+        flat = x.flatten(start_axis=1)                                            # (B, H*W*C)
+        zero = paddle.zeros_like(flat[:, :1])
+        shifted = gather_columns(paddle.concat([flat, zero, zero + 1], axis=1), index)
     shifted = shifted.reshape([0, pixels, 2 * dim + 1])                   # X: (B, H*W, 2C + 1)
     plain = x.reshape([0, pixels, dim])                                      # x: (B, H*W, C)
     # FC weights as (in, out): CycleFC stores (out, in, 1, 1), Paddle Linear (in, out).
@@ -259,7 +254,7 @@ def fused_mixer(mixer: nn.Layer, x: paddle.Tensor) -> paddle.Tensor:
         scaled = ScaleColumns.apply(weights, a)
     else:   # traced for export: both operands expanded, as in ScaleColumns (the batch may be symbolic);
         # Paddle Inference's oneDNN multiply broadcasting both took 50x longer (108 ms against 2)
-        shape = [paddle.shape(a)[0]] + weights.shape
+        shape = [paddle.shape(a)[0]] + list(weights.shape)
         scaled = weights.unsqueeze(0).expand(shape) * a.unsqueeze(2).expand(shape)
     scaled = scaled.reshape([-1, 3 * dim, dim])
     bias_row = (biases * a).sum(axis=1, keepdim=True)                      # (B, 1, C)
@@ -272,3 +267,47 @@ def fused_mixer(mixer: nn.Layer, x: paddle.Tensor) -> paddle.Tensor:
     out = (paddle.bmm(shifted, paddle.concat([shifted_weights, bias_row], axis=1))
            + paddle.bmm(plain, plain_weights)).reshape([0, height, width, dim])
     return out if fold_proj else mixer.proj(out)
+
+
+def _take(tensor: paddle.Tensor, order: Optional[np.ndarray], axis: int) -> None:
+    if order is not None:
+        tensor.set_value(np.take(tensor.numpy(), order, axis=axis))
+
+
+def _permute(layer: nn.Layer, inputs: Optional[np.ndarray], outputs: Optional[np.ndarray]) -> None:
+    """Reorder a layer's inputs and outputs (Linear weight [in, out]; CycleFC, Conv2D [out, in, ..];
+    LayerNorm [out])."""
+    out_axis = 1 if isinstance(layer, nn.Linear) else 0
+    _take(layer.weight, inputs, 1 - out_axis)
+    _take(layer.weight, outputs, out_axis)
+    if layer.bias is not None:
+        _take(layer.bias, outputs, 0)
+
+
+def grouped_by_shift(model: nn.Layer) -> nn.Layer:
+    """A copy of the classifier `model` that computes the same logits with each stage's channels
+    stored in shift order (cycle_fc.shift_order): every layer's weights are permuted to match, so
+    that each CycleFC shift is slices of a padded map (cycle_fc.shifted_slices), not a gather.
+    For exports, where the gather cost 12-18% of the time (docs/deployment.md)."""
+    model = copy.deepcopy(model)
+    previous = None
+    for convolution, stage in zip([model.patch_embed] + list(model.network[1::2]), model.network[::2]):
+        shifts = stage[0].attn.sfc_h
+        order = shift_order(shifts.in_channels, max(shifts.kernel_size))
+        _permute(convolution.proj, previous, order)
+        for block in stage:
+            mixer = block.attn
+            for layer in (block.norm1, block.norm2):
+                _permute(layer, None, order)
+            for layer in (mixer.sfc_h, mixer.sfc_w, mixer.mlp_c, mixer.proj):
+                _permute(layer, order, order)
+            mixer.sfc_h.grouped = mixer.sfc_w.grouped = True
+            # the re-weighting logits are read as (C, 3): channel c's three are 3c, 3c + 1, 3c + 2
+            _permute(mixer.reweight.fc1, order, None)
+            _permute(mixer.reweight.fc2, None, (3 * order[:, None] + np.arange(3)).ravel())
+            _permute(block.mlp.fc1, order, None)
+            _permute(block.mlp.fc2, None, order)
+        previous = order
+    _permute(model.norm, None, previous)
+    _permute(model.head, previous, None)
+    return model

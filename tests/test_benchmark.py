@@ -43,7 +43,7 @@ def test_deployed_rows_are_the_runtimes_as_shipped():
     pytest.importorskip("paddle2onnx")
     report = run_json()
     rows = {(row["runtime"], row["batch"]): row for row in report["deployed"]}
-    runtimes = ["eager", "paddle-inference", "paddle-inference-default-config", "onnxruntime"]
+    runtimes = ["eager", "paddle-inference", "onnxruntime"]
     assert sorted(rows) == sorted((name, batch) for name in runtimes for batch in benchmark.DEPLOY_BATCHES)
     assert rows["paddle-inference", 1]["settings"] == dict(device="cpu", threads=1, **export.PADDLE_INFERENCE_SETTINGS)
     assert rows["onnxruntime", 1]["settings"] == dict(device="cpu", threads=1, **export.ONNXRUNTIME_SETTINGS)

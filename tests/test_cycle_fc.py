@@ -3,7 +3,7 @@ import numpy as np
 import paddle
 import pytest
 
-from cycle_fc import CycleFC, channel_shifts
+from cycle_fc import CycleFC, channel_shifts, shift_order, shifted_slices
 
 SHAPES = [  # (B, H, W, C): H or W of 1 and 2, channel counts not divisible by K, several batches
     (1, 1, 2, 7),
@@ -88,6 +88,22 @@ def test_shift_moves_channels_with_zero_padding():
     assert shifted[:, 0].tolist() == [1, 4, 7, 10]      # shift 0
     assert shifted[:, 1].tolist() == [5, 8, 11, 0]      # shift +1, no wrap-around
     assert shifted[:, 2].tolist() == [0, 3, 6, 9]       # shift -1
+
+
+@pytest.mark.parametrize('kernel', KERNELS, ids=str)
+@pytest.mark.parametrize('shape', SHAPES, ids=str)
+def test_shifted_slices_shift_channels_stored_in_shift_order(kernel, shape):
+    """The exports' gather-free shift (channels grouped by shift, each group one slice) moves
+    every channel as the gather does; and a CycleFC told its input is grouped reads it so."""
+    layer = CycleFC(shape[-1], shape[-1], kernel)
+    x = np.random.default_rng(sum(shape)).normal(size=shape).astype('float32')
+    order = shift_order(shape[-1], max(kernel))
+    assert sorted(order) == list(range(shape[-1]))
+    grouped = paddle.to_tensor(x[..., order])
+    got = paddle.concat(shifted_slices(grouped, max(kernel), layer.along_width), axis=-1).numpy()
+    np.testing.assert_array_equal(got, layer.shift(paddle.to_tensor(x)).numpy()[..., order])
+    layer.grouped = True
+    np.testing.assert_array_equal(layer.shift(grouped).numpy(), got)
 
 
 def test_index_is_built_once_per_size(monkeypatch):

@@ -1,15 +1,15 @@
 """export.py: the Paddle inference model in Paddle Inference's predictor (default Config, oneDNN
 on and off, predict.py's Config) and the ONNX model in ONNX Runtime give the eager logits, at a
-fixed size and, with --dynamic-size, at several; a fixed-size export holds the fused mixer where
-it was chosen; the ONNX file is clean; predict.py runs exports in both runtimes, its output
+fixed size and, with --dynamic-size, at several; exports are gather-free and hold the fused mixer
+where it was chosen; the runtimes run the bytes that were checked; the ONNX file is clean; predict.py runs exports in both runtimes, its output
 untouched by the runtimes' own printing; a failed export writes nothing."""
 import errno
-import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import paddle
@@ -29,7 +29,6 @@ DYNAMIC_SIZES = ((64, 64), (48, 64), (96, 80))
 
 
 # paddle2onnx 1.x (with Paddle 2.x) cannot convert a dynamic-size export: export.py refuses it.
-ONNX_DYNAMIC = importlib.util.find_spec("paddle2onnx") is not None and export.onnx_converts_dynamic_sizes()
 
 
 def export_in_process(weights, output, *args):
@@ -46,7 +45,7 @@ def exports(tmp_path_factory):
     root = tmp_path_factory.mktemp("exports")
     weights = str(root / "tiny.pdparams")
     write_weights(weights, tiny_state(0), {"class_names": ["cat", "dog", "fox"]})
-    for name, flags in (("fixed", ["--onnx"]), ("dynamic", ["--dynamic-size"] + ONNX_DYNAMIC * ["--onnx"])):
+    for name, flags in (("fixed", ["--onnx"]), ("dynamic", ["--dynamic-size", "--onnx"])):
         export_in_process(weights, root / name, "--input-size", str(FIXED_SIZE), *flags)
     return dict(weights=weights, fixed=root / "fixed", dynamic=root / "dynamic")
 
@@ -94,10 +93,8 @@ def test_exports_give_the_eager_logits_in_every_runtime(exports, dynamic):
     model.eval()
     exported = paddle.jit.load(str(output / "model"))
     predictors = [paddle_inference(output, onednn) for onednn in (None, True, False)] + [export.paddle_runner(output)]
-    with_onnx = ONNX_DYNAMIC or not dynamic
-    if with_onnx:
-        predictors.append(lambda images: pytest.importorskip("onnxruntime").InferenceSession(
-            str(output / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {export.INPUT_NAME: images})[0])
+    predictors.append(lambda images: pytest.importorskip("onnxruntime").InferenceSession(
+        str(output / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {export.INPUT_NAME: images})[0])
     rng = np.random.default_rng(0)
     for batch, (height, width) in [(batch, size) for batch in (1, 3)
                                    for size in (DYNAMIC_SIZES if dynamic else DYNAMIC_SIZES[:1])]:
@@ -113,15 +110,14 @@ def test_exports_give_the_eager_logits_in_every_runtime(exports, dynamic):
     assert meta["crop_pct"] == 0.875 and meta["interpolation"] == "bicubic"
     assert meta["mean"] == [0.485, 0.456, 0.406] and meta["std"] == [0.229, 0.224, 0.225]
     assert meta["class_names"] == ["cat", "dog", "fox"]
-    checked = {"paddle_inference_default_config", "paddle_inference"} | ({"onnxruntime"} if with_onnx else set())
+    checked = {"paddle_inference_default_config", "paddle_inference", "onnxruntime"}
     assert set(meta["parity"]["max_difference"]) == set(meta["parity"]["runtime_settings"]) == checked
     settings = meta["parity"]["runtime_settings"]
     assert {value["device"] for value in settings.values()} == {"cpu"}     # where no TF32 differs
     threads = settings["paddle_inference"]["threads"]                     # the exporting process's
     assert settings["paddle_inference"] == dict(device="cpu", threads=threads, **export.PADDLE_INFERENCE_SETTINGS)
     assert settings["paddle_inference_default_config"] == dict(device="cpu", threads=threads, config="default")
-    if with_onnx:
-        assert settings["onnxruntime"] == dict(device="cpu", threads=threads, **export.ONNXRUNTIME_SETTINGS)
+    assert settings["onnxruntime"] == dict(device="cpu", threads=threads, **export.ONNXRUNTIME_SETTINGS)
     assert len(meta["parity"]["sizes"]) == (2 if dynamic else 1)
     assert sorted(os.listdir(output.parent)) == ["dynamic", "fixed", "tiny.pdparams"]   # no temporary left
 
@@ -131,13 +127,45 @@ def onnx_op_count(directory, op_type):
     return sum(node.op_type == op_type for node in onnx.load(str(directory / "model.onnx")).graph.node)
 
 
-def test_fixed_size_exports_hold_the_fused_mixer_where_proj_folds_in(exports):
-    """The tiny model at 64x64 has one block at 16x16 (C 8) and one at 8x8 (C 16), where
-    H*W >= 3C: one gather each (fused_mixer); two blocks at 4x4 (C 24) and one at 2x2 (C 32):
-    two gathers each (the official CycleFC pair). With --dynamic-size every mixer is official."""
-    assert onnx_op_count(exports["fixed"], "Gather") == 1 + 1 + 2 * 2 + 2
-    if ONNX_DYNAMIC:
-        assert onnx_op_count(exports["dynamic"], "Gather") == 2 * 5
+def test_exports_are_gather_free_with_the_fused_mixer_where_proj_folds_in(exports, tmp_path, monkeypatch):
+    """The channels are traced in shift order: no Gather in any export. The tiny model at 64x64
+    has one block at 16x16 (C 8) and one at 8x8 (C 16), where H*W >= 3C: those two are traced
+    as the fused mixer; two blocks at 4x4 (C 24) and one at 2x2 (C 32) as the official mixer;
+    with --dynamic-size every mixer is official."""
+    for name in ("fixed", "dynamic"):
+        assert onnx_op_count(exports[name], "Gather") == 0
+    fused = []
+    traced = fast_layers.fused_mixer
+
+    def recorded(mixer, x):
+        fused.append(list(x.shape[1:]))
+        return traced(mixer, x)
+    monkeypatch.setattr(fast_layers, "fused_mixer", recorded)
+    for size in (FIXED_SIZE, None):
+        export.export_paddle(create_model(weights=exports["weights"]), str(tmp_path), size)
+    assert fused == [[16, 16, 8], [8, 8, 16]]
+
+
+def test_the_runtimes_run_the_bytes_that_were_checked(exports, tmp_path, monkeypatch):
+    """Each file swapped for junk right after it was checked changes nothing: the runtimes load
+    the checked bytes, not the path again; Paddle's private copy is gone once it is loaded."""
+    folder = tmp_path / "fixed"
+    shutil.copytree(exports["fixed"], folder)
+    checked = export.checked_bytes
+
+    def swapped_after_the_check(directory, meta, name):
+        data = checked(directory, meta, name)
+        (folder / name).write_bytes(b"swapped after the check")
+        return data
+    monkeypatch.setattr(export, "checked_bytes", swapped_after_the_check)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "private"))
+    os.mkdir(tmp_path / "private")
+    model = create_model(weights=exports["weights"])
+    model.eval()
+    images = np.random.default_rng(2).standard_normal((2, 3, FIXED_SIZE, FIXED_SIZE)).astype(np.float32)
+    for runtime in ("paddle", "onnx"):
+        assert_close_to(eager_logits(model, images), export.load_runner(str(folder), runtime)(images))
+    assert os.listdir(tmp_path / "private") == []
 
 
 def test_tracing_for_export_leaves_eager_computation_alone(exports):
@@ -179,7 +207,7 @@ def test_onnx_model_loads_without_warnings(exports, capfd):
     """paddle2onnx leaves constants nothing uses; ONNX Runtime warns about each one it removes."""
     onnxruntime = pytest.importorskip("onnxruntime")
     capfd.readouterr()
-    for name in ("fixed", "dynamic") if ONNX_DYNAMIC else ("fixed",):
+    for name in ("fixed", "dynamic"):
         onnxruntime.InferenceSession(str(exports[name] / "model.onnx"), providers=["CPUExecutionProvider"])
     assert capfd.readouterr().err == ""
 
@@ -192,7 +220,7 @@ def test_predict_runs_the_export_in_both_runtimes(exports, tmp_path, capsys):
                               ["cat", "dog", "fox"], FIXED_SIZE, 0.875, "bicubic")
     [expected] = predict.predict(eager, [image], topk=3)
     results = []           # (the command lines of both runtimes run in tests/test_readme.py)
-    for export_name, runtime in (("dynamic" if ONNX_DYNAMIC else "fixed", "onnx"), ("fixed", "paddle")):
+    for export_name, runtime in (("dynamic", "onnx"), ("fixed", "paddle")):
         assert predict.main(predict.get_args_parser().parse_args(
             [image, "--inference-model", str(exports[export_name]), "--runtime", runtime, "--topk", "3", "--json"])) == 0
         results.append(json.loads(capsys.readouterr().out))
@@ -384,13 +412,6 @@ def test_exports_follow_the_umask_and_keep_the_folders_mode(exports, tmp_path):
         os.umask(old)
     modes = {name: (output / name).stat().st_mode & 0o777 for name in os.listdir(output)}
     assert set(modes.values()) == {0o644} and (output.stat().st_mode & 0o777) == 0o755, modes
-
-
-@pytest.mark.skipif(ONNX_DYNAMIC, reason="paddle2onnx 2 converts dynamic-size exports")
-def test_a_dynamic_size_onnx_export_is_refused_where_paddle2onnx_converts_it_wrongly(exports, tmp_path):
-    with pytest.raises(WeightsError, match="--onnx --dynamic-size needs paddle2onnx 2"):
-        export_in_process(exports["weights"], tmp_path / "out", "--onnx", "--dynamic-size")
-    assert not (tmp_path / "out").exists()
 
 
 def test_what_meta_json_claims_is_checked_before_the_runtime_meets_it(exports, tmp_path):

@@ -89,6 +89,29 @@ def test_the_switch_leaves_the_official_computation(monkeypatch):
         model(paddle.randn([2, 3, 64, 64]))
 
 
+@pytest.mark.parametrize('fast', [True, False], ids=['fast', 'official'])
+def test_grouped_by_shift_is_the_same_model_with_channels_reordered(fast, monkeypatch):
+    """What export.py traces: every stage's channels in shift order, every weight permuted to
+    match, the shifts slices; the logits must be the model's (fused mixer and official
+    computation alike), at the exported size and another, and the model itself untouched."""
+    monkeypatch.setattr(fast_layers, 'ENABLED', fast)
+    paddle.seed(5)
+    model = cyclemlp.CycleNet(**TINY_CONFIG, num_classes=3)
+    for param in model.parameters():            # no symmetric init: a misplaced channel shows
+        param.set_value(paddle.randn(param.shape) * 0.5)
+    model.eval()
+    state = {key: value.numpy().copy() for key, value in model.state_dict().items()}
+    grouped = fast_layers.grouped_by_shift(model)
+    assert all(layer.grouped for layer in grouped.sublayers() if hasattr(layer, 'grouped'))
+    for height, width in ((64, 64), (48, 80)):
+        images = paddle.randn([2, 3, height, width])
+        with paddle.no_grad():
+            expected, got = model(images).numpy(), grouped(images).numpy()
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    assert all(np.array_equal(value.numpy(), state[key]) for key, value in model.state_dict().items())
+    assert not any(getattr(layer, 'grouped', False) for layer in model.sublayers())
+
+
 def test_the_fast_path_is_float32_on_the_cpu_in_eager_mode_only():
     x = paddle.zeros([2, 4])
     assert fast_layers.on_fast_cpu_path(x)
