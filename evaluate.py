@@ -134,8 +134,7 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
     if warning and rank == 0:
         print(printable(warning), file=sys.stderr)
     loader = build_loader(dataset, is_train=False, batch_size=args.batch_size,
-                          num_workers=args.num_workers, num_replicas=world_size, rank=rank,
-                          seed=args.seed)
+                          num_workers=args.num_workers, num_replicas=world_size, rank=rank)
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else print
     if rank == 0:
         log(f'{printable(args.weights)}{" (EMA)" if args.ema else ""}: {len(dataset)} images, '
