@@ -132,11 +132,8 @@ def build_dataset(is_train: bool, args, transform: Callable) -> ImageDataset:
     """The split named by args.data_path and args.train_list / args.val_list (None: class folders).
     Validation takes the training split's classes whenever it exists, so label indices agree."""
     list_path = args.train_list if is_train else args.val_list
-    if list_path:
-        samples = read_list_file(list_path, args.data_path)
-        classes = _list_classes(samples)
-    else:
-        samples, classes = scan_image_folder(os.path.join(args.data_path, 'train' if is_train else 'val'))
+    samples, classes = (read_list_file(list_path, args.data_path) if list_path
+                        else scan_image_folder(os.path.join(args.data_path, 'train' if is_train else 'val')))
     train_classes = None if is_train else _train_classes(args)
     if train_classes is not None:
         if args.val_list:
@@ -153,13 +150,9 @@ def build_dataset(is_train: bool, args, transform: Callable) -> ImageDataset:
     return ImageDataset(samples, classes, transform, skip_unreadable=is_train)
 
 
-def _list_classes(samples: List[Tuple[str, int]]) -> List[str]:
-    return [str(label) for label in range(max(label for _, label in samples) + 1)]
-
-
 def _train_classes(args) -> Optional[List[str]]:
     if args.train_list:
-        return _list_classes(read_list_file(args.train_list, args.data_path, check_files=False))
+        return read_list_file(args.train_list, args.data_path, check_files=False)[1]
     train_root = os.path.join(args.data_path, 'train')
     return _class_folders(train_root) if os.path.isdir(train_root) else None
 
@@ -201,10 +194,11 @@ def scan_image_folder(root: str) -> Tuple[List[Tuple[str, int]], List[str]]:
     return samples, classes
 
 
-def read_list_file(list_path: str, data_path: str, check_files: bool = True) -> List[Tuple[str, int]]:
-    """(path, label) per line `relative/path label` of a PaddleClas list file: paths relative to
-    data_path, may hold spaces (the label is the last field); blank lines ignored. With
-    `check_files`, every named file must be a regular file."""
+def read_list_file(list_path: str, data_path: str,
+                   check_files: bool = True) -> Tuple[List[Tuple[str, int]], List[str]]:
+    """(path, label) per line `relative/path label` of a PaddleClas list file, and the class names
+    '0' .. the largest label: paths relative to data_path, may hold spaces (the label is the last
+    field); blank lines ignored. With `check_files`, every named file must be a regular file."""
     if not is_regular_file(list_path):
         raise DatasetError(f'list file {list_path} does not exist or is not a regular file')
     samples = []
@@ -227,7 +221,7 @@ def read_list_file(list_path: str, data_path: str, check_files: bool = True) -> 
             samples.append((path, int(fields[1])))
     if not samples:
         raise DatasetError(f'list file {list_path} names no images')
-    return samples
+    return samples, [str(label) for label in range(max(label for _, label in samples) + 1)]
 
 
 def to_chw(img: Image.Image) -> np.ndarray:

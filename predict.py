@@ -95,10 +95,8 @@ class Predictor:
 
     def __init__(self, forward: Callable[[np.ndarray], np.ndarray], class_names: Optional[List[str]],
                  input_size: int, crop_pct: float, interpolation: str, fast_decode: bool = False):
-        self.forward = forward
-        self.class_names = class_names
+        self.forward, self.class_names, self.fast_decode = forward, class_names, fast_decode
         self.transform = eval_transform(input_size, crop_pct, interpolation)
-        self.fast_decode = fast_decode
 
     def load(self, path: str) -> np.ndarray:
         reduce_to = SHRINK_TO_FACTOR * self.transform.resize_size if self.fast_decode else None
