@@ -110,12 +110,9 @@ def _enhance(kind):
     return lambda img, factor: kind(img).enhance(factor)
 
 
-def _enhance_level(level, rng):
-    return (level * 1.8 + 0.1,)  # factor in [0.1, 1.9]
-
-
-def _enhance_increasing_level(level, rng):
-    return (max(0.1, 1.0 + _signed(level * 0.9, rng)[0]),)  # 1.0 moved by up to 0.9 either way
+# The enhance ops' level functions: a factor in [0.1, 1.9]; *Increasing: 1.0 moved by up to 0.9 either way.
+_ENHANCE_LEVELS = {'': lambda level, rng: (level * 1.8 + 0.1,),
+                   'Increasing': lambda level, rng: (max(0.1, 1.0 + _signed(level * 0.9, rng)[0]),)}
 
 
 # The ops by name: (the op on a PIL image, timm's level function giving the op's arguments at
@@ -145,7 +142,7 @@ _OPS = {
 }
 _OPS.update({name + variant: (_enhance(getattr(ImageEnhance, name)), level)   # Color, ColorIncreasing, ...
              for name in ('Color', 'Contrast', 'Brightness', 'Sharpness')
-             for variant, level in (('', _enhance_level), ('Increasing', _enhance_increasing_level))})
+             for variant, level in _ENHANCE_LEVELS.items()})
 GEOMETRIC_OPS = ('Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel')
 RA_TRANSFORMS = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize', 'SolarizeAdd',
                  'Color', 'Contrast', 'Brightness', 'Sharpness', 'ShearX', 'ShearY', 'TranslateXRel',
@@ -268,11 +265,9 @@ class TrainTransform:
     def __init__(self, input_size: int, auto_augment: Optional[str], color_jitter_strength: float,
                  interpolation: str = 'bicubic', crop_scale: Tuple[float, float] = RRC_SCALE,
                  hflip: float = HFLIP_PROB) -> None:
-        self.input_size, self.interpolation = input_size, interpolation
-        self.crop_scale, self.hflip = tuple(crop_scale), hflip
+        self.input_size, self.interpolation, self.hflip = input_size, interpolation, hflip
+        self.crop_scale, self.color_jitter_strength = tuple(crop_scale), color_jitter_strength
         self.rand_augment = rand_augment(auto_augment, interpolation)
-        # As in timm, colour jitter is only used when RandAugment is off.
-        self.color_jitter_strength = 0.0 if self.rand_augment is not None else color_jitter_strength
 
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> np.ndarray:
         top, left, height, width = random_resized_crop_box(img.width, img.height, rng, self.crop_scale)
@@ -282,7 +277,7 @@ class TrainTransform:
             img = ImageOps.mirror(img)
         if self.rand_augment is not None:
             img = self.rand_augment(img, rng)
-        elif self.color_jitter_strength > 0:
+        elif self.color_jitter_strength > 0:   # as in timm, colour jitter only without RandAugment
             img = color_jitter(img, self.color_jitter_strength, rng)
         return to_chw(img)
 
