@@ -90,9 +90,9 @@ class ImageDataset(paddle.io.Dataset):
 
     Training asks for (index, key) (TrainBatchSampler): the generator seeded with the key makes an
     augmentation independent of the worker that loads it. With `skip_unreadable` (training) a broken
-    file is warned about once and the next sample used, counted in `skipped` by flags in shared memory
-    made here, in the parent, to cover every worker; without it (evaluation: a metric that silently
-    drops images is wrong) it is a DatasetError."""
+    file is warned about once and the next sample used, counted in `skipped` by shared-memory flags made
+    in the parent, to cover every worker. Without it (evaluation) it is a DatasetError: a metric that
+    silently drops images is wrong."""
 
     def __init__(self, samples: List[Tuple[str, int]], classes: List[str], transform: Callable,
                  skip_unreadable: bool) -> None:
