@@ -110,12 +110,9 @@ def _enhance(kind):
     return lambda img, factor: kind(img).enhance(factor)
 
 
-def _enhance_level(level, rng):
-    return (level * 1.8 + 0.1,)  # factor in [0.1, 1.9]
-
-
-def _enhance_increasing_level(level, rng):
-    return (max(0.1, 1.0 + _signed(level * 0.9, rng)[0]),)  # 1.0 moved by up to 0.9 either way
+# The enhance ops' level functions: a factor in [0.1, 1.9]; *Increasing: 1.0 moved by up to 0.9 either way.
+_ENHANCE_LEVELS = {'': lambda level, rng: (level * 1.8 + 0.1,),
+                   'Increasing': lambda level, rng: (max(0.1, 1.0 + _signed(level * 0.9, rng)[0]),)}
 
 
 # The ops by name: (the op on a PIL image, timm's level function giving the op's arguments at
@@ -145,7 +142,7 @@ _OPS = {
 }
 _OPS.update({name + variant: (_enhance(getattr(ImageEnhance, name)), level)   # Color, ColorIncreasing, ...
              for name in ('Color', 'Contrast', 'Brightness', 'Sharpness')
-             for variant, level in (('', _enhance_level), ('Increasing', _enhance_increasing_level))})
+             for variant, level in _ENHANCE_LEVELS.items()})
 GEOMETRIC_OPS = ('Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel')
 RA_TRANSFORMS = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize', 'SolarizeAdd',
                  'Color', 'Contrast', 'Brightness', 'Sharpness', 'ShearX', 'ShearY', 'TranslateXRel',
@@ -195,12 +192,9 @@ class RandAugment:
 
 def rand_augment(policy: Optional[str], interpolation: str = 'bicubic') -> Optional[RandAugment]:
     """RandAugment from a timm policy string such as 'rand-m9-mstd0.5-inc1'; None for '' or 'none'.
-
     Sections after 'rand': m magnitude (default 10), n ops per image (2), p probability of each op
     (0.5), mstd magnitude noise std (0; above 100: uniform), mmax magnitude clip (10), inc 1 for the
-    increasing-severity ops (0). timm takes any 'inc', even inc0, as on (it tests the string); here
-    inc0 is off, as its documentation intends.
-    """
+    increasing ops (0; timm takes even inc0 as on, here it is off, as timm's documentation intends)."""
     if not policy or policy.lower() == 'none':
         return None
     sections = policy.split('-')
@@ -233,9 +227,7 @@ class RandomErasing:
         self.rng = np.random.default_rng(seed)
 
     def boxes(self, height: int, width: int) -> List[Tuple[int, int, int, int]]:
-        """(top, left, height, width) of one image's boxes: with probability `prob`, 1..max_count,
-        each of area fraction uniform in ERASE_AREA (over the count) and log-uniform aspect ratio
-        in [0.3, 1/0.3], ten tries each."""
+        """(top, left, height, width) of one image's boxes, as timm's _erase draws them."""
         rng = self.rng
         if rng.random() > self.prob:
             return []
@@ -273,11 +265,9 @@ class TrainTransform:
     def __init__(self, input_size: int, auto_augment: Optional[str], color_jitter_strength: float,
                  interpolation: str = 'bicubic', crop_scale: Tuple[float, float] = RRC_SCALE,
                  hflip: float = HFLIP_PROB) -> None:
-        self.input_size, self.interpolation = input_size, interpolation
-        self.crop_scale, self.hflip = tuple(crop_scale), hflip
+        self.input_size, self.interpolation, self.hflip = input_size, interpolation, hflip
+        self.crop_scale, self.color_jitter_strength = tuple(crop_scale), color_jitter_strength
         self.rand_augment = rand_augment(auto_augment, interpolation)
-        # As in timm, colour jitter is only used when RandAugment is off.
-        self.color_jitter_strength = 0.0 if self.rand_augment is not None else color_jitter_strength
 
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> np.ndarray:
         top, left, height, width = random_resized_crop_box(img.width, img.height, rng, self.crop_scale)
@@ -287,7 +277,7 @@ class TrainTransform:
             img = ImageOps.mirror(img)
         if self.rand_augment is not None:
             img = self.rand_augment(img, rng)
-        elif self.color_jitter_strength > 0:
+        elif self.color_jitter_strength > 0:   # as in timm, colour jitter only without RandAugment
             img = color_jitter(img, self.color_jitter_strength, rng)
         return to_chw(img)
 
@@ -306,14 +296,9 @@ def smooth_one_hot(labels: paddle.Tensor, num_classes: int, smoothing: float) ->
 
 class Mixup:
     """timm's Mixup / CutMix in mode 'batch' with correct_lam: one lambda for the whole batch,
-    image i mixed with image B - 1 - i (B even, and an alpha > 0: train.py checks both).
-
-    Per batch: with probability `prob` mix, choosing CutMix with probability `switch_prob` (when
-    both alphas are > 0); lambda ~ Beta(alpha, alpha). CutMix pastes a box of about
-    (1 - lambda) * H * W, clipped at the borders; lambda becomes the exact unpasted fraction.
-    Targets mix label-smoothed one-hot labels alike. Lambda and the box are drawn on the host from
-    numpy seeded with `seed` (one per rank); the mixing is Paddle ops.
-    """
+    image i mixed with image B - 1 - i (B even, and an alpha > 0: train.py checks both), targets
+    mixed alike from label-smoothed one-hot labels. Lambda and the box are drawn on the host from
+    numpy seeded with `seed` (one per rank); the mixing is Paddle ops."""
 
     def __init__(self, num_classes: int, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0,
                  prob: float = 1.0, switch_prob: float = 0.5, label_smoothing: float = 0.1,
@@ -333,15 +318,6 @@ class Mixup:
         alpha = self.cutmix_alpha if use_cutmix else self.mixup_alpha
         return float(self.rng.beta(alpha, alpha)), use_cutmix
 
-    def cutmix_box(self, height: int, width: int, lam: float) -> Tuple[Tuple[int, int, int, int], float]:
-        """((top, bottom, left, right), lambda): sides sqrt(1 - lambda) of the image's, centred
-        uniformly at random, clipped to the image; lambda the exact unpasted fraction."""
-        cut_height, cut_width = int(height * math.sqrt(1.0 - lam)), int(width * math.sqrt(1.0 - lam))
-        center_y, center_x = int(self.rng.integers(0, height)), int(self.rng.integers(0, width))
-        top, bottom = (min(max(center_y + half, 0), height) for half in (-(cut_height // 2), cut_height // 2))
-        left, right = (min(max(center_x + half, 0), width) for half in (-(cut_width // 2), cut_width // 2))
-        return (top, bottom, left, right), 1.0 - (bottom - top) * (right - left) / float(height * width)
-
     def __call__(self, images: paddle.Tensor, labels: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor]:
         """images [B, C, H, W] float, labels [B] int64 -> (mixed images, [B, K] float32 targets)."""
         _, _, height, width = images.shape
@@ -350,7 +326,14 @@ class Mixup:
         if lam == 1.0:
             mixed = images
         elif use_cutmix:
-            (top, bottom, left, right), lam = self.cutmix_box(height, width, lam)
+            # A box of sides sqrt(1 - lambda) of the image's, centred uniformly at random, clipped to
+            # the image; lambda becomes the exact unpasted fraction.
+            cut_ratio = math.sqrt(1.0 - lam)   # timm's cut_rat
+            half_height, half_width = int(height * cut_ratio) // 2, int(width * cut_ratio) // 2
+            center_y, center_x = int(self.rng.integers(0, height)), int(self.rng.integers(0, width))
+            top, bottom = max(center_y - half_height, 0), min(center_y + half_height, height)
+            left, right = max(center_x - half_width, 0), min(center_x + half_width, width)
+            lam = 1.0 - (bottom - top) * (right - left) / (height * width)
             # The box is built on the device from the four bounds: no host-to-device copy.
             rows = paddle.arange(height, dtype='int64').reshape([1, 1, height, 1])
             cols = paddle.arange(width, dtype='int64').reshape([1, 1, 1, width])

@@ -62,12 +62,15 @@ def open_image(path: str) -> Image.Image:
     return Image.open(path)
 
 
-def load_image(path: str, exif_orientation: bool = False) -> Image.Image:
+def load_image(path: str, exif_orientation: bool = False, reduce_to: Optional[int] = None) -> Image.Image:
     """The image file decoded fully into 8-bit RGB; one of UNREADABLE_IMAGE_ERRORS if it cannot be.
     The EXIF orientation is ignored, as by the official loader (torchvision's ImageFolder: open,
     convert to RGB, alpha dropped) so accuracies reproduce, unless asked for (predict.py: a phone
-    photo is seen the way up a person sees it)."""
+    photo is seen the way up a person sees it). `reduce_to` (predict.py --fast-decode) shrinks a
+    large image cheaply by an integer factor, its shorter side kept at least reduce_to."""
     with open_image(path) as img:
+        if reduce_to:   # a JPEG decodes at 1/2, 1/4 or 1/8 scale (DCT scaling); other formats ignore it
+            img.draft('RGB', (reduce_to, reduce_to))
         img.load()  # decode now, so a truncated file fails here rather than in a transform
         if exif_orientation:
             img = ImageOps.exif_transpose(img)
@@ -77,7 +80,9 @@ def load_image(path: str, exif_orientation: bool = False) -> Image.Image:
             img = Image.fromarray(np.clip(np.round(np.asarray(img) / 257.0), 0, 255).astype(np.uint8))
         elif img.mode in ('P', 'PA'):
             img = img.convert('RGBA')  # a palette expands through RGBA: transparency needs no case
-        return img if img.mode == 'RGB' else img.convert('RGB')
+        img = img if img.mode == 'RGB' else img.convert('RGB')
+    factor = min(img.size) // reduce_to if reduce_to else 1
+    return img.reduce(factor) if factor > 1 else img
 
 
 class ImageDataset(paddle.io.Dataset):
@@ -85,10 +90,9 @@ class ImageDataset(paddle.io.Dataset):
 
     Training asks for (index, key) (TrainBatchSampler): the generator seeded with the key makes an
     augmentation independent of the worker that loads it. With `skip_unreadable` (training) a broken
-    file is warned about once and the next sample used, counted in `skipped` by flags in shared
-    memory made here, in the parent, to cover every worker. Without it (evaluation) it is a
-    DatasetError: a metric that silently drops images is wrong.
-    """
+    file is warned about once and the next sample used, counted in `skipped` by shared-memory flags made
+    in the parent, to cover every worker. Without it (evaluation) it is a DatasetError: a metric that
+    silently drops images is wrong."""
 
     def __init__(self, samples: List[Tuple[str, int]], classes: List[str], transform: Callable,
                  skip_unreadable: bool) -> None:
@@ -120,8 +124,7 @@ class ImageDataset(paddle.io.Dataset):
                            'read; check the dataset')
 
     @property
-    def skipped(self) -> int:
-        """Distinct files found unreadable so far, across all workers."""
+    def skipped(self) -> int:   # distinct files found unreadable so far, across all workers
         return int(np.count_nonzero(np.frombuffer(self._unreadable_flags, dtype=np.int8)))
 
 
@@ -129,11 +132,8 @@ def build_dataset(is_train: bool, args, transform: Callable) -> ImageDataset:
     """The split named by args.data_path and args.train_list / args.val_list (None: class folders).
     Validation takes the training split's classes whenever it exists, so label indices agree."""
     list_path = args.train_list if is_train else args.val_list
-    if list_path:
-        samples = read_list_file(list_path, args.data_path)
-        classes = _list_classes(samples)
-    else:
-        samples, classes = scan_image_folder(os.path.join(args.data_path, 'train' if is_train else 'val'))
+    samples, classes = (read_list_file(list_path, args.data_path) if list_path
+                        else scan_image_folder(os.path.join(args.data_path, 'train' if is_train else 'val')))
     train_classes = None if is_train else _train_classes(args)
     if train_classes is not None:
         if args.val_list:
@@ -150,13 +150,9 @@ def build_dataset(is_train: bool, args, transform: Callable) -> ImageDataset:
     return ImageDataset(samples, classes, transform, skip_unreadable=is_train)
 
 
-def _list_classes(samples: List[Tuple[str, int]]) -> List[str]:
-    return [str(label) for label in range(max(label for _, label in samples) + 1)]
-
-
 def _train_classes(args) -> Optional[List[str]]:
     if args.train_list:
-        return _list_classes(read_list_file(args.train_list, args.data_path, check_files=False))
+        return read_list_file(args.train_list, args.data_path, check_files=False)[1]
     train_root = os.path.join(args.data_path, 'train')
     return _class_folders(train_root) if os.path.isdir(train_root) else None
 
@@ -198,10 +194,11 @@ def scan_image_folder(root: str) -> Tuple[List[Tuple[str, int]], List[str]]:
     return samples, classes
 
 
-def read_list_file(list_path: str, data_path: str, check_files: bool = True) -> List[Tuple[str, int]]:
-    """(path, label) per line `relative/path label` of a PaddleClas list file: paths relative to
-    data_path, may hold spaces (the label is the last field); blank lines ignored. With
-    `check_files`, every named file must be a regular file."""
+def read_list_file(list_path: str, data_path: str,
+                   check_files: bool = True) -> Tuple[List[Tuple[str, int]], List[str]]:
+    """(path, label) per line `relative/path label` of a PaddleClas list file, and the class names
+    '0' .. the largest label: paths relative to data_path, may hold spaces (the label is the last
+    field); blank lines ignored. With `check_files`, every named file must be a regular file."""
     if not is_regular_file(list_path):
         raise DatasetError(f'list file {list_path} does not exist or is not a regular file')
     samples = []
@@ -224,7 +221,7 @@ def read_list_file(list_path: str, data_path: str, check_files: bool = True) -> 
             samples.append((path, int(fields[1])))
     if not samples:
         raise DatasetError(f'list file {list_path} names no images')
-    return samples
+    return samples, [str(label) for label in range(max(label for _, label in samples) + 1)]
 
 
 def to_chw(img: Image.Image) -> np.ndarray:
@@ -247,9 +244,8 @@ def normalize(images):
 
 
 def shorter_side_target(width: int, height: int, size: int) -> Tuple[int, int]:
-    """torchvision's Resize(int) of a width x height image: shorter side to `size`, longer side
-    int(size * long / short); ValueError when that is more pixels than Pillow allows (an extreme
-    aspect ratio, e.g. 20000000 x 1)."""
+    """torchvision's Resize(size) of a width x height image; ValueError when that is more pixels than
+    Pillow allows (an extreme aspect ratio, e.g. 20000000 x 1)."""
     target = (size, int(size * height / width)) if width <= height else (int(size * width / height), size)
     if target[0] * target[1] > Image.MAX_IMAGE_PIXELS:
         raise ValueError(f'a {width}x{height} image resizes to {target[0]}x{target[1]}, over '
@@ -258,11 +254,13 @@ def shorter_side_target(width: int, height: int, size: int) -> Tuple[int, int]:
 
 
 class EvalTransform:
-    """torchvision's Resize(floor(input_size / crop_pct)) and CenterCrop(input_size): PIL RGB image
-    -> uint8 (3, S, S); `rng` is accepted so datasets call every transform alike. The settings
-    come checked (cli.py's flags, weights.check_data_config for recorded ones)."""
+    """The evaluation and inference transform, torchvision's Resize(floor(input_size / crop_pct)) and
+    CenterCrop(input_size): PIL RGB image -> uint8 (3, S, S) (`normalize` follows, on the batch); `rng`
+    is accepted so datasets call every transform alike. The settings come checked (cli.py's flags,
+    weights.check_data_config for recorded ones)."""
 
-    def __init__(self, input_size: int, crop_pct: float, interpolation: str) -> None:
+    def __init__(self, input_size: int = EVAL_DEFAULTS['input_size'], crop_pct: float = DEFAULT_CROP_PCT,
+                 interpolation: str = EVAL_DEFAULTS['interpolation']) -> None:
         self.input_size, self.resize_size = input_size, math.floor(input_size / crop_pct)
         self.resample = INTERPOLATIONS[interpolation]
 
@@ -274,16 +272,12 @@ class EvalTransform:
         return to_chw(img.crop((left, top, left + self.input_size, top + self.input_size)))
 
 
-def eval_transform(input_size: int = EVAL_DEFAULTS['input_size'], crop_pct: float = DEFAULT_CROP_PCT,
-                   interpolation: str = EVAL_DEFAULTS['interpolation']) -> EvalTransform:
-    """The evaluation and inference transform (`normalize` follows, on the batch)."""
-    return EvalTransform(input_size, crop_pct, interpolation)
+eval_transform = EvalTransform   # the name the commands import
 
 
 def check_image_headers(dataset: ImageDataset) -> None:
-    """Read every image's header (not its pixels): a file that is not an image, or one too
-    elongated to resize, is a DatasetError naming it before any time is spent (a truncated one
-    shows only when decoded, and is then a DatasetError as well)."""
+    """Read every image's header (not its pixels): a file that is not an image, or one too elongated
+    to resize, is a DatasetError naming it before any time is spent (a truncated one only when decoded)."""
     for path, _ in dataset.samples:
         try:
             with open_image(path) as img:
@@ -349,8 +343,6 @@ def build_loader(dataset: ImageDataset, is_train: bool, batch_size: int, num_wor
     processes (none when num_workers is 0). Training: TrainBatchSampler; call `set_loader_epoch`
     before each epoch. Evaluation: rank r takes indices r, r + R, ... so every image is seen once;
     ranks may differ by one sample, so reduce the metric sums after the loop, not per batch."""
-    if not 0 <= rank < num_replicas:
-        raise ValueError(f'rank {rank} is not in [0, {num_replicas})')
     if is_train:
         batch_sampler = TrainBatchSampler(len(dataset), batch_size, num_replicas, rank, seed,
                                           RA_REPEATS if repeated_aug else 1)
@@ -369,8 +361,7 @@ def build_loader(dataset: ImageDataset, is_train: bool, batch_size: int, num_wor
 
 
 def set_loader_epoch(loader: Union[paddle.io.DataLoader, InProcessLoader], epoch: int) -> None:
-    """Reseed the training loader's sample order and augmentations for `epoch`."""
-    loader.batch_sampler.epoch = epoch
+    loader.batch_sampler.epoch = epoch   # reseeds the sample order and the augmentations
 
 
 def iterate(loader):

@@ -64,9 +64,8 @@ def evaluate(model: paddle.nn.Layer, loader, print_freq: int = 10,
     model.eval()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     total_steps = len(loader)
-    # On the device: correct top-1, correct top-k, summed loss, images with non-finite logits.
-    sums = paddle.zeros([4], dtype='float64')
-    images = 0
+    # On the device: correct top-1, correct top-k, summed loss, images with non-finite logits, images.
+    sums = paddle.zeros([5], dtype='float64')
     start = time.time()
     for step, (batch, labels) in enumerate(iterate(loader)):
         with paddle.amp.auto_cast(enable=amp_dtype is not None, dtype=amp_dtype or 'float16'):
@@ -77,22 +76,19 @@ def evaluate(model: paddle.nn.Layer, loader, print_freq: int = 10,
         hits = (top == labels).astype('float64')
         nonfinite = paddle.logical_not(paddle.isfinite(logits).all(axis=1)).astype('float64')
         loss = F.cross_entropy(logits, labels, reduction='sum').astype('float64')
-        sums = sums + paddle.concat([part.sum().reshape([1]) for part in (hits[:, 0], hits, loss, nonfinite)])
-        images += labels.shape[0]
+        parts = (hits[:, 0], hits, loss, nonfinite, paddle.ones_like(nonfinite))
+        sums = sums + paddle.concat([part.sum().reshape([1]) for part in parts])
         if rank == 0 and (step % print_freq == 0 or step == total_steps - 1):
             elapsed = time.time() - start
             eta = elapsed / (step + 1) * (total_steps - step - 1)
-            correct1, correct5, loss_sum, _ = sums.numpy().tolist()
+            correct1, correct5, loss_sum, _, images = sums.numpy().tolist()
             log(f'{header} [{step + 1:>{len(str(total_steps))}}/{total_steps}] eta {datetime.timedelta(seconds=int(eta))} '
                 f'acc1 {100.0 * correct1 / images:.3f} acc5 {100.0 * correct5 / images:.3f} '
                 f'loss {loss_sum / images:.4f} {images / max(elapsed, 1e-9):.0f} img/s')
-    totals = paddle.concat([sums, paddle.to_tensor([images], dtype='float64')])
     if world_size > 1:
-        dist.all_reduce(totals)
-    correct1, correct5, loss_sum, nonfinite, images = totals.numpy().tolist()
-    images = int(images)
-    if images == 0:
-        raise DatasetError('the validation loader yielded no images')
+        dist.all_reduce(sums)
+    correct1, correct5, loss_sum, nonfinite, images = sums.numpy().tolist()
+    images = int(images)   # never 0: a dataset holds images, and the sampler gives each to one rank
     if nonfinite:
         raise FloatingPointError(f'the model\'s logits are not finite (NaN or infinite) for {int(nonfinite)} of '
                                  f'{images} images: no accuracy is reported')
@@ -134,8 +130,7 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
     if warning and rank == 0:
         print(printable(warning), file=sys.stderr)
     loader = build_loader(dataset, is_train=False, batch_size=args.batch_size,
-                          num_workers=args.num_workers, num_replicas=world_size, rank=rank,
-                          seed=args.seed)
+                          num_workers=args.num_workers, num_replicas=world_size, rank=rank)
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else print
     if rank == 0:
         log(f'{printable(args.weights)}{" (EMA)" if args.ema else ""}: {len(dataset)} images, '

@@ -24,20 +24,17 @@ import cpu_setup
 import numpy as np
 import paddle
 import paddle.nn.functional as F
-from PIL import Image, ImageOps
 
 import export
 from cli import bounded, model_args_parser, resolve_data_config
-from data import IMAGE_EXTENSIONS, UNREADABLE_IMAGE_ERRORS, eval_transform, is_regular_file, load_image, normalize
+from data import IMAGE_EXTENSIONS, UNREADABLE_IMAGE_ERRORS, eval_transform, load_image, normalize
 from safe_io import WeightsError, printable
 from zoo import load_model
 
 DEFAULT_WEIGHTS = 'CycleMLP_B1'   # the official weights of the model the earlier Paddle port trained
 DEFAULT_TOPK = 5
 DEFAULT_BATCH_SIZE = 16
-LARGE_IMAGE_FACTOR = 4   # --fast-decode: shorter side >= 4x the resize target is shrunk cheaply first
-SHRINK_TO_FACTOR = 2     # ... but never below 2x the target, so the bicubic resize still smooths
-FAILED = 1               # exit code when some image could not be predicted (as for any error)
+SHRINK_TO_FACTOR = 2   # --fast-decode: never below 2x the resize target, so the bicubic resize still smooths
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -66,26 +63,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--json', action='store_true',
                         help='one JSON object per image and line (default: off)')
     return parser
-
-
-def load_image_reduced(path: str, resize_size: int) -> Image.Image:
-    """load_image's RGB image, shrunk cheaply first if its shorter side is at least LARGE_IMAGE_FACTOR
-    times resize_size (--fast-decode), to no less than SHRINK_TO_FACTOR times it."""
-    target = SHRINK_TO_FACTOR * resize_size
-    image = None
-    if is_regular_file(path):      # else load_image says what the path is
-        with Image.open(path) as img:
-            if img.format == 'JPEG' and min(img.size) >= LARGE_IMAGE_FACTOR * resize_size:
-                # draft picks the smallest DCT scale (1/2, 1/4, 1/8) that keeps at least target;
-                # JPEG modes are L, RGB and CMYK, for which load_image's conversion is Pillow's own.
-                scale = target / min(img.size)
-                img.draft('RGB', (int(np.ceil(img.width * scale)), int(np.ceil(img.height * scale))))
-                img.load()
-                image = ImageOps.exif_transpose(img).convert('RGB')
-    if image is None:
-        image = load_image(path, exif_orientation=True)
-    factor = min(image.size) // target
-    return image.reduce(factor) if factor > 1 else image
 
 
 def expand_inputs(paths: Sequence[str]) -> Iterator[Tuple[str, Optional[str]]]:
@@ -118,15 +95,12 @@ class Predictor:
 
     def __init__(self, forward: Callable[[np.ndarray], np.ndarray], class_names: Optional[List[str]],
                  input_size: int, crop_pct: float, interpolation: str, fast_decode: bool = False):
-        self.forward = forward
-        self.class_names = class_names
+        self.forward, self.class_names, self.fast_decode = forward, class_names, fast_decode
         self.transform = eval_transform(input_size, crop_pct, interpolation)
-        self.fast_decode = fast_decode
 
     def load(self, path: str) -> np.ndarray:
-        image = (load_image_reduced(path, self.transform.resize_size) if self.fast_decode
-                 else load_image(path, exif_orientation=True))
-        return normalize(self.transform(image))
+        reduce_to = SHRINK_TO_FACTOR * self.transform.resize_size if self.fast_decode else None
+        return normalize(self.transform(load_image(path, exif_orientation=True, reduce_to=reduce_to)))
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         return F.softmax(paddle.to_tensor(self.forward(batch), dtype='float32'), axis=-1).numpy()
@@ -201,7 +175,7 @@ def format_result(result: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Print predictions; the exit status is FAILED if any image could not be predicted."""
+    """Print predictions; the exit status is 1 if any image could not be predicted (as for any error)."""
     cpu_setup.configure(args.threads, args.device)
     predictor = load_predictor(args)
     failed = 0
@@ -212,7 +186,7 @@ def main(args: argparse.Namespace) -> int:
         else:
             print(format_result(result), file=sys.stderr if 'error' in result else sys.stdout,
                   flush=True)
-    return FAILED if failed else 0
+    return 1 if failed else 0
 
 
 if __name__ == '__main__':

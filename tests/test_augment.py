@@ -286,13 +286,17 @@ def test_train_transform_is_seeded_and_uses_jitter_only_without_rand_augment():
     assert first.shape == (3, 24, 24) and first.dtype == np.uint8
     assert np.array_equal(first, transform(img, np.random.default_rng(7)))
     assert not np.array_equal(first, transform(img, np.random.default_rng(8)))
-    assert transform.rand_augment is not None and transform.color_jitter_strength == 0
+    # With RandAugment the jitter strength changes nothing: timm jitters only without it.
+    assert np.array_equal(first, augment.train_transform(make_args(input_size=24, color_jitter=0.0))(
+        img, np.random.default_rng(7)))
 
     random_filter = augment.train_transform(make_args(train_interpolation="random"))
     assert random_filter(img, np.random.default_rng(7)).shape == (3, 16, 16)
 
     plain = augment.train_transform(make_args(aa="none"))
-    assert plain.rand_augment is None and plain.color_jitter_strength == 0.4
+    unjittered = augment.train_transform(make_args(aa="none", color_jitter=0.0))
+    assert plain.rand_augment is None
+    assert not np.array_equal(plain(img, np.random.default_rng(7)), unjittered(img, np.random.default_rng(7)))
 
 
 def _batch(batch_size=4, size=8):

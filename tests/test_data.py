@@ -389,8 +389,6 @@ def test_loaders_batches_seeds_and_epochs(make_image_folder):
 
     with pytest.raises(ValueError, match="fewer than the batch size"):
         data.build_loader(build(True, args), True, batch_size=16)
-    with pytest.raises(ValueError, match=r"rank 2 is not in \[0, 2\)"):
-        data.build_loader(val, False, batch_size=2, num_replicas=2, rank=2)
 
 
 def test_demo_data_is_a_valid_image_folder():

@@ -211,7 +211,7 @@ def test_large_images_take_the_official_path_unless_fast_decode(tmp_path):
         Image.fromarray(photo_like_array(1200, 900, 4)).save(path)
         official = normalize(eval_transform(INPUT_SIZE)(load_image(path)))
         np.testing.assert_array_equal(exact.load(path), official)
-        shrunk = predict.load_image_reduced(path, resize)
+        shrunk = load_image(path, exif_orientation=True, reduce_to=2 * resize)
         assert 2 * resize <= min(shrunk.size) < 4 * resize and shrunk.mode == "RGB"
         assert shrunk.size[0] / shrunk.size[1] == pytest.approx(1200 / 900, rel=0.02)
         # Close to the official transform of the full image, not equal (see predict's docstring).
