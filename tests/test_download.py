@@ -208,7 +208,7 @@ def test_predict_with_no_weights_flag_uses_the_official_b1(cache, server, tmp_pa
     ('missing', 'HTTP 404 Not Found'),
     ('forbidden', 'HTTP 403 Forbidden'),
     ('broken', 'HTTP 500 Internal Server Error'),
-    ('html', 'the server sent a web page, not a weights file'),
+    ('html', r"not CycleMLP_B1's weights \(the file: not a weights file"),   # the structural check
     ('garbage', r"not CycleMLP_B1's weights \(the file: not a weights file"),
     ('other', r"not CycleMLP_B1's weights \(the file does not fit CycleNet \[2, 2, 4, 2\] .*missing keys"),
     ('loop', r'HTTP 302 The HTTP server returned a redirect error that would lead to an infinite loop'),
@@ -249,7 +249,7 @@ def refuse_after_recording_size(sizes):
 def test_a_download_never_holds_more_than_its_bound(cache, server, monkeypatch, behaviour, problem):
     folder, behave = cache
     behave(behaviour)
-    monkeypatch.setitem(download.RELEASES, NAME, (FILE, BOUND, None))
+    monkeypatch.setitem(download.RELEASES, NAME, (FILE, BOUND))
     sizes = []
     assert_refused(lambda: download.official_weights(NAME, refuse_after_recording_size(sizes)),
                    server, behaviour, problem, folder)
@@ -317,7 +317,7 @@ def test_mirror_credentials_are_used_and_never_printed(cache, server, monkeypatc
     monkeypatch.setenv(download.MIRROR_VARIABLE, mirror.format(
         server=f'http://{credentials}@127.0.0.1:{server.server_port}', credentials=credentials,
         port=server.server_port))
-    monkeypatch.setitem(download.RELEASES, NAME, (FILE, 80 << 20, None) if 'auth' in mirror else (FILE, BOUND, None))
+    monkeypatch.setitem(download.RELEASES, NAME, (FILE, 80 << 20) if 'auth' in mirror else (FILE, BOUND))
     monkeypatch.setattr(download, 'PROGRESS_INTERVAL', 0.0)
     monkeypatch.setattr(sys.stderr, 'isatty', lambda: True)       # the progress line is shown
     try:

@@ -605,6 +605,7 @@ BAD_FILES = {  # kind: (write it at path, or None; what the one-line error says 
                          'cannot unpickle'),
     'broken safetensors': (lambda path: path.write_bytes(struct.pack('<Q', 1000) + b'{"w": 1'),
                            'damaged safetensors file'),
+    'persistent id in a pickle': (lambda path: path.write_bytes(b'\x80\x02Pstorage\n.'), 'cannot unpickle'),
 }
 
 
