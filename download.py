@@ -1,5 +1,4 @@
-"""The official CycleMLP weights by name, downloaded once into a cache folder, checked and reused
-(docs/hardening.md tells the whole story).
+"""The official CycleMLP weights by name, downloaded once into a cache folder, checked and reused.
 
 The cache folder is $CYCLEMLP_CACHE, else paddle.hub's $PADDLE_HOME/cyclemlp (PADDLE_HOME:
 $XDG_CACHE_HOME/paddle or ~/.cache/paddle), always absolute. Files come from the official release
@@ -11,6 +10,7 @@ beside it (NAME.sha256), is verified at every later use. A lock file lets one pr
 while the others wait for its file.
 """
 import base64
+import contextlib
 import fcntl
 import hashlib
 import http.client
@@ -109,23 +109,23 @@ def official_weights(name: str, check: Callable[[str], None]) -> str:
     file_name = RELEASES[name][0]
     folder = cache_folder()
     path = os.path.join(folder, file_name)
-    if os.path.isfile(path) and _verified(path):
-        return path
+    verified = _verified(path) if os.path.isfile(path) else False
+    if verified is not False:
+        return path if verified else _checked(path, check)
     by_hand = f'download {release_url(name)} by hand and put it at {path}'
     try:
         os.makedirs(folder, exist_ok=True)
         lock_path = os.path.join(folder, f'.{file_name}.lock')
         lock = open_regular_file(lock_path, SIDE_FILE_BYTES, os.O_RDWR | os.O_CREAT)
     except (OSError, WeightsError) as error:
-        if os.path.isfile(path):             # a read-only cache: its file, checked, unrecorded
-            return _checked(path, _verified(path), check, record=False)
-        problem = f'cache folder {folder}: {error.strerror}' if isinstance(error, OSError) else error
+        problem = (f'{path} does not match its recorded sha256 (damaged)' if os.path.isfile(path) else
+                   f'cache folder {folder}: {error.strerror}' if isinstance(error, OSError) else error)
         raise DownloadError(f'{problem}; set {CACHE_VARIABLE} to a writable folder, or {by_hand}') from None
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)    # another process may be downloading it: wait for it
         verified = _verified(path) if os.path.isfile(path) else False
-        if verified is not False:
-            return _checked(path, verified, check, record=True)
+        if verified is not False:           # downloaded, or put there by hand, while this one waited
+            return path if verified else _checked(path, check)
         if os.path.isfile(path):             # replaced once the new one is checked
             print(f'{printable(path)} does not match its recorded sha256 (damaged): downloading it again',
                   file=sys.stderr)
@@ -146,17 +146,14 @@ def _verified(path: str) -> Optional[bool]:
     return None if recorded is None else sha256_of(path) == recorded
 
 
-def _checked(path: str, verified: Optional[bool], check: Callable[[str], None], record: bool) -> str:
-    """path, once it matched its sha256 (verified) or, unrecorded (None), passed check."""
-    if verified is False:
-        raise DownloadError(f'{path} is damaged (it does not match its sha256); delete it to download it again')
-    if verified is None:
-        try:
-            check(path)
-        except WeightsError as error:
-            raise DownloadError(f'{error}; delete {path} to download it again') from None
-        if record:
-            _write_record(path, sha256_of(path))
+def _checked(path: str, check: Callable[[str], None]) -> str:
+    """path, put into the cache by hand, once it passed check; recorded where the cache is writable."""
+    try:
+        check(path)
+    except WeightsError as error:
+        raise DownloadError(f'{error}; delete {path} to download it again') from None
+    with contextlib.suppress(WeightsError):     # a read-only cache: checked at every use
+        _write_record(path, sha256_of(path))
     return path
 
 

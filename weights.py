@@ -1,11 +1,10 @@
 """Reading and writing CycleMLP weight files safely, without PyTorch.
 
 Read, recognised by content: torch.save zip archives, paddle.save pickles (.pdparams/.pdckpt),
-.safetensors. Written, atomically: .pdparams (numpy arrays: paddle.load reads it too), .safetensors.
-A pickle is a program (torch.load before weights_only and paddle.load call what it names); here
-an unpickler resolves every name through an allow-list of stand-ins, sets state only on objects
-the load created, from checked values, and bounds what a file declares by what it holds. Anything
-else is a WeightsError before anything from the file has run. Recorded metadata passes one schema.
+.safetensors; written atomically: .pdparams (paddle.load reads it too), .safetensors. A pickle is a
+program (torch.load and paddle.load call what it names), so here an unpickler resolves every name
+through an allow-list of stand-ins, sets state only on objects the load created, from checked values,
+and bounds what a file declares by what it holds: anything else is a WeightsError, nothing runs.
 """
 from __future__ import annotations
 
@@ -23,8 +22,8 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from safe_io import (WeightsError, describe, one_line, open_regular_file, printable,  # noqa: F401 (re-exported)
-                     remove_stale_temporaries, sha256_of, write_atomically)
+# printable and sha256_of: re-exported, as other modules import them from here.
+from safe_io import WeightsError, describe, open_regular_file, printable, sha256_of, write_atomically  # noqa: F401
 
 META_KEYS = ('model_name', 'class_names', 'data_config')
 # torch.save files from before PyTorch 1.6 start with a pickled magic number, not a zip header.

@@ -235,10 +235,9 @@ def count_parameters(model: nn.Layer) -> int:
 
 
 def count_flops(model: CycleNet, input_size: Sequence[int] = (224, 224)) -> int:
-    """The paper's FLOPs of one image: fvcore's count, as the official main.py runs it, from the
-    layer shapes: multiply-accumulates of convolutions, Linear layers and CycleFC (a 1x1
-    convolution, the official fvcore handle), plus fvcore's 5 per element of each affine
-    LayerNorm (without it B3..B5 come out 0.1 G below the paper's table)."""
+    """The paper's FLOPs of one image, as fvcore counts them in the official main.py: multiply-accumulates
+    of convolutions, Linear layers and CycleFC (a 1x1 convolution to fvcore), plus 5 per element of
+    each affine LayerNorm (without them B3..B5 come out 0.1 G below the paper's table)."""
     def size(param):
         return int(np.prod(param.shape))
 

@@ -392,6 +392,11 @@ def test_a_cache_folder_that_cannot_be_written(cache, server, release, tmp_path,
     (folder / FILE).write_bytes(release['data'])
     with read_only(folder):                               # a read-only cache with the file: used
         assert zoo.weights_file(NAME) == str(folder / FILE)
+    (folder / f'{FILE}.sha256').write_text(f'{"0" * 64}  {FILE}\n')     # ... but not when damaged
+    with read_only(folder):
+        with pytest.raises(download.DownloadError, match=r'does not match its recorded sha256 \(damaged\); set '
+                                                         'CYCLEMLP_CACHE to a writable folder, or download'):
+            zoo.weights_file(NAME)
     assert server.requests == []
 
 
