@@ -22,8 +22,8 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-# printable and sha256_of: re-exported, as other modules import them from here.
-from safe_io import WeightsError, describe, open_regular_file, printable, sha256_of, write_atomically  # noqa: F401
+# printable is re-exported: data.py, convert_weights.py and the backbone adapters import it from here.
+from safe_io import WeightsError, describe, open_regular_file, printable, write_atomically  # noqa: F401
 
 META_KEYS = ('model_name', 'class_names', 'data_config')
 # torch.save files from before PyTorch 1.6 start with a pickled magic number, not a zip header.
@@ -200,7 +200,7 @@ def _build_array(target: _EmptyArray, state) -> np.ndarray:
     if not (isinstance(shape, tuple) and len(shape) <= MAX_ARRAY_DIMS
             and all(type(n) is int and n >= 0 for n in shape)):
         raise WeightsError('array shape is not a tuple of non-negative integers')
-    if not isinstance(dtype, np.dtype):    # numeric: _numpy_dtype made it
+    if not isinstance(dtype, np.dtype):    # numeric: _numpy_dtype built it
         raise WeightsError(f'array dtype {describe(dtype)} is not numeric')
     if not isinstance(raw, (bytes, bytearray)) or len(raw) != math.prod(shape) * dtype.itemsize:
         raise WeightsError(f'an array of shape {shape} and dtype {dtype} needs '
@@ -402,7 +402,7 @@ def read_checkpoint(path: str) -> dict:
 
 
 def check_state(path: str, state) -> dict[str, np.ndarray]:
-    """A state dict of str keys and numeric arrays (native byte order), or WeightsError."""
+    """A state dict of str keys and arrays (numeric and native: the readers make no other), or WeightsError."""
     if not isinstance(state, dict):
         raise WeightsError(f'{path}: the state dict is {describe(state)}, expected a dict')
     arrays = {}
@@ -412,7 +412,7 @@ def check_state(path: str, state) -> dict[str, np.ndarray]:
         if (isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str)
                 and isinstance(value[1], np.ndarray)):
             value = value[1]  # (tensor name, array): a paddle tensor pickled inside a container
-        if not isinstance(key, str) or not isinstance(value, np.ndarray):   # numeric, native: the readers'
+        if not isinstance(key, str) or not isinstance(value, np.ndarray):
             raise WeightsError(f'{path}: state dict entry {describe(key)} is {describe(value)}, '
                                'expected an array')
         arrays[key.removeprefix('module.')] = value   # DistributedDataParallel's wrapped module
