@@ -186,12 +186,9 @@ def _download(name: str, temporary: str, check: Callable[[str], None], by_hand: 
     try:
         with _opener().open(request, timeout=seconds) as response, open(temporary, 'wb', buffering=0) as file:
             expected = response.length           # the Content-Length http.client reads up to, or None
-            if expected is not None and expected > bound:
-                raise DownloadError(f'{url}: the server announces {expected} bytes, more than the {bound} bytes '
-                                    f'{name}\'s file can have; {by_hand}')
             while chunk := response.read1(CHUNK):   # what has arrived: a trickle meets the deadline
                 written += len(chunk)
-                if written > bound:
+                if written > bound:                 # whatever the server announced
                     raise DownloadError(f'{url}: more than the {bound} bytes {name}\'s file can have; '
                                         f'{by_hand}')
                 now = time.monotonic()
