@@ -1,5 +1,4 @@
-"""The official CycleMLP weights by name, downloaded once into a cache folder, checked and reused
-(docs/hardening.md tells the whole story).
+"""The official CycleMLP weights by name, downloaded once into a cache folder, checked and reused.
 
 The cache folder is $CYCLEMLP_CACHE, else paddle.hub's $PADDLE_HOME/cyclemlp (PADDLE_HOME:
 $XDG_CACHE_HOME/paddle or ~/.cache/paddle), always absolute. Files come from the official release
@@ -11,12 +10,12 @@ beside it (NAME.sha256), is verified at every later use. A lock file lets one pr
 while the others wait for its file.
 """
 import base64
+import contextlib
 import fcntl
 import hashlib
 import http.client
 import os
 import re
-import socket
 import sys
 import time
 import urllib.error
@@ -29,15 +28,14 @@ from safe_io import (WeightsError, one_line, open_regular_file, printable, remov
                      write_atomically)
 
 RELEASE_URL = 'https://github.com/ShoufaChen/CycleMLP/releases/download/v0.1'
-# name: (release file, the most bytes it can have, its published sha256; None: none published).
-# The bound is the variant's parameter count x 4 (float32) plus 4 MiB for the CycleFC offset
-# buffers, the pickle and the zip headers.
+# name: (release file, the most bytes it can have). The bound is the variant's parameter count
+# x 4 (float32) plus 4 MiB for the CycleFC offset buffers, the pickle and the zip headers.
 RELEASES = {
-    'CycleMLP_B1': ('CycleMLP_B1.pth', 15_155_400 * 4 + (4 << 20), None),
-    'CycleMLP_B2': ('CycleMLP_B2.pth', 26_802_504 * 4 + (4 << 20), None),
-    'CycleMLP_B3': ('CycleMLP_B3.pth', 38_385_720 * 4 + (4 << 20), None),
-    'CycleMLP_B4': ('CycleMLP_B4.pth', 51_796_552 * 4 + (4 << 20), None),
-    'CycleMLP_B5': ('CycleMLP_B5.pth', 75_747_280 * 4 + (4 << 20), None),
+    'CycleMLP_B1': ('CycleMLP_B1.pth', 15_155_400 * 4 + (4 << 20)),
+    'CycleMLP_B2': ('CycleMLP_B2.pth', 26_802_504 * 4 + (4 << 20)),
+    'CycleMLP_B3': ('CycleMLP_B3.pth', 38_385_720 * 4 + (4 << 20)),
+    'CycleMLP_B4': ('CycleMLP_B4.pth', 51_796_552 * 4 + (4 << 20)),
+    'CycleMLP_B5': ('CycleMLP_B5.pth', 75_747_280 * 4 + (4 << 20)),
 }
 CACHE_VARIABLE = 'CYCLEMLP_CACHE'
 MIRROR_VARIABLE = 'CYCLEMLP_MIRROR'
@@ -70,8 +68,8 @@ def release_url(name: str) -> str:
 
 
 def _source(name: str) -> Tuple[str, Optional[str]]:
-    """(the URL of variant name's file, without credentials; the Authorization header a
-    user:password@ in the mirror asks for, else None), or DownloadError naming the variable."""
+    """(the URL of variant name's file, without credentials; the Authorization header for a
+    user:password@ in the mirror, else None), or DownloadError naming the variable."""
     base = os.environ.get(MIRROR_VARIABLE) or RELEASE_URL
     try:
         parts = urllib.parse.urlsplit(base)
@@ -107,86 +105,61 @@ def _seconds(variable: str, default: float) -> float:
 
 def official_weights(name: str, check: Callable[[str], None]) -> str:
     """The path of the cached official weights of variant `name`, downloaded first if the cache
-    lacks them or holds a damaged copy. check(path) raises WeightsError unless the file holds
-    that variant's weights. DownloadError (one line) when the file cannot be had."""
-    file_name, _, published = RELEASES[name]
+    lacks them or holds a damaged copy; check(path) raises WeightsError unless they are name's."""
+    file_name = RELEASES[name][0]
     folder = cache_folder()
     path = os.path.join(folder, file_name)
-    if os.path.isfile(path) and _verified(path, published):
-        return path
+    verified = _verified(path) if os.path.isfile(path) else False
+    if verified is not False:
+        return path if verified else _checked(path, check)
     by_hand = f'download {release_url(name)} by hand and put it at {path}'
     try:
         os.makedirs(folder, exist_ok=True)
         lock_path = os.path.join(folder, f'.{file_name}.lock')
         lock = open_regular_file(lock_path, SIDE_FILE_BYTES, os.O_RDWR | os.O_CREAT)
     except (OSError, WeightsError) as error:
-        if os.path.isfile(path):             # a read-only cache: its file, checked, unrecorded
-            return _checked(path, _verified(path, published), check, record=False)
-        problem = f'cache folder {folder}: {error.strerror}' if isinstance(error, OSError) else error
+        problem = (f'{path} does not match its recorded sha256 (damaged)' if os.path.isfile(path) else
+                   f'cache folder {folder}: {error.strerror}' if isinstance(error, OSError) else error)
         raise DownloadError(f'{problem}; set {CACHE_VARIABLE} to a writable folder, or {by_hand}') from None
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)    # another process may be downloading it: wait for it
-        verified = _verified(path, published) if os.path.isfile(path) else False
-        if verified is not False:
-            return _checked(path, verified, check, record=True)
+        verified = _verified(path) if os.path.isfile(path) else False
+        if verified is not False:           # downloaded, or put there by hand, while this one waited
+            return path if verified else _checked(path, check)
         if os.path.isfile(path):             # replaced once the new one is checked
-            print(f'{printable(path)} does not match its {"published" if published else "recorded"} '
-                  'sha256 (damaged): downloading it again', file=sys.stderr)
+            print(f'{printable(path)} does not match its recorded sha256 (damaged): downloading it again',
+                  file=sys.stderr)
         remove_stale_temporaries(path)      # what downloads killed before their end left
-        _download(name, path, published, check, by_hand)
+        digest = write_atomically(path, lambda temporary: _download(name, temporary, check, by_hand))
+        _write_record(path, digest)         # only a checked file took the name
     return path
 
 
-def _verified(path: str, published: Optional[str]) -> Optional[bool]:
-    """Whether the file matches its published or recorded sha256; None if there is neither."""
-    expected = published or _recorded(path)
-    return None if expected is None else sha256_of(path) == expected
-
-
-def _recorded(path: str) -> Optional[str]:
+def _verified(path: str) -> Optional[bool]:
+    """Whether the file matches the sha256 recorded beside it; None if none is (a file put there by hand)."""
     record = path + '.sha256'
-    if not os.path.lexists(record):         # a file put into the cache by hand
+    if not os.path.lexists(record):
         return None
     with open_regular_file(record, SIDE_FILE_BYTES) as file:
         words = file.read().split()
-    return words[0].decode() if words and re.fullmatch(rb'[0-9a-f]{64}', words[0]) else None
+    recorded = words[0].decode() if words and re.fullmatch(rb'[0-9a-f]{64}', words[0]) else None
+    return None if recorded is None else sha256_of(path) == recorded
 
 
-def _checked(path: str, verified: Optional[bool], check: Callable[[str], None], record: bool) -> str:
-    """path, once it matched its sha256 (verified) or, unrecorded (None), passed check (and is recorded)."""
-    if verified is False:
-        raise DownloadError(f'{path} is damaged (it does not match its sha256); delete it to download it again')
-    if verified is None:
-        try:
-            check(path)
-        except WeightsError as error:
-            raise DownloadError(f'{error}; delete {path} to download it again') from None
-        if record:
-            _write_record(path, sha256_of(path))
+def _checked(path: str, check: Callable[[str], None]) -> str:
+    """path, put into the cache by hand, once it passed check; recorded where the cache is writable."""
+    try:
+        check(path)
+    except WeightsError as error:
+        raise DownloadError(f'{error}; delete {path} to download it again') from None
+    with contextlib.suppress(WeightsError):     # a read-only cache: checked at every use
+        _write_record(path, sha256_of(path))
     return path
 
 
 def _write_record(path: str, digest: str) -> None:
     line = f'{digest}  {os.path.basename(path)}\n'
     write_atomically(path + '.sha256', lambda temporary: Path(temporary).write_text(line, encoding='ascii'))
-
-
-def _download(name: str, path: str, published: Optional[str], check: Callable[[str], None],
-              by_hand: str) -> None:
-    url = release_url(name)
-    digests = []
-
-    def fetch_and_check(temporary: str) -> None:
-        digests.append(_fetch(name, temporary, by_hand))
-        if published and digests[0] != published:
-            raise DownloadError(f'{url}: the file does not match its published sha256; {by_hand}')
-        try:
-            check(temporary)
-        except WeightsError as error:
-            detail = str(error).replace(temporary, 'the file')
-            raise DownloadError(f'{url}: not {name}\'s weights ({detail}); {by_hand}') from None
-    write_atomically(path, fetch_and_check)    # only a checked file takes the name
-    _write_record(path, digests[0])
 
 
 def _opener() -> urllib.request.OpenerDirector:
@@ -199,9 +172,8 @@ def _opener() -> urllib.request.OpenerDirector:
     return opener
 
 
-def _fetch(name: str, temporary: str, by_hand: str) -> str:
-    """Stream variant name's file into temporary, within its bounds, with a progress line when
-    stderr is a terminal; its sha256, or DownloadError."""
+def _download(name: str, temporary: str, check: Callable[[str], None], by_hand: str) -> str:
+    """Stream variant name's file into temporary within its bounds, then check it; its sha256."""
     url, authorization = _source(name)
     bound = RELEASES[name][1]
     seconds = _seconds(TIMEOUT_VARIABLE, DEFAULT_TIMEOUT)
@@ -213,15 +185,10 @@ def _fetch(name: str, temporary: str, by_hand: str) -> str:
     start = shown = time.monotonic()
     try:
         with _opener().open(request, timeout=seconds) as response, open(temporary, 'wb', buffering=0) as file:
-            if 'html' in response.headers.get('Content-Type', ''):
-                raise DownloadError(f'{url}: the server sent a web page, not a weights file; {by_hand}')
             expected = response.length           # the Content-Length http.client reads up to, or None
-            if expected is not None and expected > bound:
-                raise DownloadError(f'{url}: the server announces {expected} bytes, more than the {bound} bytes '
-                                    f'{name}\'s file can have; {by_hand}')
             while chunk := response.read1(CHUNK):   # what has arrived: a trickle meets the deadline
                 written += len(chunk)
-                if written > bound:
+                if written > bound:                 # whatever the server announced
                     raise DownloadError(f'{url}: more than the {bound} bytes {name}\'s file can have; '
                                         f'{by_hand}')
                 now = time.monotonic()
@@ -246,10 +213,10 @@ def _fetch(name: str, temporary: str, by_hand: str) -> str:
         raise DownloadError(f'{url}: HTTP {error.code} {one_line(error.reason)}; {by_hand}') from None
     except urllib.error.URLError as error:
         reason = error.reason
-        if isinstance(reason, (socket.timeout, TimeoutError)):
+        if isinstance(reason, TimeoutError):
             reason = f'no answer within {seconds:g} s'
         raise DownloadError(f'{url}: cannot connect ({one_line(reason)}); {by_hand}') from None
-    except (socket.timeout, TimeoutError):
+    except TimeoutError:
         raise DownloadError(f'{url}: no data for {seconds:g} s after {written} bytes; {by_hand}') from None
     except (http.client.HTTPException, OSError, ValueError) as error:   # a reset connection, a URL http.client refuses
         raise DownloadError(f'{url}: the download failed after {written} bytes '
@@ -259,4 +226,9 @@ def _fetch(name: str, temporary: str, by_hand: str) -> str:
             sys.stderr.write('\n')          # so that an error starts on a line of its own
     if expected is not None and written != expected:
         raise DownloadError(f'{url}: the download ended after {written} of {expected} bytes; {by_hand}')
+    try:
+        check(temporary)
+    except WeightsError as error:
+        detail = str(error).replace(temporary, 'the file')
+        raise DownloadError(f'{url}: not {name}\'s weights ({detail}); {by_hand}') from None
     return digest.hexdigest()

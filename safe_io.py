@@ -38,9 +38,8 @@ def describe(value) -> str:
 
 
 def open_regular_file(path: str, max_bytes: int | None = None, flags: int = os.O_RDONLY):
-    """path opened once, without blocking (a FIFO cannot hang it), as a binary file object, once
-    its descriptor is a regular file of at most max_bytes (a device or a sparse giant would never
-    end); WeightsError otherwise. What is read is what was checked, even if the path is swapped."""
+    """path opened once without blocking (a FIFO cannot hang it), as a binary file, once its descriptor
+    is a regular file of at most max_bytes; WeightsError otherwise. What is read is what was checked."""
     try:
         descriptor = os.open(path, flags | os.O_NONBLOCK, 0o666)
     except OSError as error:
@@ -64,23 +63,23 @@ def sha256_of(path: str) -> str:
     return digest.hexdigest()
 
 
-def write_atomically(path: str, write) -> None:
-    """write(temporary) into a new file beside path, then fsync it and rename it onto path: an
-    interrupted write never leaves a broken file, and on any failure the temporary is removed.
-    The file gets the mode a plain open() gives (mkstemp's is 0600 whatever the umask)."""
+def write_atomically(path: str, write):
+    """write(temporary) into a new file beside path, fsync it, rename it onto path; what write returned.
+    On any failure the temporary is removed. The file gets a plain open()'s mode (mkstemp's is 0600)."""
     directory, name = os.path.split(os.path.abspath(path))
     temporary = None
     try:
         os.makedirs(directory, exist_ok=True)       # the folders a command writes into, as mkdir -p
         descriptor, temporary = tempfile.mkstemp(prefix=f'.{name}.', suffix='.tmp', dir=directory)
         os.close(descriptor)
-        write(temporary)
+        result = write(temporary)
         umask = os.umask(0o022)
         os.umask(umask)
         with open(temporary, 'rb') as file:         # by name: a writer may have made a new file there
             os.fchmod(file.fileno(), 0o666 & ~umask)
             os.fsync(file.fileno())
         os.replace(temporary, path)
+        return result
     except BaseException as error:
         if temporary is not None and os.path.exists(temporary):
             os.remove(temporary)
@@ -90,8 +89,7 @@ def write_atomically(path: str, write) -> None:
 
 
 def remove_stale_temporaries(path: str) -> list[str]:
-    """Remove the temporaries that writes of path left when their process was killed (SIGKILL);
-    returns their names."""
+    """Remove (and name) the temporaries that writes of path killed by SIGKILL left."""
     directory, name = os.path.split(os.path.abspath(path))
     stale = [entry for entry in os.listdir(directory)
              if entry.startswith(f'.{name}.') and entry.endswith('.tmp')]

@@ -1,11 +1,10 @@
 """Reading and writing CycleMLP weight files safely, without PyTorch.
 
 Read, recognised by content: torch.save zip archives, paddle.save pickles (.pdparams/.pdckpt),
-.safetensors. Written, atomically: .pdparams (numpy arrays: paddle.load reads it too), .safetensors.
-A pickle is a program (torch.load before weights_only and paddle.load call what it names); here
-an unpickler resolves every name through an allow-list of stand-ins, sets state only on objects
-the load created, from checked values, and bounds what a file declares by what it holds. Anything
-else is a WeightsError before anything from the file has run. Recorded metadata passes one schema.
+.safetensors; written atomically: .pdparams (paddle.load reads it too), .safetensors. A pickle is a
+program (torch.load and paddle.load call what it names), so here an unpickler resolves every name
+through an allow-list of stand-ins, sets state only on objects the load created, from checked values,
+and bounds what a file declares by what it holds: anything else is a WeightsError, nothing runs.
 """
 from __future__ import annotations
 
@@ -23,11 +22,10 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from safe_io import (WeightsError, describe, one_line, open_regular_file, printable,  # noqa: F401 (re-exported)
-                     remove_stale_temporaries, sha256_of, write_atomically)
+# printable is re-exported: data.py, convert_weights.py and the backbone adapters import it from here.
+from safe_io import WeightsError, describe, open_regular_file, printable, write_atomically  # noqa: F401
 
 META_KEYS = ('model_name', 'class_names', 'data_config')
-WRITE_SUFFIXES = ('.pdparams', '.safetensors')
 # torch.save files from before PyTorch 1.6 start with a pickled magic number, not a zip header.
 LEGACY_TORCH_MAGIC = b'\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19'
 # paddle.save of a dict of tensors adds this bookkeeping entry (structured name -> tensor name).
@@ -82,8 +80,7 @@ class _Storage:
     def elements(self, dtype: _TorchDtype) -> np.ndarray:
         """The bytes as elements of dtype (a tensor's own, for untyped storages), native order."""
         numpy_dtype = dtype.numpy_dtype.newbyteorder('>' if self.big_endian else '<')
-        usable = len(self.raw) - len(self.raw) % numpy_dtype.itemsize
-        return np.frombuffer(self.raw[:usable], dtype=numpy_dtype).astype(dtype.numpy_dtype.newbyteorder('='))
+        return np.frombuffer(self.raw, dtype=numpy_dtype).astype(dtype.numpy_dtype.newbyteorder('='))
 
 
 def _strided_copy(storage: _Storage, dtype: _TorchDtype, offset, size, stride) -> np.ndarray:
@@ -92,6 +89,8 @@ def _strided_copy(storage: _Storage, dtype: _TorchDtype, offset, size, stride) -
     a view that repeats elements (a zero stride) could declare far more than the file holds."""
     if not isinstance(storage, _Storage):
         raise WeightsError(f'a tensor is built from {describe(storage)}, expected a storage')
+    if not isinstance(dtype, _TorchDtype):
+        raise WeightsError(f'tensor dtype {describe(dtype)} is not one this reader supports')
     if not (isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)
             and type(offset) is int and len(size) <= MAX_ARRAY_DIMS
             and all(type(v) is int and v >= 0 for v in (offset, *size, *stride))):
@@ -125,8 +124,6 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, bac
 def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks,
                        dtype, metadata=None):
     # Written for untyped storages: the dtype comes with the tensor, not with the storage.
-    if not isinstance(dtype, _TorchDtype):
-        raise WeightsError(f'tensor dtype {describe(dtype)} is not one this reader supports')
     return _strided_copy(storage, dtype, storage_offset, size, stride)
 
 
@@ -144,8 +141,7 @@ def _numpy_dtype(spec, align=False, copy=False) -> np.dtype:
 
 
 class _NumpyArrayType:
-    """Stands for numpy.ndarray (named only as _reconstruct's first argument): the real class,
-    called directly, would build arrays from arguments of the file's choosing, unchecked."""
+    """Stands for numpy.ndarray, which, called, would build an array from unchecked arguments."""
 
 
 class _EmptyArray:
@@ -204,7 +200,7 @@ def _build_array(target: _EmptyArray, state) -> np.ndarray:
     if not (isinstance(shape, tuple) and len(shape) <= MAX_ARRAY_DIMS
             and all(type(n) is int and n >= 0 for n in shape)):
         raise WeightsError('array shape is not a tuple of non-negative integers')
-    if not (isinstance(dtype, np.dtype) and dtype.kind in NUMERIC_KINDS and dtype.fields is None):
+    if not isinstance(dtype, np.dtype):    # numeric: _numpy_dtype built it
         raise WeightsError(f'array dtype {describe(dtype)} is not numeric')
     if not isinstance(raw, (bytes, bytearray)) or len(raw) != math.prod(shape) * dtype.itemsize:
         raise WeightsError(f'an array of shape {shape} and dtype {dtype} needs '
@@ -215,8 +211,7 @@ def _build_array(target: _EmptyArray, state) -> np.ndarray:
 
 
 def _build_dtype(target: np.dtype, state) -> np.dtype:
-    """np.dtype.__setstate__ of a plain numeric dtype: only its byte order, set on a new dtype
-    (np.dtype('f4') is a process-wide singleton)."""
+    """np.dtype.__setstate__: only the byte order, on a new dtype (np.dtype('f4') is shared)."""
     if not (isinstance(state, tuple) and len(state) in (8, 9) and state[0] == 3
             and state[1] in ('<', '>', '|', '=') and state[2:5] == (None, None, None)
             and state[5:8] == (-1, -1, 0)):
@@ -225,8 +220,7 @@ def _build_dtype(target: np.dtype, state) -> np.dtype:
 
 
 def _build_instance_dict(target, state):
-    """The attributes (a dict of str keys) of an OrderedDict or argparse.Namespace this load made;
-    never of a class."""
+    """The attributes (a dict of str keys) of an OrderedDict or argparse.Namespace this load made."""
     if isinstance(state, tuple) and len(state) == 2 and state[0] is None:
         state = state[1]  # (dict state, slot state) as protocol 2+ writes it without a dict
     if not (isinstance(state, dict) and all(isinstance(key, str) for key in state)):
@@ -249,7 +243,8 @@ class _RestrictedUnpickler(pickle._Unpickler):
 
     def __init__(self, file, persistent_load=None):
         super().__init__(file)
-        self.load_persistent = persistent_load
+        if persistent_load is not None:     # else pickle's own refuses every persistent id
+            self.persistent_load = persistent_load
 
     def find_class(self, module: str, name: str):
         key = f'{module}.{name}'
@@ -257,11 +252,6 @@ class _RestrictedUnpickler(pickle._Unpickler):
             raise WeightsError(f'refusing to load global {describe(key)}: weight files may only '
                                'name tensor and container types')
         return ALLOWED_GLOBALS[key]
-
-    def persistent_load(self, pid):
-        if self.load_persistent is None:
-            raise WeightsError('unexpected persistent id in a paddle pickle')
-        return self.load_persistent(pid)
 
     def load_build(self):
         state = self.stack.pop()
@@ -356,9 +346,9 @@ def _kind(file) -> str:
                        '(.pdparams/.pdckpt) or a .safetensors file')
 
 
-def _read(path: str, pickle_only: bool = False) -> tuple[dict, str]:
-    """(the dict a weights file holds, its layout): the file opened once and checked, read by the
-    safe readers, its metadata checked. Every failure is one WeightsError naming the file."""
+def _read(path: str, pickle_only: bool = False) -> tuple[dict, dict, str]:
+    """(the dict a weights file holds, its checked META_KEYS, its layout): the file opened once and
+    checked, read by the safe readers. Every failure is one WeightsError naming the file."""
     path, kind = os.fspath(path), None
     with open_regular_file(path, MAX_FILE_BYTES) as file:   # what is checked is what is read
         try:
@@ -375,8 +365,7 @@ def _read(path: str, pickle_only: bool = False) -> tuple[dict, str]:
                                f'{describe(str(error))[1:-1]})') from None
     if not isinstance(content, dict):
         raise WeightsError(f'{path}: expected a dict, found {describe(content)}')
-    check_meta({key: content[key] for key in META_KEYS if key in content}, path)
-    return content, layout
+    return content, check_meta({key: content[key] for key in META_KEYS if key in content}, path), layout
 
 
 def check_data_config(config, source: str) -> dict:
@@ -391,24 +380,15 @@ def check_data_config(config, source: str) -> dict:
     return config
 
 
-def check_class_names(names, source: str) -> list | None:
-    """Recorded class names: None (not recorded) or a list of at most MAX_CLASSES short strings."""
+def check_meta(meta: dict, source: str) -> dict:
+    """The one schema of what a file records besides weights (META_KEYS; None: not recorded)."""
+    if meta.get('model_name') is not None and not isinstance(meta['model_name'], str):
+        raise WeightsError(f'{source}: model_name is {describe(meta["model_name"])}, expected a str')
+    names = meta.get('class_names')
     if names is not None and not (isinstance(names, list) and len(names) <= MAX_CLASSES and all(
             isinstance(name, str) and len(name) < MAX_NAME_CHARS for name in names)):
         raise WeightsError(f'{source}: class_names is {describe(names)}, expected a list of at most '
                            f'{MAX_CLASSES} strings')
-    return names
-
-
-def check_meta(meta: dict, source: str) -> dict:
-    """What a weights file or checkpoint records besides weights (META_KEYS; None: not recorded),
-    checked: the one schema of recorded metadata."""
-    unknown = set(meta) - set(META_KEYS)
-    if unknown:
-        raise WeightsError(f'{source}: unknown meta keys {sorted(unknown)}, expected {META_KEYS}')
-    if meta.get('model_name') is not None and not isinstance(meta['model_name'], str):
-        raise WeightsError(f'{source}: model_name is {describe(meta["model_name"])}, expected a str')
-    check_class_names(meta.get('class_names'), source)
     if meta.get('data_config') is not None:
         check_data_config(meta['data_config'], source)
     return meta
@@ -422,7 +402,7 @@ def read_checkpoint(path: str) -> dict:
 
 
 def check_state(path: str, state) -> dict[str, np.ndarray]:
-    """A state dict of str keys and numeric arrays (native byte order), or WeightsError."""
+    """A state dict of str keys and arrays (numeric and native: the readers make no other), or WeightsError."""
     if not isinstance(state, dict):
         raise WeightsError(f'{path}: the state dict is {describe(state)}, expected a dict')
     arrays = {}
@@ -435,30 +415,22 @@ def check_state(path: str, state) -> dict[str, np.ndarray]:
         if not isinstance(key, str) or not isinstance(value, np.ndarray):
             raise WeightsError(f'{path}: state dict entry {describe(key)} is {describe(value)}, '
                                'expected an array')
-        if value.dtype.kind not in NUMERIC_KINDS or value.dtype.fields is not None:
-            raise WeightsError(f'{path}: state dict entry {describe(key)} has non-numeric dtype')
-        # DistributedDataParallel saves its wrapped module's keys under 'module.'.
-        arrays[key[len('module.'):] if key.startswith('module.') else key] = value.astype(
-            value.dtype.newbyteorder('='), copy=False)
+        arrays[key.removeprefix('module.')] = value   # DistributedDataParallel's wrapped module
     if not arrays:
         raise WeightsError(f'{path}: the state dict is empty')
     return arrays
 
 
 def read_weights(path: str, ema: bool = False) -> tuple[dict[str, np.ndarray], dict, str]:
-    """(state dict of numpy arrays, meta, layout) of a weights file.
-
-    layout is 'torch' (Linear weights [out, in]) or 'paddle' ([in, out]); see torch_to_paddle.
-    meta: what the file records of META_KEYS ({} for files from elsewhere). The state is the
-    dict's 'model', else 'state_dict', else the dict itself; with ema, 'model_ema' (timm's
-    ModelEma). The rest of a checkpoint (optimizer, args, an mmcv 'meta') is read and ignored.
-    """
-    container, layout = _read(path)
+    """(state dict, meta, layout: 'torch' or 'paddle', see torch_to_paddle) of a weights file.
+    The state is the dict's 'model', else 'state_dict', else the dict itself; with ema, 'model_ema'
+    (timm's ModelEma). The rest of a checkpoint (optimizer, args, an mmcv 'meta') is read and ignored."""
+    container, meta, layout = _read(path)
     if ema and 'model_ema' not in container:
         keys = [key for key in container if isinstance(key, str)][:8]
         raise WeightsError(f"{path}: no 'model_ema' entry (has {', '.join(map(describe, keys))})")
     state = container['model_ema'] if ema else container.get('model', container.get('state_dict', container))
-    return check_state(path, state), {key: container[key] for key in META_KEYS if key in container}, layout
+    return check_state(path, state), meta, layout
 
 
 def torch_to_paddle(state: dict) -> dict:
@@ -480,9 +452,6 @@ def write_weights(path: str, state: dict[str, np.ndarray], meta: dict | None = N
     a .safetensors file (meta JSON-encoded in its header)."""
     path = os.fspath(path)
     meta = check_meta(dict(meta or {}), path)
-    for key, value in state.items():
-        if not isinstance(value, np.ndarray):
-            raise WeightsError(f'{path}: state entry {describe(key)} is {describe(value)}, expected an array')
     suffix = os.path.splitext(path)[1]
     if suffix == '.pdparams':
         atomic_save({'model': dict(state), **meta}, path)
@@ -492,4 +461,4 @@ def write_weights(path: str, state: dict[str, np.ndarray], meta: dict | None = N
         write_atomically(path, lambda temporary: safetensors.numpy.save_file(arrays, temporary, header))
     else:
         raise WeightsError(f'{path}: cannot write {suffix or "a file without suffix"}, '
-                           f'expected one of {WRITE_SUFFIXES}')
+                           "expected .pdparams or .safetensors")

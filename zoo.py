@@ -4,10 +4,10 @@
     model = create_model('CycleMLP_B1', pretrained=True)   # the official ImageNet-1k weights
     model, meta = load_model('CycleMLP_B1.pth')     # any weights file; meta: what it records
 
-Wherever weights are accepted, a variant name means its official file (download.py); an existing
-path always means the file. A file decides the size of the model built from it, so it is checked
-first: the architecture read off its shapes (bounded by the parameters it holds), then its keys
-and shapes compared on a model built without memory (paddle.LazyGuard).
+A variant name where weights are accepted means its official file (download.py); an existing path
+always means the file. A file decides the model built from it, so it is checked first: the
+architecture read off its shapes (bounded by the parameters it holds), then its keys and shapes
+on a model built without memory (paddle.LazyGuard).
 """
 import os
 import zlib  # noqa: F401  before Paddle: Paddle 2.6 bundles a zlib that crashes one loaded after it
@@ -79,7 +79,7 @@ def config_from_state(state: Dict[str, np.ndarray], source: str = 'weights') -> 
 
 
 def weights_file(weights: str) -> str:
-    """The file `weights` means: an existing path, else the official weights of the variant it names."""
+    """An existing path, else the official weights of the variant `weights` names."""
     weights = str(weights)
     if os.path.exists(weights) or weights not in download.RELEASES:
         if not os.path.lexists(weights):
@@ -108,11 +108,9 @@ def numpy_state(model: nn.Layer) -> Dict[str, np.ndarray]:
 
 def fitting_state(model: CycleNet, state: Dict[str, np.ndarray], source: str = 'weights',
                   drop_head: bool = False, fresh: Sequence[str] = ()) -> Dict[str, np.ndarray]:
-    """The entries of state to load into model, or WeightsError listing every mismatch: missing and
-    unexpected keys, other shapes, CycleFC offsets other than the official pattern, values that are
-    not finite. drop_head leaves out a classifier of another class count (fine-tuning); keys in
-    `fresh` may be missing (they keep their initialisation). Reads only shapes and the offset
-    buffers of model, so it may be built under paddle.LazyGuard."""
+    """The entries of state to load into model, or WeightsError listing every mismatch. drop_head
+    leaves out a classifier of another class count (fine-tuning); keys in `fresh` may be missing.
+    Reads only shapes and the offset buffers of model, so it may be built under paddle.LazyGuard."""
     expected = model.state_dict()
     file_classes = state['head.bias'].shape[0] if 'head.bias' in state else None
     if file_classes is not None and file_classes != model.num_classes:
@@ -153,8 +151,7 @@ def assign(model: nn.Layer, state: Dict[str, np.ndarray]) -> None:
 
 def load_state(model: CycleNet, state: Dict[str, np.ndarray], source: str = 'weights',
                drop_head: bool = False, fresh: Sequence[str] = ()) -> Optional[int]:
-    """Load a Paddle-layout state dict into model (fitting_state); the class count of a head left
-    out, or None."""
+    """Load a state dict into model (fitting_state); the class count of a head left out, or None."""
     loaded = fitting_state(model, state, source, drop_head, fresh)
     assign(model, loaded)
     return state['head.bias'].shape[0] if 'head.bias' in state and 'head.bias' not in loaded else None
@@ -167,8 +164,7 @@ def check_name(name: Optional[str]) -> None:
 
 def create_model(name: Optional[str] = None, pretrained: bool = False, weights: Optional[str] = None,
                  ema: bool = False, drop_head: bool = False, **kwargs) -> CycleNet:
-    """A model by name (a key of ARCHITECTURES): fresh, with the official ImageNet-1k weights
-    (pretrained), or with any weights file's (load_model)."""
+    """A model by name: fresh, with the official ImageNet weights (pretrained), or a file's (load_model)."""
     check_name(name)
     if pretrained and weights is not None:
         raise ValueError('create_model: pretrained means the official weights; give weights or pretrained')
@@ -182,10 +178,8 @@ def create_model(name: Optional[str] = None, pretrained: bool = False, weights: 
 
 def load_model(weights: str, name: Optional[str] = None, ema: bool = False, drop_head: bool = False,
                **kwargs) -> Tuple[CycleNet, dict]:
-    """(model, meta) from any weights file read_weights reads, or a variant name (weights_file);
-    ema picks a checkpoint's EMA weights. The architecture is name's, else the one the file
-    records, else the one its shapes describe; num_classes defaults to the file's. meta is what
-    the file records besides weights (class_names, data_config; {} for files from elsewhere)."""
+    """(model, meta) from any weights file or a variant name (weights_file). The architecture is
+    name's, else the one the file records, else the one its shapes describe; num_classes the file's."""
     check_name(name)
     state, meta = read_state(weights, ema)
     config = config_from_state(state, weights)
@@ -204,9 +198,8 @@ def load_model(weights: str, name: Optional[str] = None, ema: bool = False, drop
 
 def create_backbone(name: str, weights: Optional[str] = None, fork_last3: bool = False,
                     drop_path_rate: float = 0.0) -> Tuple[CycleNet, str]:
-    """(model, what was loaded) for variant name's feature backbone (the official
-    CycleMLP_Bx_feat: CycleNet(fork_feat=True)), for detection and segmentation; weights: none
-    (fresh), or any file load_backbone takes."""
+    """(model, what was loaded) for variant name's feature backbone (the official CycleMLP_Bx_feat,
+    for detection and segmentation); weights: none (fresh), or any file load_backbone takes."""
     check_name(name)
     model = CycleNet(**ARCHITECTURES[name], drop_path_rate=drop_path_rate, fork_feat=True, fork_last3=fork_last3)
     return model, 'fresh' if weights is None else load_backbone(model, weights)
@@ -225,10 +218,10 @@ def load_backbone(model: CycleNet, weights: str) -> str:
         state = {key[len('backbone.'):]: value for key, value in state.items() if key.startswith('backbone.')}
         notes.append('its backbone' + (f' (left out: {", ".join(map(describe, others))})' if others else ''))
     classifier = sorted(key for key in state if key.split('.')[0] in ('head', 'norm'))
-    output_norms = [key for key in model.state_dict() if key.split('.')[0] in ('norm0', 'norm2', 'norm4', 'norm6')]
     if classifier:
         state = {key: value for key, value in state.items() if key not in classifier}
         notes.append(f'dropped {", ".join(classifier)} (the classifier)')
+    output_norms = [key for key in model.state_dict() if key.split('.')[0] in ('norm0', 'norm2', 'norm4', 'norm6')]
     fresh = [] if dense else [key for key in output_norms if key not in state]
     load_state(model, state, weights, fresh=fresh)
     if fresh:
@@ -242,16 +235,14 @@ def count_parameters(model: nn.Layer) -> int:
 
 
 def count_flops(model: CycleNet, input_size: Sequence[int] = (224, 224)) -> int:
-    """The paper's FLOPs of one image: fvcore's count, as the official main.py runs it, from the
-    layer shapes: multiply-accumulates of convolutions, Linear layers and CycleFC (a 1x1
-    convolution, the official fvcore handle), plus fvcore's 5 per element of each affine
-    LayerNorm (without it B3..B5 come out 0.1 G below the paper's table)."""
+    """The paper's FLOPs of one image, as fvcore counts them in the official main.py: multiply-accumulates
+    of convolutions, Linear layers and CycleFC (a 1x1 convolution to fvcore), plus 5 per element of
+    each affine LayerNorm (without them B3..B5 come out 0.1 G below the paper's table)."""
     def size(param):
         return int(np.prod(param.shape))
 
     def conv(layer, height, width):
-        stride, pad, kernel = layer._stride[0], layer._padding, layer.weight.shape[2]
-        pad = pad[0] if isinstance(pad, (list, tuple)) else pad
+        stride, pad, kernel = layer._stride[0], layer._padding, layer.weight.shape[2]   # padding: an int
         height, width = [(n + 2 * pad - kernel) // stride + 1 for n in (height, width)]
         return height, width, height * width * size(layer.weight)
 

@@ -19,6 +19,7 @@ import paddle
 import pytest
 
 import convert_weights
+import safe_io
 import torch_files
 import weights
 from conftest import TINY_CONFIG
@@ -605,6 +606,7 @@ BAD_FILES = {  # kind: (write it at path, or None; what the one-line error says 
                          'cannot unpickle'),
     'broken safetensors': (lambda path: path.write_bytes(struct.pack('<Q', 1000) + b'{"w": 1'),
                            'damaged safetensors file'),
+    'persistent id in a pickle': (lambda path: path.write_bytes(b'\x80\x02Pstorage\n.'), 'cannot unpickle'),
 }
 
 
@@ -619,7 +621,7 @@ def test_every_bad_file_is_one_error_naming_it(tmp_path, kind):
         write(path)
     descriptor_kinds = ('missing', 'fifo', 'device', 'folder', 'sparse 17 GB')
     readers = [read_weights] + ([read_checkpoint] if kind in descriptor_kinds else []) + (
-        [weights.sha256_of] if kind in descriptor_kinds[:-1] else [])      # sha256_of reads any size
+        [safe_io.sha256_of] if kind in descriptor_kinds[:-1] else [])      # sha256_of reads any size
     for reader in readers:
         with pytest.raises(WeightsError, match=re.escape(f'{path}: ') + f'({message})') as error:
             reader(path)
