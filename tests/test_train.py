@@ -139,6 +139,7 @@ def test_official_command_lines_run_and_prefixes_select_nothing():
     (['--crop-pct', '2'], 'argument --crop-pct/--crop_pct: expected a value in [0.05, 1.0]'),
     (['--recount', '0'], 'argument --recount'),
     (['--seed', '-1'], 'argument --seed'),
+    (['--seed', '1' + '0' * 400], 'argument --seed: expected a value in [0, 2147483647], got 1000'),
     (['--scale', '1.0', '0.08'], '--scale 1.0 0.08: the smaller area fraction comes first'),
     (['--num-workers', '-1'], 'argument --num-workers/--num_workers'),
     (['--opt-betas', '1.5', '2'], 'argument --opt-betas'),
