@@ -128,10 +128,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help='erasing fill (default: pixel)')
     group.add_argument('--recount', type=bounded(int, 1, 100), default=1, help='erasing boxes (default: 1)')
     group.add_argument('--smoothing', type=below_one, default=0.1, help='label smoothing (default: 0.1)')
-    group.add_argument('--repeated-aug', action='store_true', default=True,
-                       help='repeated augmentation x3 across ranks (default: on)')
-    group.add_argument('--no-repeated-aug', action='store_false', dest='repeated_aug',
-                       help='plain shuffled shards instead (default: off)')
+    group.add_argument('--repeated-aug', action=argparse.BooleanOptionalAction, default=True,
+                       help='repeated augmentation x3 across ranks, else plain shuffled shards (default: on)')
 
     # Mixup / CutMix on the batch (mode 'batch').
     group = parser.add_argument_group('mixup')
@@ -143,9 +141,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     # EMA of the weights (timm ModelEma), evaluated alongside the model.
     group = parser.add_argument_group('EMA')
-    group.add_argument('--model-ema', action='store_true', default=True,
+    group.add_argument('--model-ema', action=argparse.BooleanOptionalAction, default=True,
                        help='keep an exponential moving average of the weights (default: on)')
-    group.add_argument('--no-model-ema', action='store_false', dest='model_ema', help='do not (default: off)')
     group.add_argument('--model-ema-decay', type=fraction, default=0.99996, help='per step (default: 0.99996)')
 
     # Output and checkpoints.
@@ -342,6 +339,8 @@ def train_one_epoch(model: paddle.nn.Layer, run: Run, erasing: Optional[RandomEr
                 f'loss {loss_value:.4f} ({running_sum / (step + 1):.4f}) {images_per_second:.0f} img/s')
     # The last step always logs, so running_sum is the all-rank total and is finite.
     return dict(loss=running_sum / total_steps, lr=run.optimizer.get_lr())
+
+
 def open_visualdl(args: argparse.Namespace):
     from visualdl import LogWriter   # parse_args checked that it is installed
     return LogWriter(logdir=os.path.join(args.output_dir, 'visualdl'))
@@ -421,7 +420,6 @@ def train(args: argparse.Namespace, rank: int, world_size: int, writes_files: bo
         prepare_output_dir(args)
     visualdl = open_visualdl(args) if writes_files and args.visualdl else None
     parallel_model = paddle.DataParallel(run.model) if world_size > 1 else run.model
-    num_classes = len(run.train_set.classes)
     entry: Dict[str, float] = {}
     for epoch in range(start_epoch, args.epochs):
         epoch_start = time.time()
@@ -430,7 +428,7 @@ def train(args: argparse.Namespace, rank: int, world_size: int, writes_files: bo
         paddle.seed(seed)  # drop path, erasing's noise
         set_loader_epoch(run.train_loader, epoch)
         erasing = RandomErasing(args.reprob, args.remode, args.recount, seed=seed) if args.reprob > 0 else None
-        mixup = Mixup(num_classes, args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob,
+        mixup = Mixup(len(run.train_set.classes), args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob,
                       args.smoothing, seed=seed) if args.mixup > 0 or args.cutmix > 0 else None
         run.optimizer.set_lr(scheduled_lr(epoch, run.base_lr, args.epochs, args.warmup_epochs,
                                           args.warmup_lr, args.min_lr))
