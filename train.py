@@ -238,8 +238,8 @@ class ModelEma:
     """timm's ModelEma: ema = decay * ema + (1 - decay) * param after every step, on the device."""
     # Buffers (CycleFC's integer offsets) are not averaged.
 
-    def __init__(self, model: CycleNet, decay: float) -> None:
-        self.module = CycleNet(**model.config)
+    def __init__(self, model: CycleNet, decay: float, to_static: bool = False) -> None:
+        self.module = static_if(to_static, CycleNet(**model.config))
         self.module.set_state_dict(model.state_dict())
         self.module.eval()
         self.pairs = list(zip(self.module.parameters(), model.parameters()))
@@ -364,9 +364,7 @@ def build_run(args: argparse.Namespace, rank: int, world_size: int, log: Callabl
     model = build_model(args, len(train_set.classes), log)
     # Linear scaling rule: lr = base_lr * global batch / 512 (global batch = per-device batch x ranks).
     base_lr = args.lr * args.batch_size * world_size / LR_REFERENCE_BATCH
-    ema = ModelEma(model, args.model_ema_decay) if args.model_ema else None
-    if ema is not None:
-        ema.module = static_if(args.to_static, ema.module)
+    ema = ModelEma(model, args.model_ema_decay, args.to_static) if args.model_ema else None
     run = Run(train_set, train_loader, val_loader, static_if(args.to_static, model), ema,
               build_optimizer(model, args, base_lr),
               paddle.amp.GradScaler(init_loss_scaling=INIT_LOSS_SCALE) if amp_dtype == 'float16' else None,
@@ -404,6 +402,8 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
 def train(args: argparse.Namespace, rank: int, world_size: int, writes_files: bool) -> Dict[str, float]:
     log = print if rank == 0 else (lambda line: None)
     resume = resolve_resume(args, world_size) if args.resume else None
+    if args.eval and not (resume or args.finetune):     # --resume auto found nothing
+        raise WeightsError(f'--eval --resume auto: no {CHECKPOINT_FILE} in {args.output_dir} to evaluate')
     run = build_run(args, rank, world_size, log)
     start_epoch, best_acc1 = load_checkpoint(resume, run, args) if resume else (0, 0.0)
     if resume:
@@ -411,8 +411,6 @@ def train(args: argparse.Namespace, rank: int, world_size: int, writes_files: bo
     elif args.resume:
         log(f'no {CHECKPOINT_FILE} in {args.output_dir} yet: starting from scratch')
     if args.eval:
-        if not (resume or args.finetune):
-            raise WeightsError(f'--eval --resume auto: no {CHECKPOINT_FILE} in {args.output_dir} to evaluate')
         return evaluate_run(run._replace(ema=run.ema if resume else None), args, log)
 
     # Only now, with the data, the model and any checkpoint read, is an old run replaced.
