@@ -418,6 +418,7 @@ def train(args: argparse.Namespace, rank: int, world_size: int, writes_files: bo
         prepare_output_dir(args)
     visualdl = open_visualdl(args) if writes_files and args.visualdl else None
     parallel_model = paddle.DataParallel(run.model) if world_size > 1 else run.model
+    num_classes = len(run.train_set.classes)
     entry: Dict[str, float] = {}
     for epoch in range(start_epoch, args.epochs):
         epoch_start = time.time()
@@ -426,7 +427,7 @@ def train(args: argparse.Namespace, rank: int, world_size: int, writes_files: bo
         paddle.seed(seed)  # drop path, erasing's noise
         set_loader_epoch(run.train_loader, epoch)
         erasing = RandomErasing(args.reprob, args.remode, args.recount, seed=seed) if args.reprob > 0 else None
-        mixup = Mixup(len(run.train_set.classes), args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob,
+        mixup = Mixup(num_classes, args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob,
                       args.smoothing, seed=seed) if args.mixup > 0 or args.cutmix > 0 else None
         run.optimizer.set_lr(scheduled_lr(epoch, run.base_lr, args.epochs, args.warmup_epochs,
                                           args.warmup_lr, args.min_lr))
