@@ -31,22 +31,16 @@ def expect(condition, source: str, what: str, value, expected: str) -> None:
         raise WeightsError(f'{source}: {what} is {shown}, expected {expected}')
 
 
-def to_numpy(value):
-    """Tensors, also in dicts, as numpy arrays, which read_checkpoint reads back."""
-    if isinstance(value, dict):
-        return {key: to_numpy(item) for key, item in value.items()}
-    return value.numpy() if isinstance(value, paddle.Tensor) else value
-
-
 def optimizer_state(optimizer: paddle.optimizer.Optimizer, model: CycleNet) -> dict:
     """The optimizer's state keyed 'head.weight/moment1_0', not Paddle's 'linear_61.w_0_moment1_0'."""
-    # Generated names depend on what the process built before, so they differ between runs.
+    # Generated names depend on what the process built before, so they differ between runs. AdamW at
+    # a float lr holds only per-parameter tensors (no LR_Scheduler, no master weights without O2).
     paths = {param.name: name for name, param in model.named_parameters()}
     tensor_names = sorted(paths, key=len, reverse=True)  # longest first: linear_10 before linear_1
     state = {}
     for key, value in optimizer.state_dict().items():
-        owner = next((name for name in tensor_names if key.startswith(name + '_')), None)
-        state[key if owner is None else f'{paths[owner]}/{key[len(owner) + 1:]}'] = to_numpy(value)
+        owner = next(name for name in tensor_names if key.startswith(name + '_'))
+        state[f'{paths[owner]}/{key[len(owner) + 1:]}'] = value.numpy()
     return state
 
 
@@ -58,11 +52,8 @@ def load_optimizer_state(optimizer: paddle.optimizer.Optimizer, model: CycleNet,
     for key, value in state.items():
         expect(isinstance(key, str), source, 'an optimizer key', key, 'a str')
         path, _, accumulator = key.partition('/')
-        if not accumulator:   # optimizer-wide entries ('LR_Scheduler' and the like)
-            renamed[key] = value
-            continue
-        expect(path in params, source, f'the parameter of optimizer entry {describe(key)}', path,
-               'one of the model\'s')
+        expect(path in params and accumulator, source, f'the parameter of optimizer entry {describe(key)}',
+               path, 'one of the model\'s')
         param, moment = params[path], accumulator.startswith('moment')
         expect(isinstance(value, np.ndarray) and value.dtype.kind == 'f' and (
             list(value.shape) == list(param.shape) if moment else value.size == 1), source,
@@ -161,8 +152,7 @@ def resolve_resume(args: argparse.Namespace, world_size: int) -> Optional[str]:
 
 
 def prepare_output_dir(args: argparse.Namespace) -> None:
-    """Create --output-dir; with --overwrite remove its run; remove what a killed write left."""
-    os.makedirs(args.output_dir, exist_ok=True)
+    """With --overwrite remove --output-dir's run; remove what a killed write left."""
     for name in RUN_FILES if args.overwrite else ():
         if os.path.exists(os.path.join(args.output_dir, name)):
             os.remove(os.path.join(args.output_dir, name))

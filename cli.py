@@ -44,11 +44,11 @@ def bounded(kind: type, low=-math.inf, high=math.inf, low_open: bool = False, hi
         except ValueError:
             raise argparse.ArgumentTypeError(f'expected {"an integer" if kind is int else "a number"}, '
                                              f'got {text!r}') from None
-        if not (math.isfinite(value) and (low < value if low_open else low <= value)
+        # An int is finite (and math.isfinite would overflow on one of 400 digits).
+        if not ((kind is int or math.isfinite(value)) and (low < value if low_open else low <= value)
                 and (value < high if high_open else value <= high)):
-            raise argparse.ArgumentTypeError(f'expected a value in {interval}, got {text}')
+            raise argparse.ArgumentTypeError(f'expected a value in {interval}, got {text[:40]}')
         return value
-    parse.__name__ = kind.__name__   # argparse names the type in its messages
     return parse
 
 
@@ -161,7 +161,6 @@ def init_distributed() -> tuple:
 
 stop_requested: List[int] = []
 deferring: List[bool] = []
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def request_stop(signum, frame) -> None:
@@ -189,7 +188,7 @@ def run(main: Callable[[argparse.Namespace], object], args: argparse.Namespace,
     """Run main(args) and exit: its status (an int, else 0); any exception as one line and 1; after
     Ctrl-C or SIGTERM, whatever exception it became in Paddle, interrupted()'s line and 128 + signal."""
     # Paddle's own SIGTERM handler (a C++ stack dump) is replaced.
-    for signum in STOP_SIGNALS:
+    for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, request_stop)
     try:
         status = main(args)

@@ -105,21 +105,16 @@ class DeviceError(ValueError):
     """A --device this Paddle cannot run on."""
 
 
-def select_device(device: str) -> None:
-    """paddle.set_device(device), or DeviceError saying what is missing."""
-    if device.startswith('gpu') and not paddle.device.is_compiled_with_cuda():
-        raise DeviceError(f'--device {device}: this Paddle {paddle.__version__} was built without '
-                          'CUDA; install paddlepaddle-gpu (pip install -r requirements-gpu.txt)')
-    try:
-        paddle.set_device(device)
-    except (ValueError, RuntimeError) as error:   # no such GPU on this machine
-        raise DeviceError(f'--device {device}: {" ".join(str(error).split())[:200]}') from None
-
-
 def configure(threads: Optional[int] = None, device: Optional[str] = None) -> CpuSettings:
-    """Select `device` if given; on a CPU device set what the module doc says; returns `settings`."""
+    """Select `device` if given (else DeviceError); on a CPU set what the module doc says."""
     if device is not None:
-        select_device(device)
+        if device.startswith('gpu') and not paddle.device.is_compiled_with_cuda():
+            raise DeviceError(f'--device {device}: this Paddle {paddle.__version__} was built without '
+                              'CUDA; install paddlepaddle-gpu (pip install -r requirements-gpu.txt)')
+        try:
+            paddle.set_device(device)
+        except (ValueError, RuntimeError) as error:   # no such GPU on this machine
+            raise DeviceError(f'--device {device}: {" ".join(str(error).split())[:200]}') from None
     if not on_cpu():
         return settings
     settings.threads = threads or user_threads() or available_cores()
@@ -127,8 +122,7 @@ def configure(threads: Optional[int] = None, device: Optional[str] = None) -> Cp
     if is_amd_x86() and AMD_MKL_VARIABLE not in os.environ:   # read at MKL's first use, after this
         os.environ[AMD_MKL_VARIABLE] = AMD_MKL_VALUE
         settings.amd_mkl_path = True
-    if not settings.freed_memory_kept:
-        settings.freed_memory_kept = keep_freed_memory()
+    settings.freed_memory_kept = keep_freed_memory()
     return settings
 
 

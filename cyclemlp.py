@@ -155,16 +155,12 @@ class CycleNet(nn.Layer):
         if fork_feat:
             self.config.update(fork_feat=True, fork_last3=fork_last3)
         self.patch_embed = PatchEmbed(embed_dims[0])
-        total_blocks, block_index = sum(layers), 0
+        # Stochastic depth grows linearly from 0 at the first block to the full rate at the last.
+        total_blocks = sum(layers)
+        rates = iter([drop_path_rate * index / max(total_blocks - 1, 1) for index in range(total_blocks)])
         network = []
         for stage, (depth, dim, ratio) in enumerate(zip(layers, embed_dims, mlp_ratios)):
-            blocks = []
-            for _ in range(depth):
-                # Stochastic depth grows linearly from 0 at the first block to the full rate.
-                rate = drop_path_rate * block_index / max(total_blocks - 1, 1)
-                blocks.append(CycleBlock(dim, ratio, rate))
-                block_index += 1
-            network.append(nn.Sequential(*blocks))
+            network.append(nn.Sequential(*[CycleBlock(dim, ratio, next(rates)) for _ in range(depth)]))
             if stage < len(layers) - 1:
                 network.append(Downsample(dim, embed_dims[stage + 1]))
         self.network = nn.LayerList(network)

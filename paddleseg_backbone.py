@@ -24,7 +24,6 @@ def backbone_factory(name: str):
             logger.info(f'{name}_feat: {printable(loaded)}')
         return model
     build.__name__ = f'{name}_feat'      # the name a config's `type:` gives
-    build.__doc__ = f'{name}\'s feature backbone for PaddleSeg (see the module doc).'
     return build
 
 

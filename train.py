@@ -128,10 +128,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help='erasing fill (default: pixel)')
     group.add_argument('--recount', type=bounded(int, 1, 100), default=1, help='erasing boxes (default: 1)')
     group.add_argument('--smoothing', type=below_one, default=0.1, help='label smoothing (default: 0.1)')
-    group.add_argument('--repeated-aug', action='store_true', default=True,
-                       help='repeated augmentation x3 across ranks (default: on)')
-    group.add_argument('--no-repeated-aug', action='store_false', dest='repeated_aug',
-                       help='plain shuffled shards instead (default: off)')
+    group.add_argument('--repeated-aug', action=argparse.BooleanOptionalAction, default=True,
+                       help='repeated augmentation x3 across ranks, else plain shuffled shards (default: on)')
 
     # Mixup / CutMix on the batch (mode 'batch').
     group = parser.add_argument_group('mixup')
@@ -143,9 +141,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     # EMA of the weights (timm ModelEma), evaluated alongside the model.
     group = parser.add_argument_group('EMA')
-    group.add_argument('--model-ema', action='store_true', default=True,
+    group.add_argument('--model-ema', action=argparse.BooleanOptionalAction, default=True,
                        help='keep an exponential moving average of the weights (default: on)')
-    group.add_argument('--no-model-ema', action='store_false', dest='model_ema', help='do not (default: off)')
     group.add_argument('--model-ema-decay', type=fraction, default=0.99996, help='per step (default: 0.99996)')
 
     # Output and checkpoints.
@@ -241,8 +238,8 @@ class ModelEma:
     """timm's ModelEma: ema = decay * ema + (1 - decay) * param after every step, on the device."""
     # Buffers (CycleFC's integer offsets) are not averaged.
 
-    def __init__(self, model: CycleNet, decay: float) -> None:
-        self.module = CycleNet(**model.config)
+    def __init__(self, model: CycleNet, decay: float, to_static: bool = False) -> None:
+        self.module = static_if(to_static, CycleNet(**model.config))
         self.module.set_state_dict(model.state_dict())
         self.module.eval()
         self.pairs = list(zip(self.module.parameters(), model.parameters()))
@@ -342,6 +339,8 @@ def train_one_epoch(model: paddle.nn.Layer, run: Run, erasing: Optional[RandomEr
                 f'loss {loss_value:.4f} ({running_sum / (step + 1):.4f}) {images_per_second:.0f} img/s')
     # The last step always logs, so running_sum is the all-rank total and is finite.
     return dict(loss=running_sum / total_steps, lr=run.optimizer.get_lr())
+
+
 def open_visualdl(args: argparse.Namespace):
     from visualdl import LogWriter   # parse_args checked that it is installed
     return LogWriter(logdir=os.path.join(args.output_dir, 'visualdl'))
@@ -365,9 +364,7 @@ def build_run(args: argparse.Namespace, rank: int, world_size: int, log: Callabl
     model = build_model(args, len(train_set.classes), log)
     # Linear scaling rule: lr = base_lr * global batch / 512 (global batch = per-device batch x ranks).
     base_lr = args.lr * args.batch_size * world_size / LR_REFERENCE_BATCH
-    ema = ModelEma(model, args.model_ema_decay) if args.model_ema else None
-    if ema is not None:
-        ema.module = static_if(args.to_static, ema.module)
+    ema = ModelEma(model, args.model_ema_decay, args.to_static) if args.model_ema else None
     run = Run(train_set, train_loader, val_loader, static_if(args.to_static, model), ema,
               build_optimizer(model, args, base_lr),
               paddle.amp.GradScaler(init_loss_scaling=INIT_LOSS_SCALE) if amp_dtype == 'float16' else None,
@@ -405,6 +402,8 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
 def train(args: argparse.Namespace, rank: int, world_size: int, writes_files: bool) -> Dict[str, float]:
     log = print if rank == 0 else (lambda line: None)
     resume = resolve_resume(args, world_size) if args.resume else None
+    if args.eval and not (resume or args.finetune):     # --resume auto found nothing
+        raise WeightsError(f'--eval --resume auto: no {CHECKPOINT_FILE} in {args.output_dir} to evaluate')
     run = build_run(args, rank, world_size, log)
     start_epoch, best_acc1 = load_checkpoint(resume, run, args) if resume else (0, 0.0)
     if resume:
@@ -412,8 +411,6 @@ def train(args: argparse.Namespace, rank: int, world_size: int, writes_files: bo
     elif args.resume:
         log(f'no {CHECKPOINT_FILE} in {args.output_dir} yet: starting from scratch')
     if args.eval:
-        if not (resume or args.finetune):
-            raise WeightsError(f'--eval --resume auto: no {CHECKPOINT_FILE} in {args.output_dir} to evaluate')
         return evaluate_run(run._replace(ema=run.ema if resume else None), args, log)
 
     # Only now, with the data, the model and any checkpoint read, is an old run replaced.

@@ -139,6 +139,7 @@ def test_official_command_lines_run_and_prefixes_select_nothing():
     (['--crop-pct', '2'], 'argument --crop-pct/--crop_pct: expected a value in [0.05, 1.0]'),
     (['--recount', '0'], 'argument --recount'),
     (['--seed', '-1'], 'argument --seed'),
+    (['--seed', '1' + '0' * 400], 'argument --seed: expected a value in [0, 2147483647], got 1000'),
     (['--scale', '1.0', '0.08'], '--scale 1.0 0.08: the smaller area fraction comes first'),
     (['--num-workers', '-1'], 'argument --num-workers/--num_workers'),
     (['--opt-betas', '1.5', '2'], 'argument --opt-betas'),
@@ -309,9 +310,11 @@ def test_file_and_data_errors_name_the_file(trained, tmp_path):
     (lambda c: c['optimizer'].update({'stem.weight/moment1_0': np.zeros(5, np.float32)}),
      "the parameter of optimizer entry 'stem.weight/moment1_0' is 'stem.weight', expected one of the model's"),
     (lambda c: c['optimizer'].update({3: np.zeros(1, np.float32)}), 'an optimizer key is 3, expected a str'),
+    (lambda c: c['optimizer'].update({'LR_Scheduler': {'last_epoch': 3}}),
+     "the parameter of optimizer entry 'LR_Scheduler' is 'LR_Scheduler', expected one of the model's"),
 ], ids=['no epoch', 'epoch str', 'epoch float', 'epoch negative', 'best str', 'model list', 'model str value',
         'optimizer list', 'optimizer str value', 'moment shape', 'accumulator size', 'unknown parameter',
-        'key not a str'])
+        'key not a str', 'no parameter'])
 def test_resume_checks_the_checkpoint_structure(trained, tmp_path, change, message):
     checkpoint = read_checkpoint(trained['output'] / 'checkpoint.pdckpt')
     change(checkpoint)
