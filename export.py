@@ -3,12 +3,10 @@
     python export.py --weights CycleMLP_B1.pth --output exported/ [--dynamic-size] [--onnx]
 
 writes model.json (Paddle 3) or model.pdmodel (Paddle 2.x) and model.pdiparams for Paddle Inference,
-model.onnx with --onnx (pip install paddle2onnx onnxruntime), and meta.json (model, transform, class
-names, checks, each file's sha256). Input: float32 'images' (N, 3, S, S) normalised as
-data.eval_transform does, H and W free with --dynamic-size; output: logits. The graph is the fastest
-exact one measured (docs/deployment.md). Nothing is put in place before every runtime gives the
-eager logits within PARITY_TOLERANCE, checked on the CPU (no TF32 matmul there). An earlier export's
-files are replaced only by a complete one (--output locked meanwhile); other files are never touched.
+model.onnx with --onnx, and meta.json (model, transform, class names, checks, each file's sha256).
+Input: float32 'images' (N, 3, S, S) as data.eval_transform gives; output: logits. Nothing is put in
+place before every runtime gives the eager logits within PARITY_TOLERANCE on the CPU (no TF32 there).
+An earlier export's files are replaced only by a complete one; other files are never touched.
 """
 import argparse
 import contextlib
@@ -184,12 +182,12 @@ def probed(run: Callable[[np.ndarray], np.ndarray], directory: str, meta: dict, 
     return run
 
 
-def paddle_runner(directory: str, default_config: bool = False, device: Optional[str] = None,
+def paddle_runner(directory: str, default_config: bool = False,
                   size: Optional[int] = None) -> Callable[[np.ndarray], np.ndarray]:
-    """Logits of a batch from Paddle Inference on device (default: Paddle's current one), on the
-    CPU with PADDLE_INFERENCE_SETTINGS or its default Config; run.settings says which."""
+    """Logits of a batch from Paddle Inference on Paddle's current device, on the CPU with
+    PADDLE_INFERENCE_SETTINGS or its default Config; run.settings says which."""
     meta = read_meta(directory)
-    device = device or paddle.get_device()
+    device = paddle.get_device()
     with paddle_config(directory, meta) as config:   # read by create_predictor, inside the block
         config.disable_glog_info()
         if device.startswith('gpu'):
@@ -382,11 +380,10 @@ def build_export(model: CycleNet, output: str, args: argparse.Namespace, recorde
                     weights=os.path.basename(args.weights), ema=args.ema, paddle_version=paddle.__version__)
         export_paddle(model, temporary, None if args.dynamic_size else args.input_size)
         write_meta(temporary, meta)
-        runners = {'paddle_inference_default_config': (paddle_runner(temporary, default_config=True,
-                                                                     device=CHECK_DEVICE),
+        # on CHECK_DEVICE, which main selected
+        runners = {'paddle_inference_default_config': (paddle_runner(temporary, default_config=True),
                                                        'Paddle Inference (default Config)'),
-                   'paddle_inference': (paddle_runner(temporary, device=CHECK_DEVICE),
-                                        "Paddle Inference (predict.py's Config)")}
+                   'paddle_inference': (paddle_runner(temporary), "Paddle Inference (predict.py's Config)")}
         if args.onnx:
             export_onnx(temporary, args.opset)
             write_meta(temporary, meta)

@@ -21,9 +21,7 @@ it off: the model then computes as the official code does.
   Paddle reduces a (rows, C) gradient to a bias's or LayerNorm weight's on one thread (100 ms for
   50k x 256; a matmul with a row of ones takes 1 ms); Linear adds its bias inside the matmul.
 
-* Exports (docs/deployment.md): export.py traces `grouped_by_shift(model)`, the model with each
-  stage's channels stored in shift order, where a CycleFC shift is slices of a padded map, not a
-  gather; inside `fused_mixer_traced()` the mixers where `proj` folds in are `fused_mixer`.
+* Exports: export.py traces `grouped_by_shift(model)` inside `fused_mixer_traced()` (docs/deployment.md).
 """
 import contextlib
 import copy
@@ -261,8 +259,7 @@ def _take(tensor: paddle.Tensor, order: Optional[np.ndarray], axis: int) -> None
 
 
 def _permute(layer: nn.Layer, inputs: Optional[np.ndarray], outputs: Optional[np.ndarray]) -> None:
-    """Reorder a layer's inputs and outputs (Linear weight [in, out]; CycleFC, Conv2D [out, in, ..];
-    LayerNorm [out])."""
+    """Reorder a layer's inputs and outputs (Linear weight [in, out], others [out, in, ..] or [out])."""
     out_axis = 1 if isinstance(layer, nn.Linear) else 0
     _take(layer.weight, inputs, 1 - out_axis)
     _take(layer.weight, outputs, out_axis)
