@@ -5,14 +5,12 @@
 --impls (the same network and weights each time): index, the model as shipped (fast_layers.py
 on); index-plain, the official computation (fast_layers.ENABLED = False); deform, CycleFC by
 deform_conv2d as earlier Paddle ports compute it; none, the shifts removed (a channel FC: the
-ceiling of index-plain); index-static, the model under paddle.jit.to_static (--to-static).
+ceiling of index-plain); index-static, the model under paddle.jit.to_static.
 Steps are interleaved (one of each in turn, repeated; medians), so that a shared machine's drift
 hits all alike. Peak memory of a training step: a fresh process per implementation, on the model's
-device (on CPU the growth of peak RSS and Paddle's host allocation peak, on GPU its allocated
-peak and its peak above the steady state). Deployed (unless --skip-deploy): export.py's model at
-batch 1 and 16 in Paddle Inference and ONNX Runtime as predict.py ships them (export.py's
-runners, the same threads), beside eager; each row names its device.
---json prints one JSON object; a ratio that cannot be computed is null.
+device. Deployed (unless --skip-deploy): export.py's model at batch 1 and 16 in Paddle Inference
+and ONNX Runtime as predict.py runs them, beside eager. --json: one JSON object, null where a
+ratio cannot be computed.
 """
 import argparse
 import json

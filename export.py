@@ -161,7 +161,6 @@ def paddle_config(directory: str, meta: dict) -> Iterator[paddle.inference.Confi
 
 
 def model_file(meta: dict) -> str:
-    """model.json (Paddle 3) or model.pdmodel (Paddle 2.x), whichever the export wrote."""
     return next(name for name in MODEL_FILES if name in meta['files'])
 
 
