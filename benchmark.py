@@ -5,14 +5,12 @@
 --impls (the same network and weights each time): index, the model as shipped (fast_layers.py
 on); index-plain, the official computation (fast_layers.ENABLED = False); deform, CycleFC by
 deform_conv2d as earlier Paddle ports compute it; none, the shifts removed (a channel FC: the
-ceiling of index-plain); index-static, the model under paddle.jit.to_static (--to-static).
+ceiling of index-plain); index-static, the model under paddle.jit.to_static.
 Steps are interleaved (one of each in turn, repeated; medians), so that a shared machine's drift
 hits all alike. Peak memory of a training step: a fresh process per implementation, on the model's
-device (on CPU the growth of peak RSS and Paddle's host allocation peak, on GPU its allocated
-peak and its peak above the steady state). Deployed (unless --skip-deploy): export.py's model at
-batch 1 and 16 in Paddle Inference and ONNX Runtime as predict.py ships them (export.py's
-runners, the same threads), beside eager; each row names its device.
---json prints one JSON object; a ratio that cannot be computed is null.
+device. Deployed (unless --skip-deploy): export.py's model at batch 1 and 16 in Paddle Inference
+and ONNX Runtime as predict.py runs them, beside eager. --json: one JSON object, null where a
+ratio cannot be computed.
 """
 import argparse
 import json
@@ -63,18 +61,8 @@ class OtherCycleFC(nn.Layer):
         return out.transpose([0, 2, 3, 1])                               # (B, C, H, W) -> (B, H, W, C)
 
 
-def with_cycle_fc(model: nn.Layer, impl: str) -> nn.Layer:
-    """model with each CycleFC computed by `impl` (same parameters), in place."""
-    if impl in ('deform', 'none'):
-        for mixer in model.sublayers():
-            if isinstance(mixer, CycleMLP):
-                mixer.sfc_h, mixer.sfc_w = OtherCycleFC(mixer.sfc_h, impl), OtherCycleFC(mixer.sfc_w, impl)
-    return model
-
-
 def as_impl(impl: str, step: Callable[[], None]) -> Callable[[], None]:
-    """step, run with fast_layers on for 'index' and 'index-static' and off (the official
-    computation) otherwise; the switch is put back afterwards."""
+    """step, with fast_layers on for 'index' and 'index-static', off (the official computation) otherwise."""
     def run():
         shipped, fast_layers.ENABLED = fast_layers.ENABLED, impl in ('index', 'index-static')
         try:
@@ -89,7 +77,11 @@ def make_steps(args, impl: str) -> Dict[str, Callable[[], None]]:
     classifier, or with --dense the feature backbone (its loss: the mean of every map)."""
     paddle.seed(0)
     model = create_backbone(args.model)[0] if args.dense else create_model(args.model)
-    model = static_if(impl == 'index-static', with_cycle_fc(model, impl))
+    if impl in ('deform', 'none'):
+        for mixer in model.sublayers():
+            if isinstance(mixer, CycleMLP):
+                mixer.sfc_h, mixer.sfc_w = OtherCycleFC(mixer.sfc_h, impl), OtherCycleFC(mixer.sfc_w, impl)
+    model = static_if(impl == 'index-static', model)
     images = paddle.randn([args.batch_size, 3, args.input_size, args.input_size])
     labels = paddle.randint(0, model.num_classes, [args.batch_size])
     optimizer = paddle.optimizer.AdamW(learning_rate=1e-4, parameters=model.parameters())
@@ -165,8 +157,7 @@ def peak_memory_mb(args, impl: str) -> List[float]:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory (VmHWM). Not ru_maxrss: Linux carries that over from
-    the parent across fork and exec, so a probe started by a big process would see the parent's."""
+    """This process's peak resident memory (VmHWM; Linux carries ru_maxrss over from the parent)."""
     with open('/proc/self/status') as status:
         for line in status:
             if line.startswith('VmHWM:'):
@@ -175,9 +166,8 @@ def peak_rss_mb() -> float:
 
 
 def memory_probe(args) -> None:
-    """Child of peak_memory_mb: print, in MB, the peak memory growth of two training steps and
-    Paddle's allocated peak of the second above the first's steady state, both on the model's
-    device (the host's on CPU, the GPU's on GPU)."""
+    """Child of peak_memory_mb: print, in MB, on the model's device, the peak growth over two training
+    steps and Paddle's allocated peak of the second above the first's steady state."""
     train = make_steps(args, args.memory_probe)['train']
     device = paddle.get_device()
     if device.startswith('gpu'):

@@ -9,15 +9,13 @@ row h + shift(c), where
 
     shift(c) = (c + K // 2) % K - K // 2        # K = 3: 0, +1, -1, 0, +1, -1, ...
 
-so neighbouring channels look one pixel left, here and right (or up, here and down) in turn, and
-a channel FC after the shift sees a K-pixel-wide stripe at the cost of a plain channel FC.
-Positions outside the map read zero. Because the offsets are integers, bilinear sampling in the
-deformable convolution always lands exactly on a pixel: the whole layer is a gather of shifted
-channels followed by a matrix multiply. Earlier Paddle ports call `deform_conv2d`, which computes
-bilinear weights and an im2col buffer for every pixel and is several times slower than the FC it
-stands for, and which does not export cleanly to ONNX. Here the shift is one gather over a
-precomputed flat index, and the FC is one matmul, both on channel-last tensors; in exports, with
-the channels stored grouped by shift, the shift is slices (shifted_slices).
+so a channel FC after the shift sees a K-pixel-wide stripe at the cost of a plain channel FC;
+positions outside the map read zero. The offsets are integers, so the deformable convolution's
+bilinear sampling always lands on a pixel: the layer is a gather of shifted channels and a matmul.
+Earlier Paddle ports call `deform_conv2d`, several times slower than the FC it stands for (bilinear
+weights and an im2col buffer per pixel) and not cleanly exportable to ONNX. Here the shift is one
+gather over a precomputed flat index (in exports, channels grouped by shift: slices) and the FC one
+matmul, both channel-last.
 """
 from typing import Callable, Dict, List, Sequence, Tuple
 
@@ -42,9 +40,8 @@ def shift_order(channels: int, kernel: int) -> np.ndarray:
 
 
 def shifted_slices(x: paddle.Tensor, kernel: int, along_width: bool) -> List[paddle.Tensor]:
-    """The shift of channel-last x whose channels are in shift_order: each group's channels are
-    contiguous, so each group shifted is one slice of x zero-padded along the axis (no gather,
-    no index; the slice bounds do not depend on the size). Returns the groups in order."""
+    """The shift of channel-last x whose channels are in shift_order, as one slice of the zero-padded
+    x per group (no gather, no index, bounds independent of the size); the groups in order."""
     axis, low = (2 if along_width else 1), kernel // 2
     zeros = paddle.zeros_like(x[:, :, :1] if along_width else x[:, :1])
     padded = paddle.concat([zeros] * low + [x] + [zeros] * (kernel - 1 - low), axis=axis)
@@ -70,10 +67,7 @@ def gather_columns(x: paddle.Tensor, index: paddle.Tensor) -> paddle.Tensor:
 
 
 class IndexCache:
-    """Gather indices built once per input size and device, and reused (eager mode only).
-
-    Under paddle.jit.to_static the sizes may be symbolic, so there the index is built in the graph.
-    """
+    """Gather indices built once per input size and device (eager only: traced sizes may be symbolic)."""
 
     def __init__(self) -> None:
         self._indices: Dict[Tuple, paddle.Tensor] = {}
@@ -91,18 +85,13 @@ class IndexCache:
 
 def shifted_positions(height, width, channels: int, shifts: np.ndarray, along_width: bool,
                       outside=None) -> paddle.Tensor:
-    """Flat position in a channel-last (H, W, C) map of the pixel channel c of output (h, w)
-    reads: (h, w + shifts[c]) along the width, else (h + shifts[c], w).
-
-    Reads that leave the map point at `outside` (default H*W*C, the slot just past the data,
-    where the caller appends a zero: zero padding, no wrap-around). Returns an int64 tensor
-    (H, W, C). Built from Paddle ops, so height and width may be symbolic when the model is
-    exported with dynamic input sizes.
+    """int64 (H, W, C): the flat position in a channel-last map that output (h, w, c) reads,
+    (h, w + shifts[c]) along the width, else (h + shifts[c], w); reads off the map point at
+    `outside` (default H*W*C, where the caller appends a zero). Paddle ops: sizes may be symbolic.
 
     The shift is added after the strides (position + shift * stride, not (row + shift) * stride):
     Paddle Inference's oneDNN passes (3.3) compute an integer sum times a constant wrongly
-    (tests/test_export.py keeps the reproduction); exports use shifted_slices instead.
-    """
+    (tests/test_export.py keeps the reproduction)."""
     row_stride = width * channels                                   # elements per image row
     rows = paddle.arange(height, dtype='int64').reshape([-1, 1, 1])                 # (H, 1, 1)
     cols = paddle.arange(width, dtype='int64').reshape([1, -1, 1])                  # (1, W, 1)
@@ -123,17 +112,11 @@ def shifted_positions(height, width, channels: int, shifts: np.ndarray, along_wi
 
 
 class CycleFC(nn.Layer):
-    """A channel FC applied after shifting input channel c by `channel_shifts(C, K)[c]` pixels.
-
-    The state matches the official layer's, so its checkpoints load unchanged: weight
-    [out_channels, in_channels, 1, 1], bias [out_channels], and the `offset` buffer
-    [1, 2 * in_channels, 1, 1] holding (dy, dx) per channel. The offset buffer is kept only for
-    that compatibility (and to check a loaded checkpoint against it); the shift itself is
-    computed from `kernel_size`. The official layer's other arguments are left out: CycleMLP
-    calls it with stride 1, padding 0, dilation 1, groups 1 and a bias, and the deformable
-    convolution admits no other stride or padding.
-
-    forward takes and returns channel-last tensors (B, H, W, C), the layout of CycleMLP blocks.
+    """A channel FC after shifting input channel c by `channel_shifts(C, K)[c]` pixels, on
+    channel-last (B, H, W, C). The official state, so its checkpoints load unchanged: weight
+    [out, in, 1, 1], bias, and the `offset` buffer [1, 2 * in, 1, 1] of (dy, dx) per channel, kept
+    only for that (the shift comes from `kernel_size`). The official layer's other arguments are
+    left out: CycleMLP uses stride 1, padding 0, dilation 1, groups 1 and a bias.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Sequence[int]):
@@ -158,15 +141,12 @@ class CycleFC(nn.Layer):
         init = nn.initializer.Uniform(-bound, bound)
         self.weight = self.create_parameter([out_channels, in_channels, 1, 1], default_initializer=init)
         self.bias = self.create_parameter([out_channels], is_bias=True, default_initializer=init)
-        self.register_buffer('offset', paddle.to_tensor(self.official_offset()), persistable=True)
+        offset = np.zeros((in_channels, 2), dtype=np.float32)           # (dy, dx) per input channel
+        offset[:, 1 if self.along_width else 0] = self.shifts
+        self.register_buffer('offset', paddle.to_tensor(offset.reshape(1, 2 * in_channels, 1, 1)),
+                             persistable=True)
         self._index_cache = IndexCache()
         self.grouped = False     # input channels in shift_order (fast_layers.grouped_by_shift sets it)
-
-    def official_offset(self) -> np.ndarray:
-        """The official `offset` buffer: (dy, dx) per input channel, shape [1, 2C, 1, 1]."""
-        offset = np.zeros((self.in_channels, 2), dtype=np.float32)
-        offset[:, 1 if self.along_width else 0] = self.shifts
-        return offset.reshape(1, 2 * self.in_channels, 1, 1)
 
     def source_index(self, height, width, outside=None) -> paddle.Tensor:
         """Where output (h, w, c) reads from in the flattened input; see `shifted_positions`."""

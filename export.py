@@ -3,12 +3,10 @@
     python export.py --weights CycleMLP_B1.pth --output exported/ [--dynamic-size] [--onnx]
 
 writes model.json (Paddle 3) or model.pdmodel (Paddle 2.x) and model.pdiparams for Paddle Inference,
-model.onnx with --onnx (pip install paddle2onnx onnxruntime), and meta.json (model, transform, class
-names, checks, each file's sha256). Input: float32 'images' (N, 3, S, S) normalised as
-data.eval_transform does, H and W free with --dynamic-size; output: logits. The graph is the fastest
-exact one measured (docs/deployment.md). Nothing is put in place before every runtime gives the
-eager logits within PARITY_TOLERANCE, checked on the CPU (no TF32 matmul there). An earlier export's
-files are replaced only by a complete one (--output locked meanwhile); other files are never touched.
+model.onnx with --onnx, and meta.json (model, transform, class names, checks, each file's sha256).
+Input: float32 'images' (N, 3, S, S) as data.eval_transform gives; output: logits. Nothing is put in
+place before every runtime gives the eager logits within PARITY_TOLERANCE on the CPU (no TF32 there).
+An earlier export's files are replaced only by a complete one; other files are never touched.
 """
 import argparse
 import contextlib
@@ -136,9 +134,8 @@ def stdout_to_stderr() -> Iterator[None]:
 
 
 def checked_bytes(directory: str, meta: dict, name: str) -> bytes:
-    """The bytes of DIR/name, read once, if they are the file meta.json records (same sha256):
-    not another export's file copied in, not a damaged one. The runtimes load these bytes, not
-    the path again, so what runs is what was checked."""
+    """The bytes of DIR/name, read once, if they have the sha256 meta.json records (not another
+    export's file, not a damaged one); the runtimes load these bytes, so what runs was checked."""
     path = os.path.join(directory, name)
     if name not in meta['files']:
         raise WeightsError(f'{directory}: this export has no {name}'
@@ -153,33 +150,24 @@ def checked_bytes(directory: str, meta: dict, name: str) -> bytes:
 
 @contextlib.contextmanager
 def paddle_config(directory: str, meta: dict) -> Iterator[paddle.inference.Config]:
-    """A Config holding the checked model (checked_bytes): from memory for a Paddle 2.x
-    model.pdmodel; Paddle 3.3 crashes reading a model.json from memory, so there from a copy of
-    the checked bytes in a private folder (mode 0700), removed when the block ends."""
-    name = model_file(meta)
-    program, params = checked_bytes(directory, meta, name), checked_bytes(directory, meta, PARAMS_FILE)
-    if name == 'model.pdmodel':
-        config = paddle.inference.Config()
-        config.set_model_buffer(program, len(program), params, len(params))
-        yield config
-        return
+    """A Config of the checked model files (checked_bytes), copied into a private folder (mode
+    0700) removed when the block ends: Paddle 3.3 crashes reading a model.json from memory."""
+    names = model_file(meta), PARAMS_FILE
     with tempfile.TemporaryDirectory(prefix='cyclemlp-export.') as private:
-        for file_name, data in ((name, program), (PARAMS_FILE, params)):
-            with open(os.path.join(private, file_name), 'wb') as file:
-                file.write(data)
-        yield paddle.inference.Config(os.path.join(private, name), os.path.join(private, PARAMS_FILE))
+        for name in names:
+            with open(os.path.join(private, name), 'wb') as file:
+                file.write(checked_bytes(directory, meta, name))
+        yield paddle.inference.Config(*(os.path.join(private, name) for name in names))
 
 
 def model_file(meta: dict) -> str:
-    """model.json (Paddle 3) or model.pdmodel (Paddle 2.x), whichever the export wrote."""
     return next(name for name in MODEL_FILES if name in meta['files'])
 
 
 def probed(run: Callable[[np.ndarray], np.ndarray], directory: str, meta: dict, runtime: str,
            size: Optional[int] = None) -> Callable[[np.ndarray], np.ndarray]:
-    """run, once the model has taken an image of the size it will be asked for (default: the
-    size meta.json records) and given meta.json's class count: what meta.json claims is checked
-    before the runtime meets real input."""
+    """run, once it has given meta.json's class count for an image of the size it will be asked
+    for (default: the size meta.json records), before it meets real input."""
     asked = size or meta['input_size']
     try:
         logits = run(np.zeros((1, 3, asked, asked), np.float32))
@@ -193,13 +181,12 @@ def probed(run: Callable[[np.ndarray], np.ndarray], directory: str, meta: dict, 
     return run
 
 
-def paddle_runner(directory: str, default_config: bool = False, device: Optional[str] = None,
+def paddle_runner(directory: str, default_config: bool = False,
                   size: Optional[int] = None) -> Callable[[np.ndarray], np.ndarray]:
-    """Logits of a batch from Paddle Inference's predictor on device (default: Paddle's current
-    one, e.g. gpu:1), with PADDLE_INFERENCE_SETTINGS on the CPU, or with default_config its
-    default Config (only the thread count set). run.settings says what it runs with."""
+    """Logits of a batch from Paddle Inference on Paddle's current device, on the CPU with
+    PADDLE_INFERENCE_SETTINGS or its default Config; run.settings says which."""
     meta = read_meta(directory)
-    device = device or paddle.get_device()
+    device = paddle.get_device()
     with paddle_config(directory, meta) as config:   # read by create_predictor, inside the block
         config.disable_glog_info()
         if device.startswith('gpu'):
@@ -235,8 +222,7 @@ def paddle_runner(directory: str, default_config: bool = False, device: Optional
 
 
 def onnx_runner(directory: str, size: Optional[int] = None) -> Callable[[np.ndarray], np.ndarray]:
-    """Logits of a batch from ONNX Runtime's CPU provider on DIR/model.onnx, with
-    ONNXRUNTIME_SETTINGS and the command's thread count; run.settings says so."""
+    """Logits of a batch from ONNX Runtime's CPU provider with ONNXRUNTIME_SETTINGS (run.settings)."""
     meta = read_meta(directory)
     model = checked_bytes(directory, meta, ONNX_FILE)
     try:
@@ -263,17 +249,15 @@ def onnx_runner(directory: str, size: Optional[int] = None) -> Callable[[np.ndar
 
 
 def load_runner(directory: str, runtime: str, size: Optional[int] = None) -> Callable[[np.ndarray], np.ndarray]:
-    """predict.py's runner of an export: Paddle Inference (PADDLE_INFERENCE_SETTINGS) or ONNX
-    Runtime, probed at the size predict.py will give it (default: the one meta.json records)."""
+    """predict.py's runner of an export, probed at the size it will be given."""
     return onnx_runner(directory, size=size) if runtime == 'onnx' else paddle_runner(directory, size=size)
 
 
 # Writing an export
 
 def export_paddle(model: CycleNet, output: str, input_size: Optional[int]) -> None:
-    """paddle.jit.save an inference model to output/model.*; input_size None = dynamic H, W.
-    Traced with its channels in shift order (the shifts are slices, not gathers) and the token
-    mixers as fast_layers.fused_mixer where that measured faster (docs/deployment.md)."""
+    """paddle.jit.save the model (input_size None: dynamic H, W) grouped_by_shift and with the fused
+    mixers, the fastest exact graph measured (docs/deployment.md)."""
     spec = paddle.static.InputSpec([None, 3, input_size, input_size], 'float32', INPUT_NAME)
     model.eval()
     with warnings.catch_warnings(), fast_layers.fused_mixer_traced():
@@ -354,9 +338,8 @@ def check_parity(model: CycleNet, run: Callable[[np.ndarray], np.ndarray], sizes
 
 
 def earlier_export(output: str) -> List[str]:
-    """The files of an earlier export in output, which a new export may replace; WeightsError if
-    output is not a folder or holds a file of an export's name that no meta.json of export.py lists
-    (the user's own, or listed by a meta.json read_meta does not recognise). Other files stay."""
+    """The files of an earlier export in output, which a new one may replace; WeightsError if output
+    holds a file of an export's name that no meta.json read_meta recognises lists (the user's)."""
     if os.path.exists(output) and not os.path.isdir(output):
         raise WeightsError(f'{output}: exists and is not a folder; choose another --output')
     present = [name for name in EXPORT_FILES + (META_FILE,) if os.path.lexists(os.path.join(output, name))]
@@ -372,9 +355,8 @@ def earlier_export(output: str) -> List[str]:
 
 
 def install(temporary: str, output: str, earlier: List[str]) -> None:
-    """Move the new export's files into output, meta.json first, and remove the earlier export's
-    files the new one does not have. Meanwhile a reader refuses the folder (the files do not match
-    meta.json), and an install killed midway leaves a folder the next export replaces."""
+    """Move the new export's files into output, meta.json first (meanwhile a reader refuses the
+    mismatched files; a killed install is replaced by the next), then remove the stale ones."""
     new = [name for name in EXPORT_FILES if os.path.exists(os.path.join(temporary, name))]
     for name in [META_FILE] + new:
         os.replace(os.path.join(temporary, name), os.path.join(output, name))
@@ -397,11 +379,10 @@ def build_export(model: CycleNet, output: str, args: argparse.Namespace, recorde
                     weights=os.path.basename(args.weights), ema=args.ema, paddle_version=paddle.__version__)
         export_paddle(model, temporary, None if args.dynamic_size else args.input_size)
         write_meta(temporary, meta)
-        runners = {'paddle_inference_default_config': (paddle_runner(temporary, default_config=True,
-                                                                     device=CHECK_DEVICE),
+        # on CHECK_DEVICE, which main selected
+        runners = {'paddle_inference_default_config': (paddle_runner(temporary, default_config=True),
                                                        'Paddle Inference (default Config)'),
-                   'paddle_inference': (paddle_runner(temporary, device=CHECK_DEVICE),
-                                        "Paddle Inference (predict.py's Config)")}
+                   'paddle_inference': (paddle_runner(temporary), "Paddle Inference (predict.py's Config)")}
         if args.onnx:
             export_onnx(temporary, args.opset)
             write_meta(temporary, meta)

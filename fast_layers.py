@@ -1,10 +1,8 @@
 """Faster computation of CycleMLP's layers: the same numbers, by other Paddle ops.
 
-cyclemlp.py computes the model as the official code does, and hands over to this module in three
-places: its Linear and LayerNorm are the ones below (Paddle's layers, same parameters and names),
-`Mlp.forward` calls `mlp`, `CycleMLP.forward` calls `fused_mixer`. All of it is tested against
-the official computation, forward and gradients (tests/test_fast_layers.py, test_cyclemlp.py).
-`fast_layers.ENABLED = False` switches it off: the model then computes as the official code does.
+cyclemlp.py uses its Linear and LayerNorm (Paddle's, same parameters), `mlp` and `fused_mixer`;
+all tested against the official computation, forward and gradients. `ENABLED = False` switches
+it off: the model then computes as the official code does.
 
 * The token mixer as one gather and two batched matmuls (`fused_mixer`, float32 on the CPU in
   eager mode). Every branch is linear and the re-weighting only scales output channels per image:
@@ -21,14 +19,9 @@ the official computation, forward and gradients (tests/test_fast_layers.py, test
 
 * Backward rules for float32 on the CPU in eager mode, where Paddle's own kernels are slow:
   Paddle reduces a (rows, C) gradient to a bias's or LayerNorm weight's on one thread (100 ms for
-  50k x 256; a matmul with a row of ones takes 1 ms); Linear adds its bias inside the matmul
-  (addmm); the MLP recomputes GELU in its backward instead of keeping its output (the largest map
-  of each block); per-image weights are built from expanded operands (Paddle's broadcasting
-  multiply is 20x slower than on equal shapes).
+  50k x 256; a matmul with a row of ones takes 1 ms); Linear adds its bias inside the matmul.
 
-* Exports (docs/deployment.md): export.py traces `grouped_by_shift(model)`, the model with each
-  stage's channels stored in shift order, where a CycleFC shift is slices of a padded map, not a
-  gather; inside `fused_mixer_traced()` the mixers where `proj` folds in are `fused_mixer`.
+* Exports: export.py traces `grouped_by_shift(model)` inside `fused_mixer_traced()` (docs/deployment.md).
 """
 import contextlib
 import copy
@@ -100,8 +93,7 @@ class LayerNormFunction(PyLayer):
 
 
 class MlpFunction(PyLayer):
-    """fc2(gelu(fc1(x))) keeping x and fc1's output for the backward, not the GELU output:
-    the backward recomputes GELU, which saves the largest map of each block (4C channels)."""
+    """fc2(gelu(fc1(x))); the backward recomputes GELU rather than keep the block's largest map."""
 
     @staticmethod
     def forward(ctx, x, weight1, bias1, weight2, bias2):
@@ -127,10 +119,8 @@ class MlpFunction(PyLayer):
 
 
 class ScaleColumns(PyLayer):
-    """(K, R, C) matrices and (B, K, C) scales -> (B, K, R, C): matrix k with its columns
-    scaled by scales[b, k], i.e. M_k @ diag(s_bk). The operands are expanded inside (Paddle's
-    CPU multiply broadcasting both is 20x slower than on equal shapes), the gradient sums are
-    matmuls, and nothing (B, K, R, C) is kept for the backward."""
+    """(K, R, C) matrices, (B, K, C) scales -> (B, K, R, C): M_k @ diag(s_bk), from expanded operands
+    (Paddle's CPU multiply broadcasting both is 20x slower), nothing (B, K, R, C) kept for backward."""
 
     @staticmethod
     def forward(ctx, matrices, scales):
@@ -159,8 +149,7 @@ class Linear(nn.Linear):
 
 
 class LayerNorm(nn.LayerNorm):
-    """paddle.nn.LayerNorm (over the last axis), with LayerNormFunction's backward on the fast
-    CPU path."""
+    """paddle.nn.LayerNorm (last axis), with LayerNormFunction's backward on the fast CPU path."""
 
     def forward(self, x):
         if not on_fast_cpu_path(x):
@@ -175,9 +164,8 @@ def mlp(fc1: nn.Linear, fc2: nn.Linear, x: paddle.Tensor) -> paddle.Tensor:
 
 @contextlib.contextmanager
 def fused_mixer_traced() -> Iterator[None]:
-    """While tracing a model for export (paddle.jit.save) inside this block, the token mixers
-    of a fixed-size, float32 input are traced as `fused_mixer`, not as the official computation.
-    export.py's parity checks compare the result with the eager model in every runtime."""
+    """Inside this block, paddle.jit.save traces the token mixers of a fixed-size float32 input as
+    `fused_mixer` (export.py's parity checks compare it with the eager model in every runtime)."""
     global _TRACING_FUSED_MIXER
     previous, _TRACING_FUSED_MIXER = _TRACING_FUSED_MIXER, True
     try:
@@ -188,18 +176,15 @@ def fused_mixer_traced() -> Iterator[None]:
 
 @paddle.jit.not_to_static
 def traces_fused_mixer(x) -> bool:
-    """Whether x is being traced inside fused_mixer_traced(): static mode, float32, and a
-    known height and width (with --dynamic-size they are symbolic and the official computation
-    is traced)."""
+    """Whether x is traced inside fused_mixer_traced(), float32, of a known (not symbolic) size."""
     _, height, width, _ = x.shape
     return (ENABLED and _TRACING_FUSED_MIXER and not paddle.in_dynamic_mode() and x.dtype == paddle.float32
             and isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0)
 
 
 def fuses_mixer(x: paddle.Tensor) -> bool:
-    """Whether `fused_mixer` is the faster way for channel-last x: on the fast CPU path (it was
-    designed and measured there only; on GPU and under AMP the official computation runs) while
-    3*H*W >= C, or traced for an export inside fused_mixer_traced() while H*W >= 3C."""
+    """Whether `fused_mixer` is the faster way for channel-last x (measured on the fast CPU path
+    only; on GPU and under AMP the official computation runs)."""
     _, height, width, dim = x.shape
     if traces_fused_mixer(x):
         # Exported, only where proj folds in (the first two stages at 224): measured in Paddle
@@ -223,8 +208,7 @@ def _mixer_index(mixer: nn.Layer, height, width) -> paddle.Tensor:
 
 
 def fused_mixer(mixer: nn.Layer, x: paddle.Tensor) -> paddle.Tensor:
-    """cyclemlp.CycleMLP's forward on channel-last x (B, H, W, C) as one gather and two batched
-    matmuls (see the module doc)."""
+    """cyclemlp.CycleMLP's forward on channel-last x (B, H, W, C) (see the module doc)."""
     _, height, width, dim = x.shape        # the batch is -1 while traced for an export: never used
     pixels = height * width
     if mixer.sfc_h.grouped:             # channels in shift order (grouped_by_shift): slices
@@ -275,8 +259,7 @@ def _take(tensor: paddle.Tensor, order: Optional[np.ndarray], axis: int) -> None
 
 
 def _permute(layer: nn.Layer, inputs: Optional[np.ndarray], outputs: Optional[np.ndarray]) -> None:
-    """Reorder a layer's inputs and outputs (Linear weight [in, out]; CycleFC, Conv2D [out, in, ..];
-    LayerNorm [out])."""
+    """Reorder a layer's inputs and outputs (Linear weight [in, out], others [out, in, ..] or [out])."""
     out_axis = 1 if isinstance(layer, nn.Linear) else 0
     _take(layer.weight, inputs, 1 - out_axis)
     _take(layer.weight, outputs, out_axis)
@@ -285,10 +268,9 @@ def _permute(layer: nn.Layer, inputs: Optional[np.ndarray], outputs: Optional[np
 
 
 def grouped_by_shift(model: nn.Layer) -> nn.Layer:
-    """A copy of the classifier `model` that computes the same logits with each stage's channels
-    stored in shift order (cycle_fc.shift_order): every layer's weights are permuted to match, so
-    that each CycleFC shift is slices of a padded map (cycle_fc.shifted_slices), not a gather.
-    For exports, where the gather cost 12-18% of the time (docs/deployment.md)."""
+    """A copy of the classifier `model`, the same logits, with each stage's channels stored in
+    shift_order (every weight permuted to match), so that each CycleFC shift is slices of a padded
+    map, not a gather: for exports, where the gather cost 12-18% of the time (docs/deployment.md)."""
     model = copy.deepcopy(model)
     previous = None
     for convolution, stage in zip([model.patch_embed] + list(model.network[1::2]), model.network[::2]):
