@@ -30,7 +30,6 @@ RANDOM_INTERPOLATIONS = (_RESAMPLING.BILINEAR, _RESAMPLING.BICUBIC)
 RRC_SCALE = (0.08, 1.0)
 RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 RRC_ATTEMPTS = 10
-HFLIP_PROB = 0.5
 
 # RandAugment: magnitudes on a 0..10 scale; LEVEL_DENOM makes one a fraction of an op's strength.
 LEVEL_DENOM = 10.0
@@ -202,13 +201,12 @@ def rand_augment(policy: Optional[str], interpolation: str = 'bicubic') -> Optio
         raise ValueError(f"augmentation policy {policy!r} must start with 'rand'")
     settings = dict(m=10, n=2, p=0.5, mstd=0.0, mmax=10, inc=0)   # a value's type is its section's
     for section in sections[1:]:
-        match = re.fullmatch(r'([a-z]+)(\d+(?:\.\d*)?)', section)
-        if match is None or match[1] not in settings:
-            raise ValueError(f'unknown section {section!r} of policy {policy!r}: expected m, n, p, mstd, '
-                             'mmax or inc with a number')
-        key, value = match.groups()
-        if isinstance(settings[key], int) and not value.isdigit():
-            raise ValueError(f'section {section!r} of policy {policy!r} needs an integer')
+        key = section.rstrip('0123456789.')
+        value = section[len(key):]
+        if key not in settings or not re.fullmatch(
+                r'\d+' if type(settings[key]) is int else r'\d+(\.\d*)?', value):   # m9.5 is no integer
+            raise ValueError(f'bad section {section!r} of policy {policy!r}: expected m, n, mmax or inc with '
+                             'an integer, p or mstd with a number')
         settings[key] = type(settings[key])(value)
     magnitude_std = math.inf if settings['mstd'] > RA_UNIFORM_MSTD else settings['mstd']
     names = RA_INCREASING_TRANSFORMS if settings['inc'] else RA_TRANSFORMS
@@ -259,15 +257,13 @@ class RandomErasing:
 
 
 class TrainTransform:
-    """timm's ImageNet training transform (create_transform with is_training=True): PIL RGB image
-    -> uint8 (3, S, S), normalised and erased later on the batch, on the device."""
+    """timm's ImageNet training transform (create_transform with is_training=True) from train.py's
+    flags: PIL RGB image -> uint8 (3, S, S), normalised and erased later on the batch, on the device."""
 
-    def __init__(self, input_size: int, auto_augment: Optional[str], color_jitter_strength: float,
-                 interpolation: str = 'bicubic', crop_scale: Tuple[float, float] = RRC_SCALE,
-                 hflip: float = HFLIP_PROB) -> None:
-        self.input_size, self.interpolation, self.hflip = input_size, interpolation, hflip
-        self.crop_scale, self.color_jitter_strength = tuple(crop_scale), color_jitter_strength
-        self.rand_augment = rand_augment(auto_augment, interpolation)
+    def __init__(self, args) -> None:
+        self.input_size, self.interpolation, self.hflip = args.input_size, args.train_interpolation, args.hflip
+        self.crop_scale, self.color_jitter_strength = tuple(args.scale), args.color_jitter
+        self.rand_augment = rand_augment(args.aa, args.train_interpolation)
 
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> np.ndarray:
         top, left, height, width = random_resized_crop_box(img.width, img.height, rng, self.crop_scale)
@@ -282,10 +278,7 @@ class TrainTransform:
         return to_chw(img)
 
 
-def train_transform(args) -> TrainTransform:
-    """TrainTransform from train.py's flags (timm's; random erasing follows on the batch)."""
-    return TrainTransform(args.input_size, args.aa, args.color_jitter, args.train_interpolation,
-                          args.scale, args.hflip)
+train_transform = TrainTransform   # the name train.py imports
 
 
 def smooth_one_hot(labels: paddle.Tensor, num_classes: int, smoothing: float) -> paddle.Tensor:

@@ -63,10 +63,6 @@ def cache_folder() -> str:
     return os.path.abspath(os.path.expanduser(folder))
 
 
-def release_url(name: str) -> str:
-    return _source(name)[0]
-
-
 def _source(name: str) -> Tuple[str, Optional[str]]:
     """(the URL of variant name's file, without credentials; the Authorization header for a
     user:password@ in the mirror, else None), or DownloadError naming the variable."""
@@ -109,10 +105,9 @@ def official_weights(name: str, check: Callable[[str], None]) -> str:
     file_name = RELEASES[name][0]
     folder = cache_folder()
     path = os.path.join(folder, file_name)
-    verified = _verified(path) if os.path.isfile(path) else False
-    if verified is not False:
-        return path if verified else _checked(path, check)
-    by_hand = f'download {release_url(name)} by hand and put it at {path}'
+    if _cached(path, check):
+        return path
+    by_hand = f'download {_source(name)[0]} by hand and put it at {path}'
     try:
         os.makedirs(folder, exist_ok=True)
         lock_path = os.path.join(folder, f'.{file_name}.lock')
@@ -123,9 +118,8 @@ def official_weights(name: str, check: Callable[[str], None]) -> str:
         raise DownloadError(f'{problem}; set {CACHE_VARIABLE} to a writable folder, or {by_hand}') from None
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)    # another process may be downloading it: wait for it
-        verified = _verified(path) if os.path.isfile(path) else False
-        if verified is not False:           # downloaded, or put there by hand, while this one waited
-            return path if verified else _checked(path, check)
+        if _cached(path, check):            # downloaded, or put there by hand, while this one waited
+            return path
         if os.path.isfile(path):             # replaced once the new one is checked
             print(f'{printable(path)} does not match its recorded sha256 (damaged): downloading it again',
                   file=sys.stderr)
@@ -135,26 +129,24 @@ def official_weights(name: str, check: Callable[[str], None]) -> str:
     return path
 
 
-def _verified(path: str) -> Optional[bool]:
-    """Whether the file matches the sha256 recorded beside it; None if none is (a file put there by hand)."""
+def _cached(path: str, check: Callable[[str], None]) -> bool:
+    """Whether the cache holds a good copy at path: one matching the sha256 recorded beside it, or,
+    with none recorded (put there by hand), one that passes check (recorded where the cache is writable)."""
+    if not os.path.isfile(path):
+        return False
     record = path + '.sha256'
-    if not os.path.lexists(record):
-        return None
-    with open_regular_file(record, SIDE_FILE_BYTES) as file:
-        words = file.read().split()
-    recorded = words[0].decode() if words and re.fullmatch(rb'[0-9a-f]{64}', words[0]) else None
-    return None if recorded is None else sha256_of(path) == recorded
-
-
-def _checked(path: str, check: Callable[[str], None]) -> str:
-    """path, put into the cache by hand, once it passed check; recorded where the cache is writable."""
+    if os.path.lexists(record):
+        with open_regular_file(record, SIDE_FILE_BYTES) as file:
+            words = file.read().split()
+        if words and re.fullmatch(rb'[0-9a-f]{64}', words[0]):
+            return sha256_of(path) == words[0].decode()
     try:
         check(path)
     except WeightsError as error:
         raise DownloadError(f'{error}; delete {path} to download it again') from None
     with contextlib.suppress(WeightsError):     # a read-only cache: checked at every use
         _write_record(path, sha256_of(path))
-    return path
+    return True
 
 
 def _write_record(path: str, digest: str) -> None:
@@ -212,9 +204,7 @@ def _download(name: str, temporary: str, check: Callable[[str], None], by_hand: 
     except urllib.error.HTTPError as error:
         raise DownloadError(f'{url}: HTTP {error.code} {one_line(error.reason)}; {by_hand}') from None
     except urllib.error.URLError as error:
-        reason = error.reason
-        if isinstance(reason, TimeoutError):
-            reason = f'no answer within {seconds:g} s'
+        reason = f'no answer within {seconds:g} s' if isinstance(error.reason, TimeoutError) else error.reason
         raise DownloadError(f'{url}: cannot connect ({one_line(reason)}); {by_hand}') from None
     except TimeoutError:
         raise DownloadError(f'{url}: no data for {seconds:g} s after {written} bytes; {by_hand}') from None

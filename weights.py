@@ -49,20 +49,13 @@ DATA_CONFIG = {  # key: (check, what is expected)
     'interpolation': (lambda v: isinstance(v, str) and v in INTERPOLATION_NAMES,
                       f'one of {", ".join(INTERPOLATION_NAMES)}'),
 }
-# What a file of each kind is called when reading it fails with an error of the libraries.
-DAMAGED = {'torch': 'damaged zip archive', 'pickle': 'cannot unpickle', 'safetensors': 'damaged safetensors file'}
 
 
 # Stand-ins for the globals that torch.save pickles name
 
-class _TorchDtype:
-    """What a torch storage class or dtype global stands for: how to read its bytes with numpy."""
-
-    def __init__(self, name: str, numpy_dtype: str):
-        self.name, self.numpy_dtype = name, np.dtype(numpy_dtype)  # bfloat16 is read as uint16, then widened
-
-
-_TORCH_DTYPES = {name: _TorchDtype(name, 'uint16' if name == 'bfloat16' else name) for name in (
+# A torch dtype or storage class stands for the numpy dtype of its bytes (immutable: a file cannot
+# change it); bfloat16 is read as uint16, then widened (torch writes no uint16 tensors).
+_TORCH_DTYPES = {name: np.dtype('uint16' if name == 'bfloat16' else name) for name in (
     'float32', 'float16', 'bfloat16', 'float64', 'int64', 'int32', 'int16', 'int8', 'uint8', 'bool')}
 _BFLOAT16 = _TORCH_DTYPES['bfloat16']
 # The legacy typed storage classes, in the order of _TORCH_DTYPES.
@@ -74,26 +67,27 @@ _TORCH_STORAGE_CLASSES = dict(zip((
 class _Storage:
     """The raw bytes of one torch storage (`<root>/data/<key>` in the zip) and their dtype."""
 
-    def __init__(self, raw: bytes, dtype: _TorchDtype, big_endian: bool):
+    def __init__(self, raw: bytes, dtype: np.dtype, big_endian: bool):
         self.raw, self.dtype, self.big_endian = raw, dtype, big_endian
 
-    def elements(self, dtype: _TorchDtype) -> np.ndarray:
+    def elements(self, dtype: np.dtype) -> np.ndarray:
         """The bytes as elements of dtype (a tensor's own, for untyped storages), native order."""
-        numpy_dtype = dtype.numpy_dtype.newbyteorder('>' if self.big_endian else '<')
-        return np.frombuffer(self.raw, dtype=numpy_dtype).astype(dtype.numpy_dtype.newbyteorder('='))
+        elements = np.frombuffer(self.raw, dtype=dtype.newbyteorder('>' if self.big_endian else '<'))
+        return elements.astype(dtype.newbyteorder('='))
 
 
-def _strided_copy(storage: _Storage, dtype: _TorchDtype, offset, size, stride) -> np.ndarray:
-    """A tensor as a copy of a view of its storage (offset, size, stride in elements). The geometry
-    is checked first: as_strided trusts it and would read outside the buffer if a file lied, and
-    a view that repeats elements (a zero stride) could declare far more than the file holds."""
-    if not isinstance(storage, _Storage):
-        raise WeightsError(f'a tensor is built from {describe(storage)}, expected a storage')
-    if not isinstance(dtype, _TorchDtype):
-        raise WeightsError(f'tensor dtype {describe(dtype)} is not one this reader supports')
+def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks,
+                       dtype, metadata=None) -> np.ndarray:
+    """A tensor as a copy of a view of its storage (offset, size, stride in elements; v3 is written for
+    untyped storages: the dtype comes with the tensor). The geometry is checked first: as_strided
+    trusts it and would read outside the buffer if a file lied, and a view that repeats elements (a
+    zero stride) could declare far more than the file holds."""
+    if not (isinstance(storage, _Storage) and isinstance(dtype, np.dtype)):
+        raise WeightsError(f'a tensor is built from {describe(storage)} of dtype {describe(dtype)}, '
+                           'expected a storage and a dtype this reader supports')
     if not (isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)
-            and type(offset) is int and len(size) <= MAX_ARRAY_DIMS
-            and all(type(v) is int and v >= 0 for v in (offset, *size, *stride))):
+            and type(storage_offset) is int and len(size) <= MAX_ARRAY_DIMS
+            and all(type(v) is int and v >= 0 for v in (storage_offset, *size, *stride))):
         raise WeightsError('bad tensor geometry: offset, size and stride must be tuples of '
                            'non-negative integers of equal length')
     elements = storage.elements(dtype)
@@ -102,14 +96,13 @@ def _strided_copy(storage: _Storage, dtype: _TorchDtype, offset, size, stride) -
         raise WeightsError(f'a tensor of {count} elements from a storage of {elements.size}: '
                            'weights never repeat elements')
     if count:
-        last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+        last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
         if last >= elements.size:
-            raise WeightsError(f'tensor of size {size}, stride {stride}, offset {offset} reaches '
+            raise WeightsError(f'tensor of size {size}, stride {stride}, offset {storage_offset} reaches '
                                f'element {last} of a storage holding {elements.size}')
-    itemsize = elements.itemsize
     view = np.lib.stride_tricks.as_strided(
-        elements[offset:] if count else elements[:0], shape=size,
-        strides=[s * itemsize for s in stride], writeable=False)
+        elements[storage_offset:] if count else elements[:0], shape=size,
+        strides=[s * elements.itemsize for s in stride], writeable=False)
     array = np.array(view)
     if dtype is _BFLOAT16:  # bfloat16 is the upper half of a float32
         array = (array.astype(np.uint32) << 16).view(np.float32)
@@ -117,14 +110,9 @@ def _strided_copy(storage: _Storage, dtype: _TorchDtype, offset, size, stride) -
 
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, backward_hooks,
-                       metadata=None):
-    return _strided_copy(storage, getattr(storage, 'dtype', None), storage_offset, size, stride)
-
-
-def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks,
-                       dtype, metadata=None):
-    # Written for untyped storages: the dtype comes with the tensor, not with the storage.
-    return _strided_copy(storage, dtype, storage_offset, size, stride)
+                       metadata=None) -> np.ndarray:
+    return _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks,
+                              getattr(storage, 'dtype', None))
 
 
 def _rebuild_parameter(data, *_):
@@ -140,16 +128,13 @@ def _numpy_dtype(spec, align=False, copy=False) -> np.dtype:
     return dtype
 
 
-class _NumpyArrayType:
-    """Stands for numpy.ndarray, which, called, would build an array from unchecked arguments."""
-
-
 class _EmptyArray:
-    """What _reconstruct gives: a placeholder whose BUILD state becomes a checked new array."""
+    """Stands for numpy.ndarray, and is what _reconstruct gives: a placeholder whose BUILD state
+    becomes a checked new array (numpy.ndarray itself would build one from unchecked arguments)."""
 
 
 def _numpy_reconstruct(subtype, shape, typecode) -> _EmptyArray:
-    if subtype is not _NumpyArrayType:
+    if subtype is not _EmptyArray:
         raise WeightsError(f'array subtype {describe(subtype)} is not numpy.ndarray')
     return _EmptyArray()
 
@@ -179,7 +164,7 @@ ALLOWED_GLOBALS = {
     'torch.storage.UntypedStorage': _TORCH_DTYPES['uint8'],
     **{f'torch.{name}': dtype for name, dtype in {**_TORCH_STORAGE_CLASSES, **_TORCH_DTYPES}.items()},
     '_codecs.encode': _latin1_encode,
-    'numpy.ndarray': _NumpyArrayType,
+    'numpy.ndarray': _EmptyArray,
     'numpy.dtype': _numpy_dtype,
     # paddle.save pickles a tensor in a container as the tuple (name, ndarray); protocol 2 says __builtin__.
     'builtins.tuple': tuple, '__builtin__.tuple': tuple, 'builtins.set': set, '__builtin__.set': set,
@@ -221,8 +206,6 @@ def _build_dtype(target: np.dtype, state) -> np.dtype:
 
 def _build_instance_dict(target, state):
     """The attributes (a dict of str keys) of an OrderedDict or argparse.Namespace this load made."""
-    if isinstance(state, tuple) and len(state) == 2 and state[0] is None:
-        state = state[1]  # (dict state, slot state) as protocol 2+ writes it without a dict
     if not (isinstance(state, dict) and all(isinstance(key, str) for key in state)):
         raise WeightsError(f'the state of {describe(target)} is not a dict of attributes')
     if isinstance(target, argparse.Namespace):
@@ -240,11 +223,6 @@ class _RestrictedUnpickler(pickle._Unpickler):
     replaced and which needs no recursion for deeply nested data."""
 
     dispatch = dict(pickle._Unpickler.dispatch)
-
-    def __init__(self, file, persistent_load=None):
-        super().__init__(file)
-        if persistent_load is not None:     # else pickle's own refuses every persistent id
-            self.persistent_load = persistent_load
 
     def find_class(self, module: str, name: str):
         key = f'{module}.{name}'
@@ -285,7 +263,7 @@ def _read_torch_archive(file) -> dict:
 
     def load_storage(pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == 'storage'
-                and isinstance(pid[1], _TorchDtype) and isinstance(pid[2], str)
+                and isinstance(pid[1], np.dtype) and isinstance(pid[2], str)
                 and type(pid[4]) is int and pid[4] >= 0):
             raise WeightsError('unexpected persistent id: expected a torch storage')
         _, dtype, key, _location, numel = pid
@@ -296,14 +274,16 @@ def _read_torch_archive(file) -> dict:
             if info.compress_type != zipfile.ZIP_STORED:
                 raise WeightsError(f'storage {describe(key)} is compressed; torch.save stores '
                                    'storages uncompressed: re-save the file with torch.save')
-            if info.file_size != numel * dtype.numpy_dtype.itemsize:
+            if info.file_size != numel * dtype.itemsize:
                 raise WeightsError(f'storage {describe(key)} holds {info.file_size} bytes, expected '
                                    f'{numel} x {dtype.name}')
             storages[key] = _Storage(archive.read(info), dtype, big_endian)
         return storages[key]
 
     with archive.open(pickles[0]) as member:
-        result = _RestrictedUnpickler(member, load_storage).load()
+        unpickler = _RestrictedUnpickler(member)
+        unpickler.persistent_load = load_storage    # elsewhere pickle's own refuses every persistent id
+        result = unpickler.load()
         member.read()   # to the end, where zipfile checks the member's CRC
     return result
 
@@ -349,7 +329,7 @@ def _kind(file) -> str:
 def _read(path: str, pickle_only: bool = False) -> tuple[dict, dict, str]:
     """(the dict a weights file holds, its checked META_KEYS, its layout): the file opened once and
     checked, read by the safe readers. Every failure is one WeightsError naming the file."""
-    path, kind = os.fspath(path), None
+    path, kind = os.fspath(path), 'weights'
     with open_regular_file(path, MAX_FILE_BYTES) as file:   # what is checked is what is read
         try:
             kind = _kind(file)
@@ -361,7 +341,7 @@ def _read(path: str, pickle_only: bool = False) -> tuple[dict, dict, str]:
         except WeightsError as error:
             raise WeightsError(f'{path}: {error}') from None
         except Exception as error:   # a damaged file raises anything from EOFError to zlib.error
-            raise WeightsError(f'{path}: {DAMAGED.get(kind, "cannot read")} ({type(error).__name__}: '
+            raise WeightsError(f'{path}: damaged {kind} file ({type(error).__name__}: '
                                f'{describe(str(error))[1:-1]})') from None
     if not isinstance(content, dict):
         raise WeightsError(f'{path}: expected a dict, found {describe(content)}')

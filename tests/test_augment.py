@@ -63,10 +63,11 @@ def test_rand_augment_policy_parsing():
 
 @pytest.mark.parametrize("policy, message", [
     ("auto-m9", "must start with 'rand'"),
-    ("rand-q3", "unknown section 'q3' of policy 'rand-q3'"),
-    ("rand-mx", "unknown section 'mx'"),
-    ("rand-m9.5", "section 'm9.5' .* needs an integer"),
-    ("rand-n2.0", "section 'n2.0' .* needs an integer"),
+    ("rand-q3", "bad section 'q3' of policy 'rand-q3'"),
+    ("rand-mx", "bad section 'mx'"),
+    ("rand-m9.5", "bad section 'm9.5' .* m, n, mmax or inc with an integer"),
+    ("rand-n2.0", "bad section 'n2.0'"),
+    ("rand-p", "bad section 'p'"),
 ])
 def test_rand_augment_policy_errors(policy, message):
     with pytest.raises(ValueError, match=message):
@@ -232,7 +233,8 @@ def test_crop_scale_and_flip_probability_are_honoured():
     img = Image.fromarray(half)
     left_is_dark = {}
     for hflip in (0.0, 1.0):
-        transform = augment.TrainTransform(32, None, 0.0, crop_scale=(1.0, 1.0), hflip=hflip)
+        transform = augment.TrainTransform(make_args(input_size=32, aa=None, color_jitter=0.0, scale=(1.0, 1.0),
+                                                   hflip=hflip))
         outputs = [transform(img, np.random.default_rng(seed)) for seed in range(20)]
         left_is_dark[hflip] = {bool(out[:, :, :8].mean() < out[:, :, -8:].mean()) for out in outputs}
     assert left_is_dark == {0.0: {True}, 1.0: {False}}

@@ -493,7 +493,7 @@ def test_names_and_paths(tmp_path, monkeypatch):
     Path(NAME).write_bytes(b'')                     # an existing path always means the file
     assert zoo.weights_file(NAME) == NAME
     monkeypatch.delenv(download.MIRROR_VARIABLE, raising=False)
-    assert download.release_url('CycleMLP_B5') == 'https://github.com/ShoufaChen/CycleMLP/releases/download/v0.1/CycleMLP_B5.pth'
+    assert download._source('CycleMLP_B5')[0] == 'https://github.com/ShoufaChen/CycleMLP/releases/download/v0.1/CycleMLP_B5.pth'
     with pytest.raises(ValueError, match='pretrained means the official weights'):
         zoo.create_model(NAME, pretrained=True, weights='x.pth')
 
