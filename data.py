@@ -1,11 +1,9 @@
 """Data for CycleMLP: images, datasets, the evaluation transform, samplers and loaders.
 
-The data side of the official code (ShoufaChen/CycleMLP `datasets.py`, `samplers.py`, `main.py`,
-built on DeiT and timm), without either: evaluation resizes the shorter side to input_size / 0.875
-(bicubic) and center-crops; training draws DeiT's repeated augmentation x3 split across ranks and
-augment.py's transform. Datasets are ImageNet-style class folders (`DATA/train/<class>/*`,
-`DATA/val/<class>/*`) or PaddleClas list files (`relative/path label` per line). Not reproduced:
-the official CIFAR branch (the ImageNet transforms are used at every size).
+The data side of the official code (ShoufaChen/CycleMLP `datasets.py`, `samplers.py`, `main.py`),
+without DeiT and timm (training's transform is in augment.py). Datasets are ImageNet-style class
+folders (`DATA/train/<class>/*`, `DATA/val/<class>/*`) or PaddleClas list files (`relative/path
+label` per line). Not reproduced: the official CIFAR branch (the ImageNet transforms serve every size).
 """
 import logging
 import math
@@ -64,10 +62,8 @@ def open_image(path: str) -> Image.Image:
 
 def load_image(path: str, exif_orientation: bool = False, reduce_to: Optional[int] = None) -> Image.Image:
     """The image file decoded fully into 8-bit RGB; one of UNREADABLE_IMAGE_ERRORS if it cannot be.
-    The EXIF orientation is ignored, as by the official loader (torchvision's ImageFolder: open,
-    convert to RGB, alpha dropped) so accuracies reproduce, unless asked for (predict.py: a phone
-    photo is seen the way up a person sees it). `reduce_to` (predict.py --fast-decode) shrinks a
-    large image cheaply by an integer factor, its shorter side kept at least reduce_to."""
+    EXIF orientation is ignored as by the official loader, so accuracies reproduce, unless asked for
+    (predict.py); `reduce_to` (--fast-decode) shrinks by an integer factor, the shorter side >= reduce_to."""
     with open_image(path) as img:
         if reduce_to:   # a JPEG decodes at 1/2, 1/4 or 1/8 scale (DCT scaling); other formats ignore it
             img.draft('RGB', (reduce_to, reduce_to))
@@ -87,12 +83,10 @@ def load_image(path: str, exif_orientation: bool = False, reduce_to: Optional[in
 
 class ImageDataset(paddle.io.Dataset):
     """(path, label) samples through load_image and transform(img, rng): (uint8 CHW, int64 label).
-
-    Training asks for (index, key) (TrainBatchSampler): the generator seeded with the key makes an
-    augmentation independent of the worker that loads it. With `skip_unreadable` (training) a broken
-    file is warned about once and the next sample used, counted in `skipped` by shared-memory flags made
-    in the parent, to cover every worker. Without it (evaluation) it is a DatasetError: a metric that
-    silently drops images is wrong."""
+    Training asks for (index, key) (TrainBatchSampler): the key seeds the augmentation, whichever
+    worker loads it. With `skip_unreadable` (training) a broken file is warned about once and the next
+    sample used, counted in `skipped` across workers; without it (evaluation) it is a DatasetError:
+    a metric that silently drops images is wrong."""
 
     def __init__(self, samples: List[Tuple[str, int]], classes: List[str], transform: Callable,
                  skip_unreadable: bool) -> None:
@@ -234,8 +228,7 @@ def normalize(images):
     """uint8 (..., 3, H, W) -> float32 in [0, 1] normalised with the ImageNet mean and std; a numpy
     array gives a numpy array, a Paddle tensor stays on its device."""
     if isinstance(images, np.ndarray):
-        mean = np.array(IMAGENET_MEAN, np.float32).reshape(3, 1, 1)
-        std = np.array(IMAGENET_STD, np.float32).reshape(3, 1, 1)
+        mean, std = (np.array(values, np.float32).reshape(3, 1, 1) for values in (IMAGENET_MEAN, IMAGENET_STD))
         return (images.astype(np.float32) / np.float32(255.0) - mean) / std
     # The constants are filled on the device: a copy from the host would wait for the device.
     mean, std = (paddle.concat([paddle.full([1, 1, 1], value, 'float32') for value in values])
@@ -254,10 +247,9 @@ def shorter_side_target(width: int, height: int, size: int) -> Tuple[int, int]:
 
 
 class EvalTransform:
-    """The evaluation and inference transform, torchvision's Resize(floor(input_size / crop_pct)) and
-    CenterCrop(input_size): PIL RGB image -> uint8 (3, S, S) (`normalize` follows, on the batch); `rng`
-    is accepted so datasets call every transform alike. The settings come checked (cli.py's flags,
-    weights.check_data_config for recorded ones)."""
+    """torchvision's Resize(floor(input_size / crop_pct)) and CenterCrop(input_size), for evaluation
+    and inference: PIL RGB image -> uint8 (3, S, S); `rng` is accepted so datasets call every transform
+    alike. The settings come checked (cli.py's flags, weights.check_data_config for recorded ones)."""
 
     def __init__(self, input_size: int = EVAL_DEFAULTS['input_size'], crop_pct: float = DEFAULT_CROP_PCT,
                  interpolation: str = EVAL_DEFAULTS['interpolation']) -> None:
@@ -289,12 +281,10 @@ def check_image_headers(dataset: ImageDataset) -> None:
 class TrainBatchSampler:
     """One rank's full training batches for `epoch`, each sample as (index, key): the key (seed,
     rank, epoch, position in this rank's epoch) seeds its augmentation, so resumes are exact.
-
     DeiT's RASampler: a permutation seeded with seed + epoch, each index `repeats` times in a row,
     padded from its start to a multiple of R ranks and dealt by striding, so the copies of an image
     land on different ranks. With repeats each rank keeps floor((N // 256) * 256 / R) samples (DeiT's
-    rule: an epoch stays about N samples long, not 3N); without, or below 256 images, ceil(N / R).
-    """
+    rule: an epoch stays about N samples long, not 3N); without, or below 256 images, ceil(N / R)."""
 
     def __init__(self, dataset_size: int, batch_size: int, num_replicas: int, rank: int, seed: int,
                  repeats: int) -> None:

@@ -204,18 +204,13 @@ def _build_dtype(target: np.dtype, state) -> np.dtype:
     return target.newbyteorder(state[1]) if state[1] in '<>' else target
 
 
-def _build_instance_dict(target, state):
-    """The attributes (a dict of str keys) of an OrderedDict or argparse.Namespace this load made."""
-    if not (isinstance(state, dict) and all(isinstance(key, str) for key in state)):
-        raise WeightsError(f'the state of {describe(target)} is not a dict of attributes')
-    if isinstance(target, argparse.Namespace):
-        vars(target).update(state)
-    return target  # an OrderedDict's attributes (_metadata) are not weights: dropped
+def _drop_state(target, state):
+    return target   # the attributes of an OrderedDict, or an official checkpoint's 'args', are not weights
 
 
 # By type, checked with isinstance: numpy 2 makes each dtype an instance of its own subclass.
 _BUILDERS = ((_EmptyArray, _build_array), (np.dtype, _build_dtype),
-             (collections.OrderedDict, _build_instance_dict), (argparse.Namespace, _build_instance_dict))
+             (collections.OrderedDict, _drop_state), (argparse.Namespace, _drop_state))
 
 
 class _RestrictedUnpickler(pickle._Unpickler):
@@ -293,13 +288,8 @@ def _read_safetensors(file) -> tuple[dict, str]:
     data = file.read()
     container = {'model': safetensors.numpy.load(data)}
     header = json.loads(data[8:8 + struct.unpack('<Q', data[:8])[0]]).get('__metadata__') or {}
-    for key in META_KEYS:
-        if key in header:
-            try:
-                container[key] = json.loads(header[key])
-            except (ValueError, RecursionError):
-                raise WeightsError(f'metadata {key!r} is not JSON of sane depth: '
-                                   f'{describe(header[key])}') from None
+    # Bad JSON (or JSON too deep to parse) is a damaged file, as any error of the libraries here.
+    container.update({key: json.loads(header[key]) for key in META_KEYS if key in header})
     # Files that safetensors.torch wrote say so with format 'pt'; our own files record the layout.
     layout = header.get('layout', 'torch' if header.get('format') == 'pt' else 'paddle')
     if layout not in ('torch', 'paddle'):

@@ -549,7 +549,10 @@ def test_one_metadata_schema_for_weights_checkpoints_and_safetensors(tmp_path, k
             read(path)
     assert not (tmp_path / 'new.pdparams').exists()
     safetensors.numpy.save_file(state, str(header), metadata={'data_config': '[' * 100_000 + ']' * 100_000})
-    with pytest.raises(WeightsError, match='not JSON of sane depth'):
+    with pytest.raises(WeightsError, match=re.escape(f'{header}: damaged safetensors file (RecursionError')):
+        read_weights(header)
+    safetensors.numpy.save_file(state, str(header), metadata={'class_names': '["cat", '})
+    with pytest.raises(WeightsError, match=re.escape(f'{header}: damaged safetensors file (JSONDecodeError')):
         read_weights(header)
 
 
