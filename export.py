@@ -94,8 +94,7 @@ def default_class_names(stored: Optional[Sequence[str]], num_classes: int) -> Op
 # files must have the sha256 it records, and the model must run on the size and classes it records.
 
 def read_meta(directory: str) -> dict:
-    """DIR/meta.json, checked to be what export.py writes (the one reader: predict.py, and export.py
-    before it replaces or deletes anything)."""
+    """DIR/meta.json, checked to be what export.py writes, before anything runs, is replaced or deleted."""
     path = os.path.join(directory, META_FILE)
     with open_regular_file(path, MAX_META_BYTES) as file:
         try:
@@ -121,8 +120,7 @@ def read_meta(directory: str) -> dict:
 
 @contextlib.contextmanager
 def stdout_to_stderr() -> Iterator[None]:
-    """File descriptor 1 on stderr while the block runs: Paddle 3.3's oneDNN kernel checks and
-    paddle2onnx print on stdout from C++, where only results go (predict.py --json)."""
+    """fd 1 on stderr in the block: Paddle 3.3's oneDNN and paddle2onnx print on stdout from C++."""
     sys.stdout.flush()
     saved = os.dup(1)
     os.dup2(2, 1)
@@ -134,8 +132,7 @@ def stdout_to_stderr() -> Iterator[None]:
 
 
 def checked_bytes(directory: str, meta: dict, name: str) -> bytes:
-    """The bytes of DIR/name, read once, if they have the sha256 meta.json records (not another
-    export's file, not a damaged one); the runtimes load these bytes, so what runs was checked."""
+    """DIR/name's bytes, read once, if they have meta.json's sha256; the runtimes load these very bytes."""
     path = os.path.join(directory, name)
     if name not in meta['files']:
         raise WeightsError(f'{directory}: this export has no {name}'
@@ -148,26 +145,13 @@ def checked_bytes(directory: str, meta: dict, name: str) -> bytes:
     return data
 
 
-@contextlib.contextmanager
-def paddle_config(directory: str, meta: dict) -> Iterator[paddle.inference.Config]:
-    """A Config of the checked model files (checked_bytes), copied into a private folder (mode
-    0700) removed when the block ends: Paddle 3.3 crashes reading a model.json from memory."""
-    names = model_file(meta), PARAMS_FILE
-    with tempfile.TemporaryDirectory(prefix='cyclemlp-export.') as private:
-        for name in names:
-            with open(os.path.join(private, name), 'wb') as file:
-                file.write(checked_bytes(directory, meta, name))
-        yield paddle.inference.Config(*(os.path.join(private, name) for name in names))
-
-
-def model_file(meta: dict) -> str:
-    return next(name for name in MODEL_FILES if name in meta['files'])
+def model_file(names) -> str:
+    return next(name for name in MODEL_FILES if name in names)
 
 
 def probed(run: Callable[[np.ndarray], np.ndarray], directory: str, meta: dict, runtime: str,
            size: Optional[int] = None) -> Callable[[np.ndarray], np.ndarray]:
-    """run, once it has given meta.json's class count for an image of the size it will be asked
-    for (default: the size meta.json records), before it meets real input."""
+    """run, once it gave meta.json's class count for an image of the size it will be asked for."""
     asked = size or meta['input_size']
     try:
         logits = run(np.zeros((1, 3, asked, asked), np.float32))
@@ -183,17 +167,22 @@ def probed(run: Callable[[np.ndarray], np.ndarray], directory: str, meta: dict, 
 
 def paddle_runner(directory: str, default_config: bool = False,
                   size: Optional[int] = None) -> Callable[[np.ndarray], np.ndarray]:
-    """Logits of a batch from Paddle Inference on Paddle's current device, on the CPU with
-    PADDLE_INFERENCE_SETTINGS or its default Config; run.settings says which."""
+    """Paddle Inference on Paddle's device; on the CPU with PADDLE_INFERENCE_SETTINGS or the default Config."""
     meta = read_meta(directory)
     device = paddle.get_device()
-    with paddle_config(directory, meta) as config:   # read by create_predictor, inside the block
+    names = model_file(meta['files']), PARAMS_FILE
+    # The checked bytes, in a private folder (mode 0700) create_predictor reads: Paddle 3.3 crashes
+    # reading a model.json from memory.
+    with tempfile.TemporaryDirectory(prefix='cyclemlp-export.') as private:
+        for name in names:
+            with open(os.path.join(private, name), 'wb') as file:
+                file.write(checked_bytes(directory, meta, name))
+        config = paddle.inference.Config(*(os.path.join(private, name) for name in names))
         config.disable_glog_info()
         if device.startswith('gpu'):
             config.enable_use_gpu(256, int(device.partition(':')[2] or 0))
             settings = dict(device=device)
         else:
-            config.disable_gpu()
             config.set_cpu_math_library_num_threads(cpu_setup.current_threads())
             settings = dict(device='cpu', threads=cpu_setup.current_threads())
             if default_config:
@@ -293,10 +282,10 @@ def without_dead_nodes(model) -> None:
 
 
 def export_onnx(output: str, opset: int) -> None:
-    """Convert output's Paddle inference model (meta.json written) to output/model.onnx."""
+    """Convert output's Paddle inference model to output/model.onnx."""
     import onnx
     import paddle2onnx
-    graph = os.path.join(output, model_file(read_meta(output)))
+    graph = os.path.join(output, model_file(os.listdir(output)))
     # save_file=None returns the bytes; passing a path would also run paddle2onnx's optional
     # polygraphy pass, which tries to pip-install onnx_graphsurgeon when it is missing.
     try:
@@ -312,17 +301,12 @@ def export_onnx(output: str, opset: int) -> None:
 
 
 def write_meta(folder: str, meta: dict) -> None:
-    """meta.json, with the sha256 of every model file in folder, which a reader checks."""
-    known = meta.get('files', {})   # the files the checks ran on are the ones recorded
-    meta['files'] = {name: known.get(name) or sha256_of(os.path.join(folder, name)) for name in EXPORT_FILES
-                     if os.path.exists(os.path.join(folder, name))}
     with open(os.path.join(folder, META_FILE), 'w', encoding='utf-8') as file:
         json.dump(meta, file, indent=2)
 
 
 def check_parity(model: CycleNet, run: Callable[[np.ndarray], np.ndarray], sizes, name: str) -> float:
-    """Largest difference of run's logits from the eager model's (on CHECK_DEVICE), relative to the
-    largest logit, over a random batch of each (height, width); WeightsError beyond PARITY_TOLERANCE."""
+    """run's largest logit difference from the eager model's, relative; WeightsError beyond PARITY_TOLERANCE."""
     worst = 0.0
     rng = np.random.default_rng(0)
     for height, width in sizes:
@@ -378,14 +362,17 @@ def build_export(model: CycleNet, output: str, args: argparse.Namespace, recorde
                     std=list(IMAGENET_STD), input_name=INPUT_NAME, class_names=names,
                     weights=os.path.basename(args.weights), ema=args.ema, paddle_version=paddle.__version__)
         export_paddle(model, temporary, None if args.dynamic_size else args.input_size)
+        if args.onnx:
+            export_onnx(temporary, args.opset)
+        # the sha256 a reader checks: the runtimes below load the bytes that have them
+        meta['files'] = {name: sha256_of(os.path.join(temporary, name)) for name in EXPORT_FILES
+                         if os.path.exists(os.path.join(temporary, name))}
         write_meta(temporary, meta)
         # on CHECK_DEVICE, which main selected
         runners = {'paddle_inference_default_config': (paddle_runner(temporary, default_config=True),
                                                        'Paddle Inference (default Config)'),
                    'paddle_inference': (paddle_runner(temporary), "Paddle Inference (predict.py's Config)")}
         if args.onnx:
-            export_onnx(temporary, args.opset)
-            write_meta(temporary, meta)
             runners['onnxruntime'] = (onnx_runner(temporary), 'ONNX Runtime')
         checks = {key: check_parity(model, run, sizes, name) for key, (run, name) in runners.items()}
         meta['parity'] = {'tolerance': PARITY_TOLERANCE, 'sizes': sizes, 'max_difference': checks,
@@ -412,7 +399,6 @@ def main(args: argparse.Namespace) -> None:
     output = os.path.abspath(args.output)
     earlier_export(output)          # refused before the slow work, and again at the end
     model, recorded = load_model(args.weights, args.model, ema=args.ema)
-    model.eval()
     resolve_data_config(args, recorded.get('data_config'), args.weights)
     sizes = [(args.input_size, args.input_size)]
     if args.dynamic_size:
