@@ -254,31 +254,22 @@ def export_paddle(model: CycleNet, output: str, input_size: Optional[int]) -> No
         paddle.jit.save(fast_layers.grouped_by_shift(model), os.path.join(output, 'model'), input_spec=[spec])
 
 
-def without_dead_nodes(model) -> None:
-    """Remove, in place, the nodes whose outputs nothing uses, in the graph and its If branches:
-    paddle2onnx leaves them, and ONNX Runtime warns about each when loading."""
+def without_dead_nodes(graph) -> set:
+    """Remove, in place, the nodes whose outputs nothing uses, in graph and its If branches (paddle2onnx
+    leaves them, and ONNX Runtime warns about each when loading); the names graph uses."""
     import onnx
-
-    def graphs(graph):   # innermost first: rewriting a node list copies the subgraphs it holds
-        for node in graph.node:
-            for attribute in node.attribute:
-                single = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else []
-                for subgraph in list(attribute.graphs) + single:
-                    yield from graphs(subgraph)
-        yield graph
-
-    removed = True
-    while removed:
-        every_graph = list(graphs(model.graph))
-        used = {name for graph in every_graph for node in graph.node for name in node.input}
-        used |= {output.name for graph in every_graph for output in graph.output}
-        removed = False
-        for graph in every_graph:
-            live = [node for node in graph.node if any(name in used for name in node.output)]
-            if len(live) < len(graph.node):
-                removed = True
-                del graph.node[:]
-                graph.node.extend(live)
+    used, live = {output.name for output in graph.output}, []
+    for node in reversed(graph.node):   # nodes are in topological order: every user comes later
+        if any(name in used for name in node.output):
+            live.append(node)
+            used.update(node.input)
+            for attribute in node.attribute:   # a branch also uses names of the graph around it
+                branches = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs
+                for branch in branches:
+                    used |= without_dead_nodes(branch)
+    del graph.node[:]
+    graph.node.extend(reversed(live))
+    return used
 
 
 def export_onnx(output: str, opset: int) -> None:
@@ -296,7 +287,7 @@ def export_onnx(output: str, opset: int) -> None:
     if not onnx_bytes:
         raise WeightsError(f'paddle2onnx could not convert {graph}')
     model = onnx.load_from_string(onnx_bytes)
-    without_dead_nodes(model)
+    without_dead_nodes(model.graph)
     onnx.save(model, os.path.join(output, ONNX_FILE))
 
 
