@@ -245,8 +245,7 @@ def load_runner(directory: str, runtime: str, size: Optional[int] = None) -> Cal
 # Writing an export
 
 def export_paddle(model: CycleNet, output: str, input_size: Optional[int]) -> None:
-    """paddle.jit.save the model (input_size None: dynamic H, W) grouped_by_shift and with the fused
-    mixers, the fastest exact graph measured (docs/deployment.md)."""
+    """paddle.jit.save the fastest exact graph measured (docs/deployment.md): grouped_by_shift, fused mixers."""
     spec = paddle.static.InputSpec([None, 3, input_size, input_size], 'float32', INPUT_NAME)
     model.eval()
     with warnings.catch_warnings(), fast_layers.fused_mixer_traced():
@@ -313,8 +312,7 @@ def check_parity(model: CycleNet, run: Callable[[np.ndarray], np.ndarray], sizes
 
 
 def earlier_export(output: str) -> List[str]:
-    """The files of an earlier export in output, which a new one may replace; WeightsError if output
-    holds a file of an export's name that no meta.json read_meta recognises lists (the user's)."""
+    """output's export files, which a new export may replace; WeightsError for any no recognised meta.json lists."""
     if os.path.exists(output) and not os.path.isdir(output):
         raise WeightsError(f'{output}: exists and is not a folder; choose another --output')
     present = [name for name in EXPORT_FILES + (META_FILE,) if os.path.lexists(os.path.join(output, name))]
@@ -399,10 +397,9 @@ def main(args: argparse.Namespace) -> None:
     with locked(output, '--output', wait=True):     # another export into it: this one waits
         try:
             meta = build_export(model, output, args, recorded, sizes)
-        except BaseException:
+        finally:   # a failed export into a new folder leaves none
             if created and not os.listdir(output):
                 os.rmdir(output)
-            raise
     shape = 'N x 3 x H x W' if args.dynamic_size else f'N x 3 x {args.input_size} x {args.input_size}'
     print(f'exported {printable(args.weights)} ({shape} -> N x {model.num_classes}) to {printable(args.output)}: '
           + ', '.join(sorted(meta['files']) + [META_FILE]))
