@@ -42,8 +42,7 @@ DEPLOY_BATCHES = (1, 16)
 
 
 class OtherCycleFC(nn.Layer):
-    """A CycleFC's parameters computed by `impl`: 'deform' as earlier ports compute it
-    (deform_conv2d on NCHW maps, the offsets tiled over the map), 'none' without the shift."""
+    """A CycleFC computed as earlier ports do ('deform': deform_conv2d, offsets tiled), or unshifted ('none')."""
 
     def __init__(self, layer: CycleFC, impl: str):
         super().__init__()

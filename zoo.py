@@ -204,10 +204,9 @@ def create_backbone(name: str, weights: Optional[str] = None, fork_last3: bool =
 
 
 def load_backbone(model: CycleNet, weights: str) -> str:
-    """Load weights into a feature backbone; returns what was loaded and left out, in words. The
-    kind of file decides what it must hold: a dense checkpoint (an mmseg/mmdet file, keys under
-    'backbone.') is this backbone trained, output norms included; ImageNet weights (a file or a
-    variant name) lose their classifier, and the four output norms start fresh."""
+    """Load weights into a feature backbone; what was loaded and left out, in words. A dense checkpoint
+    (mmseg/mmdet, keys under 'backbone.') must hold this backbone whole, output norms included; ImageNet
+    weights (a file or a variant name) lose their classifier, and the four output norms start fresh."""
     state, _ = read_state(weights)
     notes = []
     dense = any(key.startswith('backbone.') for key in state)
