@@ -245,7 +245,7 @@ def load_runner(directory: str, runtime: str, size: Optional[int] = None) -> Cal
 # Writing an export
 
 def export_paddle(model: CycleNet, output: str, input_size: Optional[int]) -> None:
-    """paddle.jit.save the fastest exact graph measured (docs/deployment.md): grouped_by_shift, fused mixers."""
+    """paddle.jit.save the fastest exact graph (docs/deployment.md): grouped_by_shift, fused mixers; None: any H, W."""
     spec = paddle.static.InputSpec([None, 3, input_size, input_size], 'float32', INPUT_NAME)
     model.eval()
     with warnings.catch_warnings(), fast_layers.fused_mixer_traced():
