@@ -42,8 +42,7 @@ DEPLOY_BATCHES = (1, 16)
 
 
 class OtherCycleFC(nn.Layer):
-    """A CycleFC's parameters computed by `impl`: 'deform' as earlier ports compute it
-    (deform_conv2d on NCHW maps, the offsets tiled over the map), 'none' without the shift."""
+    """A CycleFC computed as earlier ports do ('deform': deform_conv2d, offsets tiled), or unshifted ('none')."""
 
     def __init__(self, layer: CycleFC, impl: str):
         super().__init__()
@@ -122,17 +121,15 @@ def make_layer_steps(args, impl: str, size: int, channels: int) -> Dict[str, Cal
 
 def time_interleaved(steps: Dict[str, Dict[str, Callable]], warmup: int, repeats: int) -> Dict[str, Dict[str, float]]:
     """Median seconds per call of every (impl, mode), alternating implementations each round."""
-    on_gpu = paddle.device.is_compiled_with_cuda() and 'gpu' in paddle.get_device()
+    synchronize = paddle.device.cuda.synchronize if 'gpu' in paddle.get_device() else lambda: None
     times = {impl: {mode: [] for mode in fns} for impl, fns in steps.items()}
     for round_index in range(warmup + repeats):
         for impl, fns in steps.items():
             for mode, fn in fns.items():
-                if on_gpu:
-                    paddle.device.cuda.synchronize()
+                synchronize()
                 start = time.perf_counter()
                 fn()
-                if on_gpu:
-                    paddle.device.cuda.synchronize()
+                synchronize()
                 if round_index >= warmup:
                     times[impl][mode].append(time.perf_counter() - start)
     return {impl: {mode: float(np.median(t)) for mode, t in modes.items()} for impl, modes in times.items()}
@@ -158,11 +155,8 @@ def peak_memory_mb(args, impl: str) -> List[float]:
 
 def peak_rss_mb() -> float:
     """This process's peak resident memory (VmHWM; Linux carries ru_maxrss over from the parent)."""
-    with open('/proc/self/status') as status:
-        for line in status:
-            if line.startswith('VmHWM:'):
-                return int(line.split()[1]) / 1024          # kB -> MB
-    raise OSError('no VmHWM in /proc/self/status: peak memory is measured on Linux only')
+    with open('/proc/self/status') as status:   # Linux only, as is --memory-probe's number
+        return next(int(line.split()[1]) for line in status if line.startswith('VmHWM:')) / 1024   # kB -> MB
 
 
 def memory_probe(args) -> None:
@@ -187,8 +181,7 @@ def memory_probe(args) -> None:
 
 
 def deployed_inference(args) -> List[dict]:
-    """Images per second of eager Paddle and of each runtime on the model export.py wrote from the
-    same weights (with --onnx where paddle2onnx is installed), at each of DEPLOY_BATCHES, interleaved."""
+    """Images per second of eager Paddle and of each runtime on export.py's model of the same weights."""
     paddle.seed(0)
     model = create_model(args.model)
     model.eval()
@@ -266,9 +259,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def ratio(values: Dict[str, float], a: str, b: str) -> Optional[float]:
     """values[a] / values[b], or None (JSON null) where either is missing or it is not finite."""
-    if a not in values or b not in values or not values[b]:
-        return None
-    quotient = values[a] / values[b]
+    quotient = values[a] / values[b] if a in values and values.get(b) else np.nan
     return quotient if np.isfinite(quotient) else None
 
 
@@ -322,15 +313,12 @@ def main(args: argparse.Namespace) -> dict:
             print(f'{row["layer"]:<8} {row["impl"]:<8} {str(row["shape"]):<20} '
                   f'{row["forward_ms"]:>8.1f} {row["forward_backward_ms"]:>11.1f}')
     if deployed:
-        print(f'\ndeployed inference, img/s (x eager)\n{"runtime":<32} {"device":<7} '
-              + ' '.join(f'{f"batch {b}":>15}' for b in DEPLOY_BATCHES) + '  settings')
-        for name in dict.fromkeys(row['runtime'] for row in deployed):
-            rows = [row for row in deployed if row['runtime'] == name]
-            times_eager = [report['deployed_ratios'].get(f'batch{row["batch"]}_{name}/eager') for row in rows]
-            speeds = [f'{row["img_s"]:.2f}' + ('' if x is None else f' ({x:.2f}x)') for row, x in zip(rows, times_eager)]
-            row_settings = ', '.join(f'{key}={value}' for key, value in rows[0]['settings'].items() if key != 'device')
-            print(f'{name:<32} {rows[0]["settings"]["device"]:<7} ' + ' '.join(f'{speed:>15}' for speed in speeds)
-                  + f'  {row_settings}')
+        print(f'\ndeployed inference\n{"runtime":<17} {"batch":>5} {"img/s":>9} {"x eager":>8}  settings')
+        for row in deployed:
+            times_eager = report['deployed_ratios'].get(f'batch{row["batch"]}_{row["runtime"]}/eager')
+            print(f'{row["runtime"]:<17} {row["batch"]:>5} {row["img_s"]:>9.2f} '
+                  f'{"" if times_eager is None else f"{times_eager:.2f}x":>8}  '
+                  + ', '.join(f'{key}={value}' for key, value in row['settings'].items()))
         devices = {row['settings']['device'] for row in deployed}
         if len(devices) > 1:
             print(f'note: the rows run on different devices ({", ".join(sorted(devices))}): '

@@ -94,8 +94,7 @@ def default_class_names(stored: Optional[Sequence[str]], num_classes: int) -> Op
 # files must have the sha256 it records, and the model must run on the size and classes it records.
 
 def read_meta(directory: str) -> dict:
-    """DIR/meta.json, checked to be what export.py writes (the one reader: predict.py, and export.py
-    before it replaces or deletes anything)."""
+    """DIR/meta.json, checked to be what export.py writes, before anything runs, is replaced or deleted."""
     path = os.path.join(directory, META_FILE)
     with open_regular_file(path, MAX_META_BYTES) as file:
         try:
@@ -121,8 +120,7 @@ def read_meta(directory: str) -> dict:
 
 @contextlib.contextmanager
 def stdout_to_stderr() -> Iterator[None]:
-    """File descriptor 1 on stderr while the block runs: Paddle 3.3's oneDNN kernel checks and
-    paddle2onnx print on stdout from C++, where only results go (predict.py --json)."""
+    """fd 1 on stderr in the block: Paddle 3.3's oneDNN and paddle2onnx print on stdout from C++."""
     sys.stdout.flush()
     saved = os.dup(1)
     os.dup2(2, 1)
@@ -134,8 +132,7 @@ def stdout_to_stderr() -> Iterator[None]:
 
 
 def checked_bytes(directory: str, meta: dict, name: str) -> bytes:
-    """The bytes of DIR/name, read once, if they have the sha256 meta.json records (not another
-    export's file, not a damaged one); the runtimes load these bytes, so what runs was checked."""
+    """DIR/name's bytes, read once, if they have meta.json's sha256; the runtimes load these very bytes."""
     path = os.path.join(directory, name)
     if name not in meta['files']:
         raise WeightsError(f'{directory}: this export has no {name}'
@@ -148,26 +145,13 @@ def checked_bytes(directory: str, meta: dict, name: str) -> bytes:
     return data
 
 
-@contextlib.contextmanager
-def paddle_config(directory: str, meta: dict) -> Iterator[paddle.inference.Config]:
-    """A Config of the checked model files (checked_bytes), copied into a private folder (mode
-    0700) removed when the block ends: Paddle 3.3 crashes reading a model.json from memory."""
-    names = model_file(meta), PARAMS_FILE
-    with tempfile.TemporaryDirectory(prefix='cyclemlp-export.') as private:
-        for name in names:
-            with open(os.path.join(private, name), 'wb') as file:
-                file.write(checked_bytes(directory, meta, name))
-        yield paddle.inference.Config(*(os.path.join(private, name) for name in names))
-
-
-def model_file(meta: dict) -> str:
-    return next(name for name in MODEL_FILES if name in meta['files'])
+def model_file(names) -> str:
+    return next(name for name in MODEL_FILES if name in names)
 
 
 def probed(run: Callable[[np.ndarray], np.ndarray], directory: str, meta: dict, runtime: str,
            size: Optional[int] = None) -> Callable[[np.ndarray], np.ndarray]:
-    """run, once it has given meta.json's class count for an image of the size it will be asked
-    for (default: the size meta.json records), before it meets real input."""
+    """run, once it gave meta.json's class count for an image of the size it will be asked for."""
     asked = size or meta['input_size']
     try:
         logits = run(np.zeros((1, 3, asked, asked), np.float32))
@@ -183,17 +167,22 @@ def probed(run: Callable[[np.ndarray], np.ndarray], directory: str, meta: dict, 
 
 def paddle_runner(directory: str, default_config: bool = False,
                   size: Optional[int] = None) -> Callable[[np.ndarray], np.ndarray]:
-    """Logits of a batch from Paddle Inference on Paddle's current device, on the CPU with
-    PADDLE_INFERENCE_SETTINGS or its default Config; run.settings says which."""
+    """Paddle Inference on Paddle's device; on the CPU with PADDLE_INFERENCE_SETTINGS or the default Config."""
     meta = read_meta(directory)
     device = paddle.get_device()
-    with paddle_config(directory, meta) as config:   # read by create_predictor, inside the block
+    names = model_file(meta['files']), PARAMS_FILE
+    # The checked bytes, in a private folder (mode 0700) create_predictor reads: Paddle 3.3 crashes
+    # reading a model.json from memory.
+    with tempfile.TemporaryDirectory(prefix='cyclemlp-export.') as private:
+        for name in names:
+            with open(os.path.join(private, name), 'wb') as file:
+                file.write(checked_bytes(directory, meta, name))
+        config = paddle.inference.Config(*(os.path.join(private, name) for name in names))
         config.disable_glog_info()
         if device.startswith('gpu'):
             config.enable_use_gpu(256, int(device.partition(':')[2] or 0))
             settings = dict(device=device)
         else:
-            config.disable_gpu()
             config.set_cpu_math_library_num_threads(cpu_setup.current_threads())
             settings = dict(device='cpu', threads=cpu_setup.current_threads())
             if default_config:
@@ -256,8 +245,7 @@ def load_runner(directory: str, runtime: str, size: Optional[int] = None) -> Cal
 # Writing an export
 
 def export_paddle(model: CycleNet, output: str, input_size: Optional[int]) -> None:
-    """paddle.jit.save the model (input_size None: dynamic H, W) grouped_by_shift and with the fused
-    mixers, the fastest exact graph measured (docs/deployment.md)."""
+    """paddle.jit.save the fastest exact graph (docs/deployment.md): grouped_by_shift, fused mixers; None: any H, W."""
     spec = paddle.static.InputSpec([None, 3, input_size, input_size], 'float32', INPUT_NAME)
     model.eval()
     with warnings.catch_warnings(), fast_layers.fused_mixer_traced():
@@ -265,38 +253,29 @@ def export_paddle(model: CycleNet, output: str, input_size: Optional[int]) -> No
         paddle.jit.save(fast_layers.grouped_by_shift(model), os.path.join(output, 'model'), input_spec=[spec])
 
 
-def without_dead_nodes(model) -> None:
-    """Remove, in place, the nodes whose outputs nothing uses, in the graph and its If branches:
-    paddle2onnx leaves them, and ONNX Runtime warns about each when loading."""
+def without_dead_nodes(graph) -> set:
+    """Remove, in place, the nodes whose outputs nothing uses, in graph and its If branches (paddle2onnx
+    leaves them, and ONNX Runtime warns about each when loading); the names graph uses."""
     import onnx
-
-    def graphs(graph):   # innermost first: rewriting a node list copies the subgraphs it holds
-        for node in graph.node:
-            for attribute in node.attribute:
-                single = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else []
-                for subgraph in list(attribute.graphs) + single:
-                    yield from graphs(subgraph)
-        yield graph
-
-    removed = True
-    while removed:
-        every_graph = list(graphs(model.graph))
-        used = {name for graph in every_graph for node in graph.node for name in node.input}
-        used |= {output.name for graph in every_graph for output in graph.output}
-        removed = False
-        for graph in every_graph:
-            live = [node for node in graph.node if any(name in used for name in node.output)]
-            if len(live) < len(graph.node):
-                removed = True
-                del graph.node[:]
-                graph.node.extend(live)
+    used, live = {output.name for output in graph.output}, []
+    for node in reversed(graph.node):   # nodes are in topological order: every user comes later
+        if any(name in used for name in node.output):
+            live.append(node)
+            used.update(node.input)
+            for attribute in node.attribute:   # a branch also uses names of the graph around it
+                branches = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs
+                for branch in branches:
+                    used |= without_dead_nodes(branch)
+    del graph.node[:]
+    graph.node.extend(reversed(live))
+    return used
 
 
 def export_onnx(output: str, opset: int) -> None:
-    """Convert output's Paddle inference model (meta.json written) to output/model.onnx."""
+    """Convert output's Paddle inference model to output/model.onnx."""
     import onnx
     import paddle2onnx
-    graph = os.path.join(output, model_file(read_meta(output)))
+    graph = os.path.join(output, model_file(os.listdir(output)))
     # save_file=None returns the bytes; passing a path would also run paddle2onnx's optional
     # polygraphy pass, which tries to pip-install onnx_graphsurgeon when it is missing.
     try:
@@ -307,22 +286,17 @@ def export_onnx(output: str, opset: int) -> None:
     if not onnx_bytes:
         raise WeightsError(f'paddle2onnx could not convert {graph}')
     model = onnx.load_from_string(onnx_bytes)
-    without_dead_nodes(model)
+    without_dead_nodes(model.graph)
     onnx.save(model, os.path.join(output, ONNX_FILE))
 
 
 def write_meta(folder: str, meta: dict) -> None:
-    """meta.json, with the sha256 of every model file in folder, which a reader checks."""
-    known = meta.get('files', {})   # the files the checks ran on are the ones recorded
-    meta['files'] = {name: known.get(name) or sha256_of(os.path.join(folder, name)) for name in EXPORT_FILES
-                     if os.path.exists(os.path.join(folder, name))}
     with open(os.path.join(folder, META_FILE), 'w', encoding='utf-8') as file:
         json.dump(meta, file, indent=2)
 
 
 def check_parity(model: CycleNet, run: Callable[[np.ndarray], np.ndarray], sizes, name: str) -> float:
-    """Largest difference of run's logits from the eager model's (on CHECK_DEVICE), relative to the
-    largest logit, over a random batch of each (height, width); WeightsError beyond PARITY_TOLERANCE."""
+    """run's largest logit difference from the eager model's, relative; WeightsError beyond PARITY_TOLERANCE."""
     worst = 0.0
     rng = np.random.default_rng(0)
     for height, width in sizes:
@@ -338,8 +312,7 @@ def check_parity(model: CycleNet, run: Callable[[np.ndarray], np.ndarray], sizes
 
 
 def earlier_export(output: str) -> List[str]:
-    """The files of an earlier export in output, which a new one may replace; WeightsError if output
-    holds a file of an export's name that no meta.json read_meta recognises lists (the user's)."""
+    """output's export files, which a new export may replace; WeightsError for any no recognised meta.json lists."""
     if os.path.exists(output) and not os.path.isdir(output):
         raise WeightsError(f'{output}: exists and is not a folder; choose another --output')
     present = [name for name in EXPORT_FILES + (META_FILE,) if os.path.lexists(os.path.join(output, name))]
@@ -378,14 +351,17 @@ def build_export(model: CycleNet, output: str, args: argparse.Namespace, recorde
                     std=list(IMAGENET_STD), input_name=INPUT_NAME, class_names=names,
                     weights=os.path.basename(args.weights), ema=args.ema, paddle_version=paddle.__version__)
         export_paddle(model, temporary, None if args.dynamic_size else args.input_size)
+        if args.onnx:
+            export_onnx(temporary, args.opset)
+        # the sha256 a reader checks: the runtimes below load the bytes that have them
+        meta['files'] = {name: sha256_of(os.path.join(temporary, name)) for name in EXPORT_FILES
+                         if os.path.exists(os.path.join(temporary, name))}
         write_meta(temporary, meta)
         # on CHECK_DEVICE, which main selected
         runners = {'paddle_inference_default_config': (paddle_runner(temporary, default_config=True),
                                                        'Paddle Inference (default Config)'),
                    'paddle_inference': (paddle_runner(temporary), "Paddle Inference (predict.py's Config)")}
         if args.onnx:
-            export_onnx(temporary, args.opset)
-            write_meta(temporary, meta)
             runners['onnxruntime'] = (onnx_runner(temporary), 'ONNX Runtime')
         checks = {key: check_parity(model, run, sizes, name) for key, (run, name) in runners.items()}
         meta['parity'] = {'tolerance': PARITY_TOLERANCE, 'sizes': sizes, 'max_difference': checks,
@@ -412,7 +388,6 @@ def main(args: argparse.Namespace) -> None:
     output = os.path.abspath(args.output)
     earlier_export(output)          # refused before the slow work, and again at the end
     model, recorded = load_model(args.weights, args.model, ema=args.ema)
-    model.eval()
     resolve_data_config(args, recorded.get('data_config'), args.weights)
     sizes = [(args.input_size, args.input_size)]
     if args.dynamic_size:
@@ -422,10 +397,9 @@ def main(args: argparse.Namespace) -> None:
     with locked(output, '--output', wait=True):     # another export into it: this one waits
         try:
             meta = build_export(model, output, args, recorded, sizes)
-        except BaseException:
+        finally:   # a failed export into a new folder leaves none
             if created and not os.listdir(output):
                 os.rmdir(output)
-            raise
     shape = 'N x 3 x H x W' if args.dynamic_size else f'N x 3 x {args.input_size} x {args.input_size}'
     print(f'exported {printable(args.weights)} ({shape} -> N x {model.num_classes}) to {printable(args.output)}: '
           + ', '.join(sorted(meta['files']) + [META_FILE]))

@@ -108,9 +108,8 @@ def numpy_state(model: nn.Layer) -> Dict[str, np.ndarray]:
 
 def fitting_state(model: CycleNet, state: Dict[str, np.ndarray], source: str = 'weights',
                   drop_head: bool = False, fresh: Sequence[str] = ()) -> Dict[str, np.ndarray]:
-    """The entries of state to load into model, or WeightsError listing every mismatch. drop_head
-    leaves out a classifier of another class count (fine-tuning); keys in `fresh` may be missing.
-    Reads only shapes and the offset buffers of model, so it may be built under paddle.LazyGuard."""
+    """The entries of state to load into model, or WeightsError listing every mismatch; drop_head leaves out a
+    classifier of another class count, keys in `fresh` may be missing. Works on a paddle.LazyGuard model."""
     expected = model.state_dict()
     file_classes = state['head.bias'].shape[0] if 'head.bias' in state else None
     if file_classes is not None and file_classes != model.num_classes:
@@ -198,18 +197,16 @@ def load_model(weights: str, name: Optional[str] = None, ema: bool = False, drop
 
 def create_backbone(name: str, weights: Optional[str] = None, fork_last3: bool = False,
                     drop_path_rate: float = 0.0) -> Tuple[CycleNet, str]:
-    """(model, what was loaded) for variant name's feature backbone (the official CycleMLP_Bx_feat,
-    for detection and segmentation); weights: none (fresh), or any file load_backbone takes."""
+    """(model, what was loaded): variant name's feature backbone (the official CycleMLP_Bx_feat), fresh or not."""
     check_name(name)
     model = CycleNet(**ARCHITECTURES[name], drop_path_rate=drop_path_rate, fork_feat=True, fork_last3=fork_last3)
     return model, 'fresh' if weights is None else load_backbone(model, weights)
 
 
 def load_backbone(model: CycleNet, weights: str) -> str:
-    """Load weights into a feature backbone; returns what was loaded and left out, in words. The
-    kind of file decides what it must hold: a dense checkpoint (an mmseg/mmdet file, keys under
-    'backbone.') is this backbone trained, output norms included; ImageNet weights (a file or a
-    variant name) lose their classifier, and the four output norms start fresh."""
+    """Load weights into a feature backbone; what was loaded and left out, in words. A dense checkpoint
+    (mmseg/mmdet, keys under 'backbone.') must hold this backbone whole, output norms included; ImageNet
+    weights (a file or a variant name) lose their classifier, and the four output norms start fresh."""
     state, _ = read_state(weights)
     notes = []
     dense = any(key.startswith('backbone.') for key in state)
