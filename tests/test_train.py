@@ -140,6 +140,8 @@ def test_official_command_lines_run_and_prefixes_select_nothing():
     (['--recount', '0'], 'argument --recount'),
     (['--seed', '-1'], 'argument --seed'),
     (['--seed', '1' + '0' * 400], 'argument --seed: expected a value in [0, 2147483647], got 1000'),
+    (['--seed', 'abc'], "argument --seed: invalid int value: 'abc'"),
+    (['--lr', '1e-3x'], "argument --lr: invalid float value: '1e-3x'"),
     (['--scale', '1.0', '0.08'], '--scale 1.0 0.08: the smaller area fraction comes first'),
     (['--num-workers', '-1'], 'argument --num-workers/--num_workers'),
     (['--opt-betas', '1.5', '2'], 'argument --opt-betas'),
@@ -158,8 +160,7 @@ def test_flags_out_of_range_are_argparse_errors(flags, message):
 
 
 def test_data_path_is_required():
-    assert parse_error().endswith('--data-path is required: the folder holding train/<class>/ and '
-                                  'val/<class>/ (or the root of --train-list / --val-list)')
+    assert parse_error().endswith('the following arguments are required: --data-path/--data_path')
 
 
 def test_demo_preset_yields_to_explicit_flags():
