@@ -55,12 +55,10 @@ def validation_loader(args: argparse.Namespace, rank: int, world_size: int) -> t
 
 
 @paddle.no_grad()
-def evaluate(model: paddle.nn.Layer, loader, print_freq: int = 10,
-             amp_dtype: Optional[str] = None, log: Callable[[str], None] = print,
-             header: str = 'Test:') -> Dict[str, float]:
-    """Top-1 and top-min(5, classes) accuracy (percent), mean cross-entropy and image count over
-    loader, summed over every rank's shard (the sampler gives each image to one rank). The sums stay
-    on the device: the host waits for them only at log lines (log: a no-op on ranks but 0)."""
+def evaluate(model: paddle.nn.Layer, loader, print_freq: int = 10, amp_dtype: Optional[str] = None,
+             log: Callable[[str], None] = print, header: str = 'Test:') -> Dict[str, float]:
+    """Top-1 and top-min(5, classes) accuracy (percent), mean cross-entropy and image count over every
+    rank's shard. The sums stay on the device until log lines (log: a no-op on ranks but 0)."""
     model.eval()    # train_one_epoch sets training mode again
     total_steps = len(loader)
     # On the device: correct top-1, correct top-k, summed loss, images with non-finite logits, images.

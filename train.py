@@ -191,8 +191,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             parser.error(f'{flag} {value}: only {OFFICIAL_NO_EFFECT[flag]} is implemented here')
     if args.layers and not (args.embed_dims and args.mlp_ratios):
         parser.error('--layers needs --embed-dims and --mlp-ratios')
-    if args.eval and not (args.resume or args.finetune):
-        parser.error('--eval needs weights: --resume PATH or --finetune PATH')
     if args.scale[0] > args.scale[1]:
         parser.error(f'--scale {args.scale[0]} {args.scale[1]}: the smaller area fraction comes first')
     if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
@@ -374,8 +372,9 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
 def train(args: argparse.Namespace, rank: int, world_size: int, writes_files: bool) -> Dict[str, float]:
     log = print if rank == 0 else (lambda line: None)
     resume = resolve_resume(args, world_size) if args.resume else None
-    if args.eval and not (resume or args.finetune):     # --resume auto found nothing
-        raise WeightsError(f'--eval --resume auto: no {CHECKPOINT_FILE} in {args.output_dir} to evaluate')
+    if args.eval and not (resume or args.finetune):     # none given, or --resume auto found none
+        raise WeightsError(f'--eval needs weights: --resume PATH, --finetune PATH, or --resume auto with a '
+                           f'{CHECKPOINT_FILE} in --output-dir ({args.output_dir or "none given"})')
     run = Run(args, rank, world_size, log)
     start_epoch, best_acc1 = load_checkpoint(resume, run, args) if resume else (0, 0.0)
     if resume:
