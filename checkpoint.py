@@ -79,7 +79,7 @@ def save_checkpoint(path: str, run, epoch: int, best_acc1: float, args: argparse
         'model': numpy_state(run.model),
         'model_ema': numpy_state(run.ema.module) if run.ema is not None else None,
         'optimizer': optimizer_state(run.optimizer, run.model),
-        'scaler': run.scaler.state_dict() if run.scaler is not None else None,   # numpy already
+        'scaler': run.scaler.state_dict() or None,   # numpy already; {} from a disabled scaler
         'epoch': epoch,
         'best_acc1': best_acc1,
         'args': vars(args),
@@ -106,7 +106,7 @@ def load_checkpoint(path: str, run, args: argparse.Namespace) -> tuple:
         load_state(run.ema.module, check_state(path, ema_state), source=path)
     load_optimizer_state(run.optimizer, run.model, checkpoint.get('optimizer'), path)
     scaler_state = checkpoint.get('scaler')
-    if run.scaler is not None and scaler_state is not None:
+    if scaler_state is not None:    # a disabled scaler ignores it
         expect(isinstance(scaler_state, dict) and scaler_state, path, 'scaler', scaler_state,
                'a loss scaler\'s state')
         run.scaler.load_state_dict(scaler_state)
@@ -121,12 +121,10 @@ def changes(checkpoint: dict, args: argparse.Namespace, class_names: List[str]) 
                    for key, value in (checkpoint.get('data_config') or {}).items() if asked[key] != value]
     recorded = checkpoint.get('class_names')
     if recorded is not None and recorded != list(class_names):
-        if len(recorded) != len(class_names):
-            differences.append(f'{len(class_names)} classes (the checkpoint: {len(recorded)})')
-        else:
-            index = next(i for i, (name, old) in enumerate(zip(class_names, recorded)) if name != old)
-            differences.append(f'class {index} is {describe(class_names[index])} (the checkpoint: '
-                               f'{describe(recorded[index])})')
+        index = next((i for i, (name, old) in enumerate(zip(class_names, recorded)) if name != old), None)
+        differences.append(f'class {index} is {describe(class_names[index])} (the checkpoint: '
+                           f'{describe(recorded[index])})' if index is not None else
+                           f'{len(class_names)} classes (the checkpoint: {len(recorded)})')
     return differences
 
 

@@ -29,7 +29,7 @@ import cpu_setup  # noqa: E402
 from cyclemlp import ARCHITECTURES  # noqa: E402
 from data import DEFAULT_CROP_PCT, EVAL_DEFAULTS, INTERPOLATIONS, DatasetError  # noqa: E402
 from safe_io import WeightsError, one_line  # noqa: E402
-from weights import CROP_PCT_RANGE, INPUT_SIZE_RANGE, check_data_config  # noqa: E402
+from weights import CROP_PCT_RANGE, INPUT_SIZE_RANGE  # noqa: E402
 
 
 # Flags
@@ -39,16 +39,13 @@ def bounded(kind: type, low=-math.inf, high=math.inf, low_open: bool = False, hi
     interval = ('(' if low_open else '[') + f'{low}, {high}' + (')' if high_open else ']')
 
     def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f'expected {"an integer" if kind is int else "a number"}, '
-                                             f'got {text!r}') from None
+        value = kind(text)   # a ValueError is argparse's "invalid int value: 'x'", by parse.__name__
         # An int is finite (and math.isfinite would overflow on one of 400 digits).
         if not ((kind is int or math.isfinite(value)) and (low < value if low_open else low <= value)
                 and (value < high if high_open else value <= high)):
             raise argparse.ArgumentTypeError(f'expected a value in {interval}, got {text[:40]}')
         return value
+    parse.__name__ = kind.__name__
     return parse
 
 
@@ -87,12 +84,12 @@ def model_args_parser(training: bool = False) -> argparse.ArgumentParser:
     return parser
 
 
-def loader_args_parser() -> argparse.ArgumentParser:
+def loader_args_parser(data_required: bool = False) -> argparse.ArgumentParser:
     """The data and loader flags train.py and evaluate.py share."""
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     group = parser.add_argument_group('data')
-    group.add_argument('--data-path', '--data_path', help='the folder of train/<class>/ and val/<class>/, or '
-                       'the root of the list files (default: None)')
+    group.add_argument('--data-path', '--data_path', required=data_required, help='the folder of '
+                       'train/<class>/ and val/<class>/, or the root of the list files (default: None)')
     group.add_argument('--train-list', '--train_list', help='PaddleClas-style list file "relative/path label" '
                        'of the training set (default: None, DATA/train/<class>/)')
     group.add_argument('--val-list', '--val_list', help='list file of the validation set (default: None, '
@@ -115,37 +112,33 @@ def static_if(to_static: bool, model: paddle.nn.Layer) -> paddle.nn.Layer:
     return paddle.jit.to_static(model, full_graph=True) if to_static else model
 
 
-def resolve_data_config(args: argparse.Namespace, recorded: Optional[dict], source: str) -> None:
-    """Fill the evaluation-transform flags left None with what `source` recorded, else EVAL_DEFAULTS."""
-    recorded = check_data_config(recorded or {}, source)
+def resolve_data_config(args: argparse.Namespace, recorded: Optional[dict], source: str = '') -> None:
+    """Fill the evaluation-transform flags left None with the recorded data_config, else EVAL_DEFAULTS."""
+    # The readers checked `recorded` (weights.check_meta, export.read_meta); `source` is unused.
     for dest, key in (('input_size', 'input_size'), ('crop_pct', 'crop_pct'),
                       ('eval_interpolation', 'interpolation')):
         if getattr(args, dest) is None:
-            setattr(args, dest, recorded.get(key, EVAL_DEFAULTS[key]))
-
-
-class InUseError(Exception):
-    """An output folder another process is writing."""
+            setattr(args, dest, (recorded or {}).get(key, EVAL_DEFAULTS[key]))
 
 
 @contextlib.contextmanager
 def locked(folder: str, flag: str, wait: bool = False):
-    """An exclusive lock on the folder itself while the block runs (else wait, or InUseError)."""
+    """An exclusive lock on the folder itself while the block runs (else wait, or an OSError)."""
     # The kernel releases it when the process ends, however it ends; nothing is left in the folder.
     descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
-            raise InUseError(f'{flag} {folder} is in use by another run; wait for it to end') from None
+            raise OSError(f'{flag} {folder} is in use by another run; wait for it to end') from None
         yield
     finally:
         os.close(descriptor)
 
 
 # The errors a command reports as one line: what the user gave is wrong, or the system refused.
-USER_ERRORS = (WeightsError, DatasetError, OSError, InUseError, cpu_setup.ThreadSettingError,
-               cpu_setup.DeviceError, FloatingPointError)
+USER_ERRORS = (WeightsError, DatasetError, OSError, cpu_setup.ThreadSettingError, cpu_setup.DeviceError,
+               FloatingPointError)
 
 
 # Distributed set-up

@@ -45,9 +45,7 @@ settings = CpuSettings()
 
 
 def is_amd_x86(cpuinfo_path: str = '/proc/cpuinfo') -> bool:
-    """True on an AMD x86-64 processor, by the vendor in Linux's /proc/cpuinfo."""
-    if platform.machine().lower() not in ('x86_64', 'amd64'):
-        return False
+    """True on an AMD x86-64 processor: the vendor AuthenticAMD in Linux's /proc/cpuinfo (x86 only)."""
     try:
         with open(cpuinfo_path, encoding='ascii', errors='replace') as cpuinfo:
             return any(line.startswith('vendor_id') and 'AuthenticAMD' in line for line in cpuinfo)
@@ -59,13 +57,13 @@ def on_cpu() -> bool:
     return paddle.get_device() == 'cpu'
 
 
-def start_environment(pid='self') -> Optional[Dict[str, str]]:
-    """The environment process pid was started with (Linux), or None where it cannot be read."""
+def start_environment(pid='self') -> Dict[str, str]:
+    """The environment process pid was started with (Linux), else this process's environment now."""
     try:
         with open(f'/proc/{pid}/environ', 'rb') as file:
             entries = file.read().split(b'\0')
     except OSError:
-        return None
+        return dict(os.environ)
     return dict(entry.decode('utf-8', 'replace').split('=', 1) for entry in entries if b'=' in entry)
 
 
@@ -74,9 +72,9 @@ def user_threads() -> Optional[int]:
     # Importing Paddle sets OMP_NUM_THREADS to '1' when unset, so the user's setting is read from the
     # start environment (/proc/self/environ; a launcher rank reads the launcher's).
     environment = start_environment()
-    if environment is not None and LAUNCHER_VARIABLE in environment:
+    if LAUNCHER_VARIABLE in environment:
         environment = start_environment(os.getppid())
-    value = (os.environ if environment is None else environment).get(THREADS_VARIABLE)   # None: no /proc
+    value = environment.get(THREADS_VARIABLE)
     if value is None or not value.strip():
         return None
     if not value.strip().isdigit() or not 1 <= int(value) <= MAX_THREADS:

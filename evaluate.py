@@ -32,7 +32,8 @@ TOP_K = 5
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        'CycleMLP evaluation', parents=[model_args_parser(), loader_args_parser()], allow_abbrev=False,
+        'CycleMLP evaluation', parents=[model_args_parser(), loader_args_parser(data_required=True)],
+        allow_abbrev=False,
         description='Top-1 / top-5 accuracy and loss of a CycleMLP checkpoint on a validation set.')
     group = parser.add_argument_group('weights and output')
     group.add_argument('--weights', required=True,
@@ -45,24 +46,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    if args.data_path is None:
-        parser.error('--data-path is required: the folder holding val/<class>/ (or the root of --val-list)')
-    return args
+def validation_loader(args: argparse.Namespace, rank: int, world_size: int) -> tuple:
+    """(dataset, this rank's loader) of the validation split; a broken image is found here, before any work."""
+    dataset = build_dataset(False, args, eval_transform(args.input_size, args.crop_pct, args.eval_interpolation))
+    check_image_headers(dataset)
+    return dataset, build_loader(dataset, is_train=False, batch_size=args.batch_size,
+                                 num_workers=args.num_workers, num_replicas=world_size, rank=rank)
 
 
 @paddle.no_grad()
-def evaluate(model: paddle.nn.Layer, loader, print_freq: int = 10,
-             amp_dtype: Optional[str] = None, log: Callable[[str], None] = print,
-             header: str = 'Test:') -> Dict[str, float]:
-    """Top-1 and top-min(5, classes) accuracy (percent), mean cross-entropy and image count over
-    loader, summed over every rank's shard (the sampler gives each image to one rank). The sums stay
-    on the device: the host waits for them only at log lines. Rank 0 alone logs, through log."""
-    was_training = model.training
-    model.eval()
-    rank, world_size = dist.get_rank(), dist.get_world_size()
+def evaluate(model: paddle.nn.Layer, loader, print_freq: int = 10, amp_dtype: Optional[str] = None,
+             log: Callable[[str], None] = print, header: str = 'Test:') -> Dict[str, float]:
+    """Top-1 and top-min(5, classes) accuracy (percent), mean cross-entropy and image count over every
+    rank's shard. The sums stay on the device until log lines (log: a no-op on ranks but 0)."""
+    model.eval()    # train_one_epoch sets training mode again
     total_steps = len(loader)
     # On the device: correct top-1, correct top-k, summed loss, images with non-finite logits, images.
     sums = paddle.zeros([5], dtype='float64')
@@ -78,14 +75,14 @@ def evaluate(model: paddle.nn.Layer, loader, print_freq: int = 10,
         loss = F.cross_entropy(logits, labels, reduction='sum').astype('float64')
         parts = (hits[:, 0], hits, loss, nonfinite, paddle.ones_like(nonfinite))
         sums = sums + paddle.concat([part.sum().reshape([1]) for part in parts])
-        if rank == 0 and (step % print_freq == 0 or step == total_steps - 1):
+        if step % print_freq == 0 or step == total_steps - 1:
             elapsed = time.time() - start
             eta = elapsed / (step + 1) * (total_steps - step - 1)
             correct1, correct5, loss_sum, _, images = sums.numpy().tolist()
             log(f'{header} [{step + 1:>{len(str(total_steps))}}/{total_steps}] eta {datetime.timedelta(seconds=int(eta))} '
                 f'acc1 {100.0 * correct1 / images:.3f} acc5 {100.0 * correct5 / images:.3f} '
                 f'loss {loss_sum / images:.4f} {images / max(elapsed, 1e-9):.0f} img/s')
-    if world_size > 1:
+    if dist.get_world_size() > 1:
         dist.all_reduce(sums)
     correct1, correct5, loss_sum, nonfinite, images = sums.numpy().tolist()
     images = int(images)   # never 0: a dataset holds images, and the sampler gives each to one rank
@@ -94,10 +91,7 @@ def evaluate(model: paddle.nn.Layer, loader, print_freq: int = 10,
                                  f'{images} images: no accuracy is reported')
     stats = dict(acc1=100.0 * correct1 / images, acc5=100.0 * correct5 / images,
                  loss=loss_sum / images, images=images)
-    if rank == 0:
-        log(f'* Acc@1 {stats["acc1"]:.3f} Acc@5 {stats["acc5"]:.3f} loss {stats["loss"]:.3f}')
-    if was_training:
-        model.train()
+    log(f'* Acc@1 {stats["acc1"]:.3f} Acc@5 {stats["acc5"]:.3f} loss {stats["loss"]:.3f}')
     return stats
 
 
@@ -123,18 +117,15 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
     cpu_setup.configure(args.threads, args.device)
     rank, world_size = init_distributed()
     model, meta = load_model(args.weights, args.model, ema=args.ema)
-    resolve_data_config(args, meta.get('data_config'), args.weights)
-    dataset = build_dataset(False, args, eval_transform(args.input_size, args.crop_pct, args.eval_interpolation))
-    check_image_headers(dataset)
+    resolve_data_config(args, meta.get('data_config'))
+    dataset, loader = validation_loader(args, rank, world_size)
     warning = check_classes(model, meta.get('class_names'), dataset, args)
     if warning and rank == 0:
         print(printable(warning), file=sys.stderr)
-    loader = build_loader(dataset, is_train=False, batch_size=args.batch_size,
-                          num_workers=args.num_workers, num_replicas=world_size, rank=rank)
-    log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else print
-    if rank == 0:
-        log(f'{printable(args.weights)}{" (EMA)" if args.ema else ""}: {len(dataset)} images, '
-            f'{model.num_classes} classes, {world_size} process{"es" if world_size > 1 else ""}')
+    stream = sys.stderr if args.json else sys.stdout     # --json: stdout holds the result alone
+    log = (lambda line: print(line, file=stream, flush=True)) if rank == 0 else (lambda line: None)
+    log(f'{printable(args.weights)}{" (EMA)" if args.ema else ""}: {len(dataset)} images, '
+        f'{model.num_classes} classes, {world_size} process{"es" if world_size > 1 else ""}')
     stats = evaluate(static_if(args.to_static, model), loader, print_freq=args.print_freq, log=log)
     if args.json and rank == 0:
         print(json.dumps(stats), flush=True)
@@ -142,4 +133,4 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
 
 
 if __name__ == '__main__':
-    cli.run(main, parse_args())
+    cli.run(main, get_args_parser().parse_args())

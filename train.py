@@ -15,9 +15,10 @@ import datetime
 import importlib.util
 import math
 import os
+import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, NamedTuple, Optional
+from typing import Callable, Dict, List, Optional
 
 import cli  # first: imports Paddle without its import-time notices
 import cpu_setup
@@ -31,9 +32,8 @@ from checkpoint import (BEST_FILE, CHECKPOINT_FILE, LOG_FILE, RUN_FILES, json_li
 from cli import (bounded, init_distributed, loader_args_parser, locked, model_args_parser, signals_deferred,
                  static_if)
 from cyclemlp import MAX_BLOCKS_PER_STAGE, MAX_CHANNELS, MAX_MLP_RATIO, CycleNet
-from data import (DatasetError, ImageDataset, build_dataset, build_loader, check_image_headers, eval_transform,
-                  iterate, set_loader_epoch)
-from evaluate import evaluate
+from data import DatasetError, build_dataset, build_loader, iterate, set_loader_epoch
+from evaluate import evaluate, validation_loader
 from safe_io import WeightsError, printable
 from weights import write_weights
 from zoo import count_flops, count_parameters, create_model, load_state, numpy_state, read_state, variant_name
@@ -74,9 +74,9 @@ OFFICIAL_DEFAULT_ONLY = ('--opt', '--sched', '--lr-noise', '--cutmix-minmax', '-
                          '--distillation-type', '--data-set', '--mcloader', '--start_epoch')
 
 
-def get_args_parser() -> argparse.ArgumentParser:
+def get_args_parser(demo: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        'CycleMLP training', parents=[model_args_parser(training=True), loader_args_parser()],
+        'CycleMLP training', parents=[model_args_parser(training=True), loader_args_parser(not demo)],
         allow_abbrev=False, description='Train CycleMLP with the official recipe (DeiT / timm semantics).')
     fraction, nonnegative = bounded(float, 0.0, 1.0), bounded(float, 0.0)
     positive, below_one = bounded(float, 0.0, low_open=True), bounded(float, 0.0, 1.0, high_open=True)
@@ -175,27 +175,22 @@ def get_args_parser() -> argparse.ArgumentParser:
         kind = (dict(action='store_true') if isinstance(default, bool) else
                 dict(type=float, nargs='+') if isinstance(default, list) else dict(type=type(default)))
         group.add_argument(*names.split(), default=default, help=f'{what} (default: {default})', **kind)
+    if demo:
+        parser.set_defaults(**DEMO_PRESET)
     return parser
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     """Parse argv (--demo replaces the defaults) and check what the flags mean together."""
-    parser = get_args_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = get_args_parser(demo='--demo' in argv)    # as argparse reads it: no flag takes it as a value
     args = parser.parse_args(argv)
-    if args.demo:
-        parser.set_defaults(**DEMO_PRESET)
-        args = parser.parse_args(argv)
     for flag in OFFICIAL_DEFAULT_ONLY:
         value = getattr(args, flag.lstrip('-').replace('-', '_'))
         if value != OFFICIAL_NO_EFFECT[flag]:
             parser.error(f'{flag} {value}: only {OFFICIAL_NO_EFFECT[flag]} is implemented here')
-    if args.data_path is None:
-        parser.error('--data-path is required: the folder holding train/<class>/ and val/<class>/ '
-                     '(or the root of --train-list / --val-list)')
     if args.layers and not (args.embed_dims and args.mlp_ratios):
         parser.error('--layers needs --embed-dims and --mlp-ratios')
-    if args.eval and not (args.resume or args.finetune):
-        parser.error('--eval needs weights: --resume PATH or --finetune PATH')
     if args.scale[0] > args.scale[1]:
         parser.error(f'--scale {args.scale[0]} {args.scale[1]}: the smaller area fraction comes first')
     if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
@@ -240,8 +235,7 @@ class ModelEma:
 
     def __init__(self, model: CycleNet, decay: float, to_static: bool = False) -> None:
         self.module = static_if(to_static, CycleNet(**model.config))
-        self.module.set_state_dict(model.state_dict())
-        self.module.eval()
+        self.module.set_state_dict(model.state_dict())   # never trained: evaluate() sets eval mode
         self.pairs = list(zip(self.module.parameters(), model.parameters()))
         self.rate = paddle.full([1], 1.0 - decay, dtype='float32')   # made once, on the device
 
@@ -249,18 +243,6 @@ class ModelEma:
     def update(self) -> None:
         for average, param in self.pairs:
             average.lerp_(param, self.rate)
-
-
-class Run(NamedTuple):
-    train_set: ImageDataset
-    train_loader: object
-    val_loader: object
-    model: CycleNet
-    ema: Optional[ModelEma]
-    optimizer: paddle.optimizer.AdamW
-    scaler: Optional[paddle.amp.GradScaler]
-    amp_dtype: Optional[str]
-    base_lr: float
 
 
 def build_model(args: argparse.Namespace, num_classes: int, log: Callable[[str], None]) -> CycleNet:
@@ -280,15 +262,43 @@ def build_model(args: argparse.Namespace, num_classes: int, log: Callable[[str],
 
 
 def build_optimizer(model: CycleNet, args: argparse.Namespace, lr: float) -> paddle.optimizer.AdamW:
-    """AdamW with weight decay on every parameter except biases and 1-D ones (LayerNorm)."""
+    """AdamW with weight decay on every parameter except the 1-D ones (biases, norms)."""
     # apply_decay_param_fun receives Paddle's generated tensor names, not the attribute paths.
-    no_decay = {param.name for name, param in model.named_parameters()
-                if len(param.shape) == 1 or name.endswith('.bias')}
+    no_decay = {param.name for param in model.parameters() if len(param.shape) == 1}
     return paddle.optimizer.AdamW(
         learning_rate=lr, beta1=args.opt_betas[0], beta2=args.opt_betas[1], epsilon=args.opt_eps,
         parameters=model.parameters(), weight_decay=args.weight_decay,
         apply_decay_param_fun=lambda tensor_name: tensor_name not in no_decay,
         grad_clip=paddle.nn.ClipGradByGlobalNorm(args.clip_grad) if args.clip_grad else None)
+
+
+class Run:
+    """This rank's data, the model, its EMA, AdamW at the scaled lr and the loss scaler (float16 AMP only)."""
+
+    def __init__(self, args: argparse.Namespace, rank: int, world_size: int, log: Callable[[str], None]):
+        self.train_set = build_dataset(True, args, train_transform(args))
+        val_set, self.val_loader = validation_loader(args, rank, world_size)  # checked before any epoch
+        try:
+            self.train_loader = build_loader(self.train_set, is_train=True, batch_size=args.batch_size,
+                                             num_workers=args.num_workers, num_replicas=world_size, rank=rank,
+                                             seed=args.seed, repeated_aug=args.repeated_aug)
+        except ValueError as error:  # fewer images than one batch per rank
+            raise DatasetError(f'{args.data_path}: {error}') from None
+        self.amp_dtype = args.amp_dtype if paddle.get_device().startswith('gpu') and not args.no_amp else None
+        paddle.seed(args.seed)  # the same initial weights on every rank
+        model = build_model(args, len(self.train_set.classes), log)
+        # Linear scaling rule: lr = base_lr * global batch / 512 (global batch = per-device batch x ranks).
+        self.base_lr = args.lr * args.batch_size * world_size / LR_REFERENCE_BATCH
+        self.model = static_if(args.to_static, model)
+        self.ema = ModelEma(model, args.model_ema_decay, args.to_static) if args.model_ema else None
+        self.optimizer = build_optimizer(model, args, self.base_lr)
+        self.scaler = paddle.amp.GradScaler(enable=self.amp_dtype == 'float16',
+                                            init_loss_scaling=INIT_LOSS_SCALE)
+        log(f'{variant_name(model.config) or "CycleNet"} {model.config}: '
+            f'{count_parameters(model):,} parameters; {len(self.train_set)} training images, '
+            f'{len(val_set)} validation images, {len(self.train_set.classes)} classes; {world_size} '
+            f'process{"es" if world_size > 1 else ""}, global batch {args.batch_size * world_size}, '
+            f'lr {self.base_lr:.3g}, {"AMP " + self.amp_dtype if self.amp_dtype else "float32"}')
 
 
 def train_one_epoch(model: paddle.nn.Layer, run: Run, erasing: Optional[RandomErasing], mixup: Optional[Mixup],
@@ -310,14 +320,10 @@ def train_one_epoch(model: paddle.nn.Layer, run: Run, erasing: Optional[RandomEr
             logits = model(images)
         loss = soft_target_cross_entropy(logits, targets)
         # A stop raised inside Paddle's C++ backward (in a PyLayer of fast_layers) would print a C++ warning.
-        with signals_deferred():
-            if run.scaler is not None:
-                run.scaler.scale(loss).backward()
-                run.scaler.step(run.optimizer)
-                run.scaler.update()
-            else:
-                loss.backward()
-                run.optimizer.step()
+        with signals_deferred():   # a disabled scaler (no float16 AMP) passes loss and step through
+            run.scaler.scale(loss).backward()
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
         run.optimizer.clear_grad()
         if run.ema is not None:
             run.ema.update()
@@ -339,42 +345,6 @@ def train_one_epoch(model: paddle.nn.Layer, run: Run, erasing: Optional[RandomEr
                 f'loss {loss_value:.4f} ({running_sum / (step + 1):.4f}) {images_per_second:.0f} img/s')
     # The last step always logs, so running_sum is the all-rank total and is finite.
     return dict(loss=running_sum / total_steps, lr=run.optimizer.get_lr())
-
-
-def open_visualdl(args: argparse.Namespace):
-    from visualdl import LogWriter   # parse_args checked that it is installed
-    return LogWriter(logdir=os.path.join(args.output_dir, 'visualdl'))
-
-
-def build_run(args: argparse.Namespace, rank: int, world_size: int, log: Callable[[str], None]) -> Run:
-    """This rank's data, the model, its EMA, AdamW at the scaled lr and (float16 AMP) the loss scaler."""
-    train_set = build_dataset(True, args, train_transform(args))
-    val_set = build_dataset(False, args,
-                            eval_transform(args.input_size, args.crop_pct, args.eval_interpolation))
-    check_image_headers(val_set)      # a broken validation image found before an epoch is spent
-    shard = dict(batch_size=args.batch_size, num_workers=args.num_workers, num_replicas=world_size, rank=rank,
-                 seed=args.seed)
-    try:
-        train_loader = build_loader(train_set, is_train=True, repeated_aug=args.repeated_aug, **shard)
-    except ValueError as error:  # fewer images than one batch per rank
-        raise DatasetError(f'{args.data_path}: {error}') from None
-    val_loader = build_loader(val_set, is_train=False, **shard)
-    amp_dtype = args.amp_dtype if paddle.get_device().startswith('gpu') and not args.no_amp else None
-    paddle.seed(args.seed)  # the same initial weights on every rank
-    model = build_model(args, len(train_set.classes), log)
-    # Linear scaling rule: lr = base_lr * global batch / 512 (global batch = per-device batch x ranks).
-    base_lr = args.lr * args.batch_size * world_size / LR_REFERENCE_BATCH
-    ema = ModelEma(model, args.model_ema_decay, args.to_static) if args.model_ema else None
-    run = Run(train_set, train_loader, val_loader, static_if(args.to_static, model), ema,
-              build_optimizer(model, args, base_lr),
-              paddle.amp.GradScaler(init_loss_scaling=INIT_LOSS_SCALE) if amp_dtype == 'float16' else None,
-              amp_dtype, base_lr)
-    log(f'{variant_name(model.config) or "CycleNet"} {model.config}: {count_parameters(model):,} parameters; '
-        f'{len(train_set)} training images, {len(val_set)} validation images, '
-        f'{len(train_set.classes)} classes; {world_size} process{"es" if world_size > 1 else ""}, '
-        f'global batch {args.batch_size * world_size}, lr {base_lr:.3g}, '
-        f'{"AMP " + amp_dtype if amp_dtype else "float32"}')
-    return run
 
 
 def evaluate_run(run: Run, args: argparse.Namespace, log: Callable[[str], None]) -> Dict[str, float]:
@@ -402,21 +372,24 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
 def train(args: argparse.Namespace, rank: int, world_size: int, writes_files: bool) -> Dict[str, float]:
     log = print if rank == 0 else (lambda line: None)
     resume = resolve_resume(args, world_size) if args.resume else None
-    if args.eval and not (resume or args.finetune):     # --resume auto found nothing
-        raise WeightsError(f'--eval --resume auto: no {CHECKPOINT_FILE} in {args.output_dir} to evaluate')
-    run = build_run(args, rank, world_size, log)
+    if args.eval and not (resume or args.finetune):     # none given, or --resume auto found none
+        raise WeightsError(f'--eval needs weights: --resume PATH, --finetune PATH, or --resume auto with a '
+                           f'{CHECKPOINT_FILE} in --output-dir ({args.output_dir or "none given"})')
+    run = Run(args, rank, world_size, log)
     start_epoch, best_acc1 = load_checkpoint(resume, run, args) if resume else (0, 0.0)
     if resume:
         log(f'resumed from {printable(resume)} after epoch {start_epoch}')
     elif args.resume:
         log(f'no {CHECKPOINT_FILE} in {args.output_dir} yet: starting from scratch')
     if args.eval:
-        return evaluate_run(run._replace(ema=run.ema if resume else None), args, log)
+        run.ema = run.ema if resume else None    # a fresh EMA is the model again
+        return evaluate_run(run, args, log)
 
     # Only now, with the data, the model and any checkpoint read, is an old run replaced.
     if writes_files:
         prepare_output_dir(args)
-    visualdl = open_visualdl(args) if writes_files and args.visualdl else None
+    visualdl = (importlib.import_module('visualdl').LogWriter(logdir=os.path.join(args.output_dir, 'visualdl'))
+                if writes_files and args.visualdl else None)   # parse_args checked that it is installed
     parallel_model = paddle.DataParallel(run.model) if world_size > 1 else run.model
     num_classes = len(run.train_set.classes)
     entry: Dict[str, float] = {}

@@ -137,16 +137,16 @@ def test_an_unusable_thread_setting_is_an_error_naming_the_variable(monkeypatch,
         cpu_setup.user_threads()
 
 
-def test_amd_detection_reads_the_processor_vendor(tmp_path, monkeypatch):
+def test_amd_detection_reads_the_processor_vendor(tmp_path):
     cpuinfo = tmp_path / 'cpuinfo'
     cpuinfo.write_text('processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7763\n')
-    monkeypatch.setattr(cpu_setup.platform, 'machine', lambda: 'x86_64')
     assert cpu_setup.is_amd_x86(str(cpuinfo))
     cpuinfo.write_text('processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel Xeon\n')
     assert not cpu_setup.is_amd_x86(str(cpuinfo))          # never on Intel: it turns AVX-512 off
-    cpuinfo.write_text('processor\t: 0\nvendor_id\t: AuthenticAMD\n')
-    monkeypatch.setattr(cpu_setup.platform, 'machine', lambda: 'aarch64')
+    # An ARM processor names no vendor_id (and no file: not Linux).
+    cpuinfo.write_text('processor\t: 0\nCPU implementer\t: 0x41\nCPU architecture: 8\n')
     assert not cpu_setup.is_amd_x86(str(cpuinfo))
+    assert not cpu_setup.is_amd_x86(str(tmp_path / 'missing'))
 
 
 STEP = '''

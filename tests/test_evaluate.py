@@ -34,7 +34,7 @@ def run_evaluate(*args, cwd=None, launcher=False):
 
 
 def evaluate_in_process(weights, data_path, *flags, ema=False):
-    args = evaluate.parse_args(
+    args = evaluate.get_args_parser().parse_args(
         ["--weights", weights, "--data-path", data_path, "--input-size", str(INPUT_SIZE),
          "--num-workers", "0", "--batch-size", "2", "--print-freq", "100", *flags] + (["--ema"] if ema else []))
     return evaluate.main(args)
@@ -130,7 +130,7 @@ def test_user_errors_name_the_file(tmp_path, val_folder, make_tiny_weights, make
         expected = "odd.pdparams: data_config 'input_size' is 0, expected an integer in"
     with pytest.raises((WeightsError, DatasetError)) as error:
         evaluate_in_process(weights, data_path, "--input-size", "32") if problem != "bad data_config" \
-            else evaluate.main(evaluate.parse_args(["--weights", weights, "--data-path", data_path]))
+            else evaluate.main(evaluate.get_args_parser().parse_args(["--weights", weights, "--data-path", data_path]))
     assert expected in str(error.value) and "\n" not in str(error.value)
 
 
@@ -143,7 +143,7 @@ def test_unreadable_image_read_by_a_worker_process_is_one_line(val_folder, make_
                                                   f"image file '{bad}'"]
 
 
-def test_loop_on_fewer_than_five_classes_restores_training_mode(val_folder, make_tiny_weights):
+def test_loop_on_fewer_than_five_classes_evaluates_in_eval_mode(val_folder, make_tiny_weights):
     from data import build_dataset, build_loader
     model = create_model(weights=make_tiny_weights())
     model.train()
@@ -151,7 +151,7 @@ def test_loop_on_fewer_than_five_classes_restores_training_mode(val_folder, make
     loader = build_loader(build_dataset(False, args, eval_transform(INPUT_SIZE)), is_train=False, batch_size=4)
     lines = []
     stats = evaluate.evaluate(model, loader, print_freq=1, log=lines.append)
-    assert model.training
+    assert not model.training                  # drop path off; train_one_epoch switches back
     assert stats["images"] == 9 and stats["acc5"] == 100.0
     assert len(lines) == 4 and lines[-1].startswith("* Acc@1")
 

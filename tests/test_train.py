@@ -140,6 +140,8 @@ def test_official_command_lines_run_and_prefixes_select_nothing():
     (['--recount', '0'], 'argument --recount'),
     (['--seed', '-1'], 'argument --seed'),
     (['--seed', '1' + '0' * 400], 'argument --seed: expected a value in [0, 2147483647], got 1000'),
+    (['--seed', 'abc'], "argument --seed: invalid int value: 'abc'"),
+    (['--lr', '1e-3x'], "argument --lr: invalid float value: '1e-3x'"),
     (['--scale', '1.0', '0.08'], '--scale 1.0 0.08: the smaller area fraction comes first'),
     (['--num-workers', '-1'], 'argument --num-workers/--num_workers'),
     (['--opt-betas', '1.5', '2'], 'argument --opt-betas'),
@@ -151,15 +153,13 @@ def test_official_command_lines_run_and_prefixes_select_nothing():
     (['--batch-size', '5'], '--batch-size 5: Mixup/CutMix pair each image with another'),
     (['--aa', 'rand-x9'], "--aa: unknown section 'x9' of policy 'rand-x9'"),
     (['--layers', '1', '1', '1', '1'], '--layers needs --embed-dims and --mlp-ratios'),
-    (['--eval'], '--eval needs weights'),
 ], ids=lambda value: value[0] if isinstance(value, list) else None)
 def test_flags_out_of_range_are_argparse_errors(flags, message):
     assert message in parse_error('--data-path', 'd', *flags)
 
 
 def test_data_path_is_required():
-    assert parse_error().endswith('--data-path is required: the folder holding train/<class>/ and '
-                                  'val/<class>/ (or the root of --train-list / --val-list)')
+    assert parse_error().endswith('the following arguments are required: --data-path/--data_path')
 
 
 def test_demo_preset_yields_to_explicit_flags():
@@ -340,8 +340,11 @@ def test_a_run_is_never_overwritten_by_accident(tmp_path):
     with pytest.raises(DatasetError):
         train_in_process('--data-path', tmp_path / 'nowhere', '--output-dir', output, '--overwrite', *TINY)
     assert {name: (output / name).read_bytes() for name in train.RUN_FILES} == before
-    with pytest.raises(WeightsError, match='--eval --resume auto: no checkpoint.pdckpt in'):
-        train_in_process('--data-path', data, '--output-dir', tmp_path / 'empty', '--eval', '--resume', 'auto', *TINY)
+    for no_weights in ([], ['--resume', 'auto']):      # --eval with no weights, or none found by --resume auto
+        with pytest.raises(WeightsError, match=re.escape('--eval needs weights: --resume PATH, --finetune PATH, '
+                                                         f'or --resume auto with a checkpoint.pdckpt in --output-dir '
+                                                         f'({tmp_path / "empty"})')):
+            train_in_process('--data-path', data, '--output-dir', tmp_path / 'empty', '--eval', *no_weights, *TINY)
     # A checkpoint write killed mid-way left its temporary file; the next run removes it.
     stale = output / '.checkpoint.pdckpt.abc123.tmp'
     stale.write_bytes(b'half a checkpoint')
