@@ -1,6 +1,5 @@
-"""A training run's files: the checkpoint train.py writes every epoch and resumes from (checked
-before anything is restored), the best weights, the JSON log, and how a resumed run differs from
-the one it continues."""
+"""A training run's files: the checkpoint (written every epoch, checked before a resume restores
+anything), the best weights, the JSON log, and how a resumed run differs from the one it continues."""
 import argparse
 import json
 import math

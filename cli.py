@@ -112,9 +112,9 @@ def static_if(to_static: bool, model: paddle.nn.Layer) -> paddle.nn.Layer:
     return paddle.jit.to_static(model, full_graph=True) if to_static else model
 
 
-def resolve_data_config(args: argparse.Namespace, recorded: Optional[dict], source: str = '') -> None:
+def resolve_data_config(args: argparse.Namespace, recorded: Optional[dict]) -> None:
     """Fill the evaluation-transform flags left None with the recorded data_config, else EVAL_DEFAULTS."""
-    # The readers checked `recorded` (weights.check_meta, export.read_meta); `source` is unused.
+    # The readers checked `recorded` (weights.check_meta, export.read_meta).
     for dest, key in (('input_size', 'input_size'), ('crop_pct', 'crop_pct'),
                       ('eval_interpolation', 'interpolation')):
         if getattr(args, dest) is None:

@@ -13,7 +13,8 @@ import os
 import cli  # first: imports Paddle without its import-time notices
 import cpu_setup
 from cyclemlp import ARCHITECTURES
-from weights import WeightsError, printable, write_weights
+from safe_io import printable
+from weights import WeightsError, write_weights
 from zoo import count_parameters, load_model, numpy_state, variant_name
 
 

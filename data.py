@@ -20,7 +20,8 @@ import zlib  # noqa: F401  before Paddle: Paddle 2.6 bundles a zlib that crashes
 import paddle
 from PIL import Image, ImageOps
 
-from weights import INTERPOLATION_NAMES, MAX_CLASSES, printable
+from safe_io import printable
+from weights import INTERPOLATION_NAMES, MAX_CLASSES
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -388,7 +388,7 @@ def main(args: argparse.Namespace) -> None:
     output = os.path.abspath(args.output)
     earlier_export(output)          # refused before the slow work, and again at the end
     model, recorded = load_model(args.weights, args.model, ema=args.ema)
-    resolve_data_config(args, recorded.get('data_config'), args.weights)
+    resolve_data_config(args, recorded.get('data_config'))
     sizes = [(args.input_size, args.input_size)]
     if args.dynamic_size:
         sizes.append((args.input_size - 32 if args.input_size > 64 else args.input_size + 32, args.input_size))

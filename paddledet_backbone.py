@@ -15,7 +15,7 @@ from ppdet.modeling.shape_spec import ShapeSpec
 from ppdet.utils.logger import setup_logger
 
 import zoo
-from weights import printable
+from safe_io import printable
 
 STRIDES = (4, 8, 16, 32)
 logger = setup_logger(__name__)

@@ -11,7 +11,7 @@ from paddleseg.utils import logger
 
 import zoo
 from cyclemlp import ARCHITECTURES, CycleNet
-from weights import printable
+from safe_io import printable
 
 
 def backbone_factory(name: str):

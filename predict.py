@@ -110,8 +110,7 @@ def load_predictor(args: argparse.Namespace) -> Predictor:
     """The model of --inference-model or --weights, with the evaluation transform it records."""
     if args.inference_model:
         meta = export.read_meta(args.inference_model)
-        resolve_data_config(args, {key: meta[key] for key in ('input_size', 'crop_pct', 'interpolation')},
-                            args.inference_model)
+        resolve_data_config(args, {key: meta[key] for key in ('input_size', 'crop_pct', 'interpolation')})
         if not meta['dynamic_size'] and args.input_size != meta['input_size']:
             raise WeightsError(f'{args.inference_model} was exported for {meta["input_size"]}x'
                                f'{meta["input_size"]} inputs, not {args.input_size}; re-export it with '
@@ -121,7 +120,7 @@ def load_predictor(args: argparse.Namespace) -> Predictor:
     else:
         model, recorded = load_model(args.weights or DEFAULT_WEIGHTS, args.model, ema=args.ema)
         model.eval()
-        resolve_data_config(args, recorded.get('data_config'), args.weights or DEFAULT_WEIGHTS)
+        resolve_data_config(args, recorded.get('data_config'))
         forward = paddle.no_grad()(lambda batch: model(paddle.to_tensor(batch)).numpy())
         class_names, num_classes = recorded.get('class_names'), model.num_classes
     return Predictor(forward, export.default_class_names(class_names, num_classes), args.input_size,

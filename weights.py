@@ -22,8 +22,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-# printable is re-exported: data.py, convert_weights.py and the backbone adapters import it from here.
-from safe_io import WeightsError, describe, open_regular_file, printable, write_atomically  # noqa: F401
+from safe_io import WeightsError, describe, open_regular_file, write_atomically
 
 META_KEYS = ('model_name', 'class_names', 'data_config')
 # torch.save files from before PyTorch 1.6 start with a pickled magic number, not a zip header.
