@@ -151,7 +151,7 @@ def test_official_command_lines_run_and_prefixes_select_nothing():
     (['--smoothing', '2'], 'argument --smoothing'),
     (['--model-ema-decay', 'nan'], 'argument --model-ema-decay: expected a value in [0.0, 1.0], got nan'),
     (['--batch-size', '5'], '--batch-size 5: Mixup/CutMix pair each image with another'),
-    (['--aa', 'rand-x9'], "--aa: unknown section 'x9' of policy 'rand-x9'"),
+    (['--aa', 'rand-x9'], "--aa: bad section 'x9' of policy 'rand-x9'"),
     (['--layers', '1', '1', '1', '1'], '--layers needs --embed-dims and --mlp-ratios'),
 ], ids=lambda value: value[0] if isinstance(value, list) else None)
 def test_flags_out_of_range_are_argparse_errors(flags, message):
