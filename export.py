@@ -119,11 +119,12 @@ def read_meta(directory: str) -> dict:
 
 
 @contextlib.contextmanager
-def stdout_to_stderr() -> Iterator[None]:
-    """fd 1 on stderr in the block: Paddle 3.3's oneDNN and paddle2onnx print on stdout from C++."""
+def native_stdout_dropped() -> Iterator[None]:
+    """fd 1 on /dev/null in the block: Paddle 3.3 and paddle2onnx print progress on stdout from C++."""
     sys.stdout.flush()
     saved = os.dup(1)
-    os.dup2(2, 1)
+    with open(os.devnull, 'wb') as null:
+        os.dup2(null.fileno(), 1)
     try:
         yield
     finally:
@@ -192,8 +193,7 @@ def paddle_runner(directory: str, default_config: bool = False,
                 config.switch_ir_optim(PADDLE_INFERENCE_SETTINGS['ir_optim'])
                 settings.update(PADDLE_INFERENCE_SETTINGS)
         try:
-            with stdout_to_stderr():
-                predictor = paddle.inference.create_predictor(config)
+            predictor = paddle.inference.create_predictor(config)
         except Exception as error:  # Paddle raises its own C++ error types for a damaged model
             raise WeightsError(f'{directory}: Paddle Inference cannot load the model ({one_line(error)})') from None
     images = predictor.get_input_handle(predictor.get_input_names()[0])
@@ -206,7 +206,7 @@ def paddle_runner(directory: str, default_config: bool = False,
         return logits.copy_to_cpu()
 
     run.settings = settings
-    with stdout_to_stderr():            # the first run prints too
+    with native_stdout_dropped():   # oneDNN checks each mean op at the first run
         return probed(run, directory, meta, 'Paddle Inference', size)
 
 
@@ -279,7 +279,7 @@ def export_onnx(output: str, opset: int) -> None:
     # save_file=None returns the bytes; passing a path would also run paddle2onnx's optional
     # polygraphy pass, which tries to pip-install onnx_graphsurgeon when it is missing.
     try:
-        with stdout_to_stderr():
+        with native_stdout_dropped():
             onnx_bytes = paddle2onnx.export(graph, os.path.join(output, PARAMS_FILE), None, opset_version=opset)
     except Exception as error:  # paddle2onnx wraps its C++ errors in whatever it meets first
         raise WeightsError(f'paddle2onnx could not convert {graph}: {one_line(error)}') from None
