@@ -1,6 +1,5 @@
-"""What every command shares: the flags of the model and its data, the distributed set-up, and
-one way to end (`run`): any exception as one line `error: ...` and exit code 1, Ctrl-C or SIGTERM
-as one line and 128 + the signal's number. Flags out of range are argparse's errors (exit code 2)."""
+"""What every command shares: the model and data flags, the distributed set-up, and one way to end
+(`run`): any exception as one line and exit 1, Ctrl-C or SIGTERM as one line and 128 + the signal."""
 import argparse
 import contextlib
 import fcntl
@@ -14,15 +13,17 @@ from typing import Callable, List, Optional
 import zlib  # noqa: F401  before Paddle: Paddle 2.6 bundles a zlib that crashes one loaded after it
 
 # Importing Paddle warns on stderr when OMP_NUM_THREADS is above 1 (the commands honour it: see
-# cpu_setup.py), and Paddle 3 warns that ccache, a compiler cache, is missing: neither concerns
-# a user of the commands, and an error must stay one line.
-_threads = os.environ.get('OMP_NUM_THREADS')
+# cpu_setup.py), Paddle 3 warns that ccache, a compiler cache, is missing, and Paddle's C++ logs
+# info and warning lines (glog reads GLOG_minloglevel when Paddle loads; a user's setting wins):
+# none concerns a user of the commands, and an error must stay one line.
+_user = {name: os.environ.get(name) for name in ('OMP_NUM_THREADS', 'GLOG_minloglevel')}
 with warnings.catch_warnings():
     warnings.filterwarnings('ignore', message='No ccache found')
-    os.environ['OMP_NUM_THREADS'] = '1'
+    os.environ.update(OMP_NUM_THREADS='1', GLOG_minloglevel=_user['GLOG_minloglevel'] or '2')
     import paddle
-if _threads is not None:
-    os.environ['OMP_NUM_THREADS'] = _threads
+os.environ.update({name: value for name, value in _user.items() if value is not None})
+if _user['GLOG_minloglevel'] is None:
+    del os.environ['GLOG_minloglevel']
 import paddle.distributed as dist  # noqa: E402
 
 import cpu_setup  # noqa: E402

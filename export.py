@@ -26,7 +26,7 @@ import fast_layers
 import numpy as np
 import paddle
 
-from cli import bounded, locked, model_args_parser, resolve_data_config
+from cli import bounded, locked, model_args_parser, resolve_data_config, signals_deferred
 from cyclemlp import CycleNet
 from data import IMAGENET_MEAN, IMAGENET_STD
 from safe_io import WeightsError, describe, one_line, open_regular_file, printable, sha256_of
@@ -350,20 +350,21 @@ def build_export(model: CycleNet, output: str, args: argparse.Namespace, recorde
                     crop_pct=args.crop_pct, interpolation=args.eval_interpolation, mean=list(IMAGENET_MEAN),
                     std=list(IMAGENET_STD), input_name=INPUT_NAME, class_names=names,
                     weights=os.path.basename(args.weights), ema=args.ema, paddle_version=paddle.__version__)
-        export_paddle(model, temporary, None if args.dynamic_size else args.input_size)
-        if args.onnx:
-            export_onnx(temporary, args.opset)
-        # the sha256 a reader checks: the runtimes below load the bytes that have them
-        meta['files'] = {name: sha256_of(os.path.join(temporary, name)) for name in EXPORT_FILES
-                         if os.path.exists(os.path.join(temporary, name))}
-        write_meta(temporary, meta)
-        # on CHECK_DEVICE, which main selected
-        runners = {'paddle_inference_default_config': (paddle_runner(temporary, default_config=True),
-                                                       'Paddle Inference (default Config)'),
-                   'paddle_inference': (paddle_runner(temporary), "Paddle Inference (predict.py's Config)")}
-        if args.onnx:
-            runners['onnxruntime'] = (onnx_runner(temporary), 'ONNX Runtime')
-        checks = {key: check_parity(model, run, sizes, name) for key, (run, name) in runners.items()}
+        with signals_deferred():   # a stop raised while Paddle traces or converts can crash it (SIGSEGV)
+            export_paddle(model, temporary, None if args.dynamic_size else args.input_size)
+            if args.onnx:
+                export_onnx(temporary, args.opset)
+            # the sha256 a reader checks: the runtimes below load the bytes that have them
+            meta['files'] = {name: sha256_of(os.path.join(temporary, name)) for name in EXPORT_FILES
+                             if os.path.exists(os.path.join(temporary, name))}
+            write_meta(temporary, meta)
+            # on CHECK_DEVICE, which main selected
+            runners = {'paddle_inference_default_config': (paddle_runner(temporary, default_config=True),
+                                                           'Paddle Inference (default Config)'),
+                       'paddle_inference': (paddle_runner(temporary), "Paddle Inference (predict.py's Config)")}
+            if args.onnx:
+                runners['onnxruntime'] = (onnx_runner(temporary), 'ONNX Runtime')
+            checks = {key: check_parity(model, run, sizes, name) for key, (run, name) in runners.items()}
         meta['parity'] = {'tolerance': PARITY_TOLERANCE, 'sizes': sizes, 'max_difference': checks,
                           'runtime_settings': {key: run.settings for key, (run, _) in runners.items()}}
         write_meta(temporary, meta)

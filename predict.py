@@ -183,8 +183,7 @@ def main(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(result), flush=True)
         else:
-            print(format_result(result), file=sys.stderr if 'error' in result else sys.stdout,
-                  flush=True)
+            print(format_result(result), file=sys.stderr if 'error' in result else sys.stdout, flush=True)
     return 1 if failed else 0
 
 
