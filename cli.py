@@ -159,13 +159,13 @@ deferring: List[bool] = []
 
 def request_stop(signum, frame) -> None:
     stop_requested.append(signum)
-    if not deferring:
+    if not deferring or len(stop_requested) > 1:   # a second signal does not wait
         raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
 def signals_deferred():
-    """Ctrl-C and SIGTERM wait until the block has run (files that must agree; Paddle's backward)."""
+    """Ctrl-C or SIGTERM waits until the block has run (files that must agree; C++ calling Python)."""
     # Not the kernel's signal mask: the kernel hands a signal the main thread blocks to another
     # thread (Paddle's compute threads), and Python then runs the handler in the main thread.
     deferring.append(True)

@@ -144,3 +144,23 @@ def test_a_stop_inside_signals_deferred_waits_for_the_end_of_the_block():
         signal.signal(signal.SIGTERM, previous)
         cli.stop_requested.clear()
     assert finished == [True]
+
+
+def test_a_second_stop_inside_signals_deferred_does_not_wait():
+    """A user who presses Ctrl-C twice means it: the second signal raises inside the block."""
+    import cli
+    previous = signal.signal(signal.SIGINT, cli.request_stop)
+    reached = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with cli.signals_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)
+                reached.append('after the first')
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)
+                reached.append('after the second')
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        cli.stop_requested.clear()
+    assert reached == ['after the first']
